@@ -1,0 +1,3 @@
+from sipsniff_acc.cli import main
+
+main()

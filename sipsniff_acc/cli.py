@@ -1,0 +1,143 @@
+"""The command line (typer): wiring sources → pipeline → outputs, no logic of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, TextIO
+
+import typer
+
+from sipsniff_acc import __version__
+from sipsniff_acc.anomalies import ANOMALIES
+from sipsniff_acc.messagelog import TABLE_HEADER, to_jsonl, to_table_row
+from sipsniff_acc.pipeline import Counters, MessagePipeline
+from sipsniff_acc.sip import SipMessage
+from sipsniff_acc.sources import CaptureReader, SourceError, expand_paths, open_captures
+
+app = typer.Typer(
+    help="Passive SIP accounting sniffer: Kamailio acc records from the wire or from pcaps.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+EXIT_INPUT_ERROR = 1  #: a capture was damaged or unreadable; everything before the damage was processed
+PROGRESS_MIN_BYTES = 16 << 20  #: below this a file is read in well under a second: no bar
+
+
+class MessageFormat(str, Enum):
+    jsonl = "jsonl"
+    table = "table"
+
+
+def _open_readers(files: list[str]) -> list[CaptureReader]:
+    paths = expand_paths(files)
+    if not paths:
+        raise typer.BadParameter("no capture files found", param_hint="FILE")
+    readers = []
+    for p in paths:
+        if p != "-" and not os.path.isfile(p):
+            raise typer.BadParameter(f"{p}: no such file", param_hint="FILE")
+        readers.append(CaptureReader(p))
+    return readers
+
+
+def _summary(counters: Counters, errors: list[SourceError], out: TextIO) -> None:
+    c = counters
+    print(
+        f"summary: {c.frames} packets, {c.bytes} bytes, {c.sip_messages} SIP messages, "
+        f"{c.keepalives} keep-alives, {c.fragments} fragments ({c.datagrams_reassembled} datagrams reassembled), "
+        f"{sum(c.skipped.values())} non-SIP skipped, {sum(c.anomalies.values())} malformed/anomalies, "
+        f"{len(errors)} input errors",
+        file=out,
+    )
+    for name, n in sorted(c.skipped.items()):
+        print(f"  skipped {name}: {n}", file=out)
+    for name, n in sorted(c.anomalies.items()):
+        print(f"  anomaly {name}: {n}  ({ANOMALIES.get(name, '')})", file=out)
+    for err in errors:
+        print(f"error: {err}", file=out)
+
+
+@app.command()
+def messages(
+    files: Annotated[list[str], typer.Argument(help="pcap/pcapng files (.gz too), directories, or - for stdin")],
+    fmt: Annotated[MessageFormat, typer.Option("--format", "-f", help="jsonl: one JSON object a line; table: columns")] = MessageFormat.jsonl,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write here instead of stdout")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no summary on stderr")] = False,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bar (default: on a terminal, for big inputs)")] = None,
+    stats: Annotated[Path | None, typer.Option("--stats", help="write the run's counters as JSON to this file")] = None,
+) -> None:
+    """Every SIP message found in the captures, one per line (like `tshark -Y sip`).
+
+    Example: sipsniff-acc messages capture.pcapng --format table
+    """
+    readers = _open_readers(files)
+    errors: list[SourceError] = []
+    pipeline = MessagePipeline()
+    fmt_line = to_jsonl if fmt is MessageFormat.jsonl else to_table_row
+    out: TextIO = open(output, "w", encoding="utf-8") if output else sys.stdout  # noqa: SIM115
+    write = out.write
+    if fmt is MessageFormat.table:
+        write(TABLE_HEADER)
+    feed = pipeline.feed
+    frames = open_captures(readers, errors)
+    total = sum(r.size for r in readers)
+    show = progress if progress is not None else (sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES)
+    try:
+        if show:
+            frames = _with_progress(frames, readers, total)
+        for frame in frames:
+            for item in feed(frame):
+                if item.__class__ is SipMessage:
+                    write(fmt_line(item))  # type: ignore[arg-type]
+        for item in pipeline.finish():
+            if item.__class__ is SipMessage:
+                write(fmt_line(item))  # type: ignore[arg-type]
+        out.flush()
+    except BrokenPipeError:  # `| head`: the reader left; not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise typer.Exit(0) from None
+    finally:
+        if output:
+            out.close()
+    if stats:
+        doc = pipeline.counters.as_dict() | {"errors": [str(e) for e in errors]}
+        stats.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    if not quiet:
+        _summary(pipeline.counters, errors, sys.stderr)
+    if errors:
+        if quiet:
+            for err in errors:
+                print(f"error: {err}", file=sys.stderr)
+        raise typer.Exit(EXIT_INPUT_ERROR)
+
+
+def _with_progress(frames, readers: list[CaptureReader], total: int):  # type: ignore[no-untyped-def]
+    """Wrap the frame iterator in a rich progress bar driven by bytes read."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(), transient=True,
+    ) as bar:
+        task = bar.add_task("reading", total=total)
+        for i, frame in enumerate(frames):
+            if not i & 0x3FFF:
+                bar.update(task, completed=sum(r.bytes_read for r in readers))
+            yield frame
+        bar.update(task, completed=total)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    print(__version__)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,280 @@
+"""SIP message detection and parsing (RFC 3261 §7, §20), tolerant and lazy.
+
+Only what transaction tracking needs is parsed when a message arrives: the start line,
+Call-ID, CSeq, the From and To tags, the top Via (its branch) and Content-Length. Every
+other header is parsed on first access (``SipMessage.headers``), because header
+extraction is the dominant per-message cost in CPython (perf-notes: 4.5–7 µs).
+
+The eager fields come from one compiled regular expression run over the header block,
+which finds only the lines we want, long or compact form (i, f, t, v, l, ...), any case.
+Folded header lines (RFC 3261 §7.3.1) are unfolded first; that is rare, so it is only
+done when a line starts with whitespace.
+
+The parser never raises past ``parse``: a message that does not parse raises
+``SipError`` (named like an anomaly) inside, which the pipeline turns into an
+``Anomaly``. Defects that still leave a usable message (no Call-ID, a bad
+Content-Length, a truncated body) are listed in ``SipMessage.defects``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+#: RFC 3261 §7.3.3 compact forms, plus those registered later (RFC 3515 r, RFC 3892 b,
+#: RFC 3841 x? no: x is Session-Expires in RFC 4028, y Identity RFC 8224, o Event RFC 6665,
+#: u Allow-Events RFC 6665, a Accept-Contact RFC 3841, j Reject-Contact, d Request-Disposition).
+COMPACT_FORMS: Final[dict[str, str]] = {
+    "i": "call-id", "f": "from", "t": "to", "v": "via", "m": "contact", "l": "content-length",
+    "c": "content-type", "k": "supported", "s": "subject", "e": "content-encoding",
+    "o": "event", "u": "allow-events", "r": "refer-to", "b": "referred-by", "x": "session-expires",
+    "y": "identity", "a": "accept-contact", "j": "reject-contact", "d": "request-disposition",
+}
+
+#: Lines of the header block that the eager parse wants; group 1 the name, 2 the value.
+#: Measured alternatives (split+partition loop, lower-cased copy, char classes, find per
+#: header) all cost within 10 % of this findall on a 16-header INVITE (~2.6 µs).
+_EAGER = re.compile(
+    rb"\n(call-id|i|cseq|from|f|to|t|via|v|content-length|l)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE
+)
+_EAGER_KEY: Final[dict[bytes, int]] = {}
+for _names, _slot in (
+    ((b"call-id", b"i"), 0), ((b"cseq",), 1), ((b"from", b"f"), 2), ((b"to", b"t"), 3),
+    ((b"via", b"v"), 4), ((b"content-length", b"l"), 5),
+):
+    for _n in _names:
+        _EAGER_KEY[_n] = _slot
+_TAG = re.compile(rb";[ \t]*tag[ \t]*=[ \t]*([^;, \t>\r\n]+)", re.IGNORECASE)
+_BRANCH = re.compile(rb";[ \t]*branch[ \t]*=[ \t]*([^;, \t\r\n]+)", re.IGNORECASE)
+_FOLD = re.compile(rb"\r?\n[ \t]+")
+_TOKEN = re.compile(rb"[A-Za-z0-9.!%*_+`'~-]+\Z")  #: RFC 3261 token: what a method may be
+MAX_START_LINE: Final = 8192  #: a request line longer than this is not SIP (Kamailio's BUF_SIZE is 64 KB per message)
+
+
+class SipError(Exception):
+    """The bytes are not a parseable SIP message; ``name`` is an anomaly name."""
+
+    def __init__(self, name: str, detail: str = "") -> None:
+        super().__init__(f"{name}: {detail}" if detail else name)
+        self.name = name
+        self.detail = detail
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "replace")
+
+
+def looks_like_sip(payload: bytes) -> bool:
+    """Cheap content check, any port: a status line, or a request line ending in SIP/2.0."""
+    if payload[:8] == b"SIP/2.0 ":
+        return True
+    sp = payload.find(b" ", 0, 32)
+    if sp < 3 or not payload[:sp].isupper():
+        return False
+    nl = payload.find(b"\n", sp, MAX_START_LINE)
+    if nl < 0:
+        return False
+    return payload[nl - 9 : nl].rstrip(b"\r").endswith(b" SIP/2.0")
+
+
+def is_keepalive(payload: bytes) -> bool:
+    """RFC 5626 CRLF keep-alives and the zero-byte pings some phones send."""
+    return not payload.strip(b"\r\n\x00 ")
+
+
+class SipMessage:
+    """One SIP request or response, with the transport facts of where it was seen."""
+
+    __slots__ = (
+        "raw", "is_request", "method", "ruri", "code", "reason", "call_id", "cseq_num", "cseq_method",
+        "from_tag", "to_tag", "branch", "content_length", "body_start", "_hdr_start", "_hdr_end",
+        "_headers", "defects",
+        # where it was seen (filled by the pipeline)
+        "ts", "no", "src", "sport", "dst", "dport", "transport", "encap", "source",
+    )
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self.is_request = False
+        self.method = ""  #: request method; "" for a response
+        self.ruri = ""
+        self.code = 0  #: status code; 0 for a request
+        self.reason = ""
+        self.call_id: str | None = None
+        self.cseq_num: int | None = None
+        self.cseq_method = ""
+        self.from_tag: str | None = None
+        self.to_tag: str | None = None
+        self.branch: str | None = None  #: branch parameter of the top Via
+        self.content_length: int | None = None
+        self.body_start = len(raw)
+        self._hdr_start = 0
+        self._hdr_end = 0
+        self._headers: list[tuple[str, str]] | None = None
+        self.defects: tuple[str, ...] = ()
+        self.ts = 0.0
+        self.no = 0
+        self.src = ""
+        self.sport = 0
+        self.dst = ""
+        self.dport = 0
+        self.transport = ""
+        self.encap: tuple[str, ...] = ()
+        self.source = ""
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """All headers in order as (lower-case long name, value), folding undone."""
+        if self._headers is None:
+            block = self.raw[self._hdr_start : self._hdr_end]
+            if b"\n " in block or b"\n\t" in block:
+                block = _FOLD.sub(b" ", block)
+            out: list[tuple[str, str]] = []
+            for line in block.split(b"\n"):
+                name, colon, value = line.partition(b":")
+                if not colon:
+                    continue
+                key = _text(name.strip()).lower()
+                out.append((COMPACT_FORMS.get(key, key), _text(value.strip())))
+            self._headers = out
+        return self._headers
+
+    def header(self, name: str) -> str | None:
+        """First value of a header (long or compact name, any case)."""
+        name = name.lower()
+        name = COMPACT_FORMS.get(name, name)
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def header_values(self, name: str) -> list[str]:
+        """Every value of a header, comma-separated lists split (RFC 3261 §7.3.1)."""
+        name = name.lower()
+        name = COMPACT_FORMS.get(name, name)
+        return [v.strip() for key, value in self.headers if key == name for v in _split_commas(value)]
+
+    @property
+    def body(self) -> bytes:
+        end = len(self.raw) if self.content_length is None else self.body_start + self.content_length
+        return self.raw[self.body_start : end]
+
+    @property
+    def first_line(self) -> str:
+        return _text(self.raw[: self.raw.find(b"\n")].rstrip(b"\r"))
+
+    def __repr__(self) -> str:
+        what = self.method if self.is_request else f"{self.code} {self.reason}"
+        return f"<SipMessage {what} call_id={self.call_id!r} cseq={self.cseq_num} {self.cseq_method}>"
+
+
+def _split_commas(value: str) -> list[str]:
+    """Split a header value on commas outside quotes and angle brackets."""
+    if "," not in value:
+        return [value]
+    parts: list[str] = []
+    depth = 0
+    quoted = False
+    start = 0
+    for i, ch in enumerate(value):
+        if ch == '"':
+            quoted = not quoted
+        elif not quoted and ch == "<":
+            depth += 1
+        elif not quoted and ch == ">":
+            depth = max(0, depth - 1)
+        elif ch == "," and not quoted and depth == 0:
+            parts.append(value[start:i])
+            start = i + 1
+    parts.append(value[start:])
+    return parts
+
+
+def _tag(value: bytes) -> str | None:
+    """The tag parameter of a From/To value; URI parameters inside <...> do not count."""
+    m = _TAG.search(value, value.rfind(b">") + 1)
+    return _text(m.group(1)) if m else None
+
+
+def parse(data: bytes) -> SipMessage:
+    """Parse one SIP message. Raises ``SipError`` when the start line is not SIP."""
+    nl = data.find(b"\n", 0, MAX_START_LINE)
+    if nl < 0:
+        raise SipError("sip_bad_start_line", "no end of line")
+    line = data[:nl].rstrip(b"\r")
+    msg = SipMessage(data)
+    if line[:8] == b"SIP/2.0 ":
+        code = line[8:11]
+        if len(code) != 3 or not code.isdigit() or (len(line) > 11 and line[11] != 0x20):
+            raise SipError("sip_bad_start_line", f"status code {code!r}")
+        msg.code = int(code)
+        msg.reason = _text(line[12:])
+    else:
+        parts = line.split(b" ")
+        if len(parts) != 3 or parts[2].upper() != b"SIP/2.0" or not _TOKEN.match(parts[0]) or not parts[1]:
+            raise SipError("sip_bad_start_line", _text(line[:80]))
+        msg.is_request = True
+        msg.method = _text(parts[0])
+        msg.ruri = _text(parts[1])
+
+    end = data.find(b"\r\n\r\n", nl)
+    if end >= 0:
+        msg.body_start = end + 4
+    else:
+        end = data.find(b"\n\n", nl)
+        if end >= 0:
+            msg.body_start = end + 2
+        else:
+            end = len(data)
+            msg.defects += ("sip_no_header_end",)
+    msg._hdr_start = nl + 1
+    msg._hdr_end = end
+    block = data
+    start = nl
+    stop = end
+    if data.find(b"\n ", nl, end) >= 0 or data.find(b"\n\t", nl, end) >= 0:
+        block = _FOLD.sub(b" ", data[nl:end])
+        start, stop = 0, len(block)
+
+    found: list[bytes | None] = [None, None, None, None, None, None]
+    for name, value in _EAGER.findall(block, start, stop):
+        slot = _EAGER_KEY.get(name)
+        if slot is None:
+            slot = _EAGER_KEY[name.lower()]
+        if found[slot] is None:
+            found[slot] = value
+    call_id, cseq, from_, to, via, clen = found
+
+    if call_id is not None and call_id.strip():
+        msg.call_id = _text(call_id.strip())
+    else:
+        msg.defects += ("sip_missing_call_id",)
+    if cseq is not None:
+        num, _, method = cseq.strip().partition(b" ")
+        if num.isdigit():
+            msg.cseq_num = int(num)
+            msg.cseq_method = _text(method.strip())
+        else:
+            msg.defects += ("sip_bad_cseq",)
+    else:
+        msg.defects += ("sip_missing_cseq",)
+    if from_ is not None:
+        msg.from_tag = _tag(from_)
+    if to is not None:
+        msg.to_tag = _tag(to)
+    if via is not None:
+        top = via.split(b",", 1)[0]
+        m = _BRANCH.search(top)
+        if m:
+            msg.branch = _text(m.group(1))
+    else:
+        msg.defects += ("sip_missing_via",)
+    if clen is not None:
+        clen = clen.strip()
+        if clen.isdigit():
+            msg.content_length = int(clen)
+            if msg.body_start + msg.content_length > len(data):
+                msg.defects += ("sip_truncated_body",)
+        else:
+            msg.defects += ("sip_bad_content_length",)
+    return msg

@@ -1,0 +1,95 @@
+"""Shared fixtures: paths, the tshark reference, and the skip-or-fail rule for real peers.
+
+A test that needs a real program (tshark, tcpdump, SIPp, a database...) skips with the
+reason when it is missing, unless SIPSNIFF_REQUIRE_SERVERS=1 (CI sets it): then a
+missing program fails the test, so CI can never go green by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PCAPS = ROOT / "tests" / "pcaps"
+SHARED = ROOT.parent / "shared"
+PUBLIC = SHARED / "pcaps" / "public"
+
+
+def require_program(name: str) -> str:
+    path = shutil.which(name)
+    if path:
+        return path
+    reason = f"{name} is not installed"
+    if os.environ.get("SIPSNIFF_REQUIRE_SERVERS") == "1":
+        pytest.fail(f"{reason}, and SIPSNIFF_REQUIRE_SERVERS=1 forbids skipping")
+    pytest.skip(reason)
+
+
+def require_shared() -> Path:
+    if not PUBLIC.is_dir():
+        pytest.skip("../shared/pcaps/public is not beside this checkout")
+    return PUBLIC
+
+
+Key = tuple[str, int, str, str]
+
+
+def _find(node: object, key: str) -> str | None:
+    """First value of ``key`` anywhere in a tshark JSON layer."""
+    if isinstance(node, dict):
+        if key in node:
+            v = node[key]
+            return v[0] if isinstance(v, list) else v
+        for v in node.values():
+            r = _find(v, key)
+            if r is not None:
+                return r
+    elif isinstance(node, list):
+        for v in node:
+            r = _find(v, key)
+            if r is not None:
+                return r
+    return None
+
+
+def tshark_sip_keys(path: Path, extra: tuple[str, ...] = ()) -> set[Key]:
+    """(Call-ID, CSeq number, CSeq method, method-or-status) of every SIP message tshark dissects.
+
+    JSON output keeps each SIP message of a frame (several over TCP) as its own layer.
+    """
+    tshark = require_program("tshark")
+    cmd = [tshark, "-n", "-r", str(path), *extra, "-Y", "sip", "-T", "json", "-J", "sip"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
+    keys: set[Key] = set()
+    for pkt in json.loads(res.stdout or "[]"):
+        layer = pkt["_source"]["layers"].get("sip", [])
+        for msg in layer if isinstance(layer, list) else [layer]:
+            seq = _find(msg, "sip.CSeq.seq")
+            what = _find(msg, "sip.Method") or _find(msg, "sip.Status-Code") or ""
+            keys.add((
+                _find(msg, "sip.Call-ID") or "", int(seq) if seq and seq.isdigit() else -1,
+                _find(msg, "sip.CSeq.method") or "", what,
+            ))
+    return keys
+
+
+def our_messages(*paths: Path | str, args: tuple[str, ...] = ()) -> tuple[list[dict[str, object]], subprocess.CompletedProcess[str]]:
+    """Run ``sipsniff-acc messages`` as a user would; parsed JSON lines and the process."""
+    cmd = [sys.executable, "-m", "sipsniff_acc", "messages", *map(str, paths), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return [json.loads(line) for line in res.stdout.splitlines() if line.strip()], res
+
+
+def our_keys(rows: list[dict[str, object]]) -> set[Key]:
+    return {
+        (str(r["call_id"] or ""), int(r["cseq"]) if r["cseq"] is not None else -1,  # type: ignore[call-overload]
+         str(r["cseq_method"]), str(r["method"] or r["status"]))
+        for r in rows
+    }

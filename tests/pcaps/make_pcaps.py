@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""Generate the golden captures in this folder and their ground truth.
+
+Run from the repository root: ``python tests/pcaps/make_pcaps.py``. Deterministic: fixed
+MACs, addresses and BASE_TIME (Zeek's Traces/sip pattern), so re-running rewrites the
+same bytes. Frames are built with scapy (a real, independent packet builder); the few
+things scapy does not write (pcapng with two link types, nanosecond pcap, a cut file) are
+written with struct here. Each ``<case>.pcap`` gets ``<case>.expected.json``: the SIP
+messages that were put in (from the builder's arguments, not from our parser), the
+anomalies and skip counters the case must produce, and the exit status.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+import sys
+from pathlib import Path
+
+from scapy.all import (  # type: ignore[import-untyped]
+    IP, UDP, CookedLinux, CookedLinuxV2, Dot1AD, Dot1Q, Ether, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop, Loopback, Raw, fragment, fragment6, wrpcap,
+)
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
+from tests.builders import SDP, sip_request, sip_response  # noqa: E402
+
+BASE_TIME = 1700000000.0
+MAC_A, MAC_B = "02:00:00:00:00:01", "02:00:00:00:00:02"
+A4, B4 = "192.0.2.10", "198.51.100.20"
+A6, B6 = "2001:db8::10", "2001:db8:1::20"
+
+
+def call(call_id: str, compact: bool = False, big: bool = False) -> list[tuple[bytes, dict[str, object]]]:
+    """INVITE / 100 / 200 / ACK / BYE / 200 with the facts each message must show."""
+    body = SDP * (6 if big else 1)
+    extra = ("User-Agent: golden-builder/1.0",) + (("X-Padding: " + "p" * 1200,) if big else ())
+    msgs = [
+        (sip_request("INVITE", call_id=call_id, branch="z9hG4bK-inv", body=body, compact=compact, extra_headers=extra),
+         dict(method="INVITE", status=None, cseq=1, cseq_method="INVITE", from_tag="ftag1", to_tag=None, branch="z9hG4bK-inv")),
+        (sip_response(100, "Trying", call_id=call_id, branch="z9hG4bK-inv", to_tag=None, compact=compact),
+         dict(method=None, status=100, cseq=1, cseq_method="INVITE", from_tag="ftag1", to_tag=None, branch="z9hG4bK-inv")),
+        (sip_response(200, "OK", call_id=call_id, branch="z9hG4bK-inv", body=SDP, compact=compact),
+         dict(method=None, status=200, cseq=1, cseq_method="INVITE", from_tag="ftag1", to_tag="ttag1", branch="z9hG4bK-inv")),
+        (sip_request("ACK", call_id=call_id, branch="z9hG4bK-ack", to_tag="ttag1", compact=compact),
+         dict(method="ACK", status=None, cseq=1, cseq_method="ACK", from_tag="ftag1", to_tag="ttag1", branch="z9hG4bK-ack")),
+        (sip_request("BYE", call_id=call_id, cseq=2, branch="z9hG4bK-bye", to_tag="ttag1", compact=compact),
+         dict(method="BYE", status=None, cseq=2, cseq_method="BYE", from_tag="ftag1", to_tag="ttag1", branch="z9hG4bK-bye")),
+        (sip_response(200, "OK", call_id=call_id, cseq=2, cseq_method="BYE", branch="z9hG4bK-bye", compact=compact),
+         dict(method=None, status=200, cseq=2, cseq_method="BYE", from_tag="ftag1", to_tag="ttag1", branch="z9hG4bK-bye")),
+    ]
+    for i, (_raw, facts) in enumerate(msgs):
+        facts["call_id"] = call_id
+        facts["to_uac"] = facts["status"] is not None  # replies flow back to the caller
+        facts["i"] = i
+    return msgs
+
+
+class Case:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.packets: list[object] = []
+        self.expected: list[dict[str, object]] = []
+        self.anomalies: dict[str, int] = {}
+        self.skipped: dict[str, int] = {}
+        self.exit = 0
+        self.t = BASE_TIME
+
+    def tick(self) -> float:
+        self.t += 0.01
+        return self.t
+
+    def expect(self, facts: dict[str, object], src: str, sport: int, dst: str, dport: int, encap: str) -> None:
+        row = {k: v for k, v in facts.items() if k not in ("to_uac", "i")}
+        if facts["to_uac"]:
+            src, sport, dst, dport = dst, dport, src, sport
+        row.update(src=src, sport=sport, dst=dst, dport=dport, encap=encap)
+        self.expected.append(row)
+
+    def write_expected(self) -> None:
+        doc = {"messages": self.expected, "anomalies": self.anomalies, "skipped": self.skipped, "exit": self.exit}
+        (HERE / f"{self.name}.expected.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+    def write(self, linktype: int | None = None) -> None:
+        for p in self.packets:
+            p.time = self.tick()  # type: ignore[attr-defined]
+        kw = {"linktype": linktype} if linktype is not None else {}
+        wrpcap(str(HERE / f"{self.name}.pcap"), self.packets, **kw)
+        self.write_expected()
+
+
+def simple(name: str, wrap, encap: str, v6: bool = False, compact: bool = False, linktype: int | None = None) -> None:
+    """One call, each message wrapped by ``wrap(ip_packet)``."""
+    c = Case(name)
+    a, b = (A6, B6) if v6 else (A4, B4)
+    for raw, facts in call(f"{name}-call@golden", compact=compact):
+        src, dst = (b, a) if facts["to_uac"] else (a, b)
+        ip = (IPv6(src=src, dst=dst) if v6 else IP(src=src, dst=dst, id=100 + int(facts["i"])))  # type: ignore[arg-type]
+        c.packets.append(wrap(ip / UDP(sport=5060, dport=5060) / Raw(raw)))
+        c.expect(facts, a, 5060, b, 5060, encap)
+    c.write(linktype)
+
+
+def fragmented(name: str, v6: bool, reverse: bool) -> None:
+    """A big INVITE (and 200) fragmented; out of order and with a duplicate when ``reverse``."""
+    c = Case(name)
+    a, b = (A6, B6) if v6 else (A4, B4)
+    nfrag = 0
+    for raw, facts in call(f"{name}-call@golden", big=True):
+        src, dst = (b, a) if facts["to_uac"] else (a, b)
+        if v6:
+            pkt = IPv6(src=src, dst=dst) / IPv6ExtHdrFragment(id=0x1000 + int(facts["i"])) / UDP(sport=5060, dport=5060) / Raw(raw)
+            pieces = fragment6(pkt, 1280) if len(raw) > 1200 else [IPv6(src=src, dst=dst) / UDP(sport=5060, dport=5060) / Raw(raw)]
+        else:
+            pkt = IP(src=src, dst=dst, id=0x1000 + int(facts["i"])) / UDP(sport=5060, dport=5060) / Raw(raw)
+            pieces = fragment(pkt, 1400) if len(raw) > 1400 else [pkt]
+        if len(pieces) > 1:
+            nfrag += len(pieces)
+            if reverse:
+                pieces = list(reversed(pieces)) + [pieces[-1]]  # last piece first, and once more at the end
+                nfrag += 1
+        c.packets.extend(Ether(src=MAC_A, dst=MAC_B) / p for p in pieces)
+        frag = len(pieces) > 1
+        c.expect(facts, a, 5060, b, 5060, ("eth/ip6" if v6 else "eth/ip4") + ("/frag" if frag else ""))
+    if reverse:
+        # The duplicate arrives after its datagram completed: it starts a new one that never completes.
+        c.anomalies["ip_frag_timeout"] = 1
+    c.write()
+
+
+def folded() -> None:
+    c = Case("folded")
+    raw = (
+        b"INVITE sip:bob@example.com SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 192.0.2.10:5060\r\n ;branch=z9hG4bK-folded\r\n"
+        b"From: \"Alice\"\r\n\t<sip:alice@example.com>;tag=ftag-folded\r\n"
+        b"To: <sip:bob@example.com>\r\n"
+        b"Subject: a subject\r\n  that goes on\r\n"
+        b"Call-ID: folded-call@golden\r\n"
+        b"CSeq:\r\n 7 INVITE\r\n"
+        b"Content-Length: 0\r\n\r\n"
+    )
+    c.packets.append(Ether(src=MAC_A, dst=MAC_B) / IP(src=A4, dst=B4) / UDP(sport=5060, dport=5060) / Raw(raw))
+    c.expect(dict(method="INVITE", status=None, cseq=7, cseq_method="INVITE", from_tag="ftag-folded", to_tag=None,
+                  branch="z9hG4bK-folded", call_id="folded-call@golden", to_uac=False), A4, 5060, B4, 5060, "eth/ip4")
+    c.write()
+
+
+def garbage() -> None:
+    """Noise around one good call: nothing crashes, every oddity is counted, the call survives."""
+    c = Case("garbage")
+    eth = lambda p: Ether(src=MAC_A, dst=MAC_B) / p  # noqa: E731
+    good = call("garbage-call@golden")
+    c.packets.append(Ether(src=MAC_A, dst=MAC_B, type=0x0806) / Raw(b"\x00\x01" * 14))  # ARP-ish: not IP
+    c.packets.append(eth(IP(src=A4, dst=B4) / UDP(sport=40000, dport=40002) / Raw(b"\x80\x00" + bytes(range(170)))))  # RTP
+    c.packets.append(eth(IP(src=A4, dst=B4) / UDP(sport=5060, dport=5060) / Raw(b"\r\n\r\n")))  # keep-alive
+    c.packets.append(eth(IP(src=A4, dst=B4) / UDP(sport=5060, dport=5060) / Raw(b"INVITE sip:x SIP/2.0\r\nFrom: <sip:a@b>\r\n\r\n")))
+    c.packets.append(eth(IP(src=A4, dst=B4) / UDP(sport=5060, dport=5060) / Raw(b"SIP/2.0 20x Broken\r\n\r\n")))
+    c.packets.append(Raw(b"\x02\x00\x00"))  # a 3-byte "Ethernet" frame
+    c.packets.append(Ether(src=MAC_A, dst=MAC_B, type=0x0800) / Raw(b"\x45\x00\x00"))  # IPv4 header cut short
+    c.packets.append(Ether(src=MAC_A, dst=MAC_B, type=0x0800) / Raw(b"\x75" + b"\x00" * 30))  # IP version 7
+    for raw, facts in good:
+        src, dst = (B4, A4) if facts["to_uac"] else (A4, B4)
+        c.packets.append(eth(IP(src=src, dst=dst) / UDP(sport=5060, dport=5060) / Raw(raw)))
+        c.expect(facts, A4, 5060, B4, 5060, "eth/ip4")
+    c.expected.insert(0, dict(method="INVITE", status=None, cseq=None, cseq_method="", from_tag=None, to_tag=None,
+                              branch=None, call_id=None, src=A4, sport=5060, dst=B4, dport=5060, encap="eth/ip4"))
+    c.anomalies.update(sip_missing_call_id=1, sip_missing_cseq=1, sip_missing_via=1, sip_bad_start_line=1,
+                       link_truncated=1, ip_truncated=1, ip_bad_header=1)
+    c.skipped.update(not_ip_or_unsupported=1, udp_not_sip=1)
+    c.write()
+
+
+def truncated() -> None:
+    """A capture cut in the middle of its fourth record: three messages, then a clear error."""
+    c = Case("truncated")
+    for raw, facts in call("truncated-call@golden")[:4]:
+        src, dst = (B4, A4) if facts["to_uac"] else (A4, B4)
+        c.packets.append(Ether(src=MAC_A, dst=MAC_B) / IP(src=src, dst=dst) / UDP(sport=5060, dport=5060) / Raw(raw))
+        c.expect(facts, A4, 5060, B4, 5060, "eth/ip4")
+    c.write()
+    data = (HERE / "truncated.pcap").read_bytes()
+    (HERE / "truncated.pcap").write_bytes(data[: len(data) - 40])
+    c.expected.pop()
+    c.exit = 1
+    c.write_expected()
+
+
+def pcapng_two_links() -> None:
+    """pcapng with an Ethernet and a raw-IP interface, nanosecond timestamps on the second."""
+    c = Case("twolinks")
+    def block(btype: int, body: bytes) -> bytes:
+        body += b"\0" * (-len(body) % 4)
+        return struct.pack("<II", btype, len(body) + 12) + body + struct.pack("<I", len(body) + 12)
+    out = [block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))]
+    out.append(block(1, struct.pack("<HHI", 1, 0, 65535) + struct.pack("<HHI", 0, 0, 0)))
+    tsresol = struct.pack("<HH", 9, 1) + b"\x09\0\0\0" + struct.pack("<HH", 0, 0)
+    out.append(block(1, struct.pack("<HHI", 101, 0, 65535) + tsresol))
+    for raw, facts in call("twolinks-call@golden"):
+        src, dst = (B4, A4) if facts["to_uac"] else (A4, B4)
+        ip = bytes(IP(src=src, dst=dst) / UDP(sport=5060, dport=5060) / Raw(raw))
+        t = c.tick()
+        iface = int(facts["i"]) % 2
+        data = bytes(Ether(src=MAC_A, dst=MAC_B, type=0x0800) / Raw(ip)) if iface == 0 else ip
+        ticks = round(t * (1e6 if iface == 0 else 1e9))
+        out.append(block(6, struct.pack("<IIIII", iface, ticks >> 32, ticks & 0xFFFFFFFF, len(data), len(data)) + data))
+        c.expect(facts, A4, 5060, B4, 5060, "eth/ip4" if iface == 0 else "ip4")
+    (HERE / "twolinks.pcapng").write_bytes(b"".join(out))
+    c.write_expected()
+
+
+def nanosecond_gz() -> None:
+    """A nanosecond-resolution pcap, gzip-compressed."""
+    c = Case("nanos")
+    hdr = struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 65535, 1)
+    recs = []
+    for raw, facts in call("nanos-call@golden"):
+        src, dst = (B4, A4) if facts["to_uac"] else (A4, B4)
+        data = bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src=src, dst=dst) / UDP(sport=5060, dport=5060) / Raw(raw))
+        t = c.tick()
+        recs.append(struct.pack("<IIII", int(t), 123456789, len(data), len(data)) + data)
+        c.expect(facts, A4, 5060, B4, 5060, "eth/ip4")
+    (HERE / "nanos.pcap.gz").write_bytes(gzip.compress(hdr + b"".join(recs), mtime=0))
+    c.write_expected()
+
+
+def main() -> None:
+    eth = lambda p: Ether(src=MAC_A, dst=MAC_B) / p  # noqa: E731
+    simple("vlan", lambda p: Ether(src=MAC_A, dst=MAC_B) / Dot1Q(vlan=100) / p, "eth/vlan:100/ip4")
+    simple("qinq", lambda p: Ether(src=MAC_A, dst=MAC_B) / Dot1AD(vlan=10) / Dot1Q(vlan=20) / p, "eth/vlan:10/vlan:20/ip4")
+    simple("sll", lambda p: CookedLinux(pkttype=0, lladdrtype=1, lladdrlen=6, src=b"\x02\0\0\0\0\x01\0\0", proto=0x0800) / p, "sll/ip4")
+    simple("sll2", lambda p: CookedLinuxV2(proto=0x0800, ifindex=2, lladdrtype=1, lladdrlen=6) / p, "sll2/ip4")
+    simple("ipv6", lambda p: Ether(src=MAC_A, dst=MAC_B) / _v6_ext(p), "eth/ip6", v6=True)
+    simple("compact", eth, "eth/ip4", compact=True)
+    simple("null", lambda p: Loopback(type=2) / p, "null/ip4")
+    simple("rawip", lambda p: p, "ip4", linktype=101)
+    fragmented("frag4_inorder", v6=False, reverse=False)
+    fragmented("frag4_outoforder", v6=False, reverse=True)
+    fragmented("frag6_inorder", v6=True, reverse=False)
+    fragmented("frag6_outoforder", v6=True, reverse=True)
+    folded()
+    garbage()
+    truncated()
+    pcapng_two_links()
+    nanosecond_gz()
+
+
+def _v6_ext(p):  # type: ignore[no-untyped-def]
+    """Put hop-by-hop and destination-options headers between IPv6 and UDP."""
+    ip = p.copy()
+    udp = ip.payload
+    ip.remove_payload()
+    return ip / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / udp
+
+
+if __name__ == "__main__":
+    main()
