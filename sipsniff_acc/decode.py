@@ -54,7 +54,7 @@ _NULL_FAMILIES: Final = {2: ETH_IP4, 24: ETH_IP6, 28: ETH_IP6, 30: ETH_IP6}
 Decoded = Datagram | Fragment | Anomaly | None
 
 
-class _Bad(Exception):
+class DecodeError(Exception):
     """A header is malformed; becomes an Anomaly at the ``decode`` boundary."""
 
     def __init__(self, name: str, detail: str = "") -> None:
@@ -73,33 +73,50 @@ class _Ctx:
         self.depth = 0
 
 
+_ENCAP_ETH_IP4: Final = ("eth", "ip4")
+
+
 def decode(frame: Frame) -> Decoded:
     """Decode one frame down to its transport payload."""
     data = frame.data
     lt = frame.linktype
+    # Fast path for the bulk of any capture: Ethernet, IPv4 without options, not a
+    # fragment, UDP, lengths consistent. Same result as the general path below, at about
+    # half the cost (no per-layer calls, no tuple building).
+    if (
+        lt == 1 and data[12:15] == b"\x08\x00\x45" and len(data) >= 42 and data[23] == 17
+        and not (data[20] & 0x3F or data[21])
+    ):
+        total, = _U16(data, 16)
+        sport, dport, ulen = _UDP(data, 34)
+        if 28 <= total <= len(data) - 14 and 8 <= ulen <= total - 20 and dport != VXLAN_PORT:
+            return Datagram(
+                frame.ts, frame.no, Transport.UDP, data[26:30], sport, data[30:34], dport,
+                data[42 : 34 + ulen], _ENCAP_ETH_IP4, frame.source,
+            )
     try:
         if lt == LINKTYPE_ETHERNET:
             return _ethernet(data, 0, frame, ())
         if lt == LINKTYPE_SLL:
             if len(data) < 16:
-                raise _Bad("link_truncated", "SLL header")
+                raise DecodeError("link_truncated", "SLL header")
             return _ethertype(_U16(data, 14)[0], data, 16, frame, ("sll",))
         if lt == LINKTYPE_SLL2:
             if len(data) < 20:
-                raise _Bad("link_truncated", "SLL2 header")
+                raise DecodeError("link_truncated", "SLL2 header")
             return _ethertype(_U16(data, 0)[0], data, 20, frame, ("sll2",))
         if lt in (LINKTYPE_RAW, LINKTYPE_RAW_OPENBSD, LINKTYPE_IPV4, LINKTYPE_IPV6):
             return _raw_ip(data, 0, frame, ())
         if lt in (LINKTYPE_NULL, LINKTYPE_LOOP):
             if len(data) < 4:
-                raise _Bad("link_truncated", "loopback header")
+                raise DecodeError("link_truncated", "loopback header")
             fam = int.from_bytes(data[:4], "big" if lt == LINKTYPE_LOOP else "little")
             if fam > 0xFFFF:  # a capture written on the other endianness
                 fam = int.from_bytes(data[:4], "little" if lt == LINKTYPE_LOOP else "big")
             et = _NULL_FAMILIES.get(fam)
             return None if et is None else _ethertype(et, data, 4, frame, ("null",))
         return Anomaly("link_unknown", frame.ts, frame.no, f"linktype {lt}", frame.source)
-    except _Bad as bad:
+    except DecodeError as bad:
         return Anomaly(bad.name, frame.ts, frame.no, bad.detail, frame.source)
     except (struct.error, IndexError) as exc:  # a length check we did not write: still not a crash
         return Anomaly("link_truncated", frame.ts, frame.no, str(exc), frame.source)
@@ -107,7 +124,7 @@ def decode(frame: Frame) -> Decoded:
 
 def _ethernet(data: bytes, off: int, frame: Frame, encap: tuple[str, ...]) -> Decoded:
     if len(data) < off + 14:
-        raise _Bad("link_truncated", "Ethernet header")
+        raise DecodeError("link_truncated", "Ethernet header")
     return _ethertype(_U16(data, off + 12)[0], data, off + 14, frame, encap + ("eth",))
 
 
@@ -117,7 +134,7 @@ def _ethertype(et: int, data: bytes, off: int, frame: Frame, encap: tuple[str, .
             return _ip(data, off, frame, encap)
         if et in ETH_VLAN:
             if len(data) < off + 4:
-                raise _Bad("link_truncated", "802.1Q tag")
+                raise DecodeError("link_truncated", "802.1Q tag")
             encap += (f"vlan:{_U16(data, off)[0] & 0x0FFF}",)
             et = _U16(data, off + 2)[0]
             off += 4
@@ -125,7 +142,7 @@ def _ethertype(et: int, data: bytes, off: int, frame: Frame, encap: tuple[str, .
             return _mpls(data, off, frame, encap)
         elif et == ETH_PPPOE:
             if len(data) < off + 8:
-                raise _Bad("link_truncated", "PPPoE header")
+                raise DecodeError("link_truncated", "PPPoE header")
             ppp = _U16(data, off + 6)[0]
             if ppp not in (0x0021, 0x0057):
                 return None
@@ -137,16 +154,16 @@ def _ethertype(et: int, data: bytes, off: int, frame: Frame, encap: tuple[str, .
 def _mpls(data: bytes, off: int, frame: Frame, encap: tuple[str, ...]) -> Decoded:
     for _ in range(16):  # label stacks are a few deep; 16 bounds a garbage loop
         if len(data) < off + 4:
-            raise _Bad("tunnel_truncated", "MPLS label")
+            raise DecodeError("tunnel_truncated", "MPLS label")
         bottom = data[off + 2] & 0x01
         off += 4
         if bottom:
             break
     else:
-        raise _Bad("tunnel_truncated", "MPLS stack without bottom of stack")
+        raise DecodeError("tunnel_truncated", "MPLS stack without bottom of stack")
     encap += ("mpls",)
     if off >= len(data):
-        raise _Bad("tunnel_truncated", "MPLS payload")
+        raise DecodeError("tunnel_truncated", "MPLS payload")
     nibble = data[off] >> 4
     if nibble in (4, 6):
         return _ip(data, off, frame, encap)
@@ -157,7 +174,7 @@ def _mpls(data: bytes, off: int, frame: Frame, encap: tuple[str, ...]) -> Decode
 
 def _raw_ip(data: bytes, off: int, frame: Frame, encap: tuple[str, ...]) -> Decoded:
     if off >= len(data):
-        raise _Bad("ip_truncated", "empty IP packet")
+        raise DecodeError("ip_truncated", "empty IP packet")
     return _ip(data, off, frame, encap)
 
 
@@ -165,14 +182,14 @@ def _ip(data: bytes, off: int, frame: Frame, encap: tuple[str, ...]) -> Decoded:
     version = data[off] >> 4 if off < len(data) else 0
     if version == 4:
         if len(data) < off + 20:
-            raise _Bad("ip_truncated", "IPv4 header")
+            raise DecodeError("ip_truncated", "IPv4 header")
         vihl, _tos, total, ident, frag, _ttl, proto, _sum, src, dst = _IP4(data, off)
         hl = (vihl & 0x0F) * 4
         if hl < 20 or total < hl:
-            raise _Bad("ip_bad_header", f"IPv4 header length {hl}, total length {total}")
+            raise DecodeError("ip_bad_header", f"IPv4 header length {hl}, total length {total}")
         end = off + total
         if end > len(data):
-            raise _Bad("ip_truncated", f"IPv4 total length {total} exceeds the {len(data) - off} bytes captured")
+            raise DecodeError("ip_truncated", f"IPv4 total length {total} exceeds the {len(data) - off} bytes captured")
         encap += ("ip4",)
         if frag & 0x3FFF:  # MF set or a non-zero offset: a fragment
             return Fragment(
@@ -182,25 +199,25 @@ def _ip(data: bytes, off: int, frame: Frame, encap: tuple[str, ...]) -> Decoded:
         return transport(proto, src, dst, data, off + hl, end, frame, encap)
     if version == 6:
         if len(data) < off + 40:
-            raise _Bad("ip_truncated", "IPv6 header")
+            raise DecodeError("ip_truncated", "IPv6 header")
         _vtf, plen, nh, _hop, src, dst = _IP6(data, off)
         end = off + 40 + plen if plen else len(data)  # 0 = jumbogram (RFC 2675): take what is there
         if end > len(data):
-            raise _Bad("ip_truncated", f"IPv6 payload length {plen} exceeds the {len(data) - off - 40} bytes captured")
+            raise DecodeError("ip_truncated", f"IPv6 payload length {plen} exceeds the {len(data) - off - 40} bytes captured")
         encap += ("ip6",)
         off += 40
         for _ in range(16):  # bounded walk over extension headers
             if nh in (0, 43, 60, 135, 139, 140):  # hop-by-hop, routing, dest opts, mobility, HIP, shim6
                 if off + 8 > end:
-                    raise _Bad("ip_truncated", "IPv6 extension header")
+                    raise DecodeError("ip_truncated", "IPv6 extension header")
                 nh, off = data[off], off + (data[off + 1] + 1) * 8
             elif nh == 51:  # AH: length in 4-octet units, minus 2
                 if off + 8 > end:
-                    raise _Bad("ip_truncated", "IPv6 AH header")
+                    raise DecodeError("ip_truncated", "IPv6 AH header")
                 nh, off = data[off], off + (data[off + 1] + 2) * 4
             elif nh == 44:
                 if off + 8 > end:
-                    raise _Bad("ip_truncated", "IPv6 fragment header")
+                    raise DecodeError("ip_truncated", "IPv6 fragment header")
                 fo = _U16(data, off + 2)[0]
                 ident = int.from_bytes(data[off + 4 : off + 8], "big")
                 nxt = data[off]
@@ -211,9 +228,9 @@ def _ip(data: bytes, off: int, frame: Frame, encap: tuple[str, ...]) -> Decoded:
             else:
                 break
         if off > end:
-            raise _Bad("ip_truncated", "IPv6 extension headers run past the payload")
+            raise DecodeError("ip_truncated", "IPv6 extension headers run past the payload")
         return transport(nh, src, dst, data, off, end, frame, encap)
-    raise _Bad("ip_bad_header", f"IP version {version}")
+    raise DecodeError("ip_bad_header", f"IP version {version}")
 
 
 def transport(
@@ -223,7 +240,7 @@ def transport(
     """Decode the upper layer of an IP packet (also used on reassembled datagrams)."""
     if proto == 17:
         if end - off < 8:
-            raise _Bad("udp_truncated", "UDP header")
+            raise DecodeError("udp_truncated", "UDP header")
         sport, dport, ulen = _UDP(data, off)
         if ulen >= 8 and off + ulen <= end:
             end = off + ulen  # trims Ethernet padding; ulen 0 (jumbo) or too large: take what IP says
@@ -235,7 +252,7 @@ def transport(
         )
     if proto == 6 or proto == 132:
         if end - off < 4:
-            raise _Bad("ip_truncated", "transport ports")
+            raise DecodeError("ip_truncated", "transport ports")
         sport, dport = _PORTS(data, off)
         # The whole TCP/SCTP packet travels on: the reassembly stage reads its own header.
         return Datagram(
@@ -251,20 +268,20 @@ def transport(
 
 def _nested(layer: object, data: bytes, off: int, frame: Frame, encap: tuple[str, ...]) -> Decoded:
     if len(encap) > MAX_NESTING * 2:
-        raise _Bad("tunnel_truncated", "tunnels nested too deep")
+        raise DecodeError("tunnel_truncated", "tunnels nested too deep")
     return layer(data, off, frame, encap)  # type: ignore[operator, no-any-return]
 
 
 def _gre(data: bytes, off: int, end: int, frame: Frame, encap: tuple[str, ...]) -> Decoded:
     if end - off < 4:
-        raise _Bad("tunnel_truncated", "GRE header")
+        raise DecodeError("tunnel_truncated", "GRE header")
     flags, proto = _PORTS(data, off)
     if flags & 0x0007:  # version 1 is PPTP's enhanced GRE: PPP inside, not mirrored IP
         return None
     hl = 4 + 4 * bool(flags & 0x8000) + 4 * bool(flags & 0x2000) + 4 * bool(flags & 0x1000)
     off += hl
     if off > end:
-        raise _Bad("tunnel_truncated", "GRE options")
+        raise DecodeError("tunnel_truncated", "GRE options")
     encap += ("gre",)
     data = data[:end]
     if proto == ETH_IP4 or proto == ETH_IP6:
@@ -277,7 +294,7 @@ def _gre(data: bytes, off: int, end: int, frame: Frame, encap: tuple[str, ...]) 
         return _nested(_ethernet, data, off, frame, encap + ("erspan1",))
     if proto == GRE_ERSPAN3:
         if end - off < 12:
-            raise _Bad("tunnel_truncated", "ERSPAN III header")
+            raise DecodeError("tunnel_truncated", "ERSPAN III header")
         extra = 8 if data[off + 11] & 0x01 else 0  # O bit: platform-specific subheader follows
         return _nested(_ethernet, data, off + 12 + extra, frame, encap + ("erspan3",))
     return None

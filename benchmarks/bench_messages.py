@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Time `sipsniff-acc messages` against `tshark -q -z sip,stat` on the same captures, same run.
+
+Prints, per capture size: wall time (median of --runs), SIP messages/s, the ratio to
+tshark, and the peak RSS of each process (os.wait4's ru_maxrss, the child's own peak).
+Two sizes show whether memory stays flat as the file grows.
+
+usage: bench_messages.py [--calls 10000 50000] [--runs 3] [--tcp-share 0] [--workdir benchmarks/out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def run(cmd: list[str]) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS in MB, and stdout of one run."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{cmd[0]} failed ({status}): {' '.join(cmd)}")
+    return wall, usage.ru_maxrss // 1024, out
+
+
+def measure(cmd: list[str], runs: int) -> tuple[float, int, str]:
+    results = [run(cmd) for _ in range(runs)]
+    return statistics.median(r[0] for r in results), max(r[1] for r in results), results[-1][2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--calls", type=int, nargs="+", default=[10000, 50000])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--tcp-share", type=float, default=0.0)
+    ap.add_argument("--workdir", default=str(HERE / "out"))
+    ap.add_argument("--workers", type=int, default=None, help="pass --workers N to sipsniff-acc")
+    a = ap.parse_args()
+    tshark = shutil.which("tshark")
+    if not tshark:
+        raise SystemExit("tshark is not installed: the benchmark compares against it")
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    ours_base = [sys.executable, "-m", "sipsniff_acc", "messages", "--quiet", "--no-progress", "-o", os.devnull]
+    if a.workers:
+        ours_base += ["--workers", str(a.workers)]
+    rows = []
+    for calls in a.calls:
+        pcap = work / f"workload-{calls}-tcp{a.tcp_share}.pcap"
+        if not pcap.exists():  # in its own process: a big parent would inflate the children's peak RSS
+            subprocess.run([sys.executable, str(HERE / "gen_workload.py"), str(pcap), "--calls", str(calls),
+                            "--tcp-share", str(a.tcp_share)], check=True, stdout=subprocess.DEVNULL)
+        meta = json.loads(Path(str(pcap) + ".meta.json").read_text())
+        ours_t, ours_rss, _ = measure(ours_base + [str(pcap)], a.runs)
+        their_t, their_rss, out = measure([tshark, "-n", "-q", "-z", "sip,stat", "-r", str(pcap)], a.runs)
+        counted = next((int(line.split(":")[1]) for line in out.splitlines() if "Number of SIP messages" in line), -1)
+        # our own count, once, outside the timing
+        res = subprocess.run(ours_base[:-2] + ["-o", str(work / "count.jsonl"), str(pcap)], check=False)
+        ours_count = sum(1 for _ in open(work / "count.jsonl")) if res.returncode == 0 else -1
+        rows.append((calls, meta["frames"], os.path.getsize(pcap) >> 20, ours_count, counted,
+                     ours_t, their_t, their_t / ours_t, ours_rss, their_rss))
+    print(f"{'calls':>7} {'frames':>9} {'MB':>5} {'msgs ours':>10} {'msgs tshark':>11} {'ours s':>7} "
+          f"{'tshark s':>8} {'speedup':>7} {'ours msg/s':>10} {'RSS ours MB':>11} {'RSS tshark MB':>13}")
+    for calls, frames, mb, oc, tc, ot, tt, ratio, orss, trss in rows:
+        print(f"{calls:>7} {frames:>9} {mb:>5} {oc:>10} {tc:>11} {ot:>7.2f} {tt:>8.2f} {ratio:>6.2f}x "
+              f"{oc / ot:>10.0f} {orss:>11} {trss:>13}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Property-based tests (hypothesis): decoders and parser never raise past their boundary."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from sipsniff_acc import sip
+from sipsniff_acc.decode import decode
+from sipsniff_acc.events import Anomaly, Datagram, Fragment, Frame
+from sipsniff_acc.ipfrag import FragmentReassembler, Reassembled
+from sipsniff_acc.pipeline import MessagePipeline
+from sipsniff_acc.sources import CaptureReader, SourceError
+from tests.builders import SDP, ether, ip4_udp, pcap_bytes, sip_request, sip_response
+
+LINKTYPES = st.sampled_from([0, 1, 12, 101, 108, 113, 228, 229, 276, 147])
+
+
+@given(st.binary(max_size=2000))
+def test_parse_any_bytes(data: bytes) -> None:
+    try:
+        m = sip.parse(data)
+    except sip.SipError as err:
+        assert err.name == "sip_bad_start_line"
+    else:
+        assert isinstance(m, sip.SipMessage)
+        m.headers  # the lazy part must not raise either  # noqa: B018
+        assert m.body is not None
+
+
+TOKEN = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789.-", min_size=1, max_size=20)
+
+
+def recase(name: str, rnd: random.Random) -> str:
+    return "".join(c.upper() if rnd.random() < 0.5 else c.lower() for c in name)
+
+
+@given(
+    method=st.sampled_from(["INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "MESSAGE", "REGISTER", "UPDATE"]),
+    call_id=TOKEN, cseq=st.integers(0, 2**31 - 1), branch=TOKEN, from_tag=TOKEN,
+    to_tag=st.none() | TOKEN, compact=st.booleans(), seed=st.integers(0, 2**32), fold=st.booleans(),
+    body=st.sampled_from([b"", SDP]),
+)
+def test_round_trip(method: str, call_id: str, cseq: int, branch: str, from_tag: str, to_tag: str | None,
+                    compact: bool, seed: int, fold: bool, body: bytes) -> None:
+    raw = sip_request(method, call_id=call_id, cseq=cseq, branch="z9hG4bK" + branch, from_tag=from_tag,
+                      to_tag=to_tag, compact=compact, body=body)
+    rnd = random.Random(seed)
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    out = [lines[0]]
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = recase(name.decode(), rnd).encode()
+        value = value.strip()
+        if fold and b" " in value:
+            value = value.replace(b" ", b"\r\n ", 1)  # fold at the first space (RFC 3261 LWS)
+        out.append(name + b":" + b" " * rnd.randint(0, 2) + value)
+    m = sip.parse(b"\r\n".join(out) + b"\r\n\r\n" + rest)
+    assert (m.method, m.call_id, m.cseq_num, m.cseq_method) == (method, call_id, cseq, method)
+    assert (m.branch, m.from_tag, m.to_tag) == ("z9hG4bK" + branch, from_tag, to_tag)
+    assert m.content_length == len(body) and m.body == body and m.defects == ()
+
+
+@given(LINKTYPES, st.binary(max_size=600))
+def test_decode_any_bytes(linktype: int, data: bytes) -> None:
+    r = decode(Frame(0.0, linktype, data, 1))
+    assert r is None or isinstance(r, (Datagram, Fragment, Anomaly))
+
+
+VALID = [
+    ether(ip4_udp(sip_request(body=SDP))),
+    ether(ip4_udp(sip_response(180, "Ringing"))),
+    ether(ip4_udp(ip4_udp(sip_request()), proto=4, raw_payload=True)),
+    ether(ip4_udp(b"x" * 64, frag=0x2000, ident=5)),
+]
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(range(len(VALID))), st.integers(0, 2000), st.integers(0, 255),
+                          st.integers(0, 1500)), max_size=30))
+def test_pipeline_survives_mutated_frames(mutations: list[tuple[int, int, int, int]]) -> None:
+    """Flip a byte and cut the frame anywhere: records or anomalies, never an exception."""
+    p = MessagePipeline()
+    for i, (which, pos, value, cut) in enumerate(mutations):
+        data = bytearray(VALID[which])
+        data[pos % len(data)] = value
+        for item in p.feed(Frame(float(i), 1, bytes(data[:cut]), i + 1)):
+            assert isinstance(item, (sip.SipMessage, Anomaly))
+    p.finish()
+    assert p.counters.frames == len(mutations)
+
+
+@given(st.permutations(range(6)), st.lists(st.integers(0, 5), max_size=4))
+def test_any_order_and_duplication_of_fragments_rebuilds_the_datagram(order: list[int], dups: list[int]) -> None:
+    payload = bytes(random.Random(1).randbytes(5 * 480 + 100))
+    frags = []
+    for i, off in enumerate(range(0, len(payload), 480)):
+        chunk = payload[off : off + 480]
+        frags.append(Fragment(1.0 + i, i, (b"a" * 4, b"b" * 4, 9, 17), 4, off, off + 480 < len(payload), 17,
+                              b"a" * 4, b"b" * 4, chunk, ()))
+    seq = [frags[i] for i in order]
+    for d in dups:
+        seq.insert(d, frags[d])
+    r = FragmentReassembler()
+    done = [x for f in seq for x in r.feed(f) if isinstance(x, Reassembled)]
+    assert done and done[0].payload == payload
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=60)
+@given(st.binary(max_size=400), st.integers(0, 1200))
+def test_any_file_bytes_read_or_fail_cleanly(tmp_path: Path, junk: bytes, cut: int) -> None:
+    good = pcap_bytes([(1.0, ether(ip4_udp(sip_request())))] * 2)
+    for n, data in enumerate((junk, good[:cut] + junk, b"\x0a\x0d\x0d\x0a" + junk)):
+        p = tmp_path / f"f{n}.pcap"
+        p.write_bytes(data)
+        try:
+            for f in CaptureReader(p):
+                assert isinstance(f, Frame)
+        except SourceError as err:
+            assert str(p) in str(err)
+
+
+@given(st.binary(min_size=1, max_size=64))
+def test_non_sip_udp_is_never_taken_for_sip(noise: bytes) -> None:
+    assume(not noise.startswith(b"SIP/2.0 ") and b" SIP/2.0" not in noise)
+    assert not sip.looks_like_sip(noise)
