@@ -68,3 +68,14 @@ def test_one_damaged_file_does_not_hide_the_others() -> None:
     assert res.returncode == 1
     assert len(rows) == 3 + 6
     assert "truncated.pcap" in res.stderr
+
+
+REAL_TOOL_CAPTURES = ["sample.pcap"]  # recorded by make_sipp_pcaps.sh (SIPp + tcpdump on loopback)
+
+
+@pytest.mark.parametrize("name", REAL_TOOL_CAPTURES)
+def test_real_tool_captures_agree_with_tshark(name: str) -> None:
+    rows, res = our_messages(PCAPS / name)
+    assert res.returncode == 0, res.stderr
+    theirs = tshark_sip_keys(PCAPS / name)
+    assert len(theirs) >= 30 and our_keys(rows) == theirs
