@@ -15,7 +15,7 @@ from sipsniff_acc import __version__
 from sipsniff_acc.anomalies import ANOMALIES
 from sipsniff_acc.messagelog import TABLE_HEADER
 from sipsniff_acc.messagerun import formatter, message_text
-from sipsniff_acc.pipeline import Counters
+from sipsniff_acc.events import Counters
 from sipsniff_acc.sources import CaptureReader, SourceError, expand_paths, open_captures
 
 app = typer.Typer(
@@ -55,6 +55,10 @@ def _summary(counters: Counters, errors: list[SourceError], out: TextIO) -> None
         f"{len(errors)} input errors",
         file=out,
     )
+    if c.duplicates:
+        print(f"  mirrored duplicates dropped: {c.duplicates}", file=out)
+    for name, n in sorted(c.streams.items()):
+        print(f"  tcp directions carrying {name}: {n}", file=out)
     for name, n in sorted(c.skipped.items()):
         print(f"  skipped {name}: {n}", file=out)
     for name, n in sorted(c.anomalies.items()):

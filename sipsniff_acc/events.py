@@ -7,7 +7,8 @@ it can be read first and on its own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from enum import Enum
 
 
@@ -77,3 +78,27 @@ class Anomaly:
     frame: int
     detail: str = ""
     source: str = ""
+
+
+@dataclass
+class Counters:
+    """What happened to every frame; the end-of-run summary prints these."""
+
+    frames: int = 0
+    bytes: int = 0
+    sip_messages: int = 0
+    keepalives: int = 0
+    duplicates: int = 0  #: mirrored copies of a frame dropped (exact duplicates within DUP_WINDOW)
+    fragments: int = 0
+    datagrams_reassembled: int = 0
+    streams: Counter[str] = field(default_factory=Counter)  #: TCP directions seen, by what they carried
+    skipped: Counter[str] = field(default_factory=Counter)  #: not SIP, by reason (not anomalies)
+    anomalies: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "frames": self.frames, "bytes": self.bytes, "sip_messages": self.sip_messages,
+            "keepalives": self.keepalives, "duplicates": self.duplicates, "fragments": self.fragments,
+            "datagrams_reassembled": self.datagrams_reassembled,
+            "streams": dict(sorted(self.streams.items())), "skipped": dict(sorted(self.skipped.items())), "anomalies": dict(sorted(self.anomalies.items())),
+        }

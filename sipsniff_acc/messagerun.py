@@ -6,7 +6,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 from sipsniff_acc.events import Datagram, Frame
 from sipsniff_acc.messagelog import to_jsonl, to_table_row
-from sipsniff_acc.pipeline import CaptureStage, Counters, SipParser
+from sipsniff_acc.events import Counters
+from sipsniff_acc.pipeline import CaptureStage, SipParser
 from sipsniff_acc.shard import batched, ordered_map
 from sipsniff_acc.sip import SipMessage
 

@@ -13,43 +13,23 @@ fire in ``advance``), no I/O, so tests feed frames directly.
 from __future__ import annotations
 
 import socket
-from collections import Counter
-from dataclasses import dataclass, field
+from collections import deque
 
 from sipsniff_acc import decode as dec
 from sipsniff_acc import sip
-from sipsniff_acc.events import Anomaly, Datagram, Fragment, Frame, Transport
+from sipsniff_acc.events import Anomaly, Counters, Datagram, Fragment, Frame, Transport
+from sipsniff_acc.sctp import SctpReassembler
+from sipsniff_acc.tcpstream import TcpReassembler
 from sipsniff_acc.ipfrag import FragmentReassembler, Reassembled
 
 _UDP = Transport.UDP
 looks_like_sip = sip.looks_like_sip
 
+DUP_WINDOW = 0.02  #: seconds; mirror copies arrive within microseconds, SIP retransmissions >= 250 ms apart
 ADDR_CACHE = 1 << 16  #: distinct addresses remembered as text before the cache is reset
 
 #: Fire timers at most this often (packet time): a walk of the timer table per frame is wasted work.
 ADVANCE_EVERY = 1.0
-
-
-@dataclass
-class Counters:
-    """What happened to every frame; the end-of-run summary prints these."""
-
-    frames: int = 0
-    bytes: int = 0
-    sip_messages: int = 0
-    keepalives: int = 0
-    fragments: int = 0
-    datagrams_reassembled: int = 0
-    skipped: Counter[str] = field(default_factory=Counter)  #: not SIP, by reason (not anomalies)
-    anomalies: Counter[str] = field(default_factory=Counter)
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "frames": self.frames, "bytes": self.bytes, "sip_messages": self.sip_messages,
-            "keepalives": self.keepalives, "fragments": self.fragments,
-            "datagrams_reassembled": self.datagrams_reassembled,
-            "skipped": dict(sorted(self.skipped.items())), "anomalies": dict(sorted(self.anomalies.items())),
-        }
 
 
 _ntop = socket.inet_ntop
@@ -60,12 +40,50 @@ def ip_text(addr: bytes) -> str:
     return _ntop(_AF[len(addr)], addr)
 
 
+class Deduplicator:
+    """Drops exact copies of a SIP datagram seen again within ``window`` seconds.
+
+    A SPAN port that mirrors both ingress and egress delivers every packet twice. SIP's
+    own retransmissions come at least T1/2 = 250 ms apart (RFC 3261 §17.1.1.2), so a short
+    window only ever catches mirror copies. Exact: the key holds the payload itself (a dict
+    compares on hash collision), never a lossy digest.
+    """
+
+    def __init__(self, window: float = DUP_WINDOW) -> None:
+        self.window = window
+        self._seen: dict[tuple[bytes, int, bytes, int, bytes], float] = {}
+        self._order: deque[tuple[float, tuple[bytes, int, bytes, int, bytes]]] = deque()
+
+    def duplicate(self, d: Datagram) -> bool:
+        if self.window <= 0:
+            return False
+        key = (d.src, d.sport, d.dst, d.dport, d.payload)
+        seen = self._seen.get(key)
+        if seen is not None and d.ts - seen <= self.window:
+            return True
+        self._seen[key] = d.ts
+        self._order.append((d.ts, key))
+        if len(self._order) > 4096:
+            self.advance(d.ts)
+        return False
+
+    def advance(self, now: float) -> None:
+        order, seen = self._order, self._seen
+        while order and now - order[0][0] > self.window:
+            ts, key = order.popleft()
+            if seen.get(key) == ts:
+                del seen[key]
+
+
 class CaptureStage:
     """Frames in; SIP candidates (``Datagram``s whose payload looks like SIP) and anomalies out."""
 
-    def __init__(self, counters: Counters | None = None) -> None:
+    def __init__(self, counters: Counters | None = None, dup_window: float = DUP_WINDOW) -> None:
         self.counters = counters or Counters()
         self.frags = FragmentReassembler()
+        self.tcp = TcpReassembler(self.counters)
+        self.sctp = SctpReassembler()
+        self.dedup = Deduplicator(dup_window)
         self._next_advance = 0.0
 
     def feed(self, frame: Frame) -> list[Datagram | Anomaly]:
@@ -74,13 +92,14 @@ class CaptureStage:
         c.bytes += len(frame.data)
         out: list[Datagram | Anomaly] = []
         if frame.ts >= self._next_advance:
-            self._next_advance = frame.ts + ADVANCE_EVERY
-            if self.frags.pending:
-                self._note(out, self.frags.advance(frame.ts))
+            self._advance(frame.ts, out)
         item = dec.decode(frame)
         if item.__class__ is Datagram:
             if item.transport is _UDP and looks_like_sip(item.payload):  # type: ignore[union-attr]
-                out.append(item)  # type: ignore[arg-type]
+                if self.dedup.duplicate(item):  # type: ignore[arg-type]
+                    c.duplicates += 1
+                else:
+                    out.append(item)  # type: ignore[arg-type]
             else:
                 self._datagram(item, out)  # type: ignore[arg-type]
         elif item is None:
@@ -114,17 +133,40 @@ class CaptureStage:
 
     def _datagram(self, d: Datagram, out: list[Datagram | Anomaly]) -> None:
         c = self.counters
-        if d.transport is not Transport.UDP:
-            # TCP/SCTP reassembly is the next stage to be built; counted, not guessed at.
-            c.skipped[f"{d.transport.value.lower()}_not_reassembled"] += 1
+        t = d.transport
+        if t is Transport.TCP:
+            self._stream(self.tcp.feed(d), out)
+            return
+        if t is Transport.SCTP:
+            self._stream(self.sctp.feed(d), out)
             return
         payload = d.payload
-        if sip.looks_like_sip(payload):
-            out.append(d)
+        if looks_like_sip(payload):
+            if self.dedup.duplicate(d):
+                c.duplicates += 1
+            else:
+                out.append(d)
         elif sip.is_keepalive(payload):
             c.keepalives += 1
         else:
             c.skipped["udp_not_sip"] += 1
+
+    def _stream(self, items: list[Datagram | Anomaly], out: list[Datagram | Anomaly]) -> None:
+        for item in items:
+            if item.__class__ is Datagram:
+                out.append(item)
+            else:
+                self._note(out, (item,))  # type: ignore[arg-type]
+
+    def _advance(self, now: float, out: list[Datagram | Anomaly]) -> None:
+        """Fire the timers of the stateful stages (packet time)."""
+        self._next_advance = now + ADVANCE_EVERY
+        if self.frags.pending:
+            self._note(out, self.frags.advance(now))
+        if self.tcp.streams:
+            self._stream(self.tcp.advance(now), out)
+        self._note(out, self.sctp.advance(now))
+        self.dedup.advance(now)
 
     def _note(self, out: list[Datagram | Anomaly], items: tuple[Anomaly, ...] | list[Anomaly]) -> None:
         for a in items:
@@ -134,6 +176,8 @@ class CaptureStage:
     def finish(self) -> list[Datagram | Anomaly]:
         out: list[Datagram | Anomaly] = []
         self._note(out, self.frags.finish())
+        self._stream(self.tcp.finish(), out)
+        self._note(out, self.sctp.finish())
         return out
 
 

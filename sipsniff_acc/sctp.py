@@ -1,0 +1,101 @@
+"""SCTP DATA chunks (RFC 9260 §3.3.1) to SIP messages (RFC 4168: one SIP message per user message).
+
+A packet may bundle several chunks; a user message may be fragmented over several DATA
+chunks (B/E flags, consecutive TSNs). Retransmitted chunks (same TSN) are recognised and
+dropped. Pure and bounded.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from typing import Final
+
+from sipsniff_acc.events import Anomaly, Datagram, Transport
+
+_CHUNK = struct.Struct("!BBH").unpack_from
+_DATA = struct.Struct("!IHHI").unpack_from
+
+SEEN_TSNS: Final = 4096  #: recent TSNs remembered per direction to drop retransmissions
+MAX_PARTIAL: Final = 1024  #: fragmented user messages in progress, over all associations
+FRAGMENT_TIMEOUT: Final = 30.0  #: seconds (packet time) a fragmented user message may take
+
+
+class SctpReassembler:
+    def __init__(self) -> None:
+        self._seen: dict[tuple[bytes, int, bytes, int], tuple[set[int], deque[int]]] = {}
+        self._partial: dict[tuple[object, ...], tuple[float, dict[int, tuple[int, bytes]]]] = {}
+        self.retransmitted = 0
+
+    def feed(self, pkt: Datagram) -> list[Datagram | Anomaly]:
+        data = pkt.payload
+        out: list[Datagram | Anomaly] = []
+        if len(data) < 12:
+            return [Anomaly("sctp_truncated", pkt.ts, pkt.no, "common header", pkt.source)]
+        key = (pkt.src, pkt.sport, pkt.dst, pkt.dport)
+        at = 12
+        while at + 4 <= len(data):
+            ctype, flags, length = _CHUNK(data, at)
+            if length < 4 or at + length > len(data):
+                out.append(Anomaly("sctp_truncated", pkt.ts, pkt.no, f"chunk type {ctype} length {length}", pkt.source))
+                break
+            if ctype == 0 and length >= 16:
+                tsn, sid, ssn, _ppid = _DATA(data, at + 4)
+                if self._duplicate(key, tsn):
+                    self.retransmitted += 1
+                else:
+                    self._data(pkt, key, flags, tsn, sid, ssn, data[at + 16 : at + length], out)
+            at += length + (-length % 4)
+        return out
+
+    def _duplicate(self, key: tuple[bytes, int, bytes, int], tsn: int) -> bool:
+        entry = self._seen.get(key)
+        if entry is None:
+            entry = self._seen[key] = (set(), deque())
+        seen, order = entry
+        if tsn in seen:
+            return True
+        seen.add(tsn)
+        order.append(tsn)
+        if len(order) > SEEN_TSNS:
+            seen.discard(order.popleft())
+        return False
+
+    def _data(self, pkt: Datagram, key: tuple[bytes, int, bytes, int], flags: int, tsn: int, sid: int, ssn: int,
+              user: bytes, out: list[Datagram | Anomaly]) -> None:
+        if flags & 0x03 == 0x03:  # B and E: the whole user message in one chunk
+            out.append(Datagram(pkt.ts, pkt.no, Transport.SCTP, pkt.src, pkt.sport, pkt.dst, pkt.dport,
+                                user, pkt.encap, pkt.source))
+            return
+        pkey = (key, sid, ssn if not flags & 0x04 else None)
+        entry = self._partial.get(pkey)
+        if entry is None:
+            while len(self._partial) >= MAX_PARTIAL:
+                self._partial.pop(next(iter(self._partial)))
+                out.append(Anomaly("sctp_incomplete_message", pkt.ts, pkt.no, "evicted", pkt.source))
+            entry = self._partial[pkey] = (pkt.ts, {})
+        parts = entry[1]
+        parts[tsn] = (flags, user)
+        first = next((t for t, (f, _) in parts.items() if f & 0x02), None)
+        last = next((t for t, (f, _) in parts.items() if f & 0x01), None)
+        if first is None or last is None:
+            return
+        n = (last - first) & 0xFFFFFFFF
+        tsns = [(first + i) & 0xFFFFFFFF for i in range(n + 1)]
+        if all(t in parts for t in tsns):
+            del self._partial[pkey]
+            out.append(Datagram(pkt.ts, pkt.no, Transport.SCTP, pkt.src, pkt.sport, pkt.dst, pkt.dport,
+                                b"".join(parts[t][1] for t in tsns), pkt.encap, pkt.source))
+
+    def advance(self, now: float) -> list[Anomaly]:
+        out: list[Anomaly] = []
+        for pkey, (since, _) in list(self._partial.items()):
+            if now - since > FRAGMENT_TIMEOUT:
+                del self._partial[pkey]
+                out.append(Anomaly("sctp_incomplete_message", now, 0, "timed out"))
+        return out
+
+    def finish(self) -> list[Anomaly]:
+        out = [Anomaly("sctp_incomplete_message", since, 0, "end of input") for since, _ in self._partial.values()]
+        self._partial.clear()
+        return out
