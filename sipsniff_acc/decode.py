@@ -7,8 +7,9 @@ perf-notes measured that runtime at a third of a plain reader's speed).
 Supported: Ethernet, 802.1Q / 802.1ad / QinQ, PPPoE session, MPLS, Linux SLL and SLL2,
 raw IP, BSD null/loopback; IPv4, IPv6 with extension headers; IP fragments (handed to
 ``ipfrag``); UDP; and the tunnels a SPAN or mirror setup wraps traffic in: IP-in-IP
-(4in4, 6in4, 4in6, 6in6), GRE, ERSPAN I/II/III, VXLAN. TCP and SCTP payloads are passed
-on tagged with their transport for the reassembly stage.
+(4in4, 6in4, 4in6, 6in6), GRE (with transparent Ethernet bridging), ERSPAN I/II/III,
+VXLAN, TZSP. TCP and SCTP packets are passed on whole, tagged with their transport, for the
+reassembly stages (``tcpstream``, ``sctp``).
 
 Pure: ``decode(frame)`` has no state. Malformed headers become an ``Anomaly``; a frame
 that carries no IP (ARP, STP, LLDP...) returns ``None`` and is counted as skipped.
@@ -36,6 +37,8 @@ ETH_TEB: Final = 0x6558  # transparent Ethernet bridging (GRE, NVGRE)
 GRE_ERSPAN2: Final = 0x88BE  # ERSPAN type I (no sequence bit) or II
 GRE_ERSPAN3: Final = 0x22EB
 VXLAN_PORT: Final = 4789
+TZSP_PORT: Final = 37008  #: MikroTik's "TaZmen Sniffer Protocol" packet streaming
+_TUNNEL_PORTS: Final = frozenset((VXLAN_PORT, TZSP_PORT))
 MAX_NESTING: Final = 8  #: tunnels inside tunnels deeper than this are a loop or garbage
 
 LINKTYPE_NULL: Final = 0
@@ -89,7 +92,7 @@ def decode(frame: Frame) -> Decoded:
     ):
         total, = _U16(data, 16)
         sport, dport, ulen = _UDP(data, 34)
-        if 28 <= total <= len(data) - 14 and 8 <= ulen <= total - 20 and dport != VXLAN_PORT:
+        if 28 <= total <= len(data) - 14 and 8 <= ulen <= total - 20 and dport not in _TUNNEL_PORTS:
             return Datagram(
                 frame.ts, frame.no, Transport.UDP, data[26:30], sport, data[30:34], dport,
                 data[42 : 34 + ulen], _ENCAP_ETH_IP4, frame.source,
@@ -246,6 +249,8 @@ def transport(
             end = off + ulen  # trims Ethernet padding; ulen 0 (jumbo) or too large: take what IP says
         if dport == VXLAN_PORT and end - off >= 16 and data[off + 8] & 0x08:
             return _nested(_ethernet, data, off + 16, frame, encap + ("udp", "vxlan"))
+        if dport == TZSP_PORT and end - off >= 13 and data[off + 8] == 1:
+            return _tzsp(data, off + 8, end, frame, encap)
         return Datagram(
             frame.ts, frame.no, Transport.UDP, src, sport, dst, dport,
             data[off + 8 : end], encap, frame.source,
@@ -298,3 +303,24 @@ def _gre(data: bytes, off: int, end: int, frame: Frame, encap: tuple[str, ...]) 
         extra = 8 if data[off + 11] & 0x01 else 0  # O bit: platform-specific subheader follows
         return _nested(_ethernet, data, off + 12 + extra, frame, encap + ("erspan3",))
     return None
+
+
+def _tzsp(data: bytes, off: int, end: int, frame: Frame, encap: tuple[str, ...]) -> Decoded:
+    """TZSP: version 1, type, encapsulation (1 = Ethernet), tagged fields up to END (tag 1)."""
+    if _U16(data, off + 2)[0] != 1:
+        return None
+    at = off + 4
+    while at < end:  # bounded: every step moves forward
+        tag = data[at]
+        if tag == 1:
+            at += 1
+            break
+        if tag == 0:
+            at += 1
+            continue
+        if at + 1 >= end:
+            break
+        at += 2 + data[at + 1]
+    else:
+        raise DecodeError("tunnel_truncated", "TZSP tags without END")
+    return _nested(_ethernet, data[:end], at, frame, encap + ("udp", "tzsp"))

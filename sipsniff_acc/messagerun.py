@@ -27,7 +27,10 @@ def _candidates(frames: Iterable[Frame], capture: CaptureStage) -> Iterator[Cand
             if d.__class__ is Datagram:
                 yield (d.ts, d.no, d.transport.value, d.src, d.sport, d.dst, d.dport,  # type: ignore[union-attr]
                        d.payload, d.encap, d.source)  # type: ignore[union-attr]
-    capture.finish()
+    for d in capture.finish():  # messages that only end of input completes (TCP after a gap)
+        if d.__class__ is Datagram:
+            yield (d.ts, d.no, d.transport.value, d.src, d.sport, d.dst, d.dport,  # type: ignore[union-attr]
+                   d.payload, d.encap, d.source)  # type: ignore[union-attr]
 
 
 def _format_batch(fmt: Formatter) -> Callable[[list[Candidate]], tuple[str, dict[str, object]]]:
@@ -52,16 +55,11 @@ def message_text(frames: Iterable[Frame], fmt: Formatter, workers: int, counters
     """Chunks of output text for every SIP message in ``frames``, in capture order."""
     capture = CaptureStage(counters)
     if workers <= 0:
-        parser = SipParser(counters)
-        pfeed = parser.feed
-        cfeed = capture.feed
-        for frame in frames:
-            for d in cfeed(frame):
-                if d.__class__ is Datagram:
-                    for item in pfeed(d):  # type: ignore[arg-type]
-                        if item.__class__ is SipMessage:
-                            yield fmt(item)  # type: ignore[arg-type]
-        capture.finish()
+        parse = SipParser(counters).parse
+        for c in _candidates(frames, capture):
+            for item in parse(*c):
+                if item.__class__ is SipMessage:
+                    yield fmt(item)  # type: ignore[arg-type]
         return
     for text, delta in ordered_map(batched(_candidates(frames, capture)), _format_batch(fmt), workers):
         counters.sip_messages += delta["sip_messages"]  # type: ignore[operator]

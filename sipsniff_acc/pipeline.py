@@ -244,4 +244,10 @@ class MessagePipeline:
         return out
 
     def finish(self) -> list[sip.SipMessage | Anomaly]:
-        return list(self.capture.finish())  # type: ignore[arg-type]
+        out: list[sip.SipMessage | Anomaly] = []
+        for item in self.capture.finish():
+            if item.__class__ is Datagram:
+                out.extend(self.parser.feed(item))  # type: ignore[arg-type]
+            else:
+                out.append(item)  # type: ignore[arg-type]
+        return out

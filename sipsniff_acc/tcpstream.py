@@ -60,7 +60,7 @@ class _Direction:
     def __init__(self) -> None:
         self.next_seq: int | None = None
         self.buf = bytearray()
-        self.ooo: dict[int, tuple[bytes, float, int]] = {}  # seq -> (data, ts, frame)
+        self.ooo: dict[int, tuple[bytes, Datagram]] = {}  # seq -> (data, the segment that brought it)
         self.ooo_since = 0.0
         self.mode = Mode.UNKNOWN
         self.last_ts = 0.0
@@ -132,7 +132,6 @@ class TcpReassembler:
             st.fin = True
             if st.ooo:
                 self._close_gap(st, seg, out)
-                self._frame(st, seg, out)
             self._drop(key, st, seg, out, "closed")
         return out
 
@@ -157,7 +156,7 @@ class TcpReassembler:
                 st.ooo_since = seg.ts
             if seq not in st.ooo or len(st.ooo[seq][0]) < len(payload):
                 self._held += len(payload) - (len(st.ooo[seq][0]) if seq in st.ooo else 0)
-                st.ooo[seq] = (payload, seg.ts, seg.no)
+                st.ooo[seq] = (payload, seg)
             if seg.ts - st.ooo_since > GAP_WAIT or sum(len(v[0]) for v in st.ooo.values()) > MAX_STREAM_BUFFER:
                 self._close_gap(st, seg, out)
             return
@@ -167,23 +166,28 @@ class TcpReassembler:
         if st.ooo:
             self._drain_ooo(st)
 
-    def _drain_ooo(self, st: _Direction) -> None:
-        assert st.next_seq is not None
-        progress = True
-        while st.ooo and progress:
-            progress = False
-            for s in sorted(st.ooo, key=lambda x: _after(x, st.next_seq)):  # type: ignore[arg-type]
-                data, _, _ = st.ooo[s]
-                d = _after(s, st.next_seq)  # type: ignore[arg-type]
-                if d > 0:
-                    break
-                del st.ooo[s]
-                self._held -= len(data)
-                if -d < len(data):
-                    st.buf += data[-d:]
-                    self._held += len(data) + d
-                    st.next_seq = (st.next_seq + len(data) + d) & 0xFFFFFFFF  # type: ignore[operator]
-                progress = True
+    def _drain_ooo(self, st: _Direction, out: list[Datagram | Anomaly] | None = None) -> None:
+        """Move held segments that now continue the stream into the buffer.
+
+        With ``out``, frame after each piece with the piece's own segment: after a declared
+        gap, each held segment completes the messages it completes, at its own time.
+        """
+        while st.ooo:
+            nxt = st.next_seq
+            assert nxt is not None
+            s = min(st.ooo, key=lambda x: _after(x, nxt))
+            d = _after(s, nxt)
+            if d > 0:
+                return
+            data, pseg = st.ooo.pop(s)
+            self._held -= len(data)
+            if -d < len(data):
+                piece = data[-d:]
+                st.buf += piece
+                self._held += len(piece)
+                st.next_seq = (nxt + len(piece)) & 0xFFFFFFFF
+                if out is not None:
+                    self._frame(st, pseg, out)
 
     def _close_gap(self, st: _Direction, seg: Datagram, out: list[Datagram | Anomaly]) -> None:
         """Declare the hole lost: drop the partial message before it and resync after it."""
@@ -192,13 +196,15 @@ class TcpReassembler:
         out.append(Anomaly("tcp_gap", seg.ts, seg.no, f"{missing} bytes never seen", seg.source))
         if st.mode is Mode.SIP:
             self._frame(st, seg, out)  # complete messages before the hole still count
+        if st.buf:
+            self._skip("tcp_gap_discarded_bytes", len(st.buf))
         self._held -= len(st.buf)
         st.buf.clear()
         st.next_seq = first
         st.resync = True
         if st.ws is not None:
             st.ws.reset()
-        self._drain_ooo(st)
+        self._drain_ooo(st, out)
 
     def _frame(self, st: _Direction, seg: Datagram, out: list[Datagram | Anomaly]) -> None:
         buf = st.buf
@@ -217,6 +223,7 @@ class TcpReassembler:
     def _identify(self, st: _Direction, seg: Datagram) -> None:
         """Decide what a direction carries from its first bytes; stays UNKNOWN until it can tell."""
         buf = st.buf
+        self._strip_keepalives(buf)
         if not buf:
             return
         if len(buf) >= 3 and buf[0] in _TLS_RECORDS and buf[1] == 3 and buf[2] <= 4:  # a TLS record header
@@ -262,11 +269,8 @@ class TcpReassembler:
     def _frame_sip(self, st: _Direction, seg: Datagram, out: list[Datagram | Anomaly]) -> None:
         buf = st.buf
         while buf:
-            # keep-alives: "\r\n\r\n" ping and "\r\n" pong between messages
             if buf[0] == 0x0D or buf[0] == 0x0A:
-                n = len(buf) - len(buf.lstrip(b"\r\n"))
-                self.counters.keepalives += buf[:n].count(b"\r\n\r\n") or 1
-                del buf[:n]
+                self._strip_keepalives(buf)
                 continue
             if st.resync or not _is_start(buf):
                 m = _START.search(buf)
@@ -312,6 +316,13 @@ class TcpReassembler:
             del buf[:total]
             st.junk = 0
 
+    def _strip_keepalives(self, buf: bytearray) -> None:
+        """RFC 5626 keep-alives between messages: "\\r\\n\\r\\n" ping, "\\r\\n" pong."""
+        n = len(buf) - len(buf.lstrip(b"\r\n"))
+        if n:
+            self.counters.keepalives += buf[:n].count(b"\r\n\r\n") + (n % 4 == 2)
+            del buf[:n]
+
     def _junk(self, st: _Direction, n: int) -> None:
         st.junk += n
         self._skip("tcp_not_sip_bytes", n)
@@ -354,7 +365,6 @@ class TcpReassembler:
             if st.ooo and now - st.ooo_since > GAP_WAIT:
                 seg = Datagram(now, 0, Transport.TCP, key[0], key[1], key[2], key[3], b"", (), "")
                 self._close_gap(st, seg, out)
-                self._frame(st, seg, out)
             if now - st.last_ts > IDLE_TIMEOUT:
                 seg = Datagram(now, 0, Transport.TCP, key[0], key[1], key[2], key[3], b"", (), "")
                 self._drop(key, st, seg, out, "idle")
@@ -366,7 +376,6 @@ class TcpReassembler:
             seg = Datagram(st.last_ts, 0, Transport.TCP, key[0], key[1], key[2], key[3], b"", (), "")
             if st.ooo:
                 self._close_gap(st, seg, out)
-                self._frame(st, seg, out)
             self._drop(key, st, seg, out, "end of input")
         return out
 

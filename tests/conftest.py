@@ -59,6 +59,18 @@ def _find(node: object, key: str) -> str | None:
     return None
 
 
+def _keep_repeats(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """tshark's JSON repeats the "sip" key when a frame holds several messages: keep them all."""
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k == "sip" and k in out:
+            prev = out[k]
+            out[k] = (prev if isinstance(prev, list) else [prev]) + [v]
+        else:
+            out[k] = v
+    return out
+
+
 def tshark_sip_keys(path: Path, extra: tuple[str, ...] = ()) -> set[Key]:
     """(Call-ID, CSeq number, CSeq method, method-or-status) of every SIP message tshark dissects.
 
@@ -68,9 +80,9 @@ def tshark_sip_keys(path: Path, extra: tuple[str, ...] = ()) -> set[Key]:
     cmd = [tshark, "-n", "-r", str(path), *extra, "-Y", "sip", "-T", "json", "-J", "sip"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
     keys: set[Key] = set()
-    for pkt in json.loads(res.stdout or "[]"):
+    for pkt in json.loads(res.stdout or "[]", object_pairs_hook=_keep_repeats):
         layer = pkt["_source"]["layers"].get("sip", [])
-        for msg in layer if isinstance(layer, list) else [layer]:
+        for msg in layer if isinstance(layer, list) and layer and isinstance(layer[0], dict) else [layer]:
             seq = _find(msg, "sip.CSeq.seq")
             what = _find(msg, "sip.Method") or _find(msg, "sip.Status-Code") or ""
             keys.add((

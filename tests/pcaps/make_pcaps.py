@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from scapy.all import (  # type: ignore[import-untyped]
-    IP, UDP, CookedLinux, CookedLinuxV2, Dot1AD, Dot1Q, Ether, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
+    GRE, IP, SCTP, TCP, UDP, SCTPChunkData, SCTPChunkSACK, CookedLinux, CookedLinuxV2, Dot1AD, Dot1Q, Ether, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
     IPv6ExtHdrHopByHop, Loopback, Raw, fragment, fragment6, wrpcap,
 )
 
@@ -72,11 +72,12 @@ class Case:
         self.t += 0.01
         return self.t
 
-    def expect(self, facts: dict[str, object], src: str, sport: int, dst: str, dport: int, encap: str) -> None:
+    def expect(self, facts: dict[str, object], src: str, sport: int, dst: str, dport: int, encap: str,
+               transport: str = "UDP") -> None:
         row = {k: v for k, v in facts.items() if k not in ("to_uac", "i")}
         if facts["to_uac"]:
             src, sport, dst, dport = dst, dport, src, sport
-        row.update(src=src, sport=sport, dst=dst, dport=dport, encap=encap)
+        row.update(src=src, sport=sport, dst=dst, dport=dport, encap=encap, transport=transport)
         self.expected.append(row)
 
     def write_expected(self) -> None:
@@ -166,7 +167,8 @@ def garbage() -> None:
         c.packets.append(eth(IP(src=src, dst=dst) / UDP(sport=5060, dport=5060) / Raw(raw)))
         c.expect(facts, A4, 5060, B4, 5060, "eth/ip4")
     c.expected.insert(0, dict(method="INVITE", status=None, cseq=None, cseq_method="", from_tag=None, to_tag=None,
-                              branch=None, call_id=None, src=A4, sport=5060, dst=B4, dport=5060, encap="eth/ip4"))
+                              branch=None, call_id=None, src=A4, sport=5060, dst=B4, dport=5060, encap="eth/ip4",
+                              transport="UDP"))
     c.anomalies.update(sip_missing_call_id=1, sip_missing_cseq=1, sip_missing_via=1, sip_bad_start_line=1,
                        link_truncated=1, ip_truncated=1, ip_bad_header=1)
     c.skipped.update(not_ip_or_unsupported=1, udp_not_sip=1)
@@ -226,6 +228,220 @@ def nanosecond_gz() -> None:
     c.write_expected()
 
 
+class TcpConn:
+    """Both directions of one TCP connection between A (client) and B (server)."""
+
+    def __init__(self, c: Case, v6: bool = False) -> None:
+        self.c = c
+        self.a, self.b = (A6, B6) if v6 else (A4, B4)
+        self.v6 = v6
+        self.seq = {True: 1000, False: 5000}  # True: A -> B
+
+    def seg(self, to_b: bool, data: bytes = b"", flags: str = "PA", seq: int | None = None) -> object:
+        src, dst = (self.a, self.b) if to_b else (self.b, self.a)
+        sport, dport = (40000, 5060) if to_b else (5060, 40000)
+        s = self.seq[to_b] if seq is None else seq
+        ip = IPv6(src=src, dst=dst) if self.v6 else IP(src=src, dst=dst)
+        pkt = Ether(src=MAC_A, dst=MAC_B) / ip / TCP(sport=sport, dport=dport, seq=s, ack=self.seq[not to_b],
+                                                     flags=flags) / Raw(data)
+        if seq is None:
+            self.seq[to_b] = s + len(data) + (1 if "S" in flags or "F" in flags else 0)
+        return pkt
+
+    def handshake(self) -> list[object]:
+        return [self.seg(True, flags="S"), self.seg(False, flags="SA"), self.seg(True, flags="A")]
+
+
+def tcp_cases() -> None:
+    """TCP framing: each case is one call whose six messages travel on one connection."""
+    def case(name: str, shape) -> None:  # type: ignore[no-untyped-def]
+        c = Case(name)
+        conn = TcpConn(c)
+        msgs = call(f"{name}-call@golden")
+        c.packets.extend(conn.handshake())
+        shape(c, conn, msgs)
+        c.write()
+
+    def expect_all(c: Case, msgs, skip: int = 0) -> None:  # type: ignore[no-untyped-def]
+        for _raw, facts in msgs[skip:]:
+            c.expect(facts, A4, 40000, B4, 5060, "eth/ip4", "TCP")
+
+    def split3(c: Case, conn: TcpConn, msgs) -> None:  # type: ignore[no-untyped-def]
+        for raw, facts in msgs:
+            to_b = not facts["to_uac"]
+            if facts["i"] == 0:  # the INVITE in three segments
+                for a, b in ((0, 100), (100, 400), (400, len(raw))):
+                    c.packets.append(conn.seg(to_b, raw[a:b]))
+            else:
+                c.packets.append(conn.seg(to_b, raw))
+        expect_all(c, msgs)
+
+    def coalesced(c: Case, conn: TcpConn, msgs) -> None:  # type: ignore[no-untyped-def]
+        c.packets.append(conn.seg(True, msgs[0][0]))
+        c.packets.append(conn.seg(False, msgs[1][0] + msgs[2][0] + b"\r\n\r\n"))  # 100, 200 and a ping together
+        c.packets.append(conn.seg(True, msgs[3][0] + msgs[4][0]))  # ACK and BYE together
+        c.packets.append(conn.seg(False, msgs[5][0]))
+        expect_all(c, msgs)
+
+    def out_of_order(c: Case, conn: TcpConn, msgs) -> None:  # type: ignore[no-untyped-def]
+        raw = msgs[0][0]
+        p1, p2, p3 = conn.seg(True, raw[:200]), conn.seg(True, raw[200:500]), conn.seg(True, raw[500:])
+        c.packets.extend([p1, p3, p2])
+        for raw, facts in msgs[1:]:
+            c.packets.append(conn.seg(not facts["to_uac"], raw))
+        expect_all(c, msgs)
+
+    def retransmitted(c: Case, conn: TcpConn, msgs) -> None:  # type: ignore[no-untyped-def]
+        raw = msgs[0][0]
+        start = conn.seq[True]
+        third = len(raw) // 3
+        c.packets.append(conn.seg(True, raw[:third]))
+        c.packets.append(conn.seg(True, raw[:third], seq=start))  # a plain retransmission
+        c.packets.append(conn.seg(True, raw[third // 2 : 2 * third], seq=start + third // 2))  # half old, half new
+        conn.seq[True] = start + 2 * third
+        c.packets.append(conn.seg(True, raw[2 * third :]))
+        for raw2, facts in msgs[1:]:
+            p = conn.seg(not facts["to_uac"], raw2)
+            c.packets.append(p)
+            if facts["i"] == 2:
+                c.packets.append(p.copy())  # the 200 OK retransmitted whole
+        expect_all(c, msgs)
+        c.skipped["tcp_retransmitted_segments"] = 2
+
+    def keepalives(c: Case, conn: TcpConn, msgs) -> None:  # type: ignore[no-untyped-def]
+        c.packets.append(conn.seg(True, b"\r\n\r\n"))
+        c.packets.append(conn.seg(False, b"\r\n"))
+        for raw, facts in msgs:
+            c.packets.append(conn.seg(not facts["to_uac"], raw))
+            if facts["i"] == 3:
+                c.packets.append(conn.seg(True, b"\r\n\r\n"))
+        expect_all(c, msgs)
+
+    def mid_stream(c: Case, conn: TcpConn, msgs) -> None:  # type: ignore[no-untyped-def]
+        c.packets.clear()  # no handshake: the capture starts inside the INVITE
+        raw = msgs[0][0]
+        conn.seq[True] += 300
+        c.packets.append(conn.seg(True, raw[300:]))
+        for raw2, facts in msgs[1:]:
+            c.packets.append(conn.seg(not facts["to_uac"], raw2))
+        expect_all(c, msgs, skip=1)
+        c.skipped["tcp_not_sip_bytes"] = len(raw) - 300
+
+    def lost(c: Case, conn: TcpConn, msgs) -> None:  # type: ignore[no-untyped-def]
+        raw = msgs[0][0]
+        c.packets.append(conn.seg(True, raw[:100]))
+        conn.seq[True] += 150  # raw[100:250] never captured
+        c.packets.append(conn.seg(True, raw[250:]))
+        for raw2, facts in msgs[1:]:
+            c.packets.append(conn.seg(not facts["to_uac"], raw2))
+        expect_all(c, msgs, skip=1)
+        c.anomalies["tcp_gap"] = 1
+        c.skipped["tcp_gap_discarded_bytes"] = 100  # the INVITE's head, before the hole
+        c.skipped["tcp_not_sip_bytes"] = len(raw) - 250  # its tail, after the hole: resync skips it
+
+    for name, shape in (("tcp_split", split3), ("tcp_coalesced", coalesced), ("tcp_outoforder", out_of_order),
+                        ("tcp_retransmit", retransmitted), ("tcp_keepalive", keepalives),
+                        ("tcp_midstream", mid_stream), ("tcp_lost", lost)):
+        case(name, shape)
+
+
+def ws_frame(payload: bytes, opcode: int = 1, fin: bool = True, mask: bytes | None = None) -> bytes:
+    b0 = (0x80 if fin else 0) | opcode
+    n = len(payload)
+    head = bytes([b0]) + (bytes([(0x80 if mask else 0) | n]) if n < 126 else
+                          bytes([(0x80 if mask else 0) | 126]) + struct.pack("!H", n))
+    if mask:
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        return head + mask + payload
+    return head + payload
+
+
+def websocket() -> None:
+    """RFC 7118: HTTP upgrade, masked client frames, a message in two frames, a ping."""
+    c = Case("websocket")
+    conn = TcpConn(c)
+    c.packets.extend(conn.handshake())
+    c.packets.append(conn.seg(True, b"GET / HTTP/1.1\r\nHost: b\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                                   b"Sec-WebSocket-Protocol: sip\r\nSec-WebSocket-Version: 13\r\n\r\n"))
+    c.packets.append(conn.seg(False, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                    b"Connection: Upgrade\r\nSec-WebSocket-Protocol: sip\r\n\r\n"))
+    for raw, facts in call("websocket-call@golden"):
+        to_b = not facts["to_uac"]
+        mask = b"\x11\x22\x33\x44" if to_b else None
+        if facts["i"] == 0:  # INVITE in two frames, a ping between them
+            c.packets.append(conn.seg(to_b, ws_frame(raw[:150], 1, False, mask) + ws_frame(b"", 9, True, mask)))
+            c.packets.append(conn.seg(to_b, ws_frame(raw[150:], 0, True, mask)))
+        else:
+            c.packets.append(conn.seg(to_b, ws_frame(raw, 1, True, mask)))
+        c.expect(facts, A4, 40000, B4, 5060, "eth/ip4", "WS")
+    c.write()
+
+
+def sctp() -> None:
+    """Two DATA chunks in one packet, a user message in two chunks, a retransmitted chunk."""
+    c = Case("sctp")
+    msgs = call("sctp-call@golden")
+    tsn = {True: 100, False: 900}
+    ssn = {True: 0, False: 0}  # per user message, the same on all its fragments
+
+    def chunk(to_b: bool, data: bytes, flags: int = 3) -> object:
+        ch = SCTPChunkData(tsn=tsn[to_b], stream_id=0, stream_seq=ssn[to_b], proto_id=0,
+                           beginning=bool(flags & 2), ending=bool(flags & 1), data=data)
+        tsn[to_b] += 1
+        if flags & 1:
+            ssn[to_b] += 1
+        return ch
+
+    def pkt(to_b: bool, *chunks: object) -> object:
+        src, dst = (A4, B4) if to_b else (B4, A4)
+        p = IP(src=src, dst=dst) / SCTP(sport=5060 if not to_b else 40000, dport=40000 if not to_b else 5060, tag=1)
+        for ch in chunks:
+            p = p / ch
+        return Ether(src=MAC_A, dst=MAC_B) / p
+
+    inv = msgs[0][0]
+    c.packets.append(pkt(True, chunk(True, inv[:300], 2)))
+    c.packets.append(pkt(True, chunk(True, inv[300:], 1)))
+    c.packets.append(pkt(False, chunk(False, msgs[1][0]), chunk(False, msgs[2][0])))
+    ack = chunk(True, msgs[3][0])
+    c.packets.append(pkt(True, ack))
+    c.packets.append(pkt(True, ack.copy(), SCTPChunkSACK()))  # the ACK chunk retransmitted with a SACK
+    c.packets.append(pkt(True, chunk(True, msgs[4][0])))
+    c.packets.append(pkt(False, chunk(False, msgs[5][0])))
+    for _raw, facts in msgs:
+        c.expect(facts, A4, 40000, B4, 5060, "eth/ip4", "SCTP")
+    c.write()
+
+
+def tunnels() -> None:
+    """One call per tunnel kind a mirror setup uses."""
+    outer = lambda p, proto=17: Ether(src=MAC_A, dst=MAC_B) / IP(src="203.0.113.1", dst="203.0.113.2",  # noqa: E731
+                                                                 proto=proto) / p
+    erspan2 = (struct.pack("!HHI", 0x1000, 0x88BE, 7), b"\x10\x00\x00\x01\x00\x00\x00\x00")
+    def gre_raw(proto_hdr: bytes, extra: bytes = b""):  # type: ignore[no-untyped-def]
+        return lambda p: outer(Raw(proto_hdr + extra + bytes(Ether(src=MAC_A, dst=MAC_B) / p)), 47)
+    ipproto = lambda proto: (lambda p: Ether(src=MAC_A, dst=MAC_B) / IP(src="203.0.113.1", dst="203.0.113.2",  # noqa: E731
+                                                                       proto=proto) / p)
+    ip6outer = lambda p: Ether(src=MAC_A, dst=MAC_B) / IPv6(src="2001:db8:ffff::1", dst="2001:db8:ffff::2") / p  # noqa: E731
+    vx = lambda p: outer(UDP(sport=50000, dport=4789) / Raw(b"\x08\x00\x00\x00\x00\x00\x64\x00"  # noqa: E731
+                                                          + bytes(Ether(src=MAC_A, dst=MAC_B) / p)))
+    tz = lambda p: outer(UDP(sport=50000, dport=37008) / Raw(b"\x01\x00\x00\x01" + b"\x0a\x01\x05"  # noqa: E731
+                                                           + b"\x01" + bytes(Ether(src=MAC_A, dst=MAC_B) / p)))
+    mpls = lambda p: Ether(src=MAC_A, dst=MAC_B, type=0x8847) / Raw(struct.pack("!II", 16 << 12, (17 << 12) | 0x100)  # noqa: E731
+                                                                   + bytes(p))
+    simple("tun_gre", lambda p: outer(GRE(proto=0x0800) / p, 47), "eth/ip4/gre/ip4")
+    simple("tun_gre_teb", gre_raw(struct.pack("!HHI", 0x2000, 0x6558, 0)), "eth/ip4/gre/eth/ip4")
+    simple("tun_erspan2", gre_raw(*erspan2), "eth/ip4/gre/erspan2/eth/ip4")
+    simple("tun_erspan3", gre_raw(struct.pack("!HHI", 0x1000, 0x22EB, 7), b"\x20" + bytes(10) + b"\x01" + bytes(8)),
+           "eth/ip4/gre/erspan3/eth/ip4")
+    simple("tun_vxlan", vx, "eth/ip4/udp/vxlan/eth/ip4")
+    simple("tun_tzsp", tz, "eth/ip4/udp/tzsp/eth/ip4")
+    simple("tun_mpls", mpls, "eth/mpls/ip4")
+    simple("tun_4in4", ipproto(4), "eth/ip4/ip4")
+    simple("tun_6in4", ipproto(41), "eth/ip4/ip6", v6=True)
+    simple("tun_4in6", ip6outer, "eth/ip6/ip4")
+
+
 def main() -> None:
     eth = lambda p: Ether(src=MAC_A, dst=MAC_B) / p  # noqa: E731
     simple("vlan", lambda p: Ether(src=MAC_A, dst=MAC_B) / Dot1Q(vlan=100) / p, "eth/vlan:100/ip4")
@@ -245,6 +461,10 @@ def main() -> None:
     truncated()
     pcapng_two_links()
     nanosecond_gz()
+    tcp_cases()
+    websocket()
+    sctp()
+    tunnels()
 
 
 def _v6_ext(p):  # type: ignore[no-untyped-def]
