@@ -10,10 +10,11 @@ from hypothesis import strategies as st
 
 from sipsniff_acc import sip
 from sipsniff_acc.decode import decode
-from sipsniff_acc.events import Anomaly, Datagram, Fragment, Frame
+from sipsniff_acc.events import Anomaly, Datagram, Fragment, Frame, Transport
 from sipsniff_acc.ipfrag import FragmentReassembler, Reassembled
 from sipsniff_acc.pipeline import MessagePipeline
 from sipsniff_acc.sources import CaptureReader, SourceError
+from sipsniff_acc.tcpstream import TcpReassembler
 from tests.builders import SDP, ether, ip4_udp, pcap_bytes, sip_request, sip_response
 
 LINKTYPES = st.sampled_from([0, 1, 12, 101, 108, 113, 228, 229, 276, 147])
@@ -128,3 +129,34 @@ def test_any_file_bytes_read_or_fail_cleanly(tmp_path: Path, junk: bytes, cut: i
 def test_non_sip_udp_is_never_taken_for_sip(noise: bytes) -> None:
     assume(not noise.startswith(b"SIP/2.0 ") and b" SIP/2.0" not in noise)
     assert not sip.looks_like_sip(noise)
+
+
+def _tcp_seg(seq: int, data: bytes, flags: int, ts: float) -> Datagram:
+    hdr = bytes([0x9C, 0x40, 0x13, 0xC4]) + seq.to_bytes(4, "big") + bytes(4) + bytes([0x50, flags]) + bytes(6)
+    return Datagram(ts, 1, Transport.TCP, b"\x0a\0\0\1", 40000, b"\x0a\0\0\2", 5060, hdr + data, ())
+
+
+@settings(max_examples=200)
+@given(
+    n=st.integers(1, 4), cuts=st.lists(st.integers(1, 3000), max_size=12), seed=st.integers(0, 2**32),
+    dups=st.integers(0, 3), keepalive=st.booleans(),
+)
+def test_any_segmentation_and_reordering_of_a_tcp_stream(n: int, cuts: list[int], seed: int, dups: int,
+                                                         keepalive: bool) -> None:
+    """Any split into segments, any order after the SYN, retransmitted copies: the same messages."""
+    msgs = [sip_request("INVITE", call_id=f"c{i}", body=SDP) if i % 2 == 0 else sip_response(180, "Ringing",
+            call_id=f"c{i}") for i in range(n)]
+    stream = (b"\r\n\r\n" if keepalive else b"").join(msgs)
+    bounds = sorted({0, len(stream), *(c % len(stream) for c in cuts)})
+    pieces = [(100 + a, stream[a:b]) for a, b in zip(bounds, bounds[1:])]
+    rnd = random.Random(seed)
+    rnd.shuffle(pieces)
+    for _ in range(dups):
+        pieces.insert(rnd.randrange(len(pieces) + 1), rnd.choice(pieces))
+    r = TcpReassembler()
+    out = r.feed(_tcp_seg(99, b"", 0x02, 0.0))
+    for i, (seq, data) in enumerate(pieces):
+        out += r.feed(_tcp_seg(seq, data, 0x18, 0.001 * (i + 1)))
+    out += r.finish()
+    assert [d.payload for d in out if isinstance(d, Datagram)] == msgs
+    assert not [a for a in out if isinstance(a, Anomaly)]
