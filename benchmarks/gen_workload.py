@@ -181,7 +181,7 @@ class Workload:
         sdp_a = self.sdp(uac_ip)
         inv = self.msg(f"INVITE sip:{callee}@{DOMAIN} SIP/2.0", inv_hdrs, sdp_a, compact)
         a_out(t, inv)
-        if r.random() < 0.05:  # INVITE retransmission (Timer A, 500 ms)
+        if not tcp and r.random() < 0.05:  # INVITE retransmission (Timer A, 500 ms; none on reliable transports)
             a_out(t + 0.5, inv)
             self.stats["sip_messages"] += 1
         vias_a = via_a + br_a + f";received={uac_ip}"
@@ -250,7 +250,7 @@ class Workload:
             ("Via", via_a + br_bye_a), ("Route", f"<sip:{PROXY};lr>"), ("From", frm), ("To", to + f";tag={ttag}"),
             ("Call-ID", callid), ("CSeq", f"{cseq + 1} BYE"), ("User-Agent", ua)], compact=compact)
         a_out(bye, bye_a)
-        if not tcp and r.random() < 0.03:
+        if not tcp and r.random() < 0.03:  # BYE retransmission (Timer E)
             a_out(bye + 0.5, bye_a)
             self.stats["sip_messages"] += 1
         hbye = [("Via", via_p + br_bye_b), ("Via", via_a + br_bye_a + f";received={uac_ip}")]

@@ -51,17 +51,20 @@ class Deduplicator:
 
     def __init__(self, window: float = DUP_WINDOW) -> None:
         self.window = window
-        self._seen: dict[tuple[bytes, int, bytes, int, bytes], float] = {}
-        self._order: deque[tuple[float, tuple[bytes, int, bytes, int, bytes]]] = deque()
+        # keyed cheaply by flow and length; the payload itself is compared on a hit (hashing
+        # every ~500-byte payload cost more than the rest of the check)
+        self._seen: dict[tuple[bytes, int, bytes, int, int], tuple[float, bytes]] = {}
+        self._order: deque[tuple[float, tuple[bytes, int, bytes, int, int]]] = deque()
 
     def duplicate(self, d: Datagram) -> bool:
         if self.window <= 0:
             return False
-        key = (d.src, d.sport, d.dst, d.dport, d.payload)
+        payload = d.payload
+        key = (d.src, d.sport, d.dst, d.dport, len(payload))
         seen = self._seen.get(key)
-        if seen is not None and d.ts - seen <= self.window:
+        if seen is not None and d.ts - seen[0] <= self.window and seen[1] == payload:
             return True
-        self._seen[key] = d.ts
+        self._seen[key] = (d.ts, payload)
         self._order.append((d.ts, key))
         if len(self._order) > 4096:
             self.advance(d.ts)
@@ -71,7 +74,8 @@ class Deduplicator:
         order, seen = self._order, self._seen
         while order and now - order[0][0] > self.window:
             ts, key = order.popleft()
-            if seen.get(key) == ts:
+            entry = seen.get(key)
+            if entry is not None and entry[0] == ts:
                 del seen[key]
 
 
@@ -189,6 +193,7 @@ class SipParser:
     def __init__(self, counters: Counters | None = None) -> None:
         self.counters = counters or Counters()
         self._addr: dict[bytes, str] = {}
+        self.last_error = sip.SipError("none")
 
     def feed(self, d: Datagram) -> list[sip.SipMessage | Anomaly]:
         return self.parse(d.ts, d.no, d.transport.value, d.src, d.sport, d.dst, d.dport, d.payload, d.encap, d.source)
@@ -197,12 +202,30 @@ class SipParser:
         self, ts: float, no: int, transport: str, src: bytes, sport: int, dst: bytes, dport: int,
         payload: bytes, encap: tuple[str, ...], source: str,
     ) -> list[sip.SipMessage | Anomaly]:
+        msg = self.message(ts, no, transport, src, sport, dst, dport, payload, encap, source)
+        if msg is None:
+            err = self.last_error
+            return [Anomaly(err.name, ts, no, err.detail, source)]
+        if not msg.defects:
+            return [msg]
+        out: list[sip.SipMessage | Anomaly] = [
+            Anomaly(name, ts, no, msg.first_line[:80], source) for name in msg.defects
+        ]
+        out.append(msg)
+        return out
+
+    def message(
+        self, ts: float, no: int, transport: str, src: bytes, sport: int, dst: bytes, dport: int,
+        payload: bytes, encap: tuple[str, ...], source: str,
+    ) -> sip.SipMessage | None:
+        """The hot path of ``parse``: the message, or None (anomalies only counted)."""
         c = self.counters
         try:
             msg = sip.parse(payload)
         except sip.SipError as err:
             c.anomalies[err.name] += 1
-            return [Anomaly(err.name, ts, no, err.detail, source)]
+            self.last_error = err
+            return None
         addr = self._addr
         if len(addr) > ADDR_CACHE:
             addr.clear()
@@ -216,14 +239,10 @@ class SipParser:
         msg.encap = encap
         msg.source = source
         c.sip_messages += 1
-        if not msg.defects:
-            return [msg]
-        out: list[sip.SipMessage | Anomaly] = []
-        for name in msg.defects:
-            c.anomalies[name] += 1
-            out.append(Anomaly(name, ts, no, msg.first_line[:80], source))
-        out.append(msg)
-        return out
+        if msg.defects:
+            for name in msg.defects:
+                c.anomalies[name] += 1
+        return msg
 
 
 class MessagePipeline:

@@ -35,6 +35,7 @@ MAX_TOTAL_BUFFER: Final = 256 << 20  #: all streams together; the oldest stream 
 MAX_STREAMS: Final = 200_000  #: directions tracked at once (a busy SBC has tens of thousands)
 GAP_WAIT: Final = 1.0  #: seconds (packet time) an out-of-order hole may stay open before it is a loss
 IDLE_TIMEOUT: Final = 300.0  #: a direction silent this long is forgotten (it resyncs if it comes back)
+IDLE_SWEEP: Final = 30.0  #: how often (packet time) idle directions are looked for
 NOT_SIP_BYTES: Final = 16384  #: bytes without a SIP start line before a stream is given up
 RESYNC_TAIL: Final = 4200  #: bytes kept while resyncing: a start line split across segments (4 KB URI + method)
 _TLS_RECORDS: Final = frozenset((0x14, 0x15, 0x16, 0x17))  #: change_cipher_spec, alert, handshake, application_data
@@ -85,7 +86,9 @@ class TcpReassembler:
     def __init__(self, counters: Counters | None = None) -> None:
         self.counters = counters or Counters()
         self.streams: dict[Key, _Direction] = {}  # insertion order ~ age
+        self._holes: dict[Key, _Direction] = {}  # directions holding out-of-order data
         self._held = 0
+        self._next_sweep = 0.0
 
     def _skip(self, name: str, n: int = 1) -> None:
         self.counters.skipped[name] += n
@@ -154,6 +157,7 @@ class TcpReassembler:
         if d > 0:  # a hole before this segment: hold it until the hole fills or is declared lost
             if not st.ooo:
                 st.ooo_since = seg.ts
+                self._holes[(seg.src, seg.sport, seg.dst, seg.dport)] = st
             if seq not in st.ooo or len(st.ooo[seq][0]) < len(payload):
                 self._held += len(payload) - (len(st.ooo[seq][0]) if seq in st.ooo else 0)
                 st.ooo[seq] = (payload, seg)
@@ -359,21 +363,27 @@ class TcpReassembler:
         self.streams.pop(key, None)
 
     def advance(self, now: float) -> list[Datagram | Anomaly]:
-        """Close holes that waited too long and forget idle directions (packet time)."""
+        """Close holes that waited too long and forget idle directions (packet time).
+
+        Holes are few and checked each call; the idle sweep walks every stream, so it runs
+        only every IDLE_SWEEP seconds.
+        """
         out: list[Datagram | Anomaly] = []
-        for key, st in list(self.streams.items()):
-            if st.ooo and now - st.ooo_since > GAP_WAIT:
-                seg = Datagram(now, 0, Transport.TCP, key[0], key[1], key[2], key[3], b"", (), "")
-                self._close_gap(st, seg, out)
-            if now - st.last_ts > IDLE_TIMEOUT:
-                seg = Datagram(now, 0, Transport.TCP, key[0], key[1], key[2], key[3], b"", (), "")
-                self._drop(key, st, seg, out, "idle")
+        for key in [k for k, st in self._holes.items() if now - st.ooo_since > GAP_WAIT]:
+            st = self._holes.pop(key)
+            if st.ooo and self.streams.get(key) is st:
+                self._close_gap(st, _marker(now, key), out)
+        if now >= self._next_sweep:
+            self._next_sweep = now + IDLE_SWEEP
+            for key, st in list(self.streams.items()):
+                if now - st.last_ts > IDLE_TIMEOUT:
+                    self._drop(key, st, _marker(now, key), out, "idle")
         return out
 
     def finish(self) -> list[Datagram | Anomaly]:
         out: list[Datagram | Anomaly] = []
         for key, st in list(self.streams.items()):
-            seg = Datagram(st.last_ts, 0, Transport.TCP, key[0], key[1], key[2], key[3], b"", (), "")
+            seg = _marker(st.last_ts, key)
             if st.ooo:
                 self._close_gap(st, seg, out)
             self._drop(key, st, seg, out, "end of input")
@@ -382,6 +392,11 @@ class TcpReassembler:
     @property
     def held(self) -> int:
         return self._held
+
+
+def _marker(ts: float, key: Key) -> Datagram:
+    """A segment-shaped time mark for work the clock (not a packet) triggers."""
+    return Datagram(ts, 0, Transport.TCP, key[0], key[1], key[2], key[3], b"", (), "")
 
 
 def _is_start(buf: bytearray) -> bool:

@@ -114,3 +114,16 @@ def test_lazy_headers_keep_order_and_expand_compact_names() -> None:
     assert m.header("user-agent") == "ua/1"
     assert m.header_values("X-A") == ["1", "2"]
     assert m.header("X-Missing") is None
+
+
+
+def test_jsonl_line_is_valid_json_and_escapes() -> None:
+    import json
+
+    from sipsniff_acc.messagelog import FIELDS, to_jsonl
+
+    m = sip.parse(sip_response(404, 'Nicht "gefunden" ü', call_id='we"ird\\id'))
+    m.src, m.dst, m.transport, m.encap = "1.2.3.4", "::1", "UDP", ("eth", "ip4")
+    row = json.loads(to_jsonl(m))
+    assert tuple(row) == FIELDS
+    assert (row["reason"], row["call_id"], row["status"], row["method"]) == ('Nicht "gefunden" ü', 'we"ird\\id', 404, None)
