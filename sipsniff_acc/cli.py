@@ -16,7 +16,9 @@ from sipsniff_acc.anomalies import ANOMALIES
 from sipsniff_acc.messagelog import TABLE_HEADER
 from sipsniff_acc.messagerun import formatter, message_text
 from sipsniff_acc.events import Counters
+from sipsniff_acc.events import Datagram
 from sipsniff_acc.sources import CaptureReader, SourceError, expand_paths, open_captures
+from sipsniff_acc.sources.tlskeys import TlsEngineError, decrypted_sip
 
 app = typer.Typer(
     help="Passive SIP accounting sniffer: Kamailio acc records from the wire or from pcaps.",
@@ -55,6 +57,10 @@ def _summary(counters: Counters, errors: list[SourceError], out: TextIO) -> None
         f"{len(errors)} input errors",
         file=out,
     )
+    if c.streams["tls"]:
+        why = "" if c.tls_decrypted else " (give --tls-keylog to decrypt)"
+        print(f"  TLS: {c.streams['tls']} directions seen, {c.tls_decrypted} SIP messages decrypted, "
+              f"{c.tls_unreadable} directions not readable{why}", file=out)
     if c.duplicates:
         print(f"  mirrored duplicates dropped: {c.duplicates}", file=out)
     for name, n in sorted(c.streams.items()):
@@ -75,7 +81,8 @@ def messages(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no summary on stderr")] = False,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bar (default: on a terminal, for big inputs)")] = None,
     stats: Annotated[Path | None, typer.Option("--stats", help="write the run's counters as JSON to this file")] = None,
-    workers: Annotated[int, typer.Option("--workers", "-j", help="parser processes; 0 parses in the reading process; -1: one per CPU beyond the first")] = -1,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="parser processes; 0 parses in the reading process; -1: one per CPU (at most 4)")] = -1,
+    tls_keylog: Annotated[Path | None, typer.Option("--tls-keylog", help="SSLKEYLOGFILE-format key log: SIP over TLS is decrypted by tshark")] = None,
 ) -> None:
     """Every SIP message found in the captures, one per line (like `tshark -Y sip`).
 
@@ -90,13 +97,14 @@ def messages(
     write = out.write
     if fmt is MessageFormat.table:
         write(TABLE_HEADER)
+    decrypted = _decrypt_tls(readers, tls_keylog) if tls_keylog is not None else []
     frames = open_captures(readers, errors)
     total = sum(r.size for r in readers)
     show = progress if progress is not None else (sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES)
     try:
         if show:
             frames = _with_progress(frames, readers, total)
-        for text in message_text(frames, formatter(fmt.value), workers, counters):
+        for text in message_text(frames, formatter(fmt.value), workers, counters, decrypted):
             write(text)
         out.flush()
     except BrokenPipeError:  # `| head`: the reader left; not an error of ours
@@ -106,6 +114,9 @@ def messages(
     finally:
         if output:
             out.close()
+    counters.tls_decrypted = len(decrypted)
+    readable = len({(d.src, d.sport, d.dst, d.dport) for d in decrypted})
+    counters.tls_unreadable = max(0, counters.streams["tls"] - readable)
     if stats:
         doc = counters.as_dict() | {"errors": [str(e) for e in errors]}
         stats.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
@@ -116,6 +127,23 @@ def messages(
             for err in errors:
                 print(f"error: {err}", file=sys.stderr)
         raise typer.Exit(EXIT_INPUT_ERROR)
+
+
+def _decrypt_tls(readers: list[CaptureReader], keylog: Path) -> list[Datagram]:
+    """SIP inside TLS, decrypted by tshark, in time order (stdin cannot be read twice)."""
+    if not keylog.is_file():
+        raise typer.BadParameter(f"{keylog}: no such file", param_hint="--tls-keylog")
+    if any(r.path == "-" for r in readers):
+        raise typer.BadParameter("cannot be used with stdin: the capture is read twice", param_hint="--tls-keylog")
+    decrypted: list[Datagram] = []
+    try:
+        for r in readers:
+            decrypted.extend(decrypted_sip(r.path, str(keylog)))
+    except TlsEngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(EXIT_INPUT_ERROR) from None
+    decrypted.sort(key=lambda d: d.ts)
+    return decrypted
 
 
 def _with_progress(frames, readers: list[CaptureReader], total: int):  # type: ignore[no-untyped-def]

@@ -89,6 +89,8 @@ class Counters:
     sip_messages: int = 0
     keepalives: int = 0
     duplicates: int = 0  #: mirrored copies of a frame dropped (exact duplicates within DUP_WINDOW)
+    tls_decrypted: int = 0  #: SIP messages read from TLS with a key log
+    tls_unreadable: int = 0  #: TLS directions from which no SIP could be read
     fragments: int = 0
     datagrams_reassembled: int = 0
     streams: Counter[str] = field(default_factory=Counter)  #: TCP directions seen, by what they carried
@@ -100,5 +102,6 @@ class Counters:
             "frames": self.frames, "bytes": self.bytes, "sip_messages": self.sip_messages,
             "keepalives": self.keepalives, "duplicates": self.duplicates, "fragments": self.fragments,
             "datagrams_reassembled": self.datagrams_reassembled,
+            "tls_decrypted": self.tls_decrypted, "tls_unreadable": self.tls_unreadable,
             "streams": dict(sorted(self.streams.items())), "skipped": dict(sorted(self.skipped.items())), "anomalies": dict(sorted(self.anomalies.items())),
         }

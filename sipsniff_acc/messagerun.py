@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable, Iterator
 
 from sipsniff_acc.events import Counters, Datagram, Frame, Transport
@@ -54,17 +55,35 @@ def _format_batch(fmt: Formatter) -> Callable[[list[Candidate]], tuple[str, dict
     return work
 
 
-def message_text(frames: Iterable[Frame], fmt: Formatter, workers: int, counters: Counters) -> Iterator[str]:
-    """Chunks of output text for every SIP message in ``frames``, in capture order."""
+def _as_candidate(d: Datagram) -> Candidate:
+    return (d.ts, d.no, _TEXT[d.transport], d.src, d.sport, d.dst, d.dport, d.payload, d.encap, d.source)
+
+
+def _first(c: Candidate) -> float:
+    return c[0]
+
+
+def message_text(
+    frames: Iterable[Frame], fmt: Formatter, workers: int, counters: Counters, extra: Iterable[Datagram] = (),
+) -> Iterator[str]:
+    """Chunks of output text for every SIP message in ``frames``, in capture order.
+
+    ``extra`` holds messages found another way (decrypted TLS), in time order; they are
+    merged into the stream by timestamp.
+    """
     capture = CaptureStage(counters)
+    candidates: Iterator[Candidate] = _candidates(frames, capture)
+    extra = list(extra)
+    if extra:
+        candidates = heapq.merge(candidates, map(_as_candidate, extra), key=_first)
     if workers <= 0:
         message = SipParser(counters).message
-        for c in _candidates(frames, capture):
+        for c in candidates:
             msg = message(*c)
             if msg is not None:
                 yield fmt(msg)
         return
-    for text, delta in ordered_map(batched(_candidates(frames, capture)), _format_batch(fmt), workers):
+    for text, delta in ordered_map(batched(candidates), _format_batch(fmt), workers):
         counters.sip_messages += delta["sip_messages"]  # type: ignore[operator]
         counters.anomalies.update(delta["anomalies"])  # type: ignore[arg-type]
         yield text
