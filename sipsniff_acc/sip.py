@@ -19,7 +19,16 @@ Content-Length, a truncated body) are listed in ``SipMessage.defects``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Final
+
+_scan: Callable[[bytes, int, int], Eager | None] | None
+_param: Callable[[bytes, bytes, int, int, bool], bytes | None] | None
+try:  # the C scans (setup.py builds them when a compiler is there)
+    from sipsniff_acc._speedups import param as _param
+    from sipsniff_acc._speedups import scan as _scan
+except ImportError:  # not built: eager_headers(), tag_param() and branch_param() do the same in Python
+    _scan = _param = None
 
 #: RFC 3261 §7.3.3 compact forms, plus those registered later: r Refer-To (RFC 3515),
 #: b Referred-By (RFC 3892), x Session-Expires (RFC 4028), y Identity (RFC 8224), o Event and
@@ -191,10 +200,47 @@ def _split_commas(value: str) -> list[str]:
     return parts
 
 
+def tag_param(value: bytes, start: int) -> bytes | None:
+    m = _TAG.search(value, start)
+    return m.group(1) if m else None
+
+
+def branch_param(value: bytes, stop: int) -> bytes | None:
+    m = _BRANCH.search(value, 0, stop)
+    return m.group(1) if m else None
+
+
 def _tag(value: bytes) -> str | None:
     """The tag parameter of a From/To value; URI parameters inside <...> do not count."""
-    m = _TAG.search(value, value.rfind(b">") + 1)
-    return _decode(m.group(1)) if m else None
+    start = value.rfind(b">") + 1
+    t = _param(value, b"tag", start, len(value), True) if _param is not None else tag_param(value, start)
+    return None if t is None else _decode(t)
+
+
+Eager = tuple[bytes | None, bytes | None, bytes | None, bytes | None, bytes | None, bytes | None]
+
+
+def eager_headers(data: bytes, start: int, end: int) -> Eager:
+    """First value of Call-ID, CSeq, From, To, Via, Content-Length in data[start:end].
+
+    The pure-Python path; ``_speedups.scan`` does the same in C (a property test checks
+    they agree), except that it hands folded blocks back here.
+    """
+    pairs = _EAGER.findall(data, start, end)
+    for _name, _value, fold in pairs:
+        if fold:  # rare: unfold the whole block, then look again
+            pairs = _EAGER.findall(_FOLD.sub(b" ", data[start:end]))
+            break
+    found: list[bytes | None] = [None, None, None, None, None, None]
+    for name, value, _fold in pairs:
+        if not name:
+            continue
+        slot = _EAGER_KEY.get(name)
+        if slot is None:
+            slot = _EAGER_KEY[name.lower()]
+        if found[slot] is None:
+            found[slot] = value
+    return found[0], found[1], found[2], found[3], found[4], found[5]
 
 
 def _decode(b: bytes) -> str:
@@ -244,36 +290,10 @@ def parse(data: bytes) -> SipMessage:
             msg.defects = ("sip_no_header_end",)
     msg._hdr_start = nl + 1
     msg._hdr_end = end
-    pairs = _EAGER.findall(data, nl, end)
-    for name, _value, fold in pairs:
-        if fold:  # rare: unfold the whole block, then look again
-            pairs = _EAGER.findall(_FOLD.sub(b" ", data[nl:end]))
-            break
-
-    call_id = cseq = from_ = to = via = clen = None
-    for name, value, _fold in pairs:
-        if not name:
-            continue
-        slot = _EAGER_KEY.get(name)
-        if slot is None:
-            slot = _EAGER_KEY[name.lower()]
-        if slot == 0:
-            if call_id is None:
-                call_id = value
-        elif slot == 1:
-            if cseq is None:
-                cseq = value
-        elif slot == 2:
-            if from_ is None:
-                from_ = value
-        elif slot == 3:
-            if to is None:
-                to = value
-        elif slot == 4:
-            if via is None:
-                via = value
-        elif clen is None:
-            clen = value
+    found = _scan(data, nl, end) if _scan is not None else None
+    if found is None:  # no C scan built, or folded lines
+        found = eager_headers(data, nl, end)
+    call_id, cseq, from_, to, via, clen = found
 
     defects = msg.defects
     if call_id is not None:
@@ -296,10 +316,11 @@ def parse(data: bytes) -> SipMessage:
     if to is not None and b"tag" in to.lower():
         msg.to_tag = _tag(to)
     if via is not None:
-        comma = via.find(b",")
-        m = _BRANCH.search(via, 0, comma) if comma >= 0 else _BRANCH.search(via)
-        if m:
-            msg.branch = _decode(m.group(1))
+        comma = via.find(b",")  # only the top Via of a comma-separated list
+        stop = comma if comma >= 0 else len(via)
+        b = _param(via, b"branch", 0, stop, False) if _param is not None else branch_param(via, stop)
+        if b is not None:
+            msg.branch = _decode(b)
     else:
         defects += ("sip_missing_via",)
     if clen is not None:
