@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Time `sipsniff-acc messages` against `tshark -q -z sip,stat` on the same captures, same run.
 
-Prints, per capture size: wall time (median of --runs), SIP messages/s, the ratio to
-tshark, and the peak RSS of each process (os.wait4's ru_maxrss, the child's own peak).
+Prints, per capture size: wall time (median of --runs, the two tools' runs interleaved so
+both see the same machine noise), SIP messages/s, the ratio to tshark, and the peak RSS of
+each process (os.wait4's ru_maxrss, the child's own peak).
 Two sizes show whether memory stays flat as the file grows.
 
 usage: bench_messages.py [--calls 10000 50000] [--runs 3] [--tcp-share 0] [--workdir benchmarks/out]
@@ -35,9 +36,14 @@ def run(cmd: list[str]) -> tuple[float, int, str]:
     return wall, usage.ru_maxrss // 1024, out
 
 
-def measure(cmd: list[str], runs: int) -> tuple[float, int, str]:
-    results = [run(cmd) for _ in range(runs)]
-    return statistics.median(r[0] for r in results), max(r[1] for r in results), results[-1][2]
+def measure_pair(ours: list[str], theirs: list[str], runs: int) -> tuple[tuple[float, int], tuple[float, int], str]:
+    """Median wall time and peak RSS of each, runs interleaved so both see the same machine noise."""
+    a, b = [], []
+    for _ in range(runs):
+        a.append(run(ours))
+        b.append(run(theirs))
+    return ((statistics.median(r[0] for r in a), max(r[1] for r in a)),
+            (statistics.median(r[0] for r in b), max(r[1] for r in b)), b[-1][2])
 
 
 def main() -> None:
@@ -63,8 +69,8 @@ def main() -> None:
             subprocess.run([sys.executable, str(HERE / "gen_workload.py"), str(pcap), "--calls", str(calls),
                             "--tcp-share", str(a.tcp_share)], check=True, stdout=subprocess.DEVNULL)
         meta = json.loads(Path(str(pcap) + ".meta.json").read_text())
-        ours_t, ours_rss, _ = measure(ours_base + [str(pcap)], a.runs)
-        their_t, their_rss, out = measure([tshark, "-n", "-q", "-z", "sip,stat", "-r", str(pcap)], a.runs)
+        (ours_t, ours_rss), (their_t, their_rss), out = measure_pair(
+            ours_base + [str(pcap)], [tshark, "-n", "-q", "-z", "sip,stat", "-r", str(pcap)], a.runs)
         counted = next((int(line.split(":")[1]) for line in out.splitlines() if "Number of SIP messages" in line), -1)
         # our own count, once, outside the timing
         res = subprocess.run(ours_base[:-2] + ["-o", str(work / "count.jsonl"), str(pcap)], check=False)

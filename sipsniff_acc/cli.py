@@ -7,14 +7,14 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, TextIO
+from typing import Annotated, BinaryIO, TextIO
 
 import typer
 
 from sipsniff_acc import __version__
 from sipsniff_acc.anomalies import ANOMALIES
 from sipsniff_acc.messagelog import TABLE_HEADER
-from sipsniff_acc.messagerun import formatter, message_text
+from sipsniff_acc.messagerun import message_lines
 from sipsniff_acc.events import Counters
 from sipsniff_acc.events import Datagram
 from sipsniff_acc.sources import CaptureReader, SourceError, expand_paths, open_captures
@@ -93,7 +93,7 @@ def messages(
     counters = Counters()
     if workers < 0:
         workers = 0 if (os.cpu_count() or 1) < 2 else min((os.cpu_count() or 1), MAX_AUTO_WORKERS)
-    out: TextIO = open(output, "w", encoding="utf-8") if output else sys.stdout  # noqa: SIM115
+    out: BinaryIO = open(output, "wb") if output else sys.stdout.buffer  # noqa: SIM115
     write = out.write
     if fmt is MessageFormat.table:
         write(TABLE_HEADER)
@@ -104,7 +104,7 @@ def messages(
     try:
         if show:
             frames = _with_progress(frames, readers, total)
-        for text in message_text(frames, formatter(fmt.value), workers, counters, decrypted):
+        for text in message_lines(frames, fmt.value, workers, counters, decrypted):
             write(text)
         out.flush()
     except BrokenPipeError:  # `| head`: the reader left; not an error of ours

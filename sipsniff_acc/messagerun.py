@@ -1,26 +1,33 @@
-"""Wiring for ``sipsniff-acc messages``: frames → text lines, in one process or several."""
+"""Wiring for ``sipsniff-acc messages``: frames → output lines, in one process or several.
+
+The reading process runs the capture stage and ships SIP candidates, in batches, to
+``format_batch``; with ``workers=0`` the same function runs in the reading process, so
+both modes share one code path and give byte-identical output.
+"""
 
 from __future__ import annotations
 
 import heapq
+import socket
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
+from sipsniff_acc import sip
 from sipsniff_acc.events import Counters, Datagram, Frame, Transport
-from sipsniff_acc.messagelog import to_jsonl, to_table_row
-from sipsniff_acc.pipeline import CaptureStage, SipParser
+from sipsniff_acc.messagelog import jsonl, table
+from sipsniff_acc.pipeline import ADDR_CACHE, CaptureStage
 from sipsniff_acc.shard import batched, ordered_map
-from sipsniff_acc.sip import SipMessage
 
-Formatter = Callable[[SipMessage], str]
 #: what crosses the process boundary: a Datagram as a plain tuple (cheaper to pickle)
 Candidate = tuple[float, int, str, bytes, int, bytes, int, bytes, tuple[str, ...], str]
-
-
-def formatter(fmt: str) -> Formatter:
-    return to_jsonl if fmt == "jsonl" else to_table_row
-
+Delta = tuple[int, dict[str, int]]  #: SIP messages parsed, anomalies by name
 
 _TEXT = {t: t.value for t in Transport}  # an Enum's .value is a property: ~5x a dict lookup
+_AF = {4: socket.AF_INET, 16: socket.AF_INET6}
+
+
+def _as_candidate(d: Datagram) -> Candidate:
+    return (d.ts, d.no, _TEXT[d.transport], d.src, d.sport, d.dst, d.dport, d.payload, d.encap, d.source)
 
 
 def _candidates(frames: Iterable[Frame], capture: CaptureStage) -> Iterator[Candidate]:
@@ -28,45 +35,52 @@ def _candidates(frames: Iterable[Frame], capture: CaptureStage) -> Iterator[Cand
     text = _TEXT
     for frame in frames:
         for d in feed(frame):
-            if d.__class__ is Datagram:
+            if d.__class__ is Datagram:  # _as_candidate, inlined: this loop runs per packet
                 yield (d.ts, d.no, text[d.transport], d.src, d.sport, d.dst, d.dport,  # type: ignore[union-attr]
                        d.payload, d.encap, d.source)  # type: ignore[union-attr]
     for d in capture.finish():  # messages that only end of input completes (TCP after a gap)
         if d.__class__ is Datagram:
-            yield (d.ts, d.no, text[d.transport], d.src, d.sport, d.dst, d.dport,  # type: ignore[union-attr]
-                   d.payload, d.encap, d.source)  # type: ignore[union-attr]
+            yield _as_candidate(d)  # type: ignore[arg-type]
 
 
-def _format_batch(fmt: Formatter) -> Callable[[list[Candidate]], tuple[str, dict[str, object]]]:
-    def work(batch: list[Candidate]) -> tuple[str, dict[str, object]]:
-        parser = parsers[0]
-        before_msgs = parser.counters.sip_messages
-        before = dict(parser.counters.anomalies)
-        message = parser.message
+def format_batch(fmt: str) -> Callable[[list[Candidate]], tuple[bytes, Delta]]:
+    """A function that parses a batch of candidates and formats each message as one line."""
+    line = jsonl if fmt == "jsonl" else table
+    addr: dict[bytes, str] = {}
+    encaps: dict[tuple[str, ...], str] = {}
+    parse, SipError, ntop = sip.parse, sip.SipError, socket.inet_ntop
+
+    def work(batch: list[Candidate]) -> tuple[bytes, Delta]:
+        if len(addr) > ADDR_CACHE:
+            addr.clear()
+        anomalies: Counter[str] = Counter()
         lines = []
-        for c in batch:
-            msg = message(*c)
-            if msg is not None:
-                lines.append(fmt(msg))
-        after = parser.counters.anomalies
-        return "".join(lines), {"sip_messages": parser.counters.sip_messages - before_msgs,
-                                "anomalies": {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}}
-    parsers = [SipParser()]  # one per worker process (forked), so its address cache lives on
+        for ts, no, transport, src, sport, dst, dport, payload, encap, _source in batch:
+            try:
+                m = parse(payload)
+            except SipError as err:
+                anomalies[err.name] += 1
+                continue
+            if m.defects:
+                anomalies.update(m.defects)
+            lines.append(line(
+                ts, no, addr.get(src) or addr.setdefault(src, ntop(_AF[len(src)], src)), sport,
+                addr.get(dst) or addr.setdefault(dst, ntop(_AF[len(dst)], dst)), dport, transport,
+                encaps.get(encap) or encaps.setdefault(encap, "/".join(encap)), m,
+            ))
+        return b"".join(lines), (len(lines), dict(anomalies))
+
     return work
-
-
-def _as_candidate(d: Datagram) -> Candidate:
-    return (d.ts, d.no, _TEXT[d.transport], d.src, d.sport, d.dst, d.dport, d.payload, d.encap, d.source)
 
 
 def _first(c: Candidate) -> float:
     return c[0]
 
 
-def message_text(
-    frames: Iterable[Frame], fmt: Formatter, workers: int, counters: Counters, extra: Iterable[Datagram] = (),
-) -> Iterator[str]:
-    """Chunks of output text for every SIP message in ``frames``, in capture order.
+def message_lines(
+    frames: Iterable[Frame], fmt: str, workers: int, counters: Counters, extra: Iterable[Datagram] = (),
+) -> Iterator[bytes]:
+    """Chunks of output for every SIP message in ``frames``, in capture order.
 
     ``extra`` holds messages found another way (decrypted TLS), in time order; they are
     merged into the stream by timestamp.
@@ -76,14 +90,10 @@ def message_text(
     extra = list(extra)
     if extra:
         candidates = heapq.merge(candidates, map(_as_candidate, extra), key=_first)
-    if workers <= 0:
-        message = SipParser(counters).message
-        for c in candidates:
-            msg = message(*c)
-            if msg is not None:
-                yield fmt(msg)
-        return
-    for text, delta in ordered_map(batched(candidates), _format_batch(fmt), workers):
-        counters.sip_messages += delta["sip_messages"]  # type: ignore[operator]
-        counters.anomalies.update(delta["anomalies"])  # type: ignore[arg-type]
+    work = format_batch(fmt)
+    batches = batched(candidates)
+    results = map(work, batches) if workers <= 0 else ordered_map(batches, work, workers)
+    for text, (parsed, anomalies) in results:
+        counters.sip_messages += parsed
+        counters.anomalies.update(anomalies)
         yield text

@@ -11,12 +11,16 @@ tracker) will shard by Call-ID hash instead; the transport below is the same.
 
 Queues, not pipes: ``multiprocessing.Queue.put`` hands the batch to a feeder thread and
 never blocks, so the front cannot deadlock against a worker that is itself blocked
-writing a large result. Memory stays bounded by ``workers * depth`` batches in flight.
+writing a large result. Batches are pickled by the caller, so the feeder thread only
+copies bytes: pickling in the feeder thread made it fight the reading thread for the GIL
+(measured 5.4 s against 4.4 s on a 50k-call capture). Memory stays bounded by
+``workers * depth`` batches in flight.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import pickle
 import queue
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -37,12 +41,12 @@ class WorkerDied(RuntimeError):
 
 def _serve(inbox: Any, outbox: Any, work: Callable[[Any], Any]) -> None:
     while True:
-        batch = inbox.get()
-        if batch is None:
+        data = inbox.get()
+        if data is None:
             outbox.close()
             outbox.join_thread()
             return
-        outbox.put(work(batch))
+        outbox.put(pickle.dumps(work(pickle.loads(data)), pickle.HIGHEST_PROTOCOL))
 
 
 def ordered_map(batches: Iterable[B], work: Callable[[B], R], workers: int, depth: int = DEPTH) -> Iterator[R]:
@@ -64,7 +68,7 @@ def ordered_map(batches: Iterable[B], work: Callable[[B], R], workers: int, dept
         k = inflight.popleft()
         while True:
             try:
-                return outboxes[k].get(timeout=POLL)  # type: ignore[no-any-return]
+                return pickle.loads(outboxes[k].get(timeout=POLL))  # type: ignore[no-any-return]
             except queue.Empty:
                 if not procs[k].is_alive():
                     raise WorkerDied(f"worker {k} (pid {procs[k].pid}) exited with code {procs[k].exitcode}") from None
@@ -74,7 +78,7 @@ def ordered_map(batches: Iterable[B], work: Callable[[B], R], workers: int, dept
         for batch in batches:
             if len(inflight) >= workers * depth:
                 yield collect()
-            inboxes[k].put(batch)
+            inboxes[k].put(pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
             inflight.append(k)
             k = (k + 1) % workers
         while inflight:

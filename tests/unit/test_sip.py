@@ -124,6 +124,7 @@ def test_jsonl_line_is_valid_json_and_escapes() -> None:
 
     m = sip.parse(sip_response(404, 'Nicht "gefunden" ü', call_id='we"ird\\id'))
     m.src, m.dst, m.transport, m.encap = "1.2.3.4", "::1", "UDP", ("eth", "ip4")
+    m.ts, m.no = 1.5, 3
     row = json.loads(to_jsonl(m))
     assert tuple(row) == FIELDS
     assert (row["reason"], row["call_id"], row["status"], row["method"]) == ('Nicht "gefunden" ü', 'we"ird\\id', 404, None)
