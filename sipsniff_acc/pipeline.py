@@ -13,7 +13,6 @@ fire in ``advance``), no I/O, so tests feed frames directly.
 from __future__ import annotations
 
 import socket
-from collections import deque
 
 from sipsniff_acc import decode as dec
 from sipsniff_acc import sip
@@ -54,7 +53,6 @@ class Deduplicator:
         # keyed cheaply by flow and length; the payload itself is compared on a hit (hashing
         # every ~500-byte payload cost more than the rest of the check)
         self._seen: dict[tuple[bytes, int, bytes, int, int], tuple[float, bytes]] = {}
-        self._order: deque[tuple[float, tuple[bytes, int, bytes, int, int]]] = deque()
 
     def duplicate(self, d: Datagram) -> bool:
         if self.window <= 0:
@@ -65,18 +63,12 @@ class Deduplicator:
         if seen is not None and d.ts - seen[0] <= self.window and seen[1] == payload:
             return True
         self._seen[key] = (d.ts, payload)
-        self._order.append((d.ts, key))
-        if len(self._order) > 4096:
-            self.advance(d.ts)
         return False
 
     def advance(self, now: float) -> None:
-        order, seen = self._order, self._seen
-        while order and now - order[0][0] > self.window:
-            ts, key = order.popleft()
-            entry = seen.get(key)
-            if entry is not None and entry[0] == ts:
-                del seen[key]
+        """Forget what is older than the window (called about once a second of packet time)."""
+        window = self.window
+        self._seen = {k: v for k, v in self._seen.items() if now - v[0] <= window}
 
 
 class CaptureStage:

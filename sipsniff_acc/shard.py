@@ -20,6 +20,7 @@ copies bytes: pickling in the feeder thread made it fight the reading thread for
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import pickle
 import queue
 from collections import deque
@@ -33,6 +34,7 @@ BATCH: Final = 1000  #: messages per batch: large enough that pickling overhead 
 DEPTH: Final = 4  #: batches in flight per worker
 POLL: Final = 1.0  #: seconds between liveness checks while waiting for a result
 STOP_WAIT: Final = 10.0  #: seconds a worker gets to exit before it is terminated
+WORKER_NICENESS: Final = 5  #: workers yield the CPU to the reading process
 
 
 class WorkerDied(RuntimeError):
@@ -40,6 +42,9 @@ class WorkerDied(RuntimeError):
 
 
 def _serve(inbox: Any, outbox: Any, work: Callable[[Any], Any]) -> None:
+    # The reading process is the one that cannot be split; without this the scheduler gives
+    # it 2/3 of a core on a 2-core machine with two workers, and it becomes the bottleneck.
+    os.nice(WORKER_NICENESS)
     while True:
         data = inbox.get()
         if data is None:

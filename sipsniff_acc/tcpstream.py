@@ -56,7 +56,7 @@ class Mode(Enum):
 
 
 class _Direction:
-    __slots__ = ("next_seq", "buf", "ooo", "ooo_since", "mode", "last_ts", "resync", "junk", "ws", "fin")
+    __slots__ = ("next_seq", "buf", "ooo", "ooo_since", "mode", "last_ts", "resync", "junk", "ws")
 
     def __init__(self) -> None:
         self.next_seq: int | None = None
@@ -68,7 +68,6 @@ class _Direction:
         self.resync = False  #: the buffer may start inside a message
         self.junk = 0  #: bytes discarded while looking for SIP
         self.ws: wsframe.WsDecoder | None = None
-        self.fin = False
 
 
 Key = tuple[bytes, int, bytes, int]
@@ -132,7 +131,6 @@ class TcpReassembler:
             self._place(st, seq, payload, seg, out)
             self._frame(st, seg, out)
         if flags & 0x01:  # FIN: nothing more will come in this direction
-            st.fin = True
             if st.ooo:
                 self._close_gap(st, seg, out)
             self._drop(key, st, seg, out, "closed")
