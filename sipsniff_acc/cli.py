@@ -147,19 +147,26 @@ def _decrypt_tls(readers: list[CaptureReader], keylog: Path) -> list[Datagram]:
 
 
 def _with_progress(frames, readers: list[CaptureReader], total: int):  # type: ignore[no-untyped-def]
-    """Wrap the frame iterator in a rich progress bar driven by bytes read."""
+    """Wrap the frame iterator in a rich progress bar (on stderr) driven by bytes read.
+
+    Refreshed by hand, not by rich's timer thread: worker processes are forked, and a fork
+    should not copy a process with a thread running.
+    """
+    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     with Progress(
         "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), transient=True,
+        TimeRemainingColumn(), transient=True, auto_refresh=False, console=Console(stderr=True),
     ) as bar:
         task = bar.add_task("reading", total=total)
         for i, frame in enumerate(frames):
             if not i & 0x3FFF:
                 bar.update(task, completed=sum(r.bytes_read for r in readers))
+                bar.refresh()
             yield frame
         bar.update(task, completed=total)
+        bar.refresh()
 
 
 @app.command()

@@ -62,3 +62,13 @@ def test_output_to_file_and_broken_pipe(tmp_path: Path) -> None:
     p = subprocess.run(f"{sys.executable} -m sipsniff_acc messages -q {PCAPS / 'sample.pcap'} | head -1",
                        shell=True, capture_output=True, text=True, timeout=60)
     assert p.stdout.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def test_progress_bar_forced_on_keeps_output_identical() -> None:
+    outs = []
+    for flag in ("--progress", "--no-progress"):
+        res = subprocess.run([sys.executable, "-m", "sipsniff_acc", "messages", "-q", flag, str(PCAPS / "sample.pcap")],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        outs.append(res.stdout)
+    assert outs[0] == outs[1] and outs[0].count("\n") == 60
