@@ -36,11 +36,11 @@ def _candidates(frames: Iterable[Frame], capture: CaptureStage) -> Iterator[Cand
     for frame in frames:
         for d in feed(frame):
             if d.__class__ is Datagram:  # _as_candidate, inlined: this loop runs per packet
-                yield (d.ts, d.no, text[d.transport], d.src, d.sport, d.dst, d.dport,  # type: ignore[union-attr]
-                       d.payload, d.encap, d.source)  # type: ignore[union-attr]
+                yield (d.ts, d.no, text[d.transport], d.src, d.sport, d.dst, d.dport,
+                       d.payload, d.encap, d.source)
     for d in capture.finish():  # messages that only end of input completes (TCP after a gap)
         if d.__class__ is Datagram:
-            yield _as_candidate(d)  # type: ignore[arg-type]
+            yield _as_candidate(d)
 
 
 def format_batch(fmt: str) -> Callable[[list[Candidate]], tuple[bytes, Delta]]:

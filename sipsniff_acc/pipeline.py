@@ -91,18 +91,18 @@ class CaptureStage:
             self._advance(frame.ts, out)
         item = dec.decode(frame)
         if item.__class__ is Datagram:
-            if item.transport is _UDP and looks_like_sip(item.payload):  # type: ignore[union-attr]
-                if self.dedup.duplicate(item):  # type: ignore[arg-type]
+            if item.transport is _UDP and looks_like_sip(item.payload):
+                if self.dedup.duplicate(item):
                     c.duplicates += 1
                 else:
-                    out.append(item)  # type: ignore[arg-type]
+                    out.append(item)
             else:
-                self._datagram(item, out)  # type: ignore[arg-type]
+                self._datagram(item, out)
         elif item is None:
             c.skipped["not_ip_or_unsupported"] += 1
         elif item.__class__ is Fragment:
             c.fragments += 1
-            for res in self.frags.feed(item):  # type: ignore[arg-type]
+            for res in self.frags.feed(item):
                 if isinstance(res, Reassembled):
                     c.datagrams_reassembled += 1
                     self._reassembled(res, out)
@@ -119,7 +119,7 @@ class CaptureStage:
         except dec.DecodeError as bad:
             item = Anomaly(bad.name, res.ts, res.no, bad.detail, res.source)
         if item.__class__ is Datagram:
-            self._datagram(item, out)  # type: ignore[arg-type]
+            self._datagram(item, out)
         elif item is None:
             self.counters.skipped["not_ip_or_unsupported"] += 1
         elif isinstance(item, Anomaly):
@@ -249,7 +249,7 @@ class MessagePipeline:
         out: list[sip.SipMessage | Anomaly] = []
         for item in self.capture.feed(frame):
             if item.__class__ is Datagram:
-                out.extend(self.parser.feed(item))  # type: ignore[arg-type]
+                out.extend(self.parser.feed(item))
             else:
                 out.append(item)  # type: ignore[arg-type]
         return out
@@ -258,7 +258,7 @@ class MessagePipeline:
         out: list[sip.SipMessage | Anomaly] = []
         for item in self.capture.finish():
             if item.__class__ is Datagram:
-                out.extend(self.parser.feed(item))  # type: ignore[arg-type]
+                out.extend(self.parser.feed(item))
             else:
                 out.append(item)  # type: ignore[arg-type]
         return out

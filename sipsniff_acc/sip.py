@@ -22,13 +22,14 @@ import re
 from collections.abc import Callable
 from typing import Final
 
-_scan: Callable[[bytes, int, int], Eager | None] | None
-_param: Callable[[bytes, bytes, int, int, bool], bytes | None] | None
+_scan: Callable[[bytes, int, int], Eager | None] | None = None
+_param: Callable[[bytes, bytes, int, int, bool], bytes | None] | None = None
 try:  # the C scans (setup.py builds them when a compiler is there)
-    from sipsniff_acc._speedups import param as _param
-    from sipsniff_acc._speedups import scan as _scan
+    from sipsniff_acc import _speedups
+
+    _scan, _param = _speedups.scan, _speedups.param
 except ImportError:  # not built: eager_headers(), tag_param() and branch_param() do the same in Python
-    _scan = _param = None
+    pass
 
 #: RFC 3261 §7.3.3 compact forms, plus those registered later: r Refer-To (RFC 3515),
 #: b Referred-By (RFC 3892), x Session-Expires (RFC 4028), y Identity (RFC 8224), o Event and

@@ -76,7 +76,7 @@ class CaptureReader:
         else:
             raw = open(self.path, "rb")  # noqa: SIM115 - closed in __iter__
         self._raw = raw
-        peekable = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)  # type: ignore[arg-type]
+        peekable = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)  # type: ignore[type-var]
         if peekable.peek(2)[:2] == GZIP_MAGIC:
             return _GuardedStream(gzip.GzipFile(fileobj=peekable, mode="rb"))  # type: ignore[return-value]
         return peekable
