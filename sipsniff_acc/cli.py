@@ -18,6 +18,8 @@ from sipsniff_acc.messagerun import message_lines
 from sipsniff_acc.events import Counters
 from sipsniff_acc.events import Datagram
 from sipsniff_acc.sources import CaptureReader, SourceError, expand_paths, open_captures
+from sipsniff_acc.sources.live import LiveCapture
+from sipsniff_acc.sources.pcapfile import FrameSource
 from sipsniff_acc.sources.tlskeys import TlsEngineError, decrypted_sip
 
 app = typer.Typer(
@@ -48,6 +50,20 @@ def _open_readers(files: list[str]) -> list[CaptureReader]:
     return readers
 
 
+def _open_sources(
+    files: list[str] | None, interface: str | None, count: int | None, duration: float | None,
+) -> list[FrameSource]:
+    if interface is None:
+        if count is not None or duration is not None:
+            raise typer.BadParameter("--count and --duration go with --interface")
+        return list(_open_readers(files or []))
+    if files:
+        raise typer.BadParameter("give capture files or --interface, not both", param_hint="FILE")
+    if count is None and duration is None:
+        raise typer.BadParameter("a live capture needs --count or --duration (every capture is bounded)")
+    return [LiveCapture(interface, count, duration)]
+
+
 def _summary(counters: Counters, errors: list[SourceError], out: TextIO) -> None:
     c = counters
     print(
@@ -75,7 +91,7 @@ def _summary(counters: Counters, errors: list[SourceError], out: TextIO) -> None
 
 @app.command()
 def messages(
-    files: Annotated[list[str], typer.Argument(help="pcap/pcapng files (.gz too), directories, or - for stdin")],
+    files: Annotated[list[str] | None, typer.Argument(help="pcap/pcapng files (.gz too), directories, or - for stdin")] = None,
     fmt: Annotated[MessageFormat, typer.Option("--format", "-f", help="jsonl: one JSON object a line; table: columns")] = MessageFormat.jsonl,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="write here instead of stdout")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no summary on stderr")] = False,
@@ -83,12 +99,15 @@ def messages(
     stats: Annotated[Path | None, typer.Option("--stats", help="write the run's counters as JSON to this file")] = None,
     workers: Annotated[int, typer.Option("--workers", "-j", help="parser processes; 0 parses in the reading process; -1: one per CPU (at most 4)")] = -1,
     tls_keylog: Annotated[Path | None, typer.Option("--tls-keylog", help="SSLKEYLOGFILE-format key log: SIP over TLS is decrypted by tshark")] = None,
+    interface: Annotated[str | None, typer.Option("--interface", "-i", help="capture live from this interface (Linux, root) instead of files")] = None,
+    count: Annotated[int | None, typer.Option("--count", "-c", help="live: stop after this many packets")] = None,
+    duration: Annotated[float | None, typer.Option("--duration", help="live: stop after this many seconds")] = None,
 ) -> None:
     """Every SIP message found in the captures, one per line (like `tshark -Y sip`).
 
     Example: sipsniff-acc messages capture.pcapng --format table
     """
-    readers = _open_readers(files)
+    readers = _open_sources(files, interface, count, duration)
     errors: list[SourceError] = []
     counters = Counters()
     if workers < 0:
@@ -129,12 +148,13 @@ def messages(
         raise typer.Exit(EXIT_INPUT_ERROR)
 
 
-def _decrypt_tls(readers: list[CaptureReader], keylog: Path) -> list[Datagram]:
+def _decrypt_tls(readers: list[FrameSource], keylog: Path) -> list[Datagram]:
     """SIP inside TLS, decrypted by tshark, in time order (stdin cannot be read twice)."""
     if not keylog.is_file():
         raise typer.BadParameter(f"{keylog}: no such file", param_hint="--tls-keylog")
-    if any(r.path == "-" for r in readers):
-        raise typer.BadParameter("cannot be used with stdin: the capture is read twice", param_hint="--tls-keylog")
+    if any(not isinstance(r, CaptureReader) or r.path == "-" for r in readers):
+        raise typer.BadParameter("needs capture files (not stdin or an interface): they are read twice",
+                                 param_hint="--tls-keylog")
     decrypted: list[Datagram] = []
     try:
         for r in readers:
@@ -146,7 +166,7 @@ def _decrypt_tls(readers: list[CaptureReader], keylog: Path) -> list[Datagram]:
     return decrypted
 
 
-def _with_progress(frames, readers: list[CaptureReader], total: int):  # type: ignore[no-untyped-def]
+def _with_progress(frames, readers: list[FrameSource], total: int):  # type: ignore[no-untyped-def]
     """Wrap the frame iterator in a rich progress bar (on stderr) driven by bytes read.
 
     Refreshed by hand, not by rich's timer thread: worker processes are forked, and a fork

@@ -17,9 +17,9 @@ import io
 import os
 import struct
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import BinaryIO, Final, Protocol
 
 from sipsniff_acc.events import Frame
 
@@ -289,14 +289,26 @@ def expand_paths(paths: Iterable[str | Path]) -> list[str]:
     return out
 
 
-def _guarded(reader: CaptureReader, errors: list[SourceError]) -> Iterator[Frame]:
+class FrameSource(Protocol):
+    """What the pipeline reads frames from: a capture file, stdin, or an interface."""
+
+    path: str
+    size: int  #: bytes to read, for progress; 0 when unknown
+
+    @property
+    def bytes_read(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Frame]: ...
+
+
+def _guarded(reader: FrameSource, errors: list[SourceError]) -> Iterator[Frame]:
     try:
         yield from reader
     except SourceError as exc:
         errors.append(exc)
 
 
-def open_captures(readers: list[CaptureReader], errors: list[SourceError]) -> Iterator[Frame]:
+def open_captures(readers: Sequence[FrameSource], errors: list[SourceError]) -> Iterator[Frame]:
     """All frames of all readers in timestamp order (each file is assumed in order).
 
     A damaged file ends its own stream; its error is appended to ``errors`` and the
