@@ -1,13 +1,16 @@
 """The capture half of the pipeline: frames in, SIP messages and anomalies out.
 
-    Frame ─ decode ─┬─ Datagram(UDP) ──────────────────────────────┬─ detect ─ SipParser ─ SipMessage
-                    └─ Fragment ─ ipfrag ─ Reassembled ─ transport ┘   (front)   (may run in workers)
+    Frame ─ decode ─┬─ Datagram(UDP) ─ detect ─ dedup ──────────────────┬─ SipParser ─ SipMessage
+                    ├─ Datagram(TCP) ─ tcpstream (wsframe) ──────────────┤
+                    ├─ Datagram(SCTP) ─ sctp ────────────────────────────┤
+                    └─ Fragment ─ ipfrag ─ Reassembled ─ decode.transport ┘ (and round again)
 
-``CaptureStage`` (decode, IP reassembly, SIP detection) is the front: cheap, stateful,
-one per capture. ``SipParser`` turns a candidate into a ``SipMessage``; it is stateless,
-so ``shard.py`` can run it in worker processes. ``MessagePipeline`` chains both in one
-process. All of it is pure: the packet timestamp is the only clock (fragment timeouts
-fire in ``advance``), no I/O, so tests feed frames directly.
+``CaptureStage`` is the front: stateful, cheap per packet, one per capture; it hands on
+``Datagram``s that each hold one SIP message candidate. ``SipParser`` turns a candidate
+into a ``SipMessage``; it keeps no state, so the ``messages`` command runs the same work
+in worker processes (``messagerun``/``shard``). ``MessagePipeline`` chains both in one
+process. All of it is pure: the packet timestamp is the only clock (timeouts fire in
+``_advance``), no I/O, so tests feed frames directly.
 """
 
 from __future__ import annotations
@@ -17,11 +20,10 @@ import socket
 from sipsniff_acc import decode as dec
 from sipsniff_acc import sip
 from sipsniff_acc.events import Anomaly, Counters, Datagram, Fragment, Frame, Transport
+from sipsniff_acc.ipfrag import FragmentReassembler, Reassembled
 from sipsniff_acc.sctp import SctpReassembler
 from sipsniff_acc.tcpstream import TcpReassembler
-from sipsniff_acc.ipfrag import FragmentReassembler, Reassembled
 
-_UDP = Transport.UDP
 looks_like_sip = sip.looks_like_sip
 
 DUP_WINDOW = 0.02  #: seconds; mirror copies arrive within microseconds, SIP retransmissions >= 250 ms apart
@@ -33,10 +35,6 @@ ADVANCE_EVERY = 1.0
 
 _ntop = socket.inet_ntop
 _AF = {4: socket.AF_INET, 16: socket.AF_INET6}
-
-
-def ip_text(addr: bytes) -> str:
-    return _ntop(_AF[len(addr)], addr)
 
 
 class Deduplicator:
@@ -91,13 +89,7 @@ class CaptureStage:
             self._advance(frame.ts, out)
         item = dec.decode(frame)
         if item.__class__ is Datagram:
-            if item.transport is _UDP and looks_like_sip(item.payload):
-                if self.dedup.duplicate(item):
-                    c.duplicates += 1
-                else:
-                    out.append(item)
-            else:
-                self._datagram(item, out)
+            self._datagram(item, out)
         elif item is None:
             c.skipped["not_ip_or_unsupported"] += 1
         elif item.__class__ is Fragment:

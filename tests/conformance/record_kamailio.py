@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Record what a real Kamailio 5.6 writes with its acc module, for the conformance suite.
+
+For each case: a fresh SQLite acc database, tcpdump on loopback, Kamailio (kamailio.cfg.in)
+on 127.0.9.1:5060, a SIPp UAS on 127.0.9.3:5080, a SIPp UAC on 127.0.9.2:5070 whose
+INVITE is sent to Kamailio with the UAS in its Request-URI. Afterwards the case folder
+holds capture.pcap (what crossed the wire), acc.json and missed_calls.json (Kamailio's
+rows) and acc.log (its ACC lines): the expected output for `sipsniff-acc process`.
+
+Run as root: python tests/conformance/record_kamailio.py [CASE...]
+Every process is ours, stopped by PID; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CASES_DIR = HERE / "cases"
+PROXY, UAC, UAS = "127.0.9.1", "127.0.9.2", "127.0.9.3"
+SQL = Path("/usr/share/kamailio/db_sqlite")
+
+#: case -> (UAC scenario, UAS scenario, calls); "uac"/"uas" are SIPp's built-in ones
+CASES: dict[str, tuple[str, str, int]] = {
+    "answered_bye_from_caller": ("uac", "uas", 2),
+    "busy_486": ("uac", "uas_busy.xml", 1),
+    "cancel_after_180": ("uac_cancel.xml", "uas_ring_cancel.xml", 1),
+}
+
+
+def _scenario(name: str) -> list[str]:
+    return ["-sn", name] if name in ("uac", "uas") else ["-sf", str(HERE / "scenarios" / name)]
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def record(case: str, cases_dir: Path = CASES_DIR) -> Path:
+    """Run one case; its folder (capture, rows, log lines) is returned."""
+    uac, uas, calls = CASES[case]
+    out = cases_dir / case
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        db = work / "acc.db"
+        con = sqlite3.connect(db)
+        con.executescript((SQL / "standard-create.sql").read_text() + (SQL / "acc-create.sql").read_text())
+        con.close()
+        cfg = work / "kamailio.cfg"
+        cfg.write_text((HERE / "kamailio.cfg.in").read_text().format(proxy=PROXY, db=db))
+        pcap = work / "capture.pcap"
+        dump = subprocess.Popen(["tcpdump", "-i", "lo", "-s", "0", "-U", "-w", str(pcap), "net 127.0.9.0/24"],
+                                stderr=subprocess.DEVNULL)
+        log = open(work / "kamailio.log", "wb")  # noqa: SIM115
+        kam = subprocess.Popen(["kamailio", "-f", str(cfg), "-DD", "-E", "-Y", str(work), "-P", str(work / "k.pid"),
+                                "-m", "32", "-M", "8"], stderr=log, stdout=log)
+        uas_proc = subprocess.Popen(["sipp", *_scenario(uas), "-i", UAS, "-p", "5080", "-m", str(calls),
+                                     "-nostdin", "-timeout", "30"], cwd=work,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(1.5)
+            if kam.poll() is not None:
+                raise SystemExit(f"kamailio exited: {(work / 'kamailio.log').read_text()[-2000:]}")
+            subprocess.run(["sipp", *_scenario(uac), f"{UAS}:5080", "-rsa", f"{PROXY}:5060", "-i", UAC, "-p", "5070",
+                            "-m", str(calls), "-r", "2", "-d", "500", "-nostdin", "-timeout", "30"],
+                           cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False)
+            try:
+                uas_proc.wait(15)
+            except subprocess.TimeoutExpired:
+                print(f"{case}: the UAS did not finish its calls", file=sys.stderr)
+            time.sleep(1.0)
+        finally:
+            _stop(uas_proc)
+            _stop(kam)
+            log.close()
+            time.sleep(0.5)
+            _stop(dump)
+        con = sqlite3.connect(db)
+        con.row_factory = sqlite3.Row
+        for table in ("acc", "missed_calls"):
+            rows = [dict(r) for r in con.execute(f"SELECT * FROM {table} ORDER BY id")]  # noqa: S608 - fixed names
+            (out / f"{table}.json").write_text(json.dumps(rows, indent=1) + "\n")
+        con.close()
+        lines = [line for line in (work / "kamailio.log").read_text(errors="replace").splitlines() if "ACC:" in line]
+        (out / "acc.log").write_text("".join(line + "\n" for line in lines))
+        shutil.copy(pcap, out / "capture.pcap")
+    print(f"{case}: {len(json.loads((out / 'acc.json').read_text()))} acc rows, "
+          f"{len(json.loads((out / 'missed_calls.json').read_text()))} missed_calls rows, {len(lines)} ACC lines")
+    return out
+
+
+def main() -> None:
+    for case in sys.argv[1:] or list(CASES):
+        record(case)
+
+
+if __name__ == "__main__":
+    main()
