@@ -22,17 +22,31 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 CASES_DIR = HERE / "cases"
 PROXY, UAC, UAS = "127.0.9.1", "127.0.9.2", "127.0.9.3"
 SQL = Path("/usr/share/kamailio/db_sqlite")
 
-#: case -> (UAC scenario, UAS scenario, calls); "uac"/"uas" are SIPp's built-in ones
-CASES: dict[str, tuple[str, str, int]] = {
-    "answered_bye_from_caller": ("uac", "uas", 2),
-    "busy_486": ("uac", "uas_busy.xml", 1),
-    "cancel_after_180": ("uac_cancel.xml", "uas_ring_cancel.xml", 1),
+class Case(NamedTuple):
+    uac: str  #: SIPp scenario of the caller ("uac" is SIPp's built-in one)
+    uas: str  #: of the callee ("uas" built in)
+    calls: int = 1
+    invite_flags: tuple[int, ...] = (1, 2)  #: setflag() on an initial INVITE (1 acc, 2 missed, 3 failed)
+    fr_inv_timer: int = 120000  #: tm's no-answer timer, ms (Kamailio's default)
+
+
+CASES: dict[str, Case] = {
+    "answered_bye_from_caller": Case("uac", "uas", calls=2),
+    "busy_486": Case("uac_rejected.xml", "uas_busy.xml"),
+    "callee_404": Case("uac_rejected.xml", "uas_not_found.xml"),
+    "cancel_after_180": Case("uac_cancel.xml", "uas_ring_cancel.xml"),
+    # failed_transaction_flag and the missed flag both set: two records, acc and missed_calls
+    "busy_486_failed_and_missed": Case("uac_rejected.xml", "uas_busy.xml", invite_flags=(1, 2, 3)),
+    # nobody answers: tm's timer fires, Kamailio CANCELs the callee and sends its own 408 upstream
+    "no_answer_proxy_408": Case("uac_rejected.xml", "uas_ring_cancel.xml", invite_flags=(1, 2, 3),
+                                fr_inv_timer=2000),
 }
 
 
@@ -52,7 +66,7 @@ def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
 
 def record(case: str, cases_dir: Path = CASES_DIR) -> Path:
     """Run one case; its folder (capture, rows, log lines) is returned."""
-    uac, uas, calls = CASES[case]
+    c = CASES[case]
     out = cases_dir / case
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,22 +76,24 @@ def record(case: str, cases_dir: Path = CASES_DIR) -> Path:
         con.executescript((SQL / "standard-create.sql").read_text() + (SQL / "acc-create.sql").read_text())
         con.close()
         cfg = work / "kamailio.cfg"
-        cfg.write_text((HERE / "kamailio.cfg.in").read_text().format(proxy=PROXY, db=db))
+        flags = "\n".join(f"\t\tsetflag({f});" for f in c.invite_flags)
+        cfg.write_text((HERE / "kamailio.cfg.in").read_text().format(
+            proxy=PROXY, db=db, invite_flags=flags, fr_inv_timer=c.fr_inv_timer))
         pcap = work / "capture.pcap"
         dump = subprocess.Popen(["tcpdump", "-i", "lo", "-s", "0", "-U", "-w", str(pcap), "net 127.0.9.0/24"],
                                 stderr=subprocess.DEVNULL)
         log = open(work / "kamailio.log", "wb")  # noqa: SIM115
         kam = subprocess.Popen(["kamailio", "-f", str(cfg), "-DD", "-E", "-Y", str(work), "-P", str(work / "k.pid"),
                                 "-m", "32", "-M", "8"], stderr=log, stdout=log)
-        uas_proc = subprocess.Popen(["sipp", *_scenario(uas), "-i", UAS, "-p", "5080", "-m", str(calls),
+        uas_proc = subprocess.Popen(["sipp", *_scenario(c.uas), "-i", UAS, "-p", "5080", "-m", str(c.calls),
                                      "-nostdin", "-timeout", "30"], cwd=work,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             time.sleep(1.5)
             if kam.poll() is not None:
                 raise SystemExit(f"kamailio exited: {(work / 'kamailio.log').read_text()[-2000:]}")
-            subprocess.run(["sipp", *_scenario(uac), f"{UAS}:5080", "-rsa", f"{PROXY}:5060", "-i", UAC, "-p", "5070",
-                            "-m", str(calls), "-r", "2", "-d", "500", "-nostdin", "-timeout", "30"],
+            subprocess.run(["sipp", *_scenario(c.uac), f"{UAS}:5080", "-rsa", f"{PROXY}:5060", "-i", UAC, "-p", "5070",
+                            "-m", str(c.calls), "-r", "2", "-d", "500", "-nostdin", "-timeout", "30"],
                            cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False)
             try:
                 uas_proc.wait(15)
