@@ -33,7 +33,9 @@ class Case(NamedTuple):
     uac: str  #: SIPp scenario of the caller ("uac" is SIPp's built-in one)
     uas: str  #: of the callee ("uas" built in)
     calls: int = 1
-    invite_flags: tuple[int, ...] = (1, 2)  #: setflag() on an initial INVITE (1 acc, 2 missed, 3 failed)
+    invite_flags: tuple[int, ...] = (1, 2)  #: setflag() on an initial request (1 acc, 2 missed, 3 failed)
+    flag_methods: str = "INVITE"  #: which initial requests get those flags (is_method() list)
+    modparams: tuple[tuple[str, int], ...] = ()  #: extra acc modparams
     fr_inv_timer: int = 120000  #: tm's no-answer timer, ms (Kamailio's default)
 
 
@@ -47,6 +49,13 @@ CASES: dict[str, Case] = {
     # nobody answers: tm's timer fires, Kamailio CANCELs the callee and sends its own 408 upstream
     "no_answer_proxy_408": Case("uac_rejected.xml", "uas_ring_cancel.xml", invite_flags=(1, 2, 3),
                                 fr_inv_timer=2000),
+    # the callee hangs up; with detect_direction the BYE's tags are swapped back (acc-spec §2.4)
+    "bye_from_callee": Case("uac_wait_bye.xml", "uas_bye.xml"),
+    "bye_from_callee_detect_direction": Case("uac_wait_bye.xml", "uas_bye.xml", modparams=(("detect_direction", 1),)),
+    "message_flagged": Case("uac_message.xml", "uas_message.xml", invite_flags=(1,), flag_methods="MESSAGE"),
+    "report_ack": Case("uac", "uas", modparams=(("report_ack", 1),)),
+    "report_cancels": Case("uac_cancel.xml", "uas_ring_cancel.xml", modparams=(("report_cancels", 1),)),
+    "early_media_183": Case("uac_early_media.xml", "uas_early_media.xml", modparams=(("early_media", 1),)),
 }
 
 
@@ -77,8 +86,10 @@ def record(case: str, cases_dir: Path = CASES_DIR) -> Path:
         con.close()
         cfg = work / "kamailio.cfg"
         flags = "\n".join(f"\t\tsetflag({f});" for f in c.invite_flags)
+        params = "\n".join(f'modparam("acc", "{k}", {v})' for k, v in c.modparams)
         cfg.write_text((HERE / "kamailio.cfg.in").read_text().format(
-            proxy=PROXY, db=db, invite_flags=flags, fr_inv_timer=c.fr_inv_timer))
+            proxy=PROXY, db=db, invite_flags=flags, fr_inv_timer=c.fr_inv_timer, modparams=params,
+            flag_methods=c.flag_methods))
         pcap = work / "capture.pcap"
         dump = subprocess.Popen(["tcpdump", "-i", "lo", "-s", "0", "-U", "-w", str(pcap), "net 127.0.9.0/24"],
                                 stderr=subprocess.DEVNULL)
