@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 CASES_DIR = HERE / "cases"
-PROXY, UAC, UAS = "127.0.9.1", "127.0.9.2", "127.0.9.3"
+PROXY, UAC, UAS, UAS2 = "127.0.9.1", "127.0.9.2", "127.0.9.3", "127.0.9.4"
 SQL = Path("/usr/share/kamailio/db_sqlite")
 
 class Case(NamedTuple):
@@ -37,6 +37,7 @@ class Case(NamedTuple):
     flag_methods: str = "INVITE"  #: which initial requests get those flags (is_method() list)
     modparams: tuple[tuple[str, int], ...] = ()  #: extra acc modparams
     fr_inv_timer: int = 120000  #: tm's no-answer timer, ms (Kamailio's default)
+    uas2: str = ""  #: a second callee's scenario: the call is forked to both (Request-URI user "fork")
 
 
 CASES: dict[str, Case] = {
@@ -56,6 +57,8 @@ CASES: dict[str, Case] = {
     "report_ack": Case("uac", "uas", modparams=(("report_ack", 1),)),
     "report_cancels": Case("uac_cancel.xml", "uas_ring_cancel.xml", modparams=(("report_cancels", 1),)),
     "early_media_183": Case("uac_early_media.xml", "uas_early_media.xml", modparams=(("early_media", 1),)),
+    # parallel forking: one callee answers, the other rings and is CANCELled by the proxy (487)
+    "parallel_fork_one_answers": Case("uac", "uas", uas2="uas_ring_cancel.xml", invite_flags=(1, 2, 3)),
 }
 
 
@@ -89,7 +92,7 @@ def record(case: str, cases_dir: Path = CASES_DIR) -> Path:
         params = "\n".join(f'modparam("acc", "{k}", {v})' for k, v in c.modparams)
         cfg.write_text((HERE / "kamailio.cfg.in").read_text().format(
             proxy=PROXY, db=db, invite_flags=flags, fr_inv_timer=c.fr_inv_timer, modparams=params,
-            flag_methods=c.flag_methods))
+            flag_methods=c.flag_methods, uas2=UAS2))
         pcap = work / "capture.pcap"
         dump = subprocess.Popen(["tcpdump", "-i", "lo", "-s", "0", "-U", "-w", str(pcap), "net 127.0.9.0/24"],
                                 stderr=subprocess.DEVNULL)
@@ -99,11 +102,17 @@ def record(case: str, cases_dir: Path = CASES_DIR) -> Path:
         uas_proc = subprocess.Popen(["sipp", *_scenario(c.uas), "-i", UAS, "-p", "5080", "-m", str(c.calls),
                                      "-nostdin", "-timeout", "30"], cwd=work,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        uas2_proc = None
+        if c.uas2:
+            uas2_proc = subprocess.Popen(["sipp", *_scenario(c.uas2), "-i", UAS2, "-p", "5080", "-m", str(c.calls),
+                                          "-nostdin", "-timeout", "30"], cwd=work,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             time.sleep(1.5)
             if kam.poll() is not None:
                 raise SystemExit(f"kamailio exited: {(work / 'kamailio.log').read_text()[-2000:]}")
-            subprocess.run(["sipp", *_scenario(c.uac), f"{UAS}:5080", "-rsa", f"{PROXY}:5060", "-i", UAC, "-p", "5070",
+            service = ["-s", "fork"] if c.uas2 else []
+            subprocess.run(["sipp", *_scenario(c.uac), *service, f"{UAS}:5080", "-rsa", f"{PROXY}:5060", "-i", UAC, "-p", "5070",
                             "-m", str(c.calls), "-r", "2", "-d", "500", "-nostdin", "-timeout", "30"],
                            cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False)
             try:
@@ -113,6 +122,8 @@ def record(case: str, cases_dir: Path = CASES_DIR) -> Path:
             time.sleep(1.0)
         finally:
             _stop(uas_proc)
+            if uas2_proc is not None:
+                _stop(uas2_proc)
             _stop(kam)
             log.close()
             time.sleep(0.5)
