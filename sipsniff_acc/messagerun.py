@@ -8,14 +8,13 @@ both modes share one code path and give byte-identical output.
 from __future__ import annotations
 
 import heapq
-import socket
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
 from sipsniff_acc import sip
 from sipsniff_acc.events import Counters, Datagram, Frame, Transport
 from sipsniff_acc.messagelog import jsonl, table
-from sipsniff_acc.pipeline import ADDR_CACHE, CaptureStage
+from sipsniff_acc.pipeline import AddressText, CaptureStage
 from sipsniff_acc.shard import batched, ordered_map
 
 #: what crosses the process boundary: a Datagram as a plain tuple (cheaper to pickle)
@@ -23,7 +22,6 @@ Candidate = tuple[float, int, str, bytes, int, bytes, int, bytes, tuple[str, ...
 Delta = tuple[int, dict[str, int]]  #: SIP messages parsed, anomalies by name
 
 _TEXT = {t: t.value for t in Transport}  # an Enum's .value is a property: ~5x a dict lookup
-_AF = {4: socket.AF_INET, 16: socket.AF_INET6}
 
 
 def _as_candidate(d: Datagram) -> Candidate:
@@ -46,13 +44,11 @@ def _candidates(frames: Iterable[Frame], capture: CaptureStage) -> Iterator[Cand
 def format_batch(fmt: str) -> Callable[[list[Candidate]], tuple[bytes, Delta]]:
     """A function that parses a batch of candidates and formats each message as one line."""
     line = jsonl if fmt == "jsonl" else table
-    addr: dict[bytes, str] = {}
+    addr = AddressText()
     encaps: dict[tuple[str, ...], str] = {}
-    parse, SipError, ntop = sip.parse, sip.SipError, socket.inet_ntop
+    parse, SipError = sip.parse, sip.SipError
 
     def work(batch: list[Candidate]) -> tuple[bytes, Delta]:
-        if len(addr) > ADDR_CACHE:
-            addr.clear()
         anomalies: Counter[str] = Counter()
         lines = []
         for ts, no, transport, src, sport, dst, dport, payload, encap, _source in batch:
@@ -64,8 +60,7 @@ def format_batch(fmt: str) -> Callable[[list[Candidate]], tuple[bytes, Delta]]:
             if m.defects:
                 anomalies.update(m.defects)
             lines.append(line(
-                ts, no, addr.get(src) or addr.setdefault(src, ntop(_AF[len(src)], src)), sport,
-                addr.get(dst) or addr.setdefault(dst, ntop(_AF[len(dst)], dst)), dport, transport,
+                ts, no, addr(src), sport, addr(dst), dport, transport,
                 encaps.get(encap) or encaps.setdefault(encap, "/".join(encap)), m,
             ))
         return b"".join(lines), (len(lines), dict(anomalies))

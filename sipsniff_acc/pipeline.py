@@ -37,6 +37,22 @@ _ntop = socket.inet_ntop
 _AF = {4: socket.AF_INET, 16: socket.AF_INET6}
 
 
+class AddressText:
+    """Packed address -> text, cached: a capture has few distinct addresses, and inet_ntop
+    per message was a tenth of the parse cost."""
+
+    def __init__(self) -> None:
+        self._cache: dict[bytes, str] = {}
+
+    def __call__(self, addr: bytes) -> str:
+        text = self._cache.get(addr)
+        if text is None:
+            if len(self._cache) > ADDR_CACHE:
+                self._cache.clear()
+            text = self._cache[addr] = _ntop(_AF[len(addr)], addr)
+        return text
+
+
 class Deduplicator:
     """Drops exact copies of a SIP datagram seen again within ``window`` seconds.
 
@@ -171,12 +187,11 @@ class CaptureStage:
 
 class SipParser:
     """A SIP candidate in; a ``SipMessage`` (plus anomalies for its defects) out. Stateless
-    but for a cache of address texts (a capture has few distinct addresses; inet_ntop per
-    message was a tenth of the parse cost)."""
+    but for a cache of address texts."""
 
     def __init__(self, counters: Counters | None = None) -> None:
         self.counters = counters or Counters()
-        self._addr: dict[bytes, str] = {}
+        self._addr = AddressText()
         self.last_error = sip.SipError("none")
 
     def feed(self, d: Datagram) -> list[sip.SipMessage | Anomaly]:
@@ -211,13 +226,11 @@ class SipParser:
             self.last_error = err
             return None
         addr = self._addr
-        if len(addr) > ADDR_CACHE:
-            addr.clear()
         msg.ts = ts
         msg.no = no
-        msg.src = addr.get(src) or addr.setdefault(src, _ntop(_AF[len(src)], src))
+        msg.src = addr(src)
         msg.sport = sport
-        msg.dst = addr.get(dst) or addr.setdefault(dst, _ntop(_AF[len(dst)], dst))
+        msg.dst = addr(dst)
         msg.dport = dport
         msg.transport = transport
         msg.encap = encap

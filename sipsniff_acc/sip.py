@@ -72,10 +72,6 @@ class SipError(Exception):
         self.detail = detail
 
 
-def _text(b: bytes) -> str:
-    return b.decode("utf-8", "replace")
-
-
 def looks_like_sip(payload: bytes) -> bool:
     """Cheap content check, any port: a status line, or a request line ending in SIP/2.0."""
     if payload[:8] == b"SIP/2.0 ":
@@ -145,8 +141,8 @@ class SipMessage:
                 name, colon, value = line.partition(b":")
                 if not colon:
                     continue
-                key = _text(name.strip()).lower()
-                out.append((COMPACT_FORMS.get(key, key), _text(value.strip())))
+                key = _decode(name.strip()).lower()
+                out.append((COMPACT_FORMS.get(key, key), _decode(value.strip())))
             self._headers = out
         return self._headers
 
@@ -172,7 +168,7 @@ class SipMessage:
 
     @property
     def first_line(self) -> str:
-        return _text(self.raw[: self.raw.find(b"\n")].rstrip(b"\r"))
+        return _decode(self.raw[: self.raw.find(b"\n")].rstrip(b"\r"))
 
     def __repr__(self) -> str:
         what = self.method if self.is_request else f"{self.code} {self.reason}"
@@ -273,7 +269,7 @@ def parse(data: bytes) -> SipMessage:
             or (parts[2] != b"SIP/2.0" and parts[2].upper() != b"SIP/2.0")
             or not (parts[0].isalpha() or _TOKEN.match(parts[0]))
         ):
-            raise SipError("sip_bad_start_line", _text(line[:80]))
+            raise SipError("sip_bad_start_line", _decode(line[:80]))
         msg.is_request = True
         msg.method = _decode(parts[0])
         msg.ruri = _decode(parts[1])
