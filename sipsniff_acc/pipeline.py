@@ -245,8 +245,8 @@ class SipParser:
 class MessagePipeline:
     """Capture and parse in one process: feed frames, get SIP messages; ``finish`` at the end."""
 
-    def __init__(self) -> None:
-        self.counters = Counters()
+    def __init__(self, counters: Counters | None = None) -> None:
+        self.counters = counters or Counters()
         self.capture = CaptureStage(self.counters)
         self.parser = SipParser(self.counters)
 

@@ -24,3 +24,24 @@ def our_messages_of(pcap: Path) -> list[dict[str, object]]:
     res = subprocess.run([sys.executable, "-m", "sipsniff_acc", "messages", "-q", str(pcap)],
                          capture_output=True, text=True, timeout=120, check=True)
     return [json.loads(line) for line in res.stdout.splitlines()]
+
+
+def rules_for(case: str, proxy_addresses: bool = True) -> str:
+    """The rules.yaml equivalent of kamailio.cfg.in filled in for one case."""
+    from tests.conformance.record_kamailio import CASES, PROXY
+
+    c = CASES[case]
+    params = {"log_flag": 1, "log_missed_flag": 2, "db_flag": 1, "db_missed_flag": 2, "failed_transaction_flag": 3,
+              "log_level": 1}
+    params.update(dict(c.modparams))
+    acc = "".join(f"  {k}: {json.dumps(v)}\n" for k, v in params.items())
+    methods = json.dumps(c.flag_methods.split("|"))
+    addresses = f'["{PROXY}:5060"]' if proxy_addresses else "[]"
+    return (
+        f"profile: kamailio-5.6\nproxy:\n  addresses: {addresses}\ntm:\n  fr_inv_timer: {c.fr_inv_timer / 1000}\n"
+        f"acc:\n{acc}"
+        "route:\n"
+        "  - if: {in_dialog: true, method: BYE}\n    setflag: [1, 3]\n"
+        "  - if: {in_dialog: true}\n    stop: true\n"
+        f"  - if: {{method: {methods}}}\n    setflag: {json.dumps(list(c.invite_flags))}\n"
+    )

@@ -1,0 +1,250 @@
+"""The acc module's logic (acc-spec §1-2): tracker events + rules → ``AccRecord``s.
+
+Mirrors Kamailio 5.6 acc_logic.c: flags are read when the request creates its transaction
+(acc_onreq); ON_FAILURE reports missed calls and resets the missed flags that fired, then
+failure_route runs; RESPONSE_OUT reports a missed call first if the missed flag is still
+set (a local reply: no branches), then the answered record if should_acc_reply. Pure.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from sipsniff_acc import pv
+from sipsniff_acc.records import ACKED, ANSWERED, MISSED, REQUEST, AccRecord, RecordIds, error_text, parse_comment
+from sipsniff_acc.rules import Rule, RulesFile
+from sipsniff_acc.sip import SipMessage
+from sipsniff_acc.tracker import AckIn, BranchesFailed, Event, ReplyOut, RequestIn, Transaction
+
+BACKENDS = ("log", "db", "radius", "diameter")
+
+
+@dataclass(slots=True)
+class TxnAcc:
+    """What the proxy script decided for one transaction."""
+
+    flags: int = 0
+    avps: dict[str, list[str]] = field(default_factory=dict)
+    registered: bool = False  #: acc callbacks installed at creation (an acc, missed or prepare flag was set)
+    dropped: bool = False
+    upstream: bool = False  #: detect_direction: the request goes callee -> caller
+
+
+def _route_ftag(msg: SipMessage) -> str | None:
+    """The ftag parameter of the first Route (the one loose_route consumes), rr's append_fromtag."""
+    route = msg.header_values("route")
+    if not route:
+        return None
+    first = route[0]
+    i = first.lower().find("ftag=")
+    if i < 0:
+        return None
+    value = first[i + 5 :]
+    for stop in (";", ">", ",", " "):
+        value = value.split(stop, 1)[0]
+    return value
+
+
+class AccEngine:
+    def __init__(self, rules: RulesFile) -> None:
+        self.rules = rules
+        self.acc = rules.acc
+        self.profile = rules.profile_info
+        self.relay_mode = rules.reply_relay_mode
+        self.ids = RecordIds()
+        self.counts: Counter[str] = Counter()
+        self.start = 0.0
+        self._acc_flags = self.acc.flags(missed=False)
+        self._missed_flags = self.acc.flags(missed=True)
+        self._watch = 0
+        for f in (*self._acc_flags.values(), *self._missed_flags.values()):
+            self._watch |= 1 << f
+
+    # --- events --------------------------------------------------------------------------
+
+    def feed(self, event: Event) -> list[AccRecord]:
+        out: list[AccRecord] = []
+        if not self.start:
+            self.start = event.msg.ts if isinstance(event, (RequestIn, AckIn)) else event.ts
+        if isinstance(event, RequestIn):
+            self._request_in(event.txn, event.msg, out)
+        elif isinstance(event, ReplyOut):
+            self._reply_out(event, out)
+        elif isinstance(event, BranchesFailed):
+            self._failed(event, out)
+        elif isinstance(event, AckIn):
+            self._ack_in(event, out)
+        for r in out:
+            self.ids.assign(r)
+            self.counts[r.kind] += 1
+        return out
+
+    def _run(self, rules: list[Rule], msg: SipMessage, state: TxnAcc, code: int, ts: float,
+             out: list[AccRecord], new_uri: str | None = None) -> None:
+        """Walk route / failure_route: conditions see the flags as set so far."""
+        for rule in rules:
+            if not rule.if_.matches(msg, state.flags, code):
+                continue
+            for f in rule.flags_set:
+                state.flags |= 1 << f
+            for f in rule.flags_reset:
+                state.flags &= ~(1 << f)
+            if rule.set_avp:
+                ctx = pv.PvContext(msg, new_uri, state.avps, ts, self.start)
+                for name, value in rule.set_avp.items():
+                    state.avps.setdefault(name, []).insert(0, pv.interpolate(str(value), ctx))
+            for backends, call in rule.acc_calls():
+                self._script_record(msg, state, backends.split("+"), call.comment, call.table, ts, new_uri, out)
+            if rule.drop:
+                state.dropped = True
+            if rule.stop or rule.drop:
+                break
+
+    def _request_in(self, txn: Transaction, msg: SipMessage, out: list[AccRecord]) -> None:
+        state = TxnAcc()
+        txn.acc = state
+        self._run(self.rules.route, msg, state, 0, msg.ts, out)
+        if state.dropped:
+            return
+        if txn.method == "CANCEL" and not self.acc.report_cancels:
+            return  # skip_cancel(): CANCEL transactions are not accounted
+        state.registered = bool(state.flags & self._watch)
+        if self.acc.detect_direction and msg.to_tag:
+            ftag = _route_ftag(msg)
+            state.upstream = bool(ftag) and ftag != msg.from_tag
+
+    def _ack_in(self, ev: AckIn, out: list[AccRecord]) -> None:
+        msg = ev.msg
+        ack_state = TxnAcc()
+        self._run(self.rules.route, msg, ack_state, 0, msg.ts, out)
+        inv = ev.invite
+        if not ev.first or inv is None or inv.acc is None or ack_state.dropped:
+            return
+        st: TxnAcc = inv.acc
+        if not (self.acc.report_ack and st.registered and not st.dropped):
+            return
+        backends = [b for b in ("log", "db") if b in self._acc_flags and st.flags & (1 << self._acc_flags[b])]
+        backends += [b for b in ("radius", "diameter") if b in self._acc_flags and ack_state.flags & (1 << self._acc_flags[b])]
+        if not backends:
+            return
+        code = inv.final.code if inv.final is not None else 200
+        ctx = pv.PvContext(msg, None, st.avps, msg.ts, self.start)
+        out.append(self._record(ACKED, msg, ctx, backends, self.acc.db_table_acc, msg.ts, self._method(msg),
+                                msg.from_tag, msg.to_tag, str(code), error_text(code), local=False))
+
+    def _failed(self, ev: BranchesFailed, out: list[AccRecord]) -> None:
+        txn = ev.txn
+        st: TxnAcc | None = txn.acc
+        if st is None or st.dropped:
+            return
+        if st.registered:
+            self._missed(txn, st, ev.reply, ev.code, ev.ts, ev.branch, out)
+        new_uri = ev.branch.request.ruri if ev.branch is not None else None
+        self._run(self.rules.failure_route, txn.request, st, ev.code, ev.ts, out, new_uri)
+
+    def _missed(self, txn: Transaction, st: TxnAcc, reply: SipMessage | None, code: int, ts: float,
+                branch: Transaction | None, out: list[AccRecord]) -> None:
+        backends = [b for b, f in self._missed_flags.items() if st.flags & (1 << f)]
+        if not backends:
+            return
+        req = txn.request
+        if self.profile.missed_uses_last_branch and txn.branches:
+            branch = txn.branches[-1]
+        if reply is not None:
+            to_tag, reason, local = reply.to_tag, self._reason(reply), False
+        else:  # FAKED: the request's To, else tm's local tag (env_set_totag, 5.5+)
+            local_tag = txn.final.to_tag if txn.final is not None else None
+            to_tag = req.to_tag or (None if self.profile.faked_to_tag_empty else local_tag)
+            reason, local = self._local_reason(code, txn.final), True
+        ctx = pv.PvContext(req, branch.request.ruri if branch is not None else None, st.avps, ts, self.start)
+        from_tag = req.from_tag
+        if st.upstream:
+            from_tag, to_tag = req.to_tag, req.from_tag
+        out.append(self._record(MISSED, req, ctx, backends, self.acc.db_table_missed_calls, ts, self._method(req),
+                                from_tag, to_tag, str(code), reason, local))
+        for b in backends:
+            st.flags &= ~(1 << self._missed_flags[b])
+
+    def _reply_out(self, ev: ReplyOut, out: list[AccRecord]) -> None:
+        txn = ev.txn
+        st: TxnAcc | None = txn.acc
+        if st is None or not st.registered or st.dropped or txn.stateless:
+            return
+        req = txn.request
+        code = ev.code
+        if txn.method == "INVITE" and code >= 300 and not ev.late:
+            # still-set missed flags: a local reply with no branches (acc_onreply → on_missed)
+            self._missed(txn, st, None if ev.local else ev.reply, code, ev.ts, ev.branch, out)
+        if not self._should_acc(ev, st):
+            return
+        backends = [b for b, f in self._acc_flags.items() if st.flags & (1 << f)]
+        if not backends:
+            return
+        reply = ev.reply
+        if ev.local or reply is None:
+            to_tag = req.to_tag or (None if self.profile.faked_to_tag_empty or reply is None else reply.to_tag)
+            reason = self._local_reason(code, reply)
+        else:
+            to_tag, reason = reply.to_tag, self._reason(reply)
+        from_tag = req.from_tag
+        if st.upstream:
+            from_tag, to_tag = (reply.to_tag if reply is not None and not ev.local else req.to_tag), req.from_tag
+        code_s = str(code) if reply is None or ev.local else f"{reply.code:03d}"
+        new_uri = ev.branch.request.ruri if ev.branch is not None else (
+            txn.branches[0].request.ruri if txn.branches else None)
+        ctx = pv.PvContext(req, new_uri, st.avps, ev.ts, self.start)
+        out.append(self._record(ANSWERED, req, ctx, backends, self.acc.db_table_acc, ev.ts, self._method(req),
+                                from_tag, to_tag, code_s, reason, ev.local or reply is None))
+
+    def _should_acc(self, ev: ReplyOut, st: TxnAcc) -> bool:
+        """acc_logic.c should_acc_reply (+ tm's reply_relay_mode for late 2xx)."""
+        code = ev.code
+        if ev.late and self.relay_mode != 0:
+            return False
+        if code >= 300:
+            f = self.acc.failed_transaction_flag
+            return f is not None and bool(st.flags & (1 << f)) and code not in self.acc.failed_filtered
+        if code >= 200:
+            return True
+        if not self.acc.early_media:
+            return False
+        if self.profile.early_media_183_only:
+            return code == 183
+        reply = ev.reply
+        return reply is not None and (reply.content_length or 0) > 0
+
+    # --- fields --------------------------------------------------------------------------
+
+    def _method(self, req: SipMessage) -> str:
+        if self.profile.method_from_request_line:
+            return req.method
+        return req.cseq_method or req.method
+
+    def _reason(self, reply: SipMessage) -> str:
+        if self.acc.reason_from_hf:
+            r = reply.header("reason")
+            if r:
+                return r
+        return reply.reason
+
+    def _local_reason(self, code: int, reply: SipMessage | None) -> str:
+        if self.acc.local_reason == "wire" and reply is not None:
+            return reply.reason
+        return error_text(code)
+
+    def _script_record(self, msg: SipMessage, st: TxnAcc, backends: list[str], comment: str, table: str | None,
+                       ts: float, new_uri: str | None, out: list[AccRecord]) -> None:
+        code, reason = parse_comment(comment)
+        ctx = pv.PvContext(msg, new_uri, st.avps, ts, self.start)
+        out.append(self._record(REQUEST, msg, ctx, backends, table or self.acc.db_table_acc, ts, self._method(msg),
+                                msg.from_tag, msg.to_tag, code, reason, False))
+
+    def _record(self, kind: str, msg: SipMessage, ctx: pv.PvContext, backends: list[str], table: str, ts: float,
+                method: str, from_tag: str | None, to_tag: str | None, code: str, reason: str,
+                local: bool) -> AccRecord:
+        extras = {b: pv.evaluate_extras(self.acc.extras(b), ctx) for b in backends if self.acc.extras(b)}
+        legs = pv.evaluate_legs(self.acc.legs, ctx)
+        return AccRecord(kind, ts, method, from_tag, to_tag, msg.call_id, code, reason,
+                         tuple(b for b in BACKENDS if b in backends), table, extras, legs, msg.cseq_num, local,
+                         bool(msg.to_tag))

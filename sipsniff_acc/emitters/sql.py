@@ -1,0 +1,227 @@
+"""Kamailio-compatible ``acc`` / ``missed_calls`` rows through SQLAlchemy (acc-spec §4).
+
+Columns in Kamailio's order (core, time_mode columns, db_extra, multi_leg_info), one row
+per leg set. One column of ours, ``sipsniff_id`` (unique), holds the record's stable id, so
+a re-run on the same input inserts nothing twice (INSERT OR IGNORE / ON CONFLICT DO
+NOTHING / INSERT IGNORE). SQLite stores ``time`` as Kamailio's db_sqlite does: the Julian
+day of (t - 0.5 s) as a REAL, so Kamailio's own tools read our rows; other databases get a
+UTC DATETIME.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import (
+    Column, DateTime, Engine, Float, Index, Integer, MetaData, String, Table, create_engine, insert, inspect, select,
+)
+from sqlalchemy.exc import SQLAlchemyError
+
+from sipsniff_acc.records import AccRecord
+from sipsniff_acc.rules import AccParams, RulesFile
+
+ID_COLUMN = "sipsniff_id"
+BATCH = 500
+
+
+class SqlError(RuntimeError):
+    """The database refused or could not be reached; the message never holds the password."""
+
+
+def safe_url(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - only for messages
+        return "<unparseable URL>"
+
+
+def julian(ts: float) -> float:
+    """db_sqlite's timet_to_sqlite: ((t - 0.5) / 86400) + 2440587.5 on whole seconds."""
+    return ((int(ts) - 0.5) / 86400.0) + 2440587.5
+
+
+def table_names(rules: RulesFile) -> list[str]:
+    names = [rules.acc.db_table_acc, rules.acc.db_table_missed_calls]
+    for rule in (*rules.route, *rules.failure_route):
+        for backends, call in rule.acc_calls():
+            if "db" in backends.split("+") and call.table and call.table not in names:
+                names.append(call.table)
+    return names
+
+
+def build_table(meta: MetaData, name: str, acc: AccParams, sqlite: bool) -> Table:
+    cols: list[Column[Any]] = [
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column(acc.acc_method_column, String(16), nullable=False, server_default=""),
+        Column(acc.acc_from_tag_column, String(128), nullable=False, server_default=""),
+        Column(acc.acc_to_tag_column, String(128), nullable=False, server_default=""),
+        Column(acc.acc_callid_column, String(255), nullable=False, server_default=""),
+        Column(acc.acc_sip_code_column, String(3), nullable=False, server_default=""),
+        Column(acc.acc_sip_reason_column, String(128), nullable=False, server_default=""),
+        Column(acc.acc_time_column, Float if sqlite else DateTime, nullable=False),
+    ]
+    if acc.time_mode == 1:
+        cols += [Column(acc.time_attr, Integer), Column(acc.time_exten, Integer)]
+    elif acc.time_mode == 2:
+        cols.append(Column(acc.time_attr, Float))
+    elif acc.time_mode in (3, 4):
+        cols.append(Column(acc.time_attr, String(64)))
+    for extra, _spec in acc.extras("db") + acc.legs:
+        cols.append(Column(extra, String(128), nullable=True))
+    cols.append(Column(ID_COLUMN, String(32), nullable=True, unique=True))
+    t = Table(name, meta, *cols)
+    Index(f"{name}_callid_idx", t.c[acc.acc_callid_column])
+    return t
+
+
+class SqlEmitter:
+    """Writes the "db" backend's records, batched, idempotently."""
+
+    def __init__(self, url: str, rules: RulesFile, create: bool = True) -> None:
+        self.url = url
+        self.acc = rules.acc
+        try:
+            self.engine: Engine = create_engine(url)
+            self.sqlite = self.engine.dialect.name == "sqlite"
+            self.tables = prepare(self.engine, rules, create)
+        except SQLAlchemyError as e:
+            raise SqlError(f"{safe_url(url)}: {type(e).__name__}: {_short(e)}") from None
+        self.pending: dict[str, list[dict[str, Any]]] = {}
+        self.rows_written = 0
+        self.rows_offered = 0
+
+    def emit(self, records: list[AccRecord]) -> None:
+        for r in records:
+            if "db" not in r.backends:
+                continue
+            rows = self.pending.setdefault(r.table, [])
+            rows.extend(self.rows(r))
+            if len(rows) >= BATCH:
+                self.flush()
+
+    def rows(self, r: AccRecord) -> list[dict[str, Any]]:
+        a = self.acc
+        empty = None if self.sqlite or a.acc_extra_nullable else ""
+        base: dict[str, Any] = {
+            a.acc_method_column: r.method, a.acc_from_tag_column: r.from_tag or "",
+            a.acc_to_tag_column: r.to_tag or "", a.acc_callid_column: r.call_id or "",
+            a.acc_sip_code_column: r.code, a.acc_sip_reason_column: r.reason,
+            a.acc_time_column: julian(r.ts) if self.sqlite else dt.datetime.fromtimestamp(int(r.ts), dt.timezone.utc).replace(tzinfo=None),
+        }
+        sec = int(r.ts)
+        if a.time_mode == 1:
+            base[a.time_attr], base[a.time_exten] = sec, int(round((r.ts - sec) * 1e6)) % 1000000
+        elif a.time_mode == 2:
+            base[a.time_attr] = round(r.ts, 3)
+        elif a.time_mode in (3, 4):
+            base[a.time_attr] = time.strftime(a.time_format, time.localtime(sec) if a.time_mode == 3 else time.gmtime(sec))
+        for name, value in r.extras.get("db", ()):
+            base[name] = value if value else empty
+        legs = r.legs or [[]]
+        out = []
+        for i, leg in enumerate(legs):
+            row = dict(base)
+            for name, value in leg:
+                row[name] = value if value else empty
+            row[ID_COLUMN] = r.record_id if len(legs) == 1 else f"{r.record_id[:29]}.{i:02d}"
+            out.append(row)
+        return out
+
+    def flush(self) -> None:
+        if not any(self.pending.values()):
+            return
+        try:
+            with self.engine.begin() as con:
+                for name, rows in self.pending.items():
+                    if rows:
+                        table = self.tables[name]
+                        con.execute(_insert_ignore(table, self.engine.dialect.name), rows)
+                        self.rows_offered += len(rows)
+        except SQLAlchemyError as e:
+            raise SqlError(f"{safe_url(self.url)}: {type(e).__name__}: {_short(e)}") from None
+        self.pending = {}
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self.engine.dispose()
+
+    def count(self, table: str) -> int:
+        t = self.tables[table]
+        with self.engine.connect() as con:
+            return len(con.execute(select(t.c.id)).all())
+
+
+def _insert_ignore(table: Table, dialect: str) -> Any:
+    if dialect == "sqlite":
+        return insert(table).prefix_with("OR IGNORE")
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+        return pg_insert(table).on_conflict_do_nothing(index_elements=[ID_COLUMN])
+    if dialect in ("mysql", "mariadb"):
+        return insert(table).prefix_with("IGNORE")
+    return insert(table)
+
+
+def _short(e: Exception) -> str:
+    text = str(getattr(e, "orig", None) or e)
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def prepare(engine: Engine, rules: RulesFile, create: bool = True) -> dict[str, Table]:
+    """Create the tables that are missing; check that existing ones have every column we write."""
+    acc = rules.acc
+    sqlite = engine.dialect.name == "sqlite"
+    meta = MetaData()
+    tables = {name: build_table(meta, name, acc, sqlite) for name in table_names(rules)}
+    insp = inspect(engine)
+    existing = set(insp.get_table_names())
+    problems = []
+    for name, t in tables.items():
+        if name not in existing:
+            continue
+        have = {c["name"] for c in insp.get_columns(name)}
+        missing = [c.name for c in t.columns if c.name not in have and c.name != ID_COLUMN]
+        if missing:
+            problems.append(f"table {name} lacks column(s) {', '.join(missing)} (declared in rules.yaml)")
+        if ID_COLUMN not in have:
+            problems.append(f"table {name} has no {ID_COLUMN} column: add it (VARCHAR(32) UNIQUE) so re-runs "
+                            f"cannot duplicate rows, or create the table with `sipsniff-acc init-db`")
+    if problems:
+        raise SqlError("; ".join(problems))
+    if create:
+        meta.create_all(engine, tables=[t for n, t in tables.items() if n not in existing])
+        _version_rows(engine, tables)
+    return tables
+
+
+def _version_rows(engine: Engine, tables: dict[str, Table]) -> None:
+    """Kamailio's `version` table (standard-create.sql) so kamctl/kamcmd accept the schema."""
+    meta = MetaData()
+    version = Table("version", meta, Column("id", Integer, primary_key=True, autoincrement=True),
+                    Column("table_name", String(32), nullable=False, unique=True),
+                    Column("table_version", Integer, nullable=False, server_default="0"))
+    meta.create_all(engine)
+    wanted = {"acc": 5, "missed_calls": 4}
+    with engine.begin() as con:
+        have = {row[0] for row in con.execute(select(version.c.table_name))}
+        for name in tables:
+            if name not in have:
+                con.execute(insert(version), [{"table_name": name, "table_version": wanted.get(name, 5)}])
+
+
+def missing_columns(url: str, rules: RulesFile) -> Sequence[str]:
+    """init-db's check: what an existing schema lacks (empty when all is well)."""
+    engine = create_engine(url)
+    try:
+        prepare(engine, rules, create=False)
+    except SqlError as e:
+        return str(e).split("; ")
+    finally:
+        engine.dispose()
+    return []

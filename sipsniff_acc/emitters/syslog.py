@@ -1,0 +1,91 @@
+"""ACC lines to stdout, a file, the local syslog socket or a remote syslog server (UDP/TCP).
+
+A line for a stream is the message Kamailio hands to syslog (with its level/module prefix
+for the kamailio-5.6 profile, bare for openser-1.2); a datagram to a syslog socket is
+framed RFC 3164 with the record's packet time and the configured facility and level.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import IO
+from urllib.parse import urlsplit
+
+from sipsniff_acc.records import AccRecord
+from sipsniff_acc.rules import RulesFile
+from sipsniff_acc.sysloglines import level_of, payload, rfc3164
+
+
+class SyslogTargetError(ValueError):
+    pass
+
+
+class LogEmitter:
+    """Writes the "log" backend's records as Kamailio's ACC lines."""
+
+    def __init__(self, rules: RulesFile, stream: IO[str] | None = None, target: str | None = None,
+                 ident: str = "kamailio") -> None:
+        self.acc = rules.acc
+        level = self.acc.log_level_number
+        prefix = rules.profile_info.log_prefix
+        self.prefix = prefix.replace("NOTICE", level_of(level)[1], 1) if prefix else ""
+        self.stream = stream
+        self.ident = ident
+        self.level = level
+        self.sock: socket.socket | None = None
+        self.stream_sock = False
+        self.written = 0
+        if target:
+            self.sock, self.stream_sock = _open_target(target)
+
+    def line(self, r: AccRecord) -> str:
+        a = self.acc
+        return self.prefix + payload(r, a.time_mode, a.time_attr, a.time_exten, a.time_format)
+
+    def emit(self, records: list[AccRecord]) -> None:
+        for r in records:
+            if "log" not in r.backends:
+                continue
+            text = self.line(r)
+            if self.stream is not None:
+                self.stream.write(text + "\n")
+            if self.sock is not None:
+                data = rfc3164(text, r.ts, self.acc.log_facility, self.level, self.ident, os.getpid())
+                if self.stream_sock:
+                    self.sock.sendall(data)
+                else:
+                    self.sock.send(data)
+            self.written += 1
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.flush()
+        if self.sock is not None:
+            self.sock.close()
+
+
+def _open_target(target: str) -> tuple[socket.socket, bool]:
+    """'local' (/dev/log), 'unix:///path', 'udp://host:port' or 'tcp://host:port'."""
+    if target in ("local", "unix") or target.startswith("unix://"):
+        path = target[len("unix://"):] if target.startswith("unix://") else "/dev/log"
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            s.connect(path)
+        except OSError as e:
+            s.close()
+            raise SyslogTargetError(f"syslog socket {path}: {e.strerror}") from None
+        return s, False
+    u = urlsplit(target)
+    if u.scheme not in ("udp", "tcp") or not u.hostname:
+        raise SyslogTargetError(f"{target!r}: use local, unix:///path, udp://host:port or tcp://host:port")
+    port = u.port or 514
+    kind = socket.SOCK_DGRAM if u.scheme == "udp" else socket.SOCK_STREAM
+    try:
+        info = socket.getaddrinfo(u.hostname, port, type=kind)[0]
+        s = socket.socket(info[0], kind)
+        s.settimeout(5)
+        s.connect(info[4])
+    except OSError as e:
+        raise SyslogTargetError(f"syslog {target}: {e.strerror or e}") from None
+    return s, u.scheme == "tcp"

@@ -1,0 +1,540 @@
+"""rules.yaml: the proxy script's accounting decisions, validated (pydantic) with file:line errors.
+
+The file plays the part of a Kamailio config: ``acc`` holds the acc module's parameters
+under their modparam names; ``route`` rules run when a request creates a transaction at
+the proxy (like request_route before t_relay), ``failure_route`` rules when an INVITE's
+branches have all failed. Pure: ``load_rules`` reads text; nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from sipsniff_acc.pv import PvError, PvSpec, parse_extra, parse_pv
+from sipsniff_acc.sip import SipMessage
+
+IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  #: what a table or column name may be (no SQL through config)
+Flag = Annotated[int, Field(ge=0, le=31)]  #: Kamailio message flags are 0..31
+
+
+class RulesError(ValueError):
+    """rules.yaml is wrong; each entry of ``problems`` is 'FILE:LINE: key: why'."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """Where OpenSER 1.2 and Kamailio 5.6 differ (acc-spec §9.1)."""
+
+    name: str
+    early_media_183_only: bool  #: 1.2: exactly code 183, body or not; 5.6: any 1xx with a body
+    method_from_request_line: bool  #: 1.2: request-line method; 5.6: CSeq method
+    missed_uses_last_branch: bool  #: 1.2: $ru of a missed call is the last branch's
+    faked_to_tag_empty: bool  #: 1.2 (and <=5.4): no local To-tag on records of local replies
+    reply_relay_mode: int  #: tm: 1 = later 2xx of a forked INVITE are not accounted; 0 = one record per new To-tag
+    log_prefix: str  #: what precedes "ACC: " in the syslog message
+
+
+PROFILES: dict[str, Profile] = {
+    "kamailio-5.6": Profile("kamailio-5.6", False, False, False, False, 1, "NOTICE: acc [acc.c:287]: acc_log_request(): "),
+    "openser-1.2": Profile("openser-1.2", True, True, True, True, 0, ""),
+}
+
+LOG_LEVELS = {"alert": -5, "bug": -4, "crit2": -3, "crit": -2, "err": -1, "error": -1, "warn": 0, "warning": 0,
+              "notice": 1, "info": 2, "dbg": 3, "debug": 3}
+
+
+def _ident(value: str, what: str) -> str:
+    if not IDENT.fullmatch(value):
+        raise ValueError(f"{value!r} is not a valid {what} (letters, digits, _; at most 64)")
+    return value
+
+
+class ProxyConfig(_Strict):
+    addresses: list[str] = []  #: "ip", "ip:port", "[v6]:port"; empty: infer proxies from Via hops
+
+    @field_validator("addresses")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        for a in v:
+            parse_address(a)
+        return v
+
+
+def parse_address(text: str) -> tuple[str, int | None]:
+    """'10.0.0.1:5060' / '10.0.0.1' / '[::1]:5060' / '::1' → (ip, port or None)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, ""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"{text!r}: bad port {port!r}")
+    return str(ip), int(port) if port else None
+
+
+class TmParams(_Strict):
+    reply_relay_mode: Literal[0, 1] | None = None  #: None: the profile's
+    wait_timer: float = Field(5.0, gt=0)  #: seconds an INVITE transaction lives after its final reply (ACK window)
+    fr_timer: float = Field(30.0, gt=0)  #: seconds before a transaction without a final reply is given up
+    fr_inv_timer: float = Field(120.0, gt=0)
+
+
+class AccParams(_Strict):
+    early_media: bool = False
+    failed_transaction_flag: Flag | None = None
+    failed_filter: str = ""
+    report_ack: bool = False
+    report_cancels: bool = False
+    detect_direction: bool = False
+    multi_leg_info: str = ""
+    reason_from_hf: bool = False
+    local_reason: Literal["error_text", "wire"] = "error_text"  #: 5.5.0-5.6.0 used the wire phrase (acc-spec §2.3)
+    time_mode: Literal[0, 1, 2, 3, 4] = 0
+    time_attr: str = "time_attr"
+    time_exten: str = "time_exten"
+    time_format: str = "%Y-%m-%d %H:%M:%S"
+    log_flag: Flag | None = None
+    log_missed_flag: Flag | None = None
+    log_level: int | str = 1
+    log_facility: str = "LOG_DAEMON"
+    log_extra: str = ""
+    db_flag: Flag | None = None
+    db_missed_flag: Flag | None = None
+    db_url: str | None = None
+    db_table_acc: str = "acc"
+    db_table_missed_calls: str = "missed_calls"
+    db_extra: str = ""
+    acc_extra_nullable: bool = False
+    acc_method_column: str = "method"
+    acc_from_tag_column: str = "from_tag"
+    acc_to_tag_column: str = "to_tag"
+    acc_callid_column: str = "callid"
+    acc_sip_code_column: str = "sip_code"
+    acc_sip_reason_column: str = "sip_reason"
+    acc_time_column: str = "time"
+    radius_flag: Flag | None = None
+    radius_missed_flag: Flag | None = None
+    radius_config: str | None = None
+    service_type: int | None = None
+    radius_extra: str = ""
+    rad_time_mode: Literal[0, 1] = 0
+    diameter_flag: Flag | None = None
+    diameter_missed_flag: Flag | None = None
+    diameter_client_host: str = "localhost"
+    diameter_client_port: int = Field(3000, gt=0, lt=65536)
+    diameter_extra: str = ""
+
+    _log_extra: list[tuple[str, PvSpec]] = PrivateAttr(default_factory=list)
+    _db_extra: list[tuple[str, PvSpec]] = PrivateAttr(default_factory=list)
+    _radius_extra: list[tuple[str, PvSpec]] = PrivateAttr(default_factory=list)
+    _diameter_extra: list[tuple[str, PvSpec]] = PrivateAttr(default_factory=list)
+    _legs: list[tuple[str, PvSpec]] = PrivateAttr(default_factory=list)
+    _failed_filter: frozenset[int] = PrivateAttr(default=frozenset())
+
+    @field_validator("log_extra", "db_extra", "radius_extra", "diameter_extra", "multi_leg_info")
+    @classmethod
+    def _extras(cls, v: str) -> str:
+        try:
+            parse_extra(v)
+        except PvError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("multi_leg_info")
+    @classmethod
+    def _legs_are_avps(cls, v: str) -> str:
+        legs = parse_extra(v)
+        if any(spec.name != "avp" for _n, spec in legs):
+            raise ValueError("multi_leg_info accepts only $avp(...) specs (as Kamailio's parse_acc_leg)")
+        if len(legs) > 16:
+            raise ValueError("multi_leg_info: at most 16 leg items")
+        return v
+
+    @field_validator("diameter_extra")
+    @classmethod
+    def _diameter_codes(cls, v: str) -> str:
+        for name, _spec in parse_extra(v):
+            if not name.isdigit():
+                raise ValueError(f"diameter_extra names are AVP codes (integers), not {name!r}")
+        return v
+
+    @field_validator("failed_filter")
+    @classmethod
+    def _filter(cls, v: str) -> str:
+        codes = [c.strip() for c in v.split(",") if c.strip()]
+        if len(codes) > 15 or any(not (c.isdigit() and len(c) == 3 and int(c) >= 300) for c in codes):
+            raise ValueError("failed_filter is a comma list of at most 15 three-digit codes >= 300")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: int | str) -> int | str:
+        if isinstance(v, str) and v.lower() not in LOG_LEVELS:
+            raise ValueError(f"log_level {v!r}: use an integer (-5..3) or one of {', '.join(LOG_LEVELS)}")
+        return v
+
+    @field_validator("log_facility")
+    @classmethod
+    def _facility(cls, v: str) -> str:
+        from sipsniff_acc.sysloglines import FACILITIES
+        if v.upper() not in FACILITIES:
+            raise ValueError(f"log_facility {v!r}: one of {', '.join(sorted(FACILITIES))}")
+        return v.upper()
+
+    @field_validator("db_table_acc", "db_table_missed_calls", "acc_method_column", "acc_from_tag_column",
+                     "acc_to_tag_column", "acc_callid_column", "acc_sip_code_column", "acc_sip_reason_column",
+                     "acc_time_column", "time_attr", "time_exten")
+    @classmethod
+    def _identifier(cls, v: str) -> str:
+        return _ident(v, "table/column name")
+
+    def model_post_init(self, _context: Any) -> None:
+        self._log_extra = parse_extra(self.log_extra)
+        self._db_extra = parse_extra(self.db_extra)
+        self._radius_extra = parse_extra(self.radius_extra)
+        self._diameter_extra = parse_extra(self.diameter_extra)
+        self._legs = parse_extra(self.multi_leg_info)
+        for name, _s in self._db_extra + self._legs:
+            _ident(name, "db_extra/multi_leg_info column name")
+        self._failed_filter = frozenset(int(c) for c in self.failed_filter.split(",") if c.strip())
+
+    @property
+    def log_level_number(self) -> int:
+        return LOG_LEVELS[self.log_level.lower()] if isinstance(self.log_level, str) else self.log_level
+
+    def extras(self, backend: str) -> list[tuple[str, PvSpec]]:
+        return {"log": self._log_extra, "db": self._db_extra, "radius": self._radius_extra,
+                "diameter": self._diameter_extra}[backend]
+
+    @property
+    def legs(self) -> list[tuple[str, PvSpec]]:
+        return self._legs
+
+    @property
+    def failed_filtered(self) -> frozenset[int]:
+        return self._failed_filter
+
+    def flags(self, missed: bool) -> dict[str, int]:
+        """backend -> its flag (the acc flag, or the missed-call flag)."""
+        pairs = (("log", self.log_missed_flag if missed else self.log_flag),
+                 ("db", self.db_missed_flag if missed else self.db_flag),
+                 ("radius", self.radius_missed_flag if missed else self.radius_flag),
+                 ("diameter", self.diameter_missed_flag if missed else self.diameter_flag))
+        return {b: f for b, f in pairs if f is not None}
+
+
+class Condition(_Strict):
+    """Every given key must hold (AND). Regexes are searched (Kamailio's =~)."""
+
+    method: str | list[str] | None = None
+    in_dialog: bool | None = None
+    ruri: str | None = None
+    from_: str | None = Field(None, alias="from")
+    to: str | None = None
+    src: str | None = None  #: CIDR or address, optional :port
+    dst: str | None = None
+    src_port: int | None = None
+    dst_port: int | None = None
+    transport: str | list[str] | None = None
+    header: dict[str, str | bool] = {}  #: name -> regex on any value, true = present, false = absent
+    code: int | str | list[int | str] | None = None  #: failure_route: 486, "4xx", [404, 480]
+    flag: Flag | list[Flag] | None = None  #: isflagset
+
+    _re: dict[str, re.Pattern[str]] = PrivateAttr(default_factory=dict)
+    _nets: dict[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None]] = PrivateAttr(default_factory=dict)
+
+    @field_validator("ruri", "from_", "to")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"bad regular expression {v!r}: {e}") from None
+        return v
+
+    @field_validator("header")
+    @classmethod
+    def _header_regex(cls, v: dict[str, str | bool]) -> dict[str, str | bool]:
+        for name, pat in v.items():
+            if isinstance(pat, str):
+                try:
+                    re.compile(pat)
+                except re.error as e:
+                    raise ValueError(f"header {name}: bad regular expression {pat!r}: {e}") from None
+        return v
+
+    @field_validator("src", "dst")
+    @classmethod
+    def _net(cls, v: str | None) -> str | None:
+        if v is not None:
+            _network(v)
+        return v
+
+    @field_validator("code")
+    @classmethod
+    def _code(cls, v: int | str | list[int | str] | None) -> int | str | list[int | str] | None:
+        for c in ([] if v is None else v if isinstance(v, list) else [v]):
+            if not re.fullmatch(r"[1-6](\d\d|xx)", str(c)):
+                raise ValueError(f"code {c!r}: a status code (486) or a class (4xx)")
+        return v
+
+    def model_post_init(self, _context: Any) -> None:
+        for key in ("ruri", "from_", "to"):
+            pat = getattr(self, key)
+            if pat is not None:
+                self._re[key] = re.compile(pat)
+        for name, pat in self.header.items():
+            if isinstance(pat, str):
+                self._re["hdr:" + name] = re.compile(pat)
+        for key in ("src", "dst"):
+            v = getattr(self, key)
+            if v is not None:
+                self._nets[key] = _network(v)
+
+    def matches(self, msg: SipMessage, flags: int = 0, code: int = 0) -> bool:
+        if self.method is not None:
+            method = msg.method or msg.cseq_method
+            wanted = [self.method] if isinstance(self.method, str) else self.method
+            if method.upper() not in (m.upper() for m in wanted):
+                return False
+        if self.in_dialog is not None and self.in_dialog != bool(msg.to_tag):
+            return False
+        for key, text in (("ruri", msg.ruri), ("from_", msg.header("from")), ("to", msg.header("to"))):
+            pat = self._re.get(key)
+            if pat is not None and (text is None or pat.search(text) is None):
+                return False
+        for key, (ip, port) in (("src", (msg.src, msg.sport)), ("dst", (msg.dst, msg.dport))):
+            net = self._nets.get(key)
+            if net is not None:
+                try:
+                    if ipaddress.ip_address(ip) not in net[0] or (net[1] is not None and port != net[1]):
+                        return False
+                except ValueError:
+                    return False
+        if self.src_port is not None and msg.sport != self.src_port:
+            return False
+        if self.dst_port is not None and msg.dport != self.dst_port:
+            return False
+        if self.transport is not None:
+            wanted = [self.transport] if isinstance(self.transport, str) else self.transport
+            if (msg.transport or "UDP").upper() not in (t.upper() for t in wanted):
+                return False
+        for name, pat in self.header.items():
+            values = [v for k, v in msg.headers if k == name.lower()]
+            if pat is True and not values or pat is False and values:
+                return False
+            if isinstance(pat, str) and not any(self._re["hdr:" + name].search(v) for v in values):
+                return False
+        if self.code is not None:
+            codes = self.code if isinstance(self.code, list) else [self.code]
+            if not any(str(c) == str(code) or (str(c).endswith("xx") and str(c)[0] == str(code)[0]) for c in codes):
+                return False
+        if self.flag is not None:
+            for f in [self.flag] if isinstance(self.flag, int) else self.flag:
+                if not flags & (1 << f):
+                    return False
+        return True
+
+
+def _network(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None]:
+    port: int | None = None
+    base = text
+    if text.startswith("["):
+        base, _, rest = text[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
+    elif text.count(":") == 1:
+        base, _, p = text.partition(":")
+        if not p.isdigit():
+            raise ValueError(f"{text!r}: bad port")
+        port = int(p)
+    try:
+        return ipaddress.ip_network(base, strict=False), port
+    except ValueError:
+        raise ValueError(f"{text!r} is not an address or CIDR network") from None
+
+
+class AccCall(_Strict):
+    comment: str = ""
+    table: str | None = None
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, v: str | None) -> str | None:
+        return None if v is None else _ident(v, "table name")
+
+
+AccArg = str | AccCall
+
+
+class Rule(_Strict):
+    if_: Condition = Field(default_factory=Condition, alias="if")
+    setflag: Flag | list[Flag] = []
+    resetflag: Flag | list[Flag] = []
+    set_avp: dict[str, str] = {}  #: name -> value (pseudo-variables allowed); AVPs are lists, newest first
+    acc_log_request: AccArg | None = None
+    acc_db_request: AccArg | None = None
+    acc_request: AccArg | None = None
+    acc_rad_request: AccArg | None = None
+    acc_diam_request: AccArg | None = None
+    drop: bool = False  #: no accounting at all for this transaction
+    stop: bool = False  #: like exit: later rules do not run
+
+    @field_validator("set_avp")
+    @classmethod
+    def _avps(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            _ident(name, "AVP name")
+            for m in re.finditer(r"\$\(?\w+(?:\([^)]*\))?(?:\[[^\]]*\])?\)?", str(value)):
+                try:
+                    parse_pv(m.group(0))
+                except PvError as e:
+                    raise ValueError(f"set_avp {name}: {e}") from None
+        return v
+
+    @property
+    def flags_set(self) -> list[int]:
+        return [self.setflag] if isinstance(self.setflag, int) else self.setflag
+
+    @property
+    def flags_reset(self) -> list[int]:
+        return [self.resetflag] if isinstance(self.resetflag, int) else self.resetflag
+
+    def acc_calls(self) -> list[tuple[str, AccCall]]:
+        """(backends, call) for each acc_*_request of the rule: 'log', 'db', 'log+db', 'radius', 'diameter'."""
+        out: list[tuple[str, AccCall]] = []
+        for key, backends in (("acc_log_request", "log"), ("acc_db_request", "db"), ("acc_request", "log+db"),
+                              ("acc_rad_request", "radius"), ("acc_diam_request", "diameter")):
+            v = getattr(self, key)
+            if v is not None:
+                out.append((backends, AccCall(comment=v) if isinstance(v, str) else v))
+        return out
+
+
+class RulesFile(_Strict):
+    profile: Literal["kamailio-5.6", "openser-1.2"] = "kamailio-5.6"
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    tm: TmParams = Field(default_factory=TmParams)
+    acc: AccParams = Field(default_factory=AccParams)
+    route: list[Rule] = []
+    failure_route: list[Rule] = []
+
+    @model_validator(mode="after")
+    def _coherent(self) -> RulesFile:
+        for r in self.failure_route:
+            if r.drop:
+                raise ValueError("failure_route: drop is for route rules (the transaction exists already)")
+        for r in self.route:
+            if r.if_.code is not None:
+                raise ValueError("route: 'code' is a failure_route condition (a request has no status code)")
+        return self
+
+    @property
+    def profile_info(self) -> Profile:
+        return PROFILES[self.profile]
+
+    @property
+    def reply_relay_mode(self) -> int:
+        return self.tm.reply_relay_mode if self.tm.reply_relay_mode is not None else self.profile_info.reply_relay_mode
+
+
+DEFAULT_RULES = """\
+profile: kamailio-5.6
+acc:
+  log_flag: 1
+  log_missed_flag: 2
+  db_flag: 1
+  db_missed_flag: 2
+route:
+  - if: {method: INVITE, in_dialog: false}
+    setflag: [1, 2]
+  - if: {method: BYE, in_dialog: true}
+    setflag: [1]
+"""
+
+
+# --- loading with line numbers -----------------------------------------------------------
+
+def _lines(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
+    out[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = k.value
+            out[(*path, key)] = k.start_mark.line + 1
+            _lines(v, (*path, key), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _lines(v, (*path, i), out)
+
+
+def _line_of(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int:
+    loc = tuple("from" if p == "from_" else "if" if p == "if_" else p for p in loc)
+    while loc:
+        if loc in lines:
+            return lines[loc]
+        loc = loc[:-1]
+    return lines.get((), 1)
+
+
+def parse_rules(text: str, filename: str = "rules.yaml") -> RulesFile:
+    """Validate rules text; ``RulesError`` lists every problem as FILE:LINE: key: why."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        raise RulesError([f"{filename}:{line}: not valid YAML: {getattr(e, 'problem', None) or e}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RulesError([f"{filename}:1: the file must be a mapping (profile:, proxy:, acc:, route:, ...)"])
+    lines: dict[tuple[Any, ...], int] = {}
+    if node is not None:
+        _lines(node, (), lines)
+    try:
+        return RulesFile.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in (
+                "str", "int", "bool", "list[int]", "AccCall", "function-after"))))
+            key = ".".join(str(p) for p in loc) or "(top)"
+            key = key.replace("from_", "from").replace("if_", "if")
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{filename}:{_line_of(loc, lines)}: {key}: {msg}")
+        raise RulesError(sorted(set(problems), key=lambda p: int(p.split(":")[1]))) from None
+
+
+def load_rules(path: str | Path | None) -> RulesFile:
+    """rules.yaml from a file, or the embedded defaults (None)."""
+    if path is None:
+        return parse_rules(DEFAULT_RULES, "<default rules>")
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise RulesError([f"{p}: cannot read: {e.strerror}"]) from None
+    return parse_rules(text, str(p))

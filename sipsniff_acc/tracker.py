@@ -1,0 +1,448 @@
+"""Transactions and dialogs as the proxy sees them (RFC 3261 §17, acc-spec §9), on the packet clock.
+
+Fed ``SipMessage``s in capture order, returns events for the acc engine, h11-style:
+
+* ``RequestIn``: a request created a transaction at the proxy (its server side), first copy only.
+* ``AckIn``: an ACK for a 2xx reached the proxy (a new transaction in RFC 3261 terms).
+* ``BranchesFailed``: every branch of an INVITE ended negatively (Kamailio's TMCB_ON_FAILURE).
+* ``ReplyOut``: the proxy sent a reply upstream (TMCB_RESPONSE_OUT): relayed provisionals,
+  the final reply, and 2xx from other forks after completion (``late``).
+
+Which transactions are the proxy's: a request to a configured proxy address is a server
+transaction, one from it a branch. Without addresses, a request whose second Via is the
+top Via of a request already seen is a proxy's forward (a branch), and its sender is
+recorded as an inferred proxy; every other request is a server transaction. A reply the
+proxy generated itself (no branch got it) is ``local``; with no branch in sight, the To-tag
+decides: Kamailio's tm tags are MD5("SER-TM/tags"+ip+port)-crc, sl's MD5("KAMAILIO-stateless"...).
+
+Pure: no I/O, no clock but message timestamps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from sipsniff_acc.sip import SipMessage
+
+MAGIC = "z9hG4bK"
+_BRANCH = re.compile(r";\s*branch\s*=\s*([^;,\s]+)", re.IGNORECASE)
+_LOCAL_TAG = re.compile(r"[0-9a-f]{32}-[0-9a-f]{1,8}\Z")
+RETAIN = 32.0  #: seconds a completed transaction is kept to absorb retransmissions (RFC 3261 Timer J/H scale)
+SWEEP_EVERY = 1.0
+
+
+@dataclass(eq=False, slots=True)
+class Transaction:
+    key: tuple[str, str, str, int]
+    request: SipMessage
+    role: str  #: "server" (the proxy's, accounted), "branch" (the proxy's forward), "other"
+    parent: Transaction | None = None  #: a branch's server transaction
+    branches: list[Transaction] = field(default_factory=list)
+    final: SipMessage | None = None  #: the first final reply (sent upstream for a server transaction)
+    final_ts: float = 0.0
+    final_local: bool = False
+    to_tags_2xx: set[str] = field(default_factory=set)  #: To-tags of the 2xx sent upstream
+    acked: set[str] = field(default_factory=set)  #: To-tags whose first ACK has been seen
+    cancelled: bool = False
+    stateless: bool = False  #: the final came from sl (no transaction at the proxy: never accounted)
+    retransmissions: int = 0
+    acc: Any = None  #: the acc engine's per-transaction state (flags, AVPs)
+
+    @property
+    def method(self) -> str:
+        return self.key[1]
+
+    @property
+    def created(self) -> float:
+        return self.request.ts
+
+
+@dataclass(slots=True)
+class RequestIn:
+    txn: Transaction
+    msg: SipMessage
+
+
+@dataclass(slots=True)
+class AckIn:
+    msg: SipMessage
+    invite: Transaction | None  #: the INVITE transaction it acknowledges (None: not seen)
+    first: bool  #: the first ACK for this To-tag inside the INVITE's wait window (report_ack)
+
+
+@dataclass(slots=True)
+class BranchesFailed:
+    txn: Transaction
+    reply: SipMessage | None  #: the picked branch's reply; None: FAKED (timer or local)
+    code: int
+    ts: float
+    branch: Transaction | None  #: the picked branch
+
+
+@dataclass(slots=True)
+class ReplyOut:
+    txn: Transaction
+    reply: SipMessage | None  #: None only for a 408 synthesised at the end of the input
+    code: int
+    ts: float
+    local: bool
+    late: bool = False  #: a 2xx with a new To-tag after the transaction had completed
+    branch: Transaction | None = None  #: the branch whose reply this relays
+
+
+Event = RequestIn | AckIn | BranchesFailed | ReplyOut
+
+
+@dataclass(slots=True)
+class Dialog:
+    """One call leg pair at the proxy, keyed by Call-ID and the caller's From-tag."""
+
+    call_id: str
+    caller_tag: str
+    state: str = "init"  #: init -> early -> confirmed -> terminated; or failed (negative final)
+    created: float = 0.0
+
+
+@dataclass
+class TrackerStats:
+    transactions: Counter[str] = field(default_factory=Counter)  #: created, by role
+    retransmissions: int = 0
+    replies_without_request: int = 0
+    acks_without_invite: int = 0
+    open_at_end: Counter[str] = field(default_factory=Counter)  #: server transactions with no final reply, by method
+    timed_out: Counter[str] = field(default_factory=Counter)
+    stateless_replies: int = 0
+    dialogs: Counter[str] = field(default_factory=Counter)  #: by final state
+    inferred_proxies: set[str] = field(default_factory=set)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "transactions": dict(self.transactions), "retransmissions": self.retransmissions,
+            "replies_without_request": self.replies_without_request, "acks_without_invite": self.acks_without_invite,
+            "open_at_end": dict(self.open_at_end), "timed_out": dict(self.timed_out),
+            "stateless_replies": self.stateless_replies, "dialogs": dict(self.dialogs),
+            "inferred_proxies": sorted(self.inferred_proxies),
+        }
+
+
+def tm_tag_prefix(ip: str, port: int, stateless: bool = False) -> str:
+    """Kamailio's local To-tag prefix (core/tags.h init_tags) for a listen address."""
+    sig = "KAMAILIO-stateless" if stateless else "SER-TM/tags"
+    return hashlib.md5(f"{sig}{ip}{port}".encode()).hexdigest()  # noqa: S324 - Kamailio's tag format, not security
+
+
+def _prio(code: int) -> int:
+    """t_pick_branch's preference (tm/t_reply.c get_prio): lower wins; 6xx first, then 3xx, 4xx, 5xx."""
+    cls, xx = divmod(code, 100)
+    base = {0: 32000, 1: 11000, 2: 0, 3: 3000, 4: 4000, 5: 5000, 6: 1000}.get(cls, 32000)
+    if cls == 4:
+        xx = xx if xx in (1, 7, 15, 20, 84) else 100 + xx
+    return base + xx
+
+
+def _via_id(via: str) -> str:
+    """The transaction id a Via gives: its branch if RFC 3261, else the whole Via (RFC 2543)."""
+    m = _BRANCH.search(via)
+    if m and m.group(1).startswith(MAGIC):
+        return m.group(1)
+    return via.split(";branch", 1)[0].strip().lower() + "|" + (m.group(1) if m else "")
+
+
+class TransactionTracker:
+    def __init__(self, proxies: list[tuple[str, int | None]] | None = None, wait_timer: float = 5.0,
+                 fr_timer: float = 30.0, fr_inv_timer: float = 120.0) -> None:
+        self.proxies = proxies or []
+        self.wait_timer = wait_timer
+        self.fr_timer = fr_timer
+        self.fr_inv_timer = fr_inv_timer
+        self.txns: dict[tuple[str, str, str, int], Transaction] = {}
+        self.invites: dict[tuple[str, int, str], Transaction] = {}  #: (call-id, cseq, from-tag) -> server INVITE
+        self.acks: dict[tuple[str, str, str, int], float] = {}  #: e2e ACKs seen (retransmission / forward detection)
+        self.dialogs: dict[tuple[str, str], Dialog] = {}
+        self.by_cseq: dict[tuple[str, int, str], list[Transaction]] = {}  #: for replies without a Via
+        self.stats = TrackerStats()
+        self._next_sweep = 0.0
+
+    # --- addresses -----------------------------------------------------------------------
+
+    def _is_proxy(self, ip: str, port: int) -> bool:
+        return any(ip == p and (pp is None or pp == port) for p, pp in self.proxies)
+
+    # --- feeding -------------------------------------------------------------------------
+
+    def feed(self, msg: SipMessage) -> list[Event]:
+        out: list[Event] = []
+        if msg.ts >= self._next_sweep:
+            self._sweep(msg.ts, out)
+            self._next_sweep = msg.ts + SWEEP_EVERY
+        if msg.call_id is None or msg.cseq_num is None:
+            return out
+        if msg.is_request:
+            self._request(msg, out)
+        else:
+            self._reply(msg, out)
+        return out
+
+    def _key(self, msg: SipMessage, via: str | None, method: str) -> tuple[str, str, str, int]:
+        vid = msg.branch if msg.branch and msg.branch.startswith(MAGIC) and via is None else _via_id(via or "")
+        return (vid, method, msg.call_id or "", msg.cseq_num or 0)
+
+    def _top_key(self, msg: SipMessage, method: str) -> tuple[str, str, str, int]:
+        if msg.branch and msg.branch.startswith(MAGIC):
+            return (msg.branch, method, msg.call_id or "", msg.cseq_num or 0)
+        vias = msg.header_values("via")
+        return self._key(msg, vias[0] if vias else "", method)
+
+    def _request(self, msg: SipMessage, out: list[Event]) -> None:
+        method = msg.cseq_method.upper() or msg.method.upper()
+        if msg.method.upper() == "ACK":
+            self._ack(msg, out)
+            return
+        key = self._top_key(msg, method)
+        txn = self.txns.get(key)
+        if txn is not None:
+            txn.retransmissions += 1
+            self.stats.retransmissions += 1
+            return
+        role, parent = self._role(msg, method)
+        txn = Transaction(key, msg, role, parent)
+        self.txns[key] = txn
+        self.by_cseq.setdefault((key[2], key[3], method), []).append(txn)
+        self.stats.transactions[role] += 1
+        if parent is not None:
+            parent.branches.append(txn)
+        if method == "CANCEL":
+            invite = self.txns.get((key[0], "INVITE", key[2], key[3]))
+            if invite is not None:
+                invite.cancelled = True
+                if invite.role == "branch" and role == "server":  # a proxy's own CANCEL of its branch
+                    txn.role = role = "branch"
+        if role != "server":
+            return
+        if method == "INVITE":
+            if msg.from_tag:
+                self.invites[(key[2], key[3], msg.from_tag)] = txn
+            if not msg.to_tag and msg.from_tag:
+                self.dialogs.setdefault((key[2], msg.from_tag), Dialog(key[2], msg.from_tag, created=msg.ts))
+        out.append(RequestIn(txn, msg))
+
+    def _role(self, msg: SipMessage, method: str) -> tuple[str, Transaction | None]:
+        """server/branch/other, and for a branch the server transaction it forwards."""
+        vias = msg.header_values("via")
+        parent = None
+        if len(vias) >= 2:
+            parent = self.txns.get(self._key(msg, vias[1], method))
+        if self.proxies:
+            if self._is_proxy(msg.dst, msg.dport):
+                return "server", None
+            if self._is_proxy(msg.src, msg.sport):
+                return "branch", parent
+            return "other", None
+        if parent is not None:
+            self.stats.inferred_proxies.add(f"{msg.src}:{msg.sport}")
+            return "branch", parent
+        return "server", None
+
+    def _ack(self, msg: SipMessage, out: list[Event]) -> None:
+        key = self._top_key(msg, "INVITE")
+        invite = self.txns.get(key)
+        if invite is not None:  # hop-by-hop ACK of a negative reply: part of the INVITE transaction
+            return
+        akey = (key[0], "ACK", key[2], key[3])
+        if akey in self.acks:
+            self.stats.retransmissions += 1
+            return
+        self.acks[akey] = msg.ts
+        vias = msg.header_values("via")
+        if len(vias) >= 2 and (self._key(msg, vias[1], "ACK")[0], "ACK", key[2], key[3]) in self.acks:
+            return  # the proxy forwarding the ACK downstream
+        if self.proxies and not self._is_proxy(msg.dst, msg.dport):
+            return
+        invite = self.invites.get((key[2], key[3], msg.from_tag or ""))
+        if invite is None:
+            self.stats.acks_without_invite += 1
+            out.append(AckIn(msg, None, False))
+            return
+        tag = msg.to_tag or ""
+        first = (
+            invite.final is not None and invite.final.code < 300 and tag in invite.to_tags_2xx
+            and tag not in invite.acked and msg.ts - invite.final_ts <= self.wait_timer
+        )
+        if first:
+            invite.acked.add(tag)
+        out.append(AckIn(msg, invite, first))
+
+    def _reply(self, msg: SipMessage, out: list[Event]) -> None:
+        method = msg.cseq_method.upper()
+        txn = self.txns.get(self._top_key(msg, method))
+        if txn is None and msg.branch is None:
+            txn = self._without_via(msg, method)
+        if txn is None:
+            self.stats.replies_without_request += 1
+            return
+        code = msg.code
+        if txn.role == "branch":
+            if code >= 200 and txn.final is None:
+                txn.final, txn.final_ts = msg, msg.ts
+            return
+        if txn.role != "server" or code == 100:
+            return  # 100 Trying is hop-by-hop, never relayed (tm relay_100=0)
+        if code < 200:
+            if txn.final is None:
+                self._dialog(txn, msg)
+                out.append(ReplyOut(txn, msg, code, msg.ts, False, branch=self._branch_of(txn, msg)))
+            return
+        if txn.final is not None:
+            if 200 <= code < 300 and txn.method == "INVITE" and msg.to_tag and msg.to_tag not in txn.to_tags_2xx:
+                txn.to_tags_2xx.add(msg.to_tag)
+                out.append(ReplyOut(txn, msg, code, msg.ts, False, late=True, branch=self._branch_of(txn, msg)))
+            return
+        txn.final, txn.final_ts = msg, msg.ts
+        if 200 <= code < 300 and msg.to_tag:
+            txn.to_tags_2xx.add(msg.to_tag)
+        branch = self._branch_of(txn, msg)
+        local = branch is None and self._looks_local(txn, msg)
+        txn.final_local = local
+        if local and self._is_stateless(msg):
+            txn.stateless = True
+            self.stats.stateless_replies += 1
+            return
+        self._dialog(txn, msg)
+        if txn.method == "INVITE" and code >= 300 and (txn.branches or not local):
+            out.append(self._failed(txn, msg, branch))
+        out.append(ReplyOut(txn, msg, code, msg.ts, local, branch=branch))
+
+    def _without_via(self, msg: SipMessage, method: str) -> Transaction | None:
+        """A reply with no Via (a UA that forgot to copy them; the proxy relays it anyway):
+        the transaction of the same Call-ID/CSeq whose request came from where the reply goes,
+        or went to where it comes from."""
+        cands = self.by_cseq.get((msg.call_id or "", msg.cseq_num or 0, method), [])
+        for t in cands:
+            r = t.request
+            if r.src == msg.dst and r.sport == msg.dport:
+                return t
+        for t in cands:
+            r = t.request
+            if r.dst == msg.src and r.dport == msg.sport:
+                return t
+        return None
+
+    def _branch_of(self, txn: Transaction, reply: SipMessage) -> Transaction | None:
+        """The branch whose reply this upstream reply relays (same code and To-tag)."""
+        for b in txn.branches:
+            f = b.final
+            if f is not None and f.code == reply.code and f.to_tag == reply.to_tag:
+                return b
+        if reply.code < 200:
+            return txn.branches[0] if txn.branches else None
+        return None
+
+    def _looks_local(self, txn: Transaction, reply: SipMessage) -> bool:
+        if txn.branches:
+            return True  # branches are in sight and none got this reply
+        tag = reply.to_tag or ""
+        if tag.startswith(tm_tag_prefix(reply.src, reply.sport)):
+            return True
+        return bool(_LOCAL_TAG.match(tag)) and txn.request.to_tag is None
+
+    def _is_stateless(self, reply: SipMessage) -> bool:
+        return (reply.to_tag or "").startswith(tm_tag_prefix(reply.src, reply.sport, stateless=True))
+
+    def _failed(self, txn: Transaction, upstream: SipMessage, relayed: Transaction | None) -> BranchesFailed:
+        """ON_FAILURE: the picked branch (t_pick_branch), or FAKED if it timed out."""
+        best: tuple[int, int, Transaction | None, SipMessage | None] | None = None
+        last = 0.0
+        for i, b in enumerate(txn.branches):
+            if b.request.method.upper() != "INVITE":
+                continue
+            f = b.final
+            code = f.code if f is not None else 408  # a branch without a final reply: tm's timer fakes a 408
+            if f is not None:
+                last = max(last, f.ts)
+            cand = (_prio(code), i, b, f)
+            if best is None or cand[:2] < best[:2]:
+                best = cand
+        if best is None:  # no branch in sight: the upstream reply is all we know
+            return BranchesFailed(txn, upstream if relayed is not None or not txn.branches else None,
+                                  upstream.code, upstream.ts, relayed)
+        _p, _i, branch, reply = best
+        all_final = all(b.final is not None for b in txn.branches if b.request.method.upper() == "INVITE")
+        code = reply.code if reply is not None else 408
+        return BranchesFailed(txn, reply, code, last if all_final and last else upstream.ts, branch)
+
+    def _dialog(self, txn: Transaction, reply: SipMessage) -> None:
+        req = txn.request
+        if txn.method == "BYE" and 200 <= reply.code < 300:  # either side may hang up
+            for tag in (req.from_tag, req.to_tag):
+                d = self.dialogs.get((txn.key[2], tag or ""))
+                if d is not None:
+                    d.state = "terminated"
+            return
+        if txn.method != "INVITE" or req.to_tag:
+            return
+        d = self.dialogs.get((txn.key[2], txn.request.from_tag or ""))
+        if d is None or d.state in ("confirmed", "terminated"):
+            return
+        if reply.code < 200:
+            if reply.to_tag:
+                d.state = "early"
+        elif reply.code < 300:
+            d.state = "confirmed"
+        else:
+            d.state = "failed"
+
+    # --- time ----------------------------------------------------------------------------
+
+    def _timeout(self, txn: Transaction) -> float:
+        return self.fr_inv_timer if txn.method == "INVITE" else self.fr_timer
+
+    def _sweep(self, now: float, out: list[Event]) -> None:
+        """Forget completed transactions after RETAIN; count those that never got a final reply."""
+        dead = []
+        for key, t in self.txns.items():
+            if t.final is not None:
+                if now - t.final_ts > max(RETAIN, self.wait_timer):
+                    dead.append(key)
+            elif now - t.created > self._timeout(t) + RETAIN:
+                dead.append(key)
+                if t.role == "server":
+                    self.stats.timed_out[t.method] += 1
+        for key in dead:
+            t = self.txns.pop(key)
+            same = self.by_cseq.get((key[2], key[3], key[1]))
+            if same is not None:
+                same.remove(t)
+                if not same:
+                    del self.by_cseq[(key[2], key[3], key[1])]
+            if t.role == "server" and t.method == "INVITE" and t.request.from_tag:
+                ikey = (key[2], key[3], t.request.from_tag)
+                if self.invites.get(ikey) is t:
+                    del self.invites[ikey]
+        if len(self.acks) > 4096:
+            self.acks = {k: ts for k, ts in self.acks.items() if now - ts <= RETAIN}
+        if len(self.dialogs) > 4096:  # ended dialogs leave the table; their final state is counted
+            for k in [k for k, d in self.dialogs.items() if d.state in ("terminated", "failed") or now - d.created > 43200]:
+                self.stats.dialogs[self.dialogs.pop(k).state] += 1
+
+    def finish(self, open_as_408: bool = False) -> list[Event]:
+        """End of input: server transactions still without a final reply are counted, or (the
+        option) accounted as the 408 the proxy's timer would have sent."""
+        out: list[Event] = []
+        for t in list(self.txns.values()):
+            if t.role != "server" or t.final is not None or t.method in ("ACK", "CANCEL"):
+                continue
+            self.stats.open_at_end[t.method] += 1
+            if open_as_408:
+                ts = t.created + self._timeout(t)
+                t.final_ts = ts
+                t.final_local = True
+                if t.method == "INVITE":
+                    out.append(BranchesFailed(t, None, 408, ts, None))
+                out.append(ReplyOut(t, None, 408, ts, True))
+        for d in self.dialogs.values():
+            self.stats.dialogs[d.state] += 1
+        return out
