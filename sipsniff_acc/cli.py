@@ -7,7 +7,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, BinaryIO, TextIO
+from typing import IO, Annotated, Any, BinaryIO, TextIO
 
 import typer
 
@@ -21,6 +21,15 @@ from sipsniff_acc.sources import CaptureReader, SourceError, expand_paths, open_
 from sipsniff_acc.sources.live import LiveCapture
 from sipsniff_acc.sources.pcapfile import FrameSource
 from sipsniff_acc.sources.tlskeys import TlsEngineError, decrypted_sip
+from sipsniff_acc.emitters import Emitter
+from sipsniff_acc.emitters.jsonl import JsonlEmitter
+from sipsniff_acc.emitters.spool import SpoolingSql
+from sipsniff_acc.emitters.sql import SqlEmitter, SqlError, missing_columns, safe_url
+from sipsniff_acc.emitters.syslog import LogEmitter, SyslogTargetError
+from sipsniff_acc.processrun import RunResult, run
+from sipsniff_acc.rules import RulesError, RulesFile, load_rules
+
+DEFAULT_DB_URL = "sqlite:///acc.db"
 
 app = typer.Typer(
     help="Passive SIP accounting sniffer: Kamailio acc records from the wire or from pcaps.",
@@ -187,6 +196,171 @@ def _with_progress(frames, readers: list[FrameSource], total: int):  # type: ign
             yield frame
         bar.update(task, completed=total)
         bar.refresh()
+
+
+EXIT_BACKEND_ERROR = 3  #: a backend refused records; they were saved to an unsent file (named in the message)
+
+
+def _rules_or_exit(path: Path | None) -> RulesFile:
+    try:
+        return load_rules(path)
+    except RulesError as e:
+        for p in e.problems:
+            print(f"error: {p}", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+EXIT_USAGE = 2
+
+
+@app.command()
+def process(
+    files: Annotated[list[str] | None, typer.Argument(help="pcap/pcapng files (.gz too), directories, or - for stdin")] = None,
+    rules_file: Annotated[Path | None, typer.Option("--rules", "-r", help="rules.yaml (default: built-in OpenSER-style rules)")] = None,
+    db_url: Annotated[str | None, typer.Option("--db-url", help="SQLAlchemy URL (default: rules' db_url, else sqlite:///acc.db)")] = None,
+    no_db: Annotated[bool, typer.Option("--no-db", help="write no SQL rows")] = False,
+    log: Annotated[str | None, typer.Option("--log", help="ACC log lines: - for stdout (default), a file, or 'none'")] = "-",
+    syslog_target: Annotated[str | None, typer.Option("--syslog", help="also send ACC lines to syslog: local, unix:///path, udp://host:port, tcp://host:port")] = None,
+    jsonl_file: Annotated[Path | None, typer.Option("--jsonl", help="write every record as JSON lines here (- for stdout)")] = None,
+    open_as_408: Annotated[bool, typer.Option("--open-as-408", help="account transactions still open at the end as the 408 the proxy's timer would send")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no summary on stderr")] = False,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bar (default: on a terminal, for big inputs)")] = None,
+    stats: Annotated[Path | None, typer.Option("--stats", help="write the run's counters as JSON to this file")] = None,
+    interface: Annotated[str | None, typer.Option("--interface", "-i", help="capture live from this interface (Linux, root)")] = None,
+    count: Annotated[int | None, typer.Option("--count", "-c", help="live: stop after this many packets")] = None,
+    duration: Annotated[float | None, typer.Option("--duration", help="live: stop after this many seconds")] = None,
+) -> None:
+    """The main job: the acc records a Kamailio proxy would write for the traffic in the captures.
+
+    Example: sipsniff-acc process capture.pcap --rules rules.yaml --db-url sqlite:///acc.db
+    """
+    rules = _rules_or_exit(rules_file)
+    sources = _open_sources(files, interface, count, duration)
+    emitters: list[Emitter] = []
+    opened: list[IO[Any]] = []
+    try:
+        if log and log != "none":
+            stream: IO[str] = sys.stdout if log == "-" else open(log, "a", encoding="utf-8")  # noqa: SIM115
+            if log != "-":
+                opened.append(stream)
+            emitters.append(LogEmitter(rules, stream, syslog_target))
+        elif syslog_target:
+            emitters.append(LogEmitter(rules, None, syslog_target))
+        if jsonl_file is not None:
+            jout: IO[bytes] = sys.stdout.buffer if str(jsonl_file) == "-" else open(jsonl_file, "wb")  # noqa: SIM115
+            if str(jsonl_file) != "-":
+                opened.append(jout)
+            emitters.append(JsonlEmitter(jout))
+        sql: SpoolingSql | None = None
+        if not no_db:
+            sql = SpoolingSql(db_url or rules.acc.db_url or DEFAULT_DB_URL, rules)
+            emitters.append(sql)
+    except (SyslogTargetError, SqlError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE if isinstance(e, SyslogTargetError) else EXIT_BACKEND_ERROR) from None
+    errors: list[SourceError] = []
+    counters = Counters()
+    frames = open_captures(sources, errors)
+    total = sum(getattr(r, "size", 0) for r in sources)
+    show = progress if progress is not None else (sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES)
+    if show:
+        frames = _with_progress(frames, sources, total)
+    try:
+        result = run(frames, rules, emitters, counters, open_as_408)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise typer.Exit(0) from None
+    finally:
+        for e in emitters:
+            e.close()
+        for f in opened:
+            f.close()
+    assert result.acc is not None
+    tstats = result.acc.tracker.stats
+    if stats:
+        doc = counters.as_dict() | {"errors": [str(e) for e in errors], "records": dict(result.records),
+                                    "records_by_backend": dict(result.by_backend), "tracker": tstats.as_dict(),
+                                    "db_rows": sql.rows_offered if sql else 0,
+                                    "db_unsent": sql.unsent if sql else 0}
+        stats.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    if not quiet:
+        _summary(counters, errors, sys.stderr)
+        _acc_summary(result, rules, sql, sys.stderr)
+    if sql is not None and sql.error is not None:
+        print(f"error: database: {sql.error}; {sql.unsent} rows saved to {sql.unsent_path}", file=sys.stderr)
+        raise typer.Exit(EXIT_BACKEND_ERROR)
+    if errors:
+        if quiet:
+            for err in errors:
+                print(f"error: {err}", file=sys.stderr)
+        raise typer.Exit(EXIT_INPUT_ERROR)
+
+
+def _acc_summary(result: RunResult, rules: RulesFile, sql: SpoolingSql | None, out: TextIO) -> None:
+    assert result.acc is not None
+    t = result.acc.tracker.stats
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(result.records.items())) or "none"
+    print(f"acc: {sum(result.records.values())} records ({kinds}); by backend: "
+          f"{', '.join(f'{b} {n}' for b, n in sorted(result.by_backend.items())) or 'none'}", file=out)
+    if sql is not None:
+        print(f"  db: {sql.rows_offered} rows offered to {sql.safe_url} (existing ids skipped)", file=out)
+    roles = ", ".join(f"{n} {r}" for r, n in sorted(t.transactions.items()))
+    print(f"  transactions: {roles or 'none'}; {t.retransmissions} retransmissions absorbed; "
+          f"{t.replies_without_request} replies without a request in the capture", file=out)
+    if rules.proxy.addresses:
+        print(f"  proxy: {', '.join(rules.proxy.addresses)} (configured)", file=out)
+    elif t.inferred_proxies:
+        print(f"  proxy: inferred from Via hops: {', '.join(sorted(t.inferred_proxies))} "
+              "(set proxy.addresses in rules.yaml to be exact)", file=out)
+    else:
+        print("  proxy: none seen forwarding; every server transaction was accounted (single-leg mode)", file=out)
+    if t.open_at_end:
+        what = ", ".join(f"{n} {m}" for m, n in sorted(t.open_at_end.items()))
+        print(f"  open at end of input (no final reply): {what}"
+              f"{'' if result.acc.open_as_408 else ' (not accounted; --open-as-408 to account them)'}", file=out)
+    if t.stateless_replies:
+        print(f"  stateless replies of the proxy (never accounted): {t.stateless_replies}", file=out)
+    if t.dialogs:
+        print(f"  dialogs: {', '.join(f'{n} {s}' for s, n in sorted(t.dialogs.items()))}", file=out)
+
+
+@app.command("check-rules")
+def check_rules(rules_file: Annotated[Path, typer.Argument(help="the rules.yaml to check")]) -> None:
+    """Validate a rules.yaml; every problem is printed as FILE:LINE: key: why."""
+    rules = _rules_or_exit(rules_file)
+    a = rules.acc
+    backends = [b for b in ("log", "db", "radius", "diameter") if a.flags(False).get(b) is not None
+                or a.flags(True).get(b) is not None]
+    print(f"{rules_file}: ok: profile {rules.profile}, {len(rules.route)} route rule(s), "
+          f"{len(rules.failure_route)} failure_route rule(s), backends with flags: {', '.join(backends) or 'none'}, "
+          f"proxy: {', '.join(rules.proxy.addresses) or 'inferred from Via hops'}")
+
+
+@app.command("init-db")
+def init_db(
+    url: Annotated[str, typer.Argument(help="SQLAlchemy URL, e.g. sqlite:///acc.db")],
+    rules_file: Annotated[Path | None, typer.Option("--rules", "-r", help="rules.yaml: table/column names, db_extra, multi_leg_info")] = None,
+    check: Annotated[bool, typer.Option("--check", help="only report what is missing; create nothing")] = False,
+) -> None:
+    """Create the Kamailio-compatible acc and missed_calls tables (or check an existing schema)."""
+    rules = _rules_or_exit(rules_file)
+    if check:
+        missing = missing_columns(url, rules)
+        for m in missing:
+            print(f"missing: {m}", file=sys.stderr)
+        if missing:
+            raise typer.Exit(EXIT_BACKEND_ERROR)
+        print(f"{safe_url(url)}: schema ok")
+        return
+    try:
+        emitter = SqlEmitter(url, rules)
+    except SqlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(EXIT_BACKEND_ERROR) from None
+    names = ", ".join(emitter.tables)
+    emitter.close()
+    print(f"{safe_url(url)}: tables ready: {names}")
 
 
 @app.command()

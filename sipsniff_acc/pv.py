@@ -110,7 +110,7 @@ def name_addr(value: str | None) -> tuple[str, str]:
     lt = value.find("<")
     if lt >= 0:
         gt = value.find(">", lt)
-        display = value[:lt].strip().strip('"')
+        display = value[:lt].strip()  # Kamailio's $fn keeps the quotes
         return display, value[lt + 1 : gt if gt >= 0 else len(value)].strip()
     return "", value.split(";", 1)[0].strip()
 

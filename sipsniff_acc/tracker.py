@@ -30,7 +30,8 @@ from sipsniff_acc.sip import SipMessage
 
 MAGIC = "z9hG4bK"
 _BRANCH = re.compile(r";\s*branch\s*=\s*([^;,\s]+)", re.IGNORECASE)
-_LOCAL_TAG = re.compile(r"[0-9a-f]{32}-[0-9a-f]{1,8}\Z")
+_LOCAL_TAG = re.compile(r"[0-9a-f]{32}-[0-9a-f]{1,8}\Z")  #: tm's local To-tag shape (core/tags.h, separator '-')
+_SL_TAG = re.compile(r"[0-9a-f]{32}\.[0-9a-f]{1,8}\Z")  #: sl's (separator '.')
 RETAIN = 32.0  #: seconds a completed transaction is kept to absorb retransmissions (RFC 3261 Timer J/H scale)
 SWEEP_EVERY = 1.0
 
@@ -307,7 +308,7 @@ class TransactionTracker:
         branch = self._branch_of(txn, msg)
         local = branch is None and self._looks_local(txn, msg)
         txn.final_local = local
-        if local and self._is_stateless(msg):
+        if branch is None and not txn.branches and self._is_stateless(msg):
             txn.stateless = True
             self.stats.stateless_replies += 1
             return
@@ -350,7 +351,8 @@ class TransactionTracker:
         return bool(_LOCAL_TAG.match(tag)) and txn.request.to_tag is None
 
     def _is_stateless(self, reply: SipMessage) -> bool:
-        return (reply.to_tag or "").startswith(tm_tag_prefix(reply.src, reply.sport, stateless=True))
+        tag = reply.to_tag or ""
+        return tag.startswith(tm_tag_prefix(reply.src, reply.sport, stateless=True)) or bool(_SL_TAG.match(tag))
 
     def _failed(self, txn: Transaction, upstream: SipMessage, relayed: Transaction | None) -> BranchesFailed:
         """ON_FAILURE: the picked branch (t_pick_branch), or FAKED if it timed out."""

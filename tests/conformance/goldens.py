@@ -34,6 +34,9 @@ def rules_for(case: str, proxy_addresses: bool = True) -> str:
     params = {"log_flag": 1, "log_missed_flag": 2, "db_flag": 1, "db_missed_flag": 2, "failed_transaction_flag": 3,
               "log_level": 1}
     params.update(dict(c.modparams))
+    for key, value in (("log_extra", c.extras), ("db_extra", c.extras), ("multi_leg_info", c.legs)):
+        if value:
+            params[key] = value
     acc = "".join(f"  {k}: {json.dumps(v)}\n" for k, v in params.items())
     methods = json.dumps(c.flag_methods.split("|"))
     addresses = f'["{PROXY}:5060"]' if proxy_addresses else "[]"
@@ -42,6 +45,9 @@ def rules_for(case: str, proxy_addresses: bool = True) -> str:
         f"acc:\n{acc}"
         "route:\n"
         "  - if: {in_dialog: true, method: BYE}\n    setflag: [1, 3]\n"
-        "  - if: {in_dialog: true}\n    stop: true\n"
+        + (f"  - if: {{in_dialog: true, method: INVITE}}\n    setflag: {json.dumps(list(c.reinvite_flags))}\n"
+           if c.reinvite_flags else "")
+        + "  - if: {in_dialog: true}\n    stop: true\n"
         f"  - if: {{method: {methods}}}\n    setflag: {json.dumps(list(c.invite_flags))}\n"
+        + "".join(f"  - if: {{method: {methods}}}\n    set_avp: {{{k}: {json.dumps(v)}}}\n" for k, v in c.avps)
     )

@@ -38,6 +38,14 @@ class Case(NamedTuple):
     modparams: tuple[tuple[str, int], ...] = ()  #: extra acc modparams
     fr_inv_timer: int = 120000  #: tm's no-answer timer, ms (Kamailio's default)
     uas2: str = ""  #: a second callee's scenario: the call is forked to both (Request-URI user "fork")
+    service: str = ""  #: Request-URI user: "nobody" (proxy's t_reply 404), "slnobody" (its sl_send_reply 404)
+    reinvite_flags: tuple[int, ...] = ()  #: setflag() on an in-dialog INVITE
+    extras: str = ""  #: log_extra and db_extra (the same list; the recorder adds the DB columns)
+    legs: str = ""  #: multi_leg_info
+    avps: tuple[tuple[str, str], ...] = ()  #: $avp(name) = "value" on the flagged initial requests, in order
+    transport: str = "udp"  #: the caller's transport to the proxy ("tcp": Kamailio listens on TCP too)
+    rate: int = 2  #: calls per second
+    expect_rows: bool = True  #: False: Kamailio must write nothing (e.g. a stateless reply)
 
 
 CASES: dict[str, Case] = {
@@ -59,6 +67,25 @@ CASES: dict[str, Case] = {
     "early_media_183": Case("uac_early_media.xml", "uas_early_media.xml", modparams=(("early_media", 1),)),
     # parallel forking: one callee answers, the other rings and is CANCELled by the proxy (487)
     "parallel_fork_one_answers": Case("uac", "uas", uas2="uas_ring_cancel.xml", invite_flags=(1, 2, 3)),
+    # the proxy's routing rejects the call itself (t_reply 404): missed + answered, local To-tag, error_text reason
+    "proxy_404": Case("uac_local_reject.xml", "uas", service="nobody", invite_flags=(1, 2, 3)),
+    # ... or statelessly (sl_send_reply 404): no transaction, no record
+    "proxy_404_stateless": Case("uac_local_reject.xml", "uas", service="slnobody", invite_flags=(1, 2, 3),
+                                expect_rows=False),
+    "reinvite": Case("uac_reinvite.xml", "uas_reinvite.xml", reinvite_flags=(1, 3)),
+    "options_flagged": Case("uac_options.xml", "uas_options.xml", invite_flags=(1,), flag_methods="OPTIONS"),
+    # log_extra/db_extra with many pseudo-variables (nulls too) and multi_leg_info (one DB row per leg)
+    "extras_and_legs": Case(
+        "uac_mixed.xml", "uas_mixed.xml", calls=6, invite_flags=(1, 2, 3),
+        extras=("src_user=$fU;src_domain=$fd;src_name=$fn;src_ip=$si;src_port=$sp;dst_ouser=$tU;dst_user=$rU;"
+                "dst_domain=$rd;ru=$ru;ou=$ou;ci=$ci;cs=$cs;rm=$rm;ua=$hdr(User-Agent);acct=$hdr(X-Account);"
+                "nohdr=$hdr(X-Missing);tt=$tt;rs=$rs;pr=$pr;rcv_ip=$Ri;rcv_port=$Rp;av=$avp(foo);avall=$(avp(src)[*])"),
+        legs="leg_src=$avp(src);leg_dst=$avp(dst)",
+        avps=(("src", "A"), ("dst", "B"), ("src", "B"), ("dst", "C"), ("foo", "bar"))),
+    "tcp_caller": Case("uac_mixed.xml", "uas_mixed.xml", calls=6, invite_flags=(1, 2, 3), transport="tcp"),
+    # a few hundred mixed calls (answered + BYE, 486, 404), at 30 calls/s
+    "volume_mixed": Case("uac_mixed.xml", "uas_mixed.xml", calls=300, rate=30, invite_flags=(1, 2, 3),
+                         extras="src_user=$fU;ua=$hdr(User-Agent);acct=$hdr(X-Account)"),
 }
 
 
@@ -86,13 +113,26 @@ def record(case: str, cases_dir: Path = CASES_DIR) -> Path:
         db = work / "acc.db"
         con = sqlite3.connect(db)
         con.executescript((SQL / "standard-create.sql").read_text() + (SQL / "acc-create.sql").read_text())
+        for name in [p.split("=")[0] for p in (c.extras + ";" + c.legs).split(";") if p]:
+            for table in ("acc", "missed_calls"):
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {name} VARCHAR(128) DEFAULT NULL")
+        con.commit()
         con.close()
         cfg = work / "kamailio.cfg"
         flags = "\n".join(f"\t\tsetflag({f});" for f in c.invite_flags)
         params = "\n".join(f'modparam("acc", "{k}", {v})' for k, v in c.modparams)
+        for key, value in (("log_extra", c.extras), ("db_extra", c.extras), ("multi_leg_info", c.legs)):
+            if value:
+                params += f'\nmodparam("acc", "{key}", "{value}")'
+        reinvite = ""
+        if c.reinvite_flags:
+            reinvite = ('\t\tif (is_method("INVITE")) {\n' + "".join(f"\t\t\tsetflag({f});\n" for f in c.reinvite_flags)
+                        + "\t\t}\n")
+        avps = "\n".join(f'\t\t$avp({k}) = "{v}";' for k, v in c.avps)
+        tcp = f"listen=tcp:{PROXY}:5060" if c.transport == "tcp" else "disable_tcp=yes"
         cfg.write_text((HERE / "kamailio.cfg.in").read_text().format(
             proxy=PROXY, db=db, invite_flags=flags, fr_inv_timer=c.fr_inv_timer, modparams=params,
-            flag_methods=c.flag_methods, uas2=UAS2))
+            flag_methods=c.flag_methods, uas2=UAS2, reinvite=reinvite, avps=avps, tcp=tcp))
         pcap = work / "capture.pcap"
         dump = subprocess.Popen(["tcpdump", "-i", "lo", "-s", "0", "-U", "-w", str(pcap), "net 127.0.9.0/24"],
                                 stderr=subprocess.DEVNULL)
@@ -111,12 +151,14 @@ def record(case: str, cases_dir: Path = CASES_DIR) -> Path:
             time.sleep(1.5)
             if kam.poll() is not None:
                 raise SystemExit(f"kamailio exited: {(work / 'kamailio.log').read_text()[-2000:]}")
-            service = ["-s", "fork"] if c.uas2 else []
-            subprocess.run(["sipp", *_scenario(c.uac), *service, f"{UAS}:5080", "-rsa", f"{PROXY}:5060", "-i", UAC, "-p", "5070",
-                            "-m", str(c.calls), "-r", "2", "-d", "500", "-nostdin", "-timeout", "30"],
-                           cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False)
+            service = ["-s", "fork"] if c.uas2 else ["-s", c.service] if c.service else []
+            transport = ["-t", "t1"] if c.transport == "tcp" else []
+            subprocess.run(["sipp", *_scenario(c.uac), *service, *transport, f"{UAS}:5080", "-rsa", f"{PROXY}:5060",
+                            "-i", UAC, "-p", "5070", "-m", str(c.calls), "-r", str(c.rate), "-d", "500", "-nostdin",
+                            "-timeout", "40"],
+                           cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=90, check=False)
             try:
-                uas_proc.wait(15)
+                uas_proc.wait(2 if c.service else 15)
             except subprocess.TimeoutExpired:
                 print(f"{case}: the UAS did not finish its calls", file=sys.stderr)
             time.sleep(1.0)
