@@ -124,7 +124,7 @@ class AccEngine:
         st: TxnAcc = inv.acc
         if not (self.acc.report_ack and st.registered and not st.dropped):
             return
-        backends = [b for b in ("log", "db") if b in self._acc_flags and st.flags & (1 << self._acc_flags[b])]
+        backends: list[str] = [b for b in ("log", "db") if b in self._acc_flags and st.flags & (1 << self._acc_flags[b])]
         backends += [b for b in ("radius", "diameter") if b in self._acc_flags and ack_state.flags & (1 << self._acc_flags[b])]
         if not backends:
             return

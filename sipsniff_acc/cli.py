@@ -272,8 +272,8 @@ def process(
         os.dup2(devnull, sys.stdout.fileno())
         raise typer.Exit(0) from None
     finally:
-        for e in emitters:
-            e.close()
+        for em in emitters:
+            em.close()
         for f in opened:
             f.close()
     assert result.acc is not None

@@ -77,12 +77,12 @@ def run(frames: Iterable[Frame], rules: RulesFile, emitters: Sequence[Emitter], 
     for frame in frames:
         for item in messages.feed(frame):
             if item.__class__ is SipMessage:
-                recs = feed(item)  # type: ignore[arg-type]
+                recs = feed(item)
                 if recs:
                     deliver(recs)
     for item in messages.finish():
         if item.__class__ is SipMessage:
-            recs = feed(item)  # type: ignore[arg-type]
+            recs = feed(item)
             if recs:
                 deliver(recs)
     recs = acc.finish()

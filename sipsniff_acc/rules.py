@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from sipsniff_acc.pv import PvError, PvSpec, parse_extra, parse_pv
 from sipsniff_acc.sip import SipMessage
@@ -342,11 +342,11 @@ class Condition(_Strict):
             wanted = [self.transport] if isinstance(self.transport, str) else self.transport
             if (msg.transport or "UDP").upper() not in (t.upper() for t in wanted):
                 return False
-        for name, pat in self.header.items():
+        for name, want in self.header.items():
             values = [v for k, v in msg.headers if k == name.lower()]
-            if pat is True and not values or pat is False and values:
+            if want is True and not values or want is False and values:
                 return False
-            if isinstance(pat, str) and not any(self._re["hdr:" + name].search(v) for v in values):
+            if isinstance(want, str) and not any(self._re["hdr:" + name].search(v) for v in values):
                 return False
         if self.code is not None:
             codes = self.code if isinstance(self.code, list) else [self.code]
@@ -441,15 +441,16 @@ class RulesFile(_Strict):
     route: list[Rule] = []
     failure_route: list[Rule] = []
 
-    @model_validator(mode="after")
-    def _coherent(self) -> RulesFile:
-        for r in self.failure_route:
+    def semantic_problems(self) -> list[tuple[tuple[Any, ...], str]]:
+        """What is well-typed but means nothing, with where it is."""
+        out: list[tuple[tuple[Any, ...], str]] = []
+        for i, r in enumerate(self.failure_route):
             if r.drop:
-                raise ValueError("failure_route: drop is for route rules (the transaction exists already)")
-        for r in self.route:
+                out.append((("failure_route", i, "drop"), "drop is for route rules (the transaction exists already)"))
+        for i, r in enumerate(self.route):
             if r.if_.code is not None:
-                raise ValueError("route: 'code' is a failure_route condition (a request has no status code)")
-        return self
+                out.append((("route", i, "if", "code"), "'code' is a failure_route condition (a request has no status code)"))
+        return out
 
     @property
     def profile_info(self) -> Profile:
@@ -515,7 +516,7 @@ def parse_rules(text: str, filename: str = "rules.yaml") -> RulesFile:
     if node is not None:
         _lines(node, (), lines)
     try:
-        return RulesFile.model_validate(data)
+        rules = RulesFile.model_validate(data)
     except ValidationError as e:
         problems = []
         for err in e.errors():
@@ -526,6 +527,10 @@ def parse_rules(text: str, filename: str = "rules.yaml") -> RulesFile:
             msg = err["msg"].removeprefix("Value error, ")
             problems.append(f"{filename}:{_line_of(loc, lines)}: {key}: {msg}")
         raise RulesError(sorted(set(problems), key=lambda p: int(p.split(":")[1]))) from None
+    semantic = rules.semantic_problems()
+    if semantic:
+        raise RulesError([f"{filename}:{_line_of(loc, lines)}: {'.'.join(map(str, loc))}: {msg}" for loc, msg in semantic])
+    return rules
 
 
 def load_rules(path: str | Path | None) -> RulesFile:

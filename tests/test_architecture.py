@@ -11,7 +11,8 @@ import pytest
 
 from tests.conftest import ROOT
 
-PURE = ["events", "anomalies", "decode", "ipfrag", "tcpstream", "wsframe", "sctp", "sip", "pipeline", "messagelog"]
+PURE = ["events", "anomalies", "decode", "ipfrag", "tcpstream", "wsframe", "sctp", "sip", "pipeline", "messagelog",
+        "tracker", "acc", "pv", "records", "rules"]
 #: what a pure stage may not import: the I/O edges, clocks, threads, processes
 FORBIDDEN = {"sipsniff_acc.sources", "sipsniff_acc.emitters", "sipsniff_acc.shard", "sipsniff_acc.cli",
              "time", "datetime", "threading", "multiprocessing", "subprocess", "asyncio", "os", "sqlalchemy", "pyrad"}

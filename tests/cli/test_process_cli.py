@@ -1,0 +1,91 @@
+"""`process`, `check-rules` and `init-db` as a user runs them (real subprocesses, real files)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import PCAPS
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def sipsniff(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sipsniff_acc", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=None)
+
+
+def test_quick_start_defaults_sqlite_and_log_lines(tmp_path: Path) -> None:
+    """No options: built-in rules, ACC lines on stdout, rows in ./acc.db; a re-run adds no rows."""
+    for _ in range(2):
+        res = subprocess.run([sys.executable, "-m", "sipsniff_acc", "process", str(PCAPS / "sample.pcap")],
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+        assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert len(lines) == 20 and all(": ACC: transaction answered: timestamp=" in ln for ln in lines)
+    assert "acc: 20 records (20 answered)" in res.stderr and "single-leg mode" in res.stderr
+    con = sqlite3.connect(tmp_path / "acc.db")
+    assert con.execute("SELECT count(*), count(DISTINCT sipsniff_id) FROM acc").fetchone() == (20, 20)
+    con.close()
+
+
+def test_outputs_jsonl_log_file_stats_and_syslog(tmp_path: Path) -> None:
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.settimeout(5)
+    res = sipsniff("process", str(PCAPS / "sample.pcap"), "--no-db", "--log", str(tmp_path / "acc.log"),
+                   "--jsonl", str(tmp_path / "r.jsonl"), "--stats", str(tmp_path / "s.json"),
+                   "--syslog", f"udp://127.0.0.1:{udp.getsockname()[1]}", "-q")
+    assert res.returncode == 0, res.stderr
+    first = udp.recv(65536)
+    udp.close()
+    assert first.startswith(b"<29>") and b"ACC: transaction answered: " in first  # LOG_DAEMON, notice
+    assert len((tmp_path / "acc.log").read_text().splitlines()) == 20
+    docs = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert len(docs) == 20 and {d["method"] for d in docs} == {"INVITE", "BYE"}
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert stats["records"] == {"answered": 20} and stats["tracker"]["transactions"] == {"server": 20}
+
+
+def test_bad_rules_say_where(tmp_path: Path) -> None:
+    bad = tmp_path / "rules.yaml"
+    bad.write_text("acc:\n  log_flag: 1\n  early_media: maybe\n")
+    for cmd in (["check-rules", str(bad)], ["process", "--rules", str(bad), str(PCAPS / "sample.pcap")]):
+        res = sipsniff(*cmd)
+        assert res.returncode == 2
+        assert f"error: {bad}:3: acc.early_media: " in res.stderr
+    ok = sipsniff("check-rules", str(REPO / "rules.yaml"))
+    assert ok.returncode == 0 and "ok: profile kamailio-5.6" in ok.stdout
+
+
+def test_init_db_then_check(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'acc.db'}"
+    res = sipsniff("init-db", url)
+    assert res.returncode == 0 and "tables ready: acc, missed_calls" in res.stdout
+    assert sipsniff("init-db", url, "--check").returncode == 0
+    rules = tmp_path / "r.yaml"
+    rules.write_text('acc:\n  db_extra: "ua=$ua"\n')
+    res = sipsniff("init-db", url, "--check", "--rules", str(rules))
+    assert res.returncode == 3 and "acc lacks column(s) ua" in res.stderr
+
+
+def test_unreachable_database_exit_3_rows_kept(tmp_path: Path) -> None:
+    res = sipsniff("process", str(PCAPS / "sample.pcap"), "--db-url", f"sqlite:///{tmp_path}/none/acc.db",
+                   "--log", "none", cwd=tmp_path)
+    assert res.returncode == 3
+    assert "20 rows saved to" in res.stderr
+    assert len((tmp_path / "sipsniff-acc.unsent.jsonl").read_text().splitlines()) == 20
+
+
+def test_damaged_capture_still_accounts_what_came_before(tmp_path: Path) -> None:
+    data = (PCAPS / "sample.pcap").read_bytes()
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    res = sipsniff("process", str(cut), "--no-db", "-q")
+    assert res.returncode == 1 and "error: " in res.stderr
+    assert 0 < len(res.stdout.splitlines()) < 20

@@ -1,0 +1,144 @@
+"""Emitters against real endpoints: syslog over UDP/TCP on loopback, SQLite files."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import threading
+from pathlib import Path
+
+import orjson
+
+from sipsniff_acc.emitters.jsonl import JsonlEmitter
+from sipsniff_acc.emitters.spool import SpoolingSql
+from sipsniff_acc.emitters.sql import SqlEmitter, julian, missing_columns
+from sipsniff_acc.emitters.syslog import LogEmitter
+from sipsniff_acc.processrun import records_of
+from sipsniff_acc.records import AccRecord
+from sipsniff_acc.rules import parse_rules
+from sipsniff_acc.sysloglines import payload, rfc3164
+from tests.flows import answered_call, rejected_call
+
+RULES = """
+acc: {log_flag: 1, log_missed_flag: 2, db_flag: 1, db_missed_flag: 2, log_facility: LOG_LOCAL0,
+      db_extra: "ua=$hdr(User-Agent);fu=$fU", multi_leg_info: "leg_src=$avp(src)"}
+route:
+  - if: {method: INVITE, in_dialog: false}
+    setflag: [1, 2]
+  - if: {method: INVITE, in_dialog: false}
+    set_avp: {src: A}
+  - if: {method: INVITE, in_dialog: false}
+    set_avp: {src: B}
+  - if: {method: BYE}
+    setflag: [1]
+"""
+
+
+def records() -> tuple[list[AccRecord], object]:
+    rules = parse_rules(RULES)
+    from tests.flows import Call
+    return records_of([*answered_call(), *rejected_call(call=Call(call_id="call-2"))], rules), rules
+
+
+def test_payload_time_modes() -> None:
+    r = AccRecord("answered", 1700000000.25, "INVITE", "f", None, "c", "200", "OK", ("log",),
+                  extras={"log": [("ua", None), ("x", "1")]}, legs=[[("l", "B")], [("l", None)]])
+    assert payload(r) == ("ACC: transaction answered: timestamp=1700000000;method=INVITE;from_tag=f;to_tag=;"
+                          "call_id=c;code=200;reason=OK;ua=;x=1;l=B;l=")
+    assert payload(r, time_mode=1).startswith("ACC: transaction answered: timestamp=1700000000;time_exten=250000;")
+    assert ";time_attr=1700000000.250;" in payload(r, time_mode=2)
+    assert ";t=2023-11-14 22:13:20;" in payload(r, time_mode=4, time_attr="t")
+
+
+def test_rfc3164_framing() -> None:
+    data = rfc3164("ACC: x", 1700000000.0, "LOG_LOCAL0", 1, "kamailio", 42)
+    assert data.startswith(b"<133>") and data.endswith(b" kamailio[42]: ACC: x\n")  # local0*8 + notice(5)
+
+
+def test_syslog_over_udp_and_tcp_on_loopback() -> None:
+    rs, rules = records()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.settimeout(5)
+    em = LogEmitter(rules, None, f"udp://127.0.0.1:{udp.getsockname()[1]}")  # type: ignore[arg-type]
+    em.emit(rs)
+    em.close()
+    got = [udp.recv(65536) for _ in range(3)]
+    udp.close()
+    assert all(g.startswith(b"<133>") for g in got)
+    assert b"ACC: transaction answered: timestamp=1002;method=INVITE" in got[0]
+    assert b"ACC: call missed: " in got[2]
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    srv.settimeout(5)
+    chunks: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        conn.settimeout(5)
+        while data := conn.recv(65536):
+            chunks.append(data)
+        conn.close()
+
+    th = threading.Thread(target=serve)
+    th.start()
+    em = LogEmitter(rules, None, f"tcp://127.0.0.1:{srv.getsockname()[1]}")  # type: ignore[arg-type]
+    em.emit(rs)
+    em.close()
+    th.join(10)
+    srv.close()
+    lines = b"".join(chunks).splitlines()
+    assert len(lines) == 3 and all(b" kamailio[" in ln for ln in lines)
+
+
+def test_sqlite_rows_are_kamailio_compatible_and_idempotent(tmp_path: Path) -> None:
+    rs, rules = records()
+    url = f"sqlite:///{tmp_path / 'acc.db'}"
+    for _ in range(2):
+        em = SqlEmitter(url, rules)  # type: ignore[arg-type]
+        em.emit(rs)
+        em.close()
+    con = sqlite3.connect(tmp_path / "acc.db")
+    acc = con.execute("SELECT method, to_tag, time, ua, fu, leg_src FROM acc ORDER BY id").fetchall()
+    missed = con.execute("SELECT method, sip_code, leg_src FROM missed_calls").fetchall()
+    versions = dict(con.execute("SELECT table_name, table_version FROM version").fetchall())
+    con.close()
+    # INVITE: one row per leg set, LIFO (B then A); BYE: no AVPs, one row with NULL legs
+    assert [(m, leg) for m, _t, _time, _ua, _fu, leg in acc] == [("INVITE", "B"), ("INVITE", "A"), ("BYE", None)]
+    assert acc[0][2] == julian(1002.001) and acc[0][3] is None and acc[0][4] == "alice"  # null extra -> NULL
+    assert missed == [("INVITE", "486", "B"), ("INVITE", "486", "A")]
+    assert versions == {"acc": 5, "missed_calls": 4}
+
+
+def test_init_db_check_reports_missing_columns(tmp_path: Path) -> None:
+    _rs, rules = records()
+    db = tmp_path / "k.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE acc (id INTEGER PRIMARY KEY, method TEXT, from_tag TEXT, to_tag TEXT, callid TEXT,"
+                " sip_code TEXT, sip_reason TEXT, time REAL)")
+    con.close()
+    problems = missing_columns(f"sqlite:///{db}", rules)  # type: ignore[arg-type]
+    assert any("acc lacks column(s) ua, fu, leg_src" in p for p in problems)
+    assert any("sipsniff_id" in p for p in problems)
+
+
+def test_unreachable_database_loses_nothing(tmp_path: Path) -> None:
+    rs, rules = records()
+    unsent = tmp_path / "unsent.jsonl"
+    sp = SpoolingSql(f"sqlite:///{tmp_path}/no/such/dir/acc.db", rules, str(unsent))  # type: ignore[arg-type]
+    sp.emit(rs)
+    sp.close()
+    assert sp.error and "OperationalError" in sp.error
+    saved = [orjson.loads(line) for line in unsent.read_bytes().splitlines()]
+    assert len(saved) == sp.unsent == 3 and {s["table"] for s in saved} == {"acc", "missed_calls"}
+
+
+def test_jsonl(tmp_path: Path) -> None:
+    rs, _rules = records()
+    with open(tmp_path / "r.jsonl", "wb") as f:
+        JsonlEmitter(f).emit(rs)
+    docs = [orjson.loads(x) for x in (tmp_path / "r.jsonl").read_bytes().splitlines()]
+    assert [d["kind"] for d in docs] == ["answered", "answered", "missed"]
+    assert docs[0]["legs"] == [{"leg_src": "B"}, {"leg_src": "A"}] and docs[0]["id"] == rs[0].record_id
