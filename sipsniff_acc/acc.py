@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from sipsniff_acc import pv
 from sipsniff_acc.records import ACKED, ANSWERED, MISSED, REQUEST, AccRecord, RecordIds, error_text, parse_comment
-from sipsniff_acc.rules import Rule, RulesFile
+from sipsniff_acc.rules import CompiledRule, RulesFile, compile_rule
 from sipsniff_acc.sip import SipMessage
 from sipsniff_acc.tracker import AckIn, BranchesFailed, Event, ReplyOut, RequestIn, Transaction
 
@@ -58,6 +58,15 @@ class AccEngine:
         self._acc_flags = self.acc.flags(missed=False)
         self._missed_flags = self.acc.flags(missed=True)
         self._watch = 0
+        self.route = [compile_rule(r) for r in rules.route]
+        self.failure_route = [compile_rule(r) for r in rules.failure_route]
+        self.early_media = self.acc.early_media
+        self.failed_flag = self.acc.failed_transaction_flag
+        self.failed_filtered = self.acc.failed_filtered
+        self.report_cancels = self.acc.report_cancels
+        self.detect_direction = self.acc.detect_direction
+        self._extras = {b: self.acc.extras(b) for b in BACKENDS if self.acc.extras(b)}
+        self._legs = self.acc.legs
         for f in (*self._acc_flags.values(), *self._missed_flags.values()):
             self._watch |= 1 << f
 
@@ -80,22 +89,19 @@ class AccEngine:
             self.counts[r.kind] += 1
         return out
 
-    def _run(self, rules: list[Rule], msg: SipMessage, state: TxnAcc, code: int, ts: float,
+    def _run(self, rules: list[CompiledRule], msg: SipMessage, state: TxnAcc, code: int, ts: float,
              out: list[AccRecord], new_uri: str | None = None) -> None:
         """Walk route / failure_route: conditions see the flags as set so far."""
         for rule in rules:
-            if not rule.if_.matches(msg, state.flags, code):
+            if not rule.matches(msg, state.flags, code):
                 continue
-            for f in rule.flags_set:
-                state.flags |= 1 << f
-            for f in rule.flags_reset:
-                state.flags &= ~(1 << f)
-            if rule.set_avp:
+            state.flags = (state.flags | rule.set_mask) & ~rule.reset_mask
+            if rule.avps:
                 ctx = pv.PvContext(msg, new_uri, state.avps, ts, self.start)
-                for name, value in rule.set_avp.items():
+                for name, value in rule.avps:
                     state.avps.setdefault(name, []).insert(0, pv.interpolate(str(value), ctx))
-            for backends, call in rule.acc_calls():
-                self._script_record(msg, state, backends.split("+"), call.comment, call.table, ts, new_uri, out)
+            for backends, comment, table in rule.calls:
+                self._script_record(msg, state, list(backends), comment, table, ts, new_uri, out)
             if rule.drop:
                 state.dropped = True
             if rule.stop or rule.drop:
@@ -104,20 +110,20 @@ class AccEngine:
     def _request_in(self, txn: Transaction, msg: SipMessage, out: list[AccRecord]) -> None:
         state = TxnAcc()
         txn.acc = state
-        self._run(self.rules.route, msg, state, 0, msg.ts, out)
+        self._run(self.route, msg, state, 0, msg.ts, out)
         if state.dropped:
             return
-        if txn.method == "CANCEL" and not self.acc.report_cancels:
+        if txn.method == "CANCEL" and not self.report_cancels:
             return  # skip_cancel(): CANCEL transactions are not accounted
         state.registered = bool(state.flags & self._watch)
-        if self.acc.detect_direction and msg.to_tag:
+        if self.detect_direction and msg.to_tag:
             ftag = _route_ftag(msg)
             state.upstream = bool(ftag) and ftag != msg.from_tag
 
     def _ack_in(self, ev: AckIn, out: list[AccRecord]) -> None:
         msg = ev.msg
         ack_state = TxnAcc()
-        self._run(self.rules.route, msg, ack_state, 0, msg.ts, out)
+        self._run(self.route, msg, ack_state, 0, msg.ts, out)
         inv = ev.invite
         if not ev.first or inv is None or inv.acc is None or ack_state.dropped:
             return
@@ -141,7 +147,7 @@ class AccEngine:
         if st.registered:
             self._missed(txn, st, ev.reply, ev.code, ev.ts, ev.branch, out)
         new_uri = ev.branch.request.ruri if ev.branch is not None else None
-        self._run(self.rules.failure_route, txn.request, st, ev.code, ev.ts, out, new_uri)
+        self._run(self.failure_route, txn.request, st, ev.code, ev.ts, out, new_uri)
 
     def _missed(self, txn: Transaction, st: TxnAcc, reply: SipMessage | None, code: int, ts: float,
                 branch: Transaction | None, out: list[AccRecord]) -> None:
@@ -203,11 +209,11 @@ class AccEngine:
         if ev.late and self.relay_mode != 0:
             return False
         if code >= 300:
-            f = self.acc.failed_transaction_flag
-            return f is not None and bool(st.flags & (1 << f)) and code not in self.acc.failed_filtered
+            f = self.failed_flag
+            return f is not None and bool(st.flags & (1 << f)) and code not in self.failed_filtered
         if code >= 200:
             return True
-        if not self.acc.early_media:
+        if not self.early_media:
             return False
         if self.profile.early_media_183_only:
             return code == 183
@@ -243,8 +249,9 @@ class AccEngine:
     def _record(self, kind: str, msg: SipMessage, ctx: pv.PvContext, backends: list[str], table: str, ts: float,
                 method: str, from_tag: str | None, to_tag: str | None, code: str, reason: str,
                 local: bool) -> AccRecord:
-        extras = {b: pv.evaluate_extras(self.acc.extras(b), ctx) for b in backends if self.acc.extras(b)}
-        legs = pv.evaluate_legs(self.acc.legs, ctx)
+        wanted = self._extras
+        extras = {b: pv.evaluate_extras(wanted[b], ctx) for b in backends if b in wanted}
+        legs = pv.evaluate_legs(self._legs, ctx) if self._legs else []
         return AccRecord(kind, ts, method, from_tag, to_tag, msg.call_id, code, reason,
                          tuple(b for b in BACKENDS if b in backends), table, extras, legs, msg.cseq_num, local,
                          bool(msg.to_tag))

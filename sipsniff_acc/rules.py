@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -357,6 +358,39 @@ class Condition(_Strict):
                 if not flags & (1 << f):
                     return False
         return True
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    """A rule as plain data for the per-transaction walk (pydantic attribute access is slow)."""
+
+    matches: Callable[[SipMessage, int, int], bool]
+    set_mask: int
+    reset_mask: int
+    avps: tuple[tuple[str, str], ...]
+    calls: tuple[tuple[tuple[str, ...], str, str | None], ...]  #: (backends, comment, table)
+    drop: bool
+    stop: bool
+
+
+def compile_rule(rule: Rule) -> CompiledRule:
+    cond = rule.if_
+    simple = cond.model_dump(exclude_defaults=True, by_alias=True).keys() <= {"method", "in_dialog"}
+    if simple:  # the common case, inlined: method and in-dialog only
+        methods = None if cond.method is None else frozenset(
+            m.upper() for m in ([cond.method] if isinstance(cond.method, str) else cond.method))
+        in_dialog = cond.in_dialog
+
+        def matches(msg: SipMessage, flags: int, code: int) -> bool:
+            if methods is not None and (msg.method or msg.cseq_method).upper() not in methods:
+                return False
+            return in_dialog is None or in_dialog == bool(msg.to_tag)
+    else:
+        matches = cond.matches
+    set_mask = sum(1 << f for f in set(rule.flags_set))
+    reset_mask = sum(1 << f for f in set(rule.flags_reset))
+    calls = tuple((tuple(b.split("+")), c.comment, c.table) for b, c in rule.acc_calls())
+    return CompiledRule(matches, set_mask, reset_mask, tuple(rule.set_avp.items()), calls, rule.drop, rule.stop)
 
 
 def _network(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None]:

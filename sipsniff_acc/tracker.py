@@ -21,6 +21,7 @@ Pure: no I/O, no clock but message timestamps.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -165,6 +166,9 @@ class TransactionTracker:
         self.acks: dict[tuple[str, str, str, int], float] = {}  #: e2e ACKs seen (retransmission / forward detection)
         self.dialogs: dict[tuple[str, str], Dialog] = {}
         self.by_cseq: dict[tuple[str, int, str], list[Transaction]] = {}  #: for replies without a Via
+        self._deadlines: list[tuple[float, int, tuple[str, str, str, int]]] = []
+        self._n = 0
+        self._dialog_limit = 4096
         self.stats = TrackerStats()
         self._next_sweep = 0.0
 
@@ -195,7 +199,7 @@ class TransactionTracker:
     def _top_key(self, msg: SipMessage, method: str) -> tuple[str, str, str, int]:
         if msg.branch and msg.branch.startswith(MAGIC):
             return (msg.branch, method, msg.call_id or "", msg.cseq_num or 0)
-        vias = msg.header_values("via")
+        vias = msg.vias()
         return self._key(msg, vias[0] if vias else "", method)
 
     def _request(self, msg: SipMessage, out: list[Event]) -> None:
@@ -213,6 +217,7 @@ class TransactionTracker:
         txn = Transaction(key, msg, role, parent)
         self.txns[key] = txn
         self.by_cseq.setdefault((key[2], key[3], method), []).append(txn)
+        self._deadline(msg.ts + self._timeout(txn) + RETAIN, key)
         self.stats.transactions[role] += 1
         if parent is not None:
             parent.branches.append(txn)
@@ -233,7 +238,7 @@ class TransactionTracker:
 
     def _role(self, msg: SipMessage, method: str) -> tuple[str, Transaction | None]:
         """server/branch/other, and for a branch the server transaction it forwards."""
-        vias = msg.header_values("via")
+        vias = msg.vias()
         parent = None
         if len(vias) >= 2:
             parent = self.txns.get(self._key(msg, vias[1], method))
@@ -258,7 +263,7 @@ class TransactionTracker:
             self.stats.retransmissions += 1
             return
         self.acks[akey] = msg.ts
-        vias = msg.header_values("via")
+        vias = msg.vias()
         if len(vias) >= 2 and (self._key(msg, vias[1], "ACK")[0], "ACK", key[2], key[3]) in self.acks:
             return  # the proxy forwarding the ACK downstream
         if self.proxies and not self._is_proxy(msg.dst, msg.dport):
@@ -289,6 +294,7 @@ class TransactionTracker:
         if txn.role == "branch":
             if code >= 200 and txn.final is None:
                 txn.final, txn.final_ts = msg, msg.ts
+                self._deadline(msg.ts + max(RETAIN, self.wait_timer), txn.key)
             return
         if txn.role != "server" or code == 100:
             return  # 100 Trying is hop-by-hop, never relayed (tm relay_100=0)
@@ -303,6 +309,7 @@ class TransactionTracker:
                 out.append(ReplyOut(txn, msg, code, msg.ts, False, late=True, branch=self._branch_of(txn, msg)))
             return
         txn.final, txn.final_ts = msg, msg.ts
+        self._deadline(msg.ts + max(RETAIN, self.wait_timer), txn.key)
         if 200 <= code < 300 and msg.to_tag:
             txn.to_tags_2xx.add(msg.to_tag)
         branch = self._branch_of(txn, msg)
@@ -403,32 +410,48 @@ class TransactionTracker:
         return self.fr_inv_timer if txn.method == "INVITE" else self.fr_timer
 
     def _sweep(self, now: float, out: list[Event]) -> None:
-        """Forget completed transactions after RETAIN; count those that never got a final reply."""
-        dead = []
-        for key, t in self.txns.items():
+        """Forget transactions whose time is up (a heap of deadlines: O(log n) per transaction);
+        count the server transactions that never got a final reply."""
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _deadline, _n, key = heapq.heappop(heap)
+            t = self.txns.get(key)
+            if t is None:
+                continue
             if t.final is not None:
-                if now - t.final_ts > max(RETAIN, self.wait_timer):
-                    dead.append(key)
-            elif now - t.created > self._timeout(t) + RETAIN:
-                dead.append(key)
-                if t.role == "server":
-                    self.stats.timed_out[t.method] += 1
-        for key in dead:
-            t = self.txns.pop(key)
-            same = self.by_cseq.get((key[2], key[3], key[1]))
-            if same is not None:
-                same.remove(t)
-                if not same:
-                    del self.by_cseq[(key[2], key[3], key[1])]
-            if t.role == "server" and t.method == "INVITE" and t.request.from_tag:
-                ikey = (key[2], key[3], t.request.from_tag)
-                if self.invites.get(ikey) is t:
-                    del self.invites[ikey]
-        if len(self.acks) > 4096:
-            self.acks = {k: ts for k, ts in self.acks.items() if now - ts <= RETAIN}
-        if len(self.dialogs) > 4096:  # ended dialogs leave the table; their final state is counted
+                if now - t.final_ts < max(RETAIN, self.wait_timer):
+                    continue  # the entry pushed at its final reply comes later
+            elif now - t.created < self._timeout(t) + RETAIN:
+                continue
+            elif t.role == "server":
+                self.stats.timed_out[t.method] += 1
+            self._forget(key, t)
+        acks = self.acks
+        while acks:
+            first = next(iter(acks))
+            if now - acks[first] <= RETAIN:
+                break
+            del acks[first]
+        if len(self.dialogs) > self._dialog_limit:  # ended dialogs leave the table; their final state is counted
             for k in [k for k, d in self.dialogs.items() if d.state in ("terminated", "failed") or now - d.created > 43200]:
                 self.stats.dialogs[self.dialogs.pop(k).state] += 1
+            self._dialog_limit = max(4096, 2 * len(self.dialogs))
+
+    def _deadline(self, at: float, key: tuple[str, str, str, int]) -> None:
+        self._n += 1
+        heapq.heappush(self._deadlines, (at, self._n, key))
+
+    def _forget(self, key: tuple[str, str, str, int], t: Transaction) -> None:
+        del self.txns[key]
+        same = self.by_cseq.get((key[2], key[3], key[1]))
+        if same is not None:
+            same.remove(t)
+            if not same:
+                del self.by_cseq[(key[2], key[3], key[1])]
+        if t.role == "server" and t.method == "INVITE" and t.request.from_tag:
+            ikey = (key[2], key[3], t.request.from_tag)
+            if self.invites.get(ikey) is t:
+                del self.invites[ikey]
 
     def finish(self, open_as_408: bool = False) -> list[Event]:
         """End of input: server transactions still without a final reply are counted, or (the
