@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sqlite3
 import sys
 from enum import Enum
 from pathlib import Path
@@ -23,7 +25,7 @@ from sipsniff_acc.sources.pcapfile import FrameSource
 from sipsniff_acc.sources.tlskeys import TlsEngineError, decrypted_sip
 from sipsniff_acc.emitters import Emitter
 from sipsniff_acc.emitters.jsonl import JsonlEmitter
-from sipsniff_acc.emitters.spool import SpoolingSql
+from sipsniff_acc.emitters.spool import DEFAULT_SPOOL, DurableSpool, SpooledEmitter, SpoolFull
 from sipsniff_acc.emitters.sql import SqlEmitter, SqlError, missing_columns, safe_url
 from sipsniff_acc.emitters.syslog import LogEmitter, SyslogTargetError
 from sipsniff_acc.processrun import RunResult, run
@@ -229,6 +231,10 @@ def process(
     interface: Annotated[str | None, typer.Option("--interface", "-i", help="capture live from this interface (Linux, root)")] = None,
     count: Annotated[int | None, typer.Option("--count", "-c", help="live: stop after this many packets")] = None,
     duration: Annotated[float | None, typer.Option("--duration", help="live: stop after this many seconds")] = None,
+    spool_path: Annotated[Path, typer.Option("--spool", help="durable spool (SQLite file) between the engine and the database")] = Path(DEFAULT_SPOOL),
+    drain_timeout: Annotated[float, typer.Option("--drain-timeout", help="seconds to keep retrying an unreachable database at the end")] = 60.0,
+    db_password_file: Annotated[Path | None, typer.Option("--db-password-file", help="read the database password from this file (or set SIPSNIFF_DB_PASSWORD)")] = None,
+    db_timezone: Annotated[str, typer.Option("--db-timezone", help="utc (default) or local: how DATETIME columns are written (not SQLite)")] = "utc",
 ) -> None:
     """The main job: the acc records a Kamailio proxy would write for the traffic in the captures.
 
@@ -251,11 +257,14 @@ def process(
             if str(jsonl_file) != "-":
                 opened.append(jout)
             emitters.append(JsonlEmitter(jout))
-        sql: SpoolingSql | None = None
+        sql: SpooledEmitter | None = None
         if not no_db:
-            sql = SpoolingSql(db_url or rules.acc.db_url or DEFAULT_DB_URL, rules)
+            url = with_password(db_url or os.environ.get("SIPSNIFF_DB_URL") or rules.acc.db_url or DEFAULT_DB_URL,
+                                db_password_file)
+            backend = SqlEmitter(url, rules, connect=False, timezone=db_timezone)
+            sql = SpooledEmitter(backend, DurableSpool(spool_path), drain_timeout=drain_timeout)
             emitters.append(sql)
-    except (SyslogTargetError, SqlError, OSError) as e:
+    except (SyslogTargetError, SqlError, OSError, sqlite3.Error) as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE if isinstance(e, SyslogTargetError) else EXIT_BACKEND_ERROR) from None
     errors: list[SourceError] = []
@@ -265,13 +274,23 @@ def process(
     show = progress if progress is not None else (sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES)
     if show:
         frames = _with_progress(frames, sources, total)
+    stopped_by = 0
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    result = RunResult()
     try:
-        result = run(frames, rules, emitters, counters, open_as_408)
+        result = run(frames, rules, emitters, counters, open_as_408, result)
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         raise typer.Exit(0) from None
+    except (KeyboardInterrupt, Terminated) as e:  # clean shutdown: what was produced is flushed below
+        stopped_by = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+        print(f"stopping on {signal.Signals(stopped_by).name}: flushing", file=sys.stderr)
+    except SpoolFull as e:
+        print(f"error: {e}", file=sys.stderr)
+        stopped_by = -1
     finally:
+        signal.signal(signal.SIGTERM, previous)
         for em in emitters:
             em.close()
         for f in opened:
@@ -281,14 +300,20 @@ def process(
     if stats:
         doc = counters.as_dict() | {"errors": [str(e) for e in errors], "records": dict(result.records),
                                     "records_by_backend": dict(result.by_backend), "tracker": tstats.as_dict(),
-                                    "db_rows": sql.rows_offered if sql else 0,
-                                    "db_unsent": sql.unsent if sql else 0}
+                                    "db_delivered": sql.delivered if sql else 0,
+                                    "db_pending_in_spool": sql.pending if sql else 0}
         stats.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     if not quiet:
         _summary(counters, errors, sys.stderr)
         _acc_summary(result, rules, sql, sys.stderr)
-    if sql is not None and sql.error is not None:
-        print(f"error: database: {sql.error}; {sql.unsent} rows saved to {sql.unsent_path}", file=sys.stderr)
+    if stopped_by > 0:
+        raise typer.Exit(128 + stopped_by)
+    if sql is not None and sql.pending:
+        print(f"error: database {sql.backend.where}: {sql.last_error or 'not reachable'}; {sql.pending} record(s) "
+              f"kept in the spool {spool_path}: they are delivered first by the next run "
+              f"(or `sipsniff-acc deliver --spool {spool_path}`)", file=sys.stderr)
+        raise typer.Exit(EXIT_BACKEND_ERROR)
+    if stopped_by < 0:
         raise typer.Exit(EXIT_BACKEND_ERROR)
     if errors:
         if quiet:
@@ -297,14 +322,39 @@ def process(
         raise typer.Exit(EXIT_INPUT_ERROR)
 
 
-def _acc_summary(result: RunResult, rules: RulesFile, sql: SpoolingSql | None, out: TextIO) -> None:
+class Terminated(Exception):
+    """SIGTERM, turned into an exception so the run unwinds and flushes like on Ctrl-C."""
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise Terminated()
+
+
+def with_password(url: str, password_file: Path | None) -> str:
+    """Put a password from a file or SIPSNIFF_DB_PASSWORD into the URL (it is never printed)."""
+    password = os.environ.get("SIPSNIFF_DB_PASSWORD")
+    if password_file is not None:
+        try:
+            password = password_file.read_text().strip()
+        except OSError as e:
+            raise typer.BadParameter(f"{password_file}: {e.strerror}", param_hint="--db-password-file") from None
+    if not password:
+        return url
+    from sqlalchemy.engine import make_url
+    return make_url(url).set(password=password).render_as_string(hide_password=False)
+
+
+def _acc_summary(result: RunResult, rules: RulesFile, sql: SpooledEmitter | None, out: TextIO) -> None:
     assert result.acc is not None
     t = result.acc.tracker.stats
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(result.records.items())) or "none"
     print(f"acc: {sum(result.records.values())} records ({kinds}); by backend: "
           f"{', '.join(f'{b} {n}' for b, n in sorted(result.by_backend.items())) or 'none'}", file=out)
     if sql is not None:
-        print(f"  db: {sql.rows_offered} rows offered to {sql.safe_url} (existing ids skipped)", file=out)
+        recovered = f", {sql.recovered} of them left in the spool by an earlier run" if sql.recovered else ""
+        outages = f"; {sql.outages} outage(s), last error: {sql.last_error}" if sql.outages else ""
+        print(f"  db: {sql.delivered} records delivered to {sql.backend.where}{recovered} "
+              f"(rows already there are skipped by id); {sql.pending} pending in the spool{outages}", file=out)
     roles = ", ".join(f"{n} {r}" for r, n in sorted(t.transactions.items()))
     print(f"  transactions: {roles or 'none'}; {t.retransmissions} retransmissions absorbed; "
           f"{t.replies_without_request} replies without a request in the capture", file=out)
@@ -323,6 +373,28 @@ def _acc_summary(result: RunResult, rules: RulesFile, sql: SpoolingSql | None, o
         print(f"  stateless replies of the proxy (never accounted): {t.stateless_replies}", file=out)
     if t.dialogs:
         print(f"  dialogs: {', '.join(f'{n} {s}' for s, n in sorted(t.dialogs.items()))}", file=out)
+
+
+@app.command()
+def deliver(
+    db_url: Annotated[str | None, typer.Option("--db-url", help="SQLAlchemy URL (default: rules' db_url, else sqlite:///acc.db)")] = None,
+    rules_file: Annotated[Path | None, typer.Option("--rules", "-r", help="rules.yaml (table/column names)")] = None,
+    spool_path: Annotated[Path, typer.Option("--spool", help="the spool to empty")] = Path(DEFAULT_SPOOL),
+    drain_timeout: Annotated[float, typer.Option("--drain-timeout", help="seconds to keep retrying")] = 60.0,
+    db_password_file: Annotated[Path | None, typer.Option("--db-password-file", help="read the database password from this file")] = None,
+) -> None:
+    """Deliver the records a previous run left in the spool (the database was down)."""
+    rules = _rules_or_exit(rules_file)
+    if not spool_path.exists():
+        print(f"{spool_path}: no spool, nothing to deliver")
+        return
+    url = with_password(db_url or os.environ.get("SIPSNIFF_DB_URL") or rules.acc.db_url or DEFAULT_DB_URL,
+                        db_password_file)
+    sql = SpooledEmitter(SqlEmitter(url, rules, connect=False), DurableSpool(spool_path), drain_timeout=drain_timeout)
+    sql.close()
+    print(f"{sql.delivered} record(s) delivered to {sql.backend.where}; {sql.pending} still in {spool_path}")
+    if sql.pending:
+        raise typer.Exit(EXIT_BACKEND_ERROR)
 
 
 @app.command("check-rules")

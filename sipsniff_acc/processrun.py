@@ -61,10 +61,13 @@ class RunResult:
 
 
 def run(frames: Iterable[Frame], rules: RulesFile, emitters: Sequence[Emitter], counters: Counters,
-        open_as_408: bool = False) -> RunResult:
+        open_as_408: bool = False, result: RunResult | None = None) -> RunResult:
+    """Drive the pipeline; ``result`` (if given) is filled in place, so a caller interrupted by
+    a signal still has the counts of what was delivered to the emitters."""
     messages = MessagePipeline(counters)
     acc = AccPipeline(rules, open_as_408)
-    result = RunResult(acc=acc)
+    result = result if result is not None else RunResult()
+    result.acc = acc
 
     def deliver(records: list[AccRecord]) -> None:
         for r in records:

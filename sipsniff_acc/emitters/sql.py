@@ -20,11 +20,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
+from sipsniff_acc.emitters.spool import BackendDown
 from sipsniff_acc.records import AccRecord
 from sipsniff_acc.rules import AccParams, RulesFile
 
 ID_COLUMN = "sipsniff_id"
-BATCH = 500
 
 
 class SqlError(RuntimeError):
@@ -53,7 +53,8 @@ def table_names(rules: RulesFile) -> list[str]:
     return names
 
 
-def build_table(meta: MetaData, name: str, acc: AccParams, sqlite: bool) -> Table:
+def build_table(meta: MetaData, name: str, acc: AccParams, dialect: str) -> Table:
+    sqlite = dialect == "sqlite"
     cols: list[Column[Any]] = [
         Column("id", Integer, primary_key=True, autoincrement=True),
         Column(acc.acc_method_column, String(16), nullable=False, server_default=""),
@@ -73,46 +74,88 @@ def build_table(meta: MetaData, name: str, acc: AccParams, sqlite: bool) -> Tabl
     for extra, _spec in acc.extras("db") + acc.legs:
         cols.append(Column(extra, String(128), nullable=True))
     cols.append(Column(ID_COLUMN, String(32), nullable=True, unique=True))
-    t = Table(name, meta, *cols)
+    t = Table(name, meta, *cols, mysql_charset="utf8mb4")
     Index(f"{name}_callid_idx", t.c[acc.acc_callid_column])
     return t
 
 
 class SqlEmitter:
-    """Writes the "db" backend's records, batched, idempotently."""
+    """The "db" backend: rows for records, inserted idempotently, one transaction per batch.
 
-    def __init__(self, url: str, rules: RulesFile, create: bool = True) -> None:
+    Connects lazily and reconnects after a failure, so it can sit behind the durable spool
+    while the database is down. ``deliver`` raises ``BackendDown`` (message without the
+    password) on any database error; the spool keeps the batch and retries.
+    """
+
+    name = "db"
+
+    def __init__(self, url: str, rules: RulesFile, create: bool = True, connect: bool = True,
+                 timezone: str = "utc") -> None:
         self.url = url
+        self.safe_url = self.where = safe_url(url)
+        self.rules = rules
         self.acc = rules.acc
+        self.create = create
+        self.local_time = timezone == "local"
         try:
-            self.engine: Engine = create_engine(url)
-            self.sqlite = self.engine.dialect.name == "sqlite"
-            self.tables = prepare(self.engine, rules, create)
-        except SQLAlchemyError as e:
-            raise SqlError(f"{safe_url(url)}: {type(e).__name__}: {_short(e)}") from None
-        self.pending: dict[str, list[dict[str, Any]]] = {}
-        self.rows_written = 0
+            self.engine: Engine = create_engine(url, pool_pre_ping=True)
+        except (SQLAlchemyError, ImportError, ValueError) as e:
+            raise SqlError(f"{self.safe_url}: {type(e).__name__}: {_short(e)}") from None
+        self.sqlite = self.engine.dialect.name == "sqlite"
+        self.tables: dict[str, Table] = {}
         self.rows_offered = 0
+        if connect:
+            self._prepare()
+
+    def _prepare(self) -> None:
+        try:
+            self.tables = prepare(self.engine, self.rules, self.create, self.engine.dialect.name)
+        except SQLAlchemyError as e:
+            raise SqlError(f"{self.safe_url}: {type(e).__name__}: {_short(e)}") from None
+
+    def wants(self, r: AccRecord) -> bool:
+        return "db" in r.backends
 
     def emit(self, records: list[AccRecord]) -> None:
+        """Write now (no spool): for init-db and tests; the CLI goes through the spool."""
+        try:
+            self.deliver([r for r in records if self.wants(r)])
+        except BackendDown as e:
+            raise SqlError(str(e)) from None
+
+    def deliver(self, records: list[AccRecord]) -> None:
+        if not records:
+            return
+        by_table: dict[str, list[dict[str, Any]]] = {}
         for r in records:
-            if "db" not in r.backends:
-                continue
-            rows = self.pending.setdefault(r.table, [])
-            rows.extend(self.rows(r))
-            if len(rows) >= BATCH:
-                self.flush()
+            by_table.setdefault(r.table, []).extend(self.rows(r))
+        try:
+            if not self.tables:
+                self._prepare()
+            with self.engine.begin() as con:
+                for name, rows in by_table.items():
+                    con.execute(_insert_ignore(self.tables[name], self.engine.dialect.name), rows)
+        except SqlError as e:
+            raise BackendDown(str(e)) from None
+        except SQLAlchemyError as e:
+            raise BackendDown(f"{self.safe_url}: {type(e).__name__}: {_short(e)}") from None
+        self.rows_offered += sum(len(v) for v in by_table.values())
 
     def rows(self, r: AccRecord) -> list[dict[str, Any]]:
         a = self.acc
         empty = None if self.sqlite or a.acc_extra_nullable else ""
+        sec = int(r.ts)
+        if self.sqlite:
+            when: Any = julian(r.ts)
+        elif self.local_time:
+            when = dt.datetime.fromtimestamp(sec)
+        else:
+            when = dt.datetime.fromtimestamp(sec, dt.timezone.utc).replace(tzinfo=None)
         base: dict[str, Any] = {
             a.acc_method_column: r.method, a.acc_from_tag_column: r.from_tag or "",
             a.acc_to_tag_column: r.to_tag or "", a.acc_callid_column: r.call_id or "",
-            a.acc_sip_code_column: r.code, a.acc_sip_reason_column: r.reason,
-            a.acc_time_column: julian(r.ts) if self.sqlite else dt.datetime.fromtimestamp(int(r.ts), dt.timezone.utc).replace(tzinfo=None),
+            a.acc_sip_code_column: r.code, a.acc_sip_reason_column: r.reason, a.acc_time_column: when,
         }
-        sec = int(r.ts)
         if a.time_mode == 1:
             base[a.time_attr], base[a.time_exten] = sec, int(round((r.ts - sec) * 1e6)) % 1000000
         elif a.time_mode == 2:
@@ -131,25 +174,8 @@ class SqlEmitter:
             out.append(row)
         return out
 
-    def flush(self) -> None:
-        if not any(self.pending.values()):
-            return
-        try:
-            with self.engine.begin() as con:
-                for name, rows in self.pending.items():
-                    if rows:
-                        table = self.tables[name]
-                        con.execute(_insert_ignore(table, self.engine.dialect.name), rows)
-                        self.rows_offered += len(rows)
-        except SQLAlchemyError as e:
-            raise SqlError(f"{safe_url(self.url)}: {type(e).__name__}: {_short(e)}") from None
-        self.pending = {}
-
     def close(self) -> None:
-        try:
-            self.flush()
-        finally:
-            self.engine.dispose()
+        self.engine.dispose()
 
     def count(self, table: str) -> int:
         t = self.tables[table]
@@ -173,12 +199,11 @@ def _short(e: Exception) -> str:
     return text.splitlines()[0][:300] if text else type(e).__name__
 
 
-def prepare(engine: Engine, rules: RulesFile, create: bool = True) -> dict[str, Table]:
+def prepare(engine: Engine, rules: RulesFile, create: bool = True, dialect: str = "") -> dict[str, Table]:
     """Create the tables that are missing; check that existing ones have every column we write."""
     acc = rules.acc
-    sqlite = engine.dialect.name == "sqlite"
     meta = MetaData()
-    tables = {name: build_table(meta, name, acc, sqlite) for name in table_names(rules)}
+    tables = {name: build_table(meta, name, acc, dialect or engine.dialect.name) for name in table_names(rules)}
     insp = inspect(engine)
     existing = set(insp.get_table_names())
     problems = []

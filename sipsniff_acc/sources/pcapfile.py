@@ -48,6 +48,13 @@ class SourceError(Exception):
         super().__init__(f"{path}: {reason} (at byte offset {offset})")
 
 
+def _read_some(stream: BinaryIO, n: int) -> bytes:
+    """Up to n bytes, without waiting for all n (read1): a live pipe (`tcpdump -w - |`) is
+    processed as it arrives instead of 4 MiB at a time; b"" only at the end."""
+    read1 = getattr(stream, "read1", None)
+    return read1(n) if read1 is not None else stream.read(n)
+
+
 class CaptureReader:
     """Iterate over the frames of one capture file (or ``-`` for stdin).
 
@@ -122,7 +129,7 @@ class CaptureReader:
         base = 24  # file offset of buf[0]
         no = 0
         while True:
-            chunk = stream.read(CHUNK)
+            chunk = _read_some(stream, CHUNK)
             if chunk:
                 buf = buf[pos:] + chunk
                 base += pos
@@ -152,7 +159,7 @@ class CaptureReader:
 
     def _pcapng(self, stream: BinaryIO, first: bytes) -> Iterator[Frame]:
         path = self.path
-        buf = first + stream.read(CHUNK)
+        buf = first + _read_some(stream, CHUNK)
         pos = 0
         base = 0
         order = "<"
@@ -162,7 +169,7 @@ class CaptureReader:
         eof = False
         while True:
             if len(buf) - pos < 12 and not eof:
-                more = stream.read(CHUNK)
+                more = _read_some(stream, CHUNK)
                 eof = not more
                 buf = buf[pos:] + more
                 base += pos
@@ -193,7 +200,7 @@ class CaptureReader:
                         path, base + pos,
                         f"truncated pcapng block after frame {no}: file ends {blen - (end - pos)} bytes short",
                     )
-                more = stream.read(max(CHUNK, blen))
+                more = _read_some(stream, max(CHUNK, blen))
                 eof = not more
                 buf = buf[pos:] + more
                 base += pos

@@ -74,12 +74,29 @@ def test_init_db_then_check(tmp_path: Path) -> None:
     assert res.returncode == 3 and "acc lacks column(s) ua" in res.stderr
 
 
-def test_unreachable_database_exit_3_rows_kept(tmp_path: Path) -> None:
-    res = sipsniff("process", str(PCAPS / "sample.pcap"), "--db-url", f"sqlite:///{tmp_path}/none/acc.db",
-                   "--log", "none", cwd=tmp_path)
+def test_unreachable_database_exit_3_then_deliver(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/later/acc.db"
+    res = sipsniff("process", str(PCAPS / "sample.pcap"), "--db-url", url, "--log", "none", "--drain-timeout", "1",
+                   cwd=tmp_path)
     assert res.returncode == 3
-    assert "20 rows saved to" in res.stderr
-    assert len((tmp_path / "sipsniff-acc.unsent.jsonl").read_text().splitlines()) == 20
+    assert "alarm: db backend down" in res.stderr and "20 record(s) kept in the spool" in res.stderr
+    (tmp_path / "later").mkdir()
+    res = sipsniff("deliver", "--db-url", url, cwd=tmp_path)
+    assert res.returncode == 0 and "20 record(s) delivered" in res.stdout
+    res = sipsniff("process", str(PCAPS / "sample.pcap"), "--db-url", url, "--log", "none", cwd=tmp_path)
+    assert res.returncode == 0
+    con = sqlite3.connect(tmp_path / "later" / "acc.db")
+    assert con.execute("SELECT count(*) FROM acc").fetchone()[0] == 20
+    con.close()
+
+
+def test_password_comes_from_a_file_and_is_never_printed(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cr3t-pw\n")
+    res = sipsniff("process", str(PCAPS / "sample.pcap"), "--db-url", "postgresql+psycopg://acc@127.0.0.1:1/acc",
+                   "--db-password-file", str(secret), "--log", "none", "--drain-timeout", "0.5", cwd=tmp_path)
+    assert res.returncode == 3 and "127.0.0.1:1" in res.stderr
+    assert "s3cr3t" not in res.stderr + res.stdout
 
 
 def test_damaged_capture_still_accounts_what_came_before(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import socket
 import sqlite3
 import threading
@@ -10,7 +11,7 @@ from pathlib import Path
 import orjson
 
 from sipsniff_acc.emitters.jsonl import JsonlEmitter
-from sipsniff_acc.emitters.spool import SpoolingSql
+from sipsniff_acc.emitters.spool import DurableSpool, SpooledEmitter
 from sipsniff_acc.emitters.sql import SqlEmitter, julian, missing_columns
 from sipsniff_acc.emitters.syslog import LogEmitter
 from sipsniff_acc.processrun import records_of
@@ -98,6 +99,7 @@ def test_sqlite_rows_are_kamailio_compatible_and_idempotent(tmp_path: Path) -> N
     url = f"sqlite:///{tmp_path / 'acc.db'}"
     for _ in range(2):
         em = SqlEmitter(url, rules)  # type: ignore[arg-type]
+        assert em.where == url
         em.emit(rs)
         em.close()
     con = sqlite3.connect(tmp_path / "acc.db")
@@ -124,15 +126,42 @@ def test_init_db_check_reports_missing_columns(tmp_path: Path) -> None:
     assert any("sipsniff_id" in p for p in problems)
 
 
-def test_unreachable_database_loses_nothing(tmp_path: Path) -> None:
+def test_spool_keeps_records_while_the_database_is_unreachable(tmp_path: Path) -> None:
+    """A database path whose directory does not exist yet: every delivery fails, the records
+    wait in the spool, in order; once the directory exists the next retry delivers them all."""
     rs, rules = records()
-    unsent = tmp_path / "unsent.jsonl"
-    sp = SpoolingSql(f"sqlite:///{tmp_path}/no/such/dir/acc.db", rules, str(unsent))  # type: ignore[arg-type]
+    target = tmp_path / "later" / "acc.db"
+    now = [0.0]
+    alarms = io.StringIO()
+    backend = SqlEmitter(f"sqlite:///{target}", rules, connect=False)  # type: ignore[arg-type]
+    sp = SpooledEmitter(backend, DurableSpool(tmp_path / "spool"), batch=2, retry_interval=5.0,
+                        clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s), alarms=alarms,
+                        drain_timeout=3.0)
     sp.emit(rs)
-    sp.close()
-    assert sp.error and "OperationalError" in sp.error
-    saved = [orjson.loads(line) for line in unsent.read_bytes().splitlines()]
-    assert len(saved) == sp.unsent == 3 and {s["table"] for s in saved} == {"acc", "missed_calls"}
+    assert sp.pending == 3 and sp.delivered == 0 and sp.outages == 1
+    assert "alarm: db backend down" in alarms.getvalue() and "OperationalError" in sp.last_error
+    sp.close()  # drains for 3 s of (fake) time, then gives up: the records stay in the spool file
+    assert DurableSpool(tmp_path / "spool").count("db") == 3
+    target.parent.mkdir()
+    again = SpooledEmitter(SqlEmitter(f"sqlite:///{target}", rules, connect=False), DurableSpool(tmp_path / "spool"),  # type: ignore[arg-type]
+                           alarms=alarms)
+    assert again.recovered == 3
+    again.close()
+    assert again.delivered == 3 and again.pending == 0
+    con = sqlite3.connect(target)
+    assert con.execute("SELECT count(*) FROM acc").fetchone()[0] == 3  # INVITE (two legs) + BYE
+    assert con.execute("SELECT count(*) FROM missed_calls").fetchone()[0] == 2
+    con.close()
+
+
+def test_spool_round_trips_records(tmp_path: Path) -> None:
+    rs, _rules = records()
+    spool = DurableSpool(tmp_path / "s")
+    spool.append("x", rs)
+    back = [r for _seq, r in spool.peek("x", 10)]
+    assert [r.as_dict() for r in back] == [r.as_dict() for r in rs]
+    spool.ack("x", spool.peek("x", 1)[0][0])
+    assert spool.count("x") == 2
 
 
 def test_jsonl(tmp_path: Path) -> None:
