@@ -25,7 +25,9 @@ from sipsniff_acc.sources.pcapfile import FrameSource
 from sipsniff_acc.sources.tlskeys import TlsEngineError, decrypted_sip
 from sipsniff_acc.emitters import Emitter
 from sipsniff_acc.emitters.jsonl import JsonlEmitter
-from sipsniff_acc.emitters.spool import DEFAULT_SPOOL, DurableSpool, SpooledEmitter, SpoolFull
+from sipsniff_acc.emitters.diameter import DiameterConfigError, DiameterEmitter
+from sipsniff_acc.emitters.radius import RadiusConfigError, RadiusEmitter
+from sipsniff_acc.emitters.spool import DEFAULT_SPOOL, Backend, DurableSpool, SpooledEmitter, SpoolFull
 from sipsniff_acc.emitters.sql import SqlEmitter, SqlError, missing_columns, safe_url
 from sipsniff_acc.emitters.syslog import LogEmitter, SyslogTargetError
 from sipsniff_acc.processrun import RunResult, run
@@ -257,14 +259,13 @@ def process(
             if str(jsonl_file) != "-":
                 opened.append(jout)
             emitters.append(JsonlEmitter(jout))
-        sql: SpooledEmitter | None = None
-        if not no_db:
-            url = with_password(db_url or os.environ.get("SIPSNIFF_DB_URL") or rules.acc.db_url or DEFAULT_DB_URL,
-                                db_password_file)
-            backend = SqlEmitter(url, rules, connect=False, timezone=db_timezone)
-            sql = SpooledEmitter(backend, DurableSpool(spool_path), drain_timeout=drain_timeout)
-            emitters.append(sql)
-    except (SyslogTargetError, SqlError, OSError, sqlite3.Error) as e:
+        spooled: list[SpooledEmitter] = []
+        spool: DurableSpool | None = None
+        for backend in _backends(rules, no_db, db_url, db_password_file, db_timezone):
+            spool = spool or DurableSpool(spool_path)
+            spooled.append(SpooledEmitter(backend, spool, drain_timeout=drain_timeout))
+        emitters.extend(spooled)
+    except (SyslogTargetError, SqlError, OSError, sqlite3.Error, RadiusConfigError, DiameterConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE if isinstance(e, SyslogTargetError) else EXIT_BACKEND_ERROR) from None
     errors: list[SourceError] = []
@@ -300,18 +301,20 @@ def process(
     if stats:
         doc = counters.as_dict() | {"errors": [str(e) for e in errors], "records": dict(result.records),
                                     "records_by_backend": dict(result.by_backend), "tracker": tstats.as_dict(),
-                                    "db_delivered": sql.delivered if sql else 0,
-                                    "db_pending_in_spool": sql.pending if sql else 0}
+                                    "delivered": {sp.backend.name: sp.delivered for sp in spooled},
+                                    "pending_in_spool": {sp.backend.name: sp.pending for sp in spooled}}
         stats.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     if not quiet:
         _summary(counters, errors, sys.stderr)
-        _acc_summary(result, rules, sql, sys.stderr)
+        _acc_summary(result, rules, spooled, sys.stderr)
     if stopped_by > 0:
         raise typer.Exit(128 + stopped_by)
-    if sql is not None and sql.pending:
-        print(f"error: database {sql.backend.where}: {sql.last_error or 'not reachable'}; {sql.pending} record(s) "
-              f"kept in the spool {spool_path}: they are delivered first by the next run "
+    stuck = [sp for sp in spooled if sp.pending]
+    for sp in stuck:
+        print(f"error: {sp.backend.name} {sp.backend.where}: {sp.last_error or 'not reachable'}; {sp.pending} "
+              f"record(s) kept in the spool {spool_path}: they are delivered first by the next run "
               f"(or `sipsniff-acc deliver --spool {spool_path}`)", file=sys.stderr)
+    if stuck:
         raise typer.Exit(EXIT_BACKEND_ERROR)
     if stopped_by < 0:
         raise typer.Exit(EXIT_BACKEND_ERROR)
@@ -344,17 +347,35 @@ def with_password(url: str, password_file: Path | None) -> str:
     return make_url(url).set(password=password).render_as_string(hide_password=False)
 
 
-def _acc_summary(result: RunResult, rules: RulesFile, sql: SpooledEmitter | None, out: TextIO) -> None:
+def _backends(rules: RulesFile, no_db: bool, db_url: str | None, password_file: Path | None,
+              timezone: str = "utc") -> list[Backend]:
+    """The spooled backends this run needs: SQL unless --no-db; RADIUS and Diameter when
+    rules.yaml sets their flags or calls acc_rad_request / acc_diam_request."""
+    out: list[Backend] = []
+    if not no_db:
+        url = with_password(db_url or os.environ.get("SIPSNIFF_DB_URL") or rules.acc.db_url or DEFAULT_DB_URL,
+                            password_file)
+        out.append(SqlEmitter(url, rules, connect=False, timezone=timezone))
+    used = {b for r in (*rules.route, *rules.failure_route) for b, _c in r.acc_calls()}
+    a = rules.acc
+    if a.radius_flag is not None or a.radius_missed_flag is not None or "radius" in used:
+        out.append(RadiusEmitter(rules))
+    if a.diameter_flag is not None or a.diameter_missed_flag is not None or "diameter" in used:
+        out.append(DiameterEmitter(rules))
+    return out
+
+
+def _acc_summary(result: RunResult, rules: RulesFile, spooled: list[SpooledEmitter], out: TextIO) -> None:
     assert result.acc is not None
     t = result.acc.tracker.stats
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(result.records.items())) or "none"
     print(f"acc: {sum(result.records.values())} records ({kinds}); by backend: "
           f"{', '.join(f'{b} {n}' for b, n in sorted(result.by_backend.items())) or 'none'}", file=out)
-    if sql is not None:
-        recovered = f", {sql.recovered} of them left in the spool by an earlier run" if sql.recovered else ""
-        outages = f"; {sql.outages} outage(s), last error: {sql.last_error}" if sql.outages else ""
-        print(f"  db: {sql.delivered} records delivered to {sql.backend.where}{recovered} "
-              f"(rows already there are skipped by id); {sql.pending} pending in the spool{outages}", file=out)
+    for sp in spooled:
+        recovered = f", {sp.recovered} of them left in the spool by an earlier run" if sp.recovered else ""
+        outages = f"; {sp.outages} outage(s), last error: {sp.last_error}" if sp.outages else ""
+        print(f"  {sp.backend.name}: {sp.delivered} records delivered to {sp.backend.where}{recovered}; "
+              f"{sp.pending} pending in the spool{outages}", file=out)
     roles = ", ".join(f"{n} {r}" for r, n in sorted(t.transactions.items()))
     print(f"  transactions: {roles or 'none'}; {t.retransmissions} retransmissions absorbed; "
           f"{t.replies_without_request} replies without a request in the capture", file=out)
@@ -388,12 +409,14 @@ def deliver(
     if not spool_path.exists():
         print(f"{spool_path}: no spool, nothing to deliver")
         return
-    url = with_password(db_url or os.environ.get("SIPSNIFF_DB_URL") or rules.acc.db_url or DEFAULT_DB_URL,
-                        db_password_file)
-    sql = SpooledEmitter(SqlEmitter(url, rules, connect=False), DurableSpool(spool_path), drain_timeout=drain_timeout)
-    sql.close()
-    print(f"{sql.delivered} record(s) delivered to {sql.backend.where}; {sql.pending} still in {spool_path}")
-    if sql.pending:
+    spool = DurableSpool(spool_path)
+    pending = 0
+    for backend in _backends(rules, False, db_url, db_password_file):
+        sp = SpooledEmitter(backend, spool, drain_timeout=drain_timeout)
+        sp.close()
+        print(f"{backend.name}: {sp.delivered} record(s) delivered to {backend.where}; {sp.pending} still in {spool_path}")
+        pending += sp.pending
+    if pending:
         raise typer.Exit(EXIT_BACKEND_ERROR)
 
 

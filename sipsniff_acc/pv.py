@@ -85,8 +85,8 @@ def parse_extra(text: str) -> list[tuple[str, PvSpec]]:
         name, eq, spec = part.partition("=")
         if not eq or not name.strip():
             raise PvError(f"{part!r} is not name=$pseudo-variable")
-        if not re.fullmatch(r"[A-Za-z0-9_]+", name.strip()):
-            raise PvError(f"{name.strip()!r}: an extra's name is letters, digits and _ only")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name.strip()):
+            raise PvError(f"{name.strip()!r}: an extra's name is letters, digits, '_', '.' and '-' only")
         out.append((name.strip(), parse_pv(spec)))
     return out
 

@@ -146,6 +146,12 @@ class AccParams(_Strict):
     diameter_client_host: str = "localhost"
     diameter_client_port: int = Field(3000, gt=0, lt=65536)
     diameter_extra: str = ""
+    #: RFC 6733 identity of the sniffer and the peer's realm (acc_diameter's DISC protocol has none)
+    diameter_origin_host: str = "sipsniff.localdomain"
+    diameter_origin_realm: str = "localdomain"
+    diameter_destination_realm: str = ""  #: default: the origin realm
+    diameter_bind: str = ""  #: source address of the connection to the peer
+    diameter_timeout: float = Field(5.0, gt=0)
 
     _log_extra: list[tuple[str, PvSpec]] = PrivateAttr(default_factory=list)
     _db_extra: list[tuple[str, PvSpec]] = PrivateAttr(default_factory=list)

@@ -33,7 +33,12 @@ MAX_RECORDS = 1_000_000  #: per backend (~0.5 GB on disk)
 
 
 class BackendDown(RuntimeError):
-    """The backend could not take a batch now; the message is safe to print (no secrets)."""
+    """The backend could not take a batch now; the message is safe to print (no secrets).
+    ``delivered``: how many records of the batch, from its start, did get through."""
+
+    def __init__(self, message: str, delivered: int = 0) -> None:
+        super().__init__(message)
+        self.delivered = delivered
 
 
 class SpoolFull(RuntimeError):
@@ -61,7 +66,8 @@ def from_json(data: bytes) -> AccRecord:
         kind=d["kind"], ts=d["ts"], method=d["method"], from_tag=d["from_tag"], to_tag=d["to_tag"],
         call_id=d["call_id"], code=d["code"], reason=d["reason"], backends=tuple(d["backends"]), table=d["table"],
         extras={b: list(v.items()) for b, v in d["extras"].items()},
-        legs=[list(leg.items()) for leg in d["legs"]], cseq=d["cseq"], local=d["local"], record_id=d["id"],
+        legs=[list(leg.items()) for leg in d["legs"]], cseq=d["cseq"], local=d["local"],
+        in_dialog=d.get("in_dialog", False), record_id=d["id"],
     )
 
 
@@ -74,18 +80,24 @@ class DurableSpool:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("CREATE TABLE IF NOT EXISTS queue (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
-                        "backend TEXT NOT NULL, record BLOB NOT NULL)")
+                        "backend TEXT NOT NULL, record BLOB NOT NULL, queued REAL NOT NULL DEFAULT 0)")
         self.db.execute("CREATE INDEX IF NOT EXISTS queue_backend ON queue (backend, seq)")
 
     def append(self, backend: str, records: list[AccRecord]) -> None:
+        now = time.time()
         with self._tx():
-            self.db.executemany("INSERT INTO queue (backend, record) VALUES (?, ?)",
-                                [(backend, to_json(r)) for r in records])
+            self.db.executemany("INSERT INTO queue (backend, record, queued) VALUES (?, ?, ?)",
+                                [(backend, to_json(r), now) for r in records])
 
     def peek(self, backend: str, n: int) -> list[tuple[int, AccRecord]]:
-        rows = self.db.execute("SELECT seq, record FROM queue WHERE backend = ? ORDER BY seq LIMIT ?",
+        rows = self.db.execute("SELECT seq, record, queued FROM queue WHERE backend = ? ORDER BY seq LIMIT ?",
                                (backend, n)).fetchall()
-        return [(seq, from_json(rec)) for seq, rec in rows]
+        out = []
+        for seq, rec, queued in rows:
+            r = from_json(rec)
+            r.queued_at = queued
+            out.append((seq, r))
+        return out
 
     def ack(self, backend: str, upto: int) -> None:
         with self._tx():
@@ -173,6 +185,10 @@ class SpooledEmitter:
             try:
                 self.backend.deliver([r for _seq, r in batch])
             except BackendDown as e:
+                if e.delivered:  # the start of the batch got through: never send it again
+                    self.spool.ack(self.backend.name, batch[e.delivered - 1][0])
+                    self._queued -= e.delivered
+                    self.delivered += e.delivered
                 if self.down_since is None:
                     self.down_since = now
                     self.outages += 1

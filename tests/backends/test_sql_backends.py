@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import sqlite3
-import struct
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conformance.goldens import rules_for
+from tests.streaming import feed, pcap_chunks, streaming, wait_for
 from tests.servers import MariaDB, Postgres, mariadb, postgres  # noqa: F401 - fixtures
 
 CASES = Path(__file__).resolve().parents[1] / "conformance" / "cases"
@@ -84,40 +84,11 @@ def test_same_rows_in_sqlite_postgresql_and_mariadb(tmp_path: Path, postgres: Po
     assert tables["sqlite"] == tables["postgresql"] == tables["mariadb"]
 
 
-def pcap_chunks(path: Path, n: int) -> list[bytes]:
-    """The pcap's global header + its records cut into n pieces on record boundaries."""
-    data = path.read_bytes()
-    order = "<" if data[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
-    offsets, pos = [], 24
-    while pos + 16 <= len(data):
-        offsets.append(pos)
-        pos += 16 + struct.unpack_from(order + "I", data, pos + 8)[0]
-    cuts = [offsets[len(offsets) * i // n] for i in range(1, n)]
-    bounds = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
-
-
 def db_ids(server: Postgres | MariaDB) -> list[str]:
     try:
         return [str(r[0]) for r in server.query("SELECT sipsniff_id FROM acc UNION ALL SELECT sipsniff_id FROM missed_calls")]
     except Exception:  # noqa: BLE001 - tables not created yet
         return []
-
-
-def wait_for(cond, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not reached in time")
-
-
-def streaming(tmp: Path, url: str, rules_file: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "sipsniff_acc", "process", "-", "--rules", str(rules_file), "--db-url", url,
-         "--log", "none", "--spool", str(tmp / "spool"), "--drain-timeout", "60"],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=open(tmp / "stderr", "wb"), cwd=tmp)  # noqa: SIM115
 
 
 @pytest.mark.parametrize("server_name", ["postgres", "mariadb"])
@@ -129,22 +100,13 @@ def test_database_outage_mid_run_loses_and_duplicates_nothing(tmp_path: Path, se
     assert len(want) == 600
     chunks = pcap_chunks(VOLUME, 10)
     proc = streaming(tmp_path, server.url, r)
-    assert proc.stdin is not None
-    for c in chunks[:3]:
-        proc.stdin.write(c)
-        proc.stdin.flush()
-        time.sleep(0.6)
+    feed(proc, chunks[:3], 0.6)
     wait_for(lambda: len(db_ids(server)) > 0)
     server.stop()  # the outage: records go to the spool
-    for c in chunks[3:7]:
-        proc.stdin.write(c)
-        proc.stdin.flush()
-        time.sleep(0.6)
+    feed(proc, chunks[3:7], 0.6)
     server.start()
-    for c in chunks[7:]:
-        proc.stdin.write(c)
-        proc.stdin.flush()
-        time.sleep(0.3)
+    feed(proc, chunks[7:], 0.3)
+    assert proc.stdin is not None
     proc.stdin.close()
     assert proc.wait(120) == 0, (tmp_path / "stderr").read_text()
     err = (tmp_path / "stderr").read_text()
@@ -158,17 +120,10 @@ def test_sigkill_mid_run_then_restart_on_the_same_spool(tmp_path: Path, postgres
     want = expected_ids(tmp_path, VOLUME, r)
     chunks = pcap_chunks(VOLUME, 10)
     proc = streaming(tmp_path, postgres.url, r)
-    assert proc.stdin is not None
-    for c in chunks[:3]:
-        proc.stdin.write(c)
-        proc.stdin.flush()
-        time.sleep(0.6)
+    feed(proc, chunks[:3], 0.6)
     wait_for(lambda: len(db_ids(postgres)) > 0)
     postgres.stop()  # records now wait in the spool ...
-    for c in chunks[3:6]:
-        proc.stdin.write(c)
-        proc.stdin.flush()
-        time.sleep(0.6)
+    feed(proc, chunks[3:6], 0.6)
     spool = sqlite3.connect(tmp_path / "spool")
     wait_for(lambda: spool.execute("SELECT count(*) FROM queue").fetchone()[0] > 0)
     spooled = spool.execute("SELECT count(*) FROM queue").fetchone()[0]
@@ -189,10 +144,7 @@ def test_sigterm_flushes_what_was_produced(tmp_path: Path, postgres: Postgres) -
     r = rules(tmp_path)
     chunks = pcap_chunks(VOLUME, 10)
     proc = streaming(tmp_path, postgres.url, r)
-    assert proc.stdin is not None
-    for c in chunks[:4]:
-        proc.stdin.write(c)
-        proc.stdin.flush()
+    feed(proc, chunks[:4], 0)
     time.sleep(1.5)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 128 + signal.SIGTERM
