@@ -355,7 +355,7 @@ def _backends(rules: RulesFile, no_db: bool, db_url: str | None, password_file: 
     if not no_db:
         url = with_password(db_url or os.environ.get("SIPSNIFF_DB_URL") or rules.acc.db_url or DEFAULT_DB_URL,
                             password_file)
-        out.append(SqlEmitter(url, rules, connect=False, timezone=timezone))
+        out.append(SqlEmitter(url, rules, connect="try", timezone=timezone))
     used = {b for r in (*rules.route, *rules.failure_route) for b, _c in r.acc_calls()}
     a = rules.acc
     if a.radius_flag is not None or a.radius_missed_flag is not None or "radius" in used:

@@ -89,8 +89,10 @@ class SqlEmitter:
 
     name = "db"
 
-    def __init__(self, url: str, rules: RulesFile, create: bool = True, connect: bool = True,
+    def __init__(self, url: str, rules: RulesFile, create: bool = True, connect: bool | str = True,
                  timezone: str = "utc") -> None:
+        """connect: True = prepare the schema now (errors raise); "try" = now if the database
+        answers, else at the first delivery; False = at the first delivery."""
         self.url = url
         self.safe_url = self.where = safe_url(url)
         self.rules = rules
@@ -104,7 +106,13 @@ class SqlEmitter:
         self.sqlite = self.engine.dialect.name == "sqlite"
         self.tables: dict[str, Table] = {}
         self.rows_offered = 0
-        if connect:
+        self.startup_error = ""
+        if connect == "try":
+            try:
+                self._prepare()
+            except SqlError as e:
+                self.startup_error = str(e)
+        elif connect:
             self._prepare()
 
     def _prepare(self) -> None:
