@@ -148,3 +148,26 @@ def test_radius_outage_mid_run_every_record_once(tmp_path: Path, freeradius: Fre
                  for r in freeradius.records())
     assert got == want  # every record once: the busy calls' two identical Failed packets (missed + failed) included
     assert all(r["User-Name"].startswith("caller") for r in freeradius.records())
+
+
+def test_failover_to_the_second_server_and_radiusclient_conf(tmp_path: Path, freeradius: FreeRadius) -> None:
+    """radiusclient.conf with two acctservers: the first answers nothing, the second is FreeRADIUS."""
+    from sipsniff_acc.emitters.radius import RadiusEmitter, load_config
+    from sipsniff_acc.processrun import records_of
+    from sipsniff_acc.rules import parse_rules
+    from tests.flows import answered_call
+    from tests.servers import free_port
+
+    dead = free_port()
+    conf = tmp_path / "radiusclient.conf"
+    (tmp_path / "servers").write_text(f"{freeradius.ip} {SECRET}\n127.0.3.9 other-secret\n")
+    conf.write_text(f"# radcli style\nacctserver 127.0.3.9:{dead},{freeradius.ip}:{freeradius.port}\nservers servers\n"
+                    "radius_timeout 0.3\nradius_retries 1\nbindaddr 127.0.3.5\nnas-ip 127.0.3.5\n")
+    cfg = load_config(str(conf))
+    assert cfg.servers == [("127.0.3.9", dead, "other-secret"), (freeradius.ip, freeradius.port, SECRET)]
+    rules = parse_rules(f"acc: {{radius_flag: 1, radius_config: {conf}}}\nroute:\n  - setflag: [1]\n")
+    em = RadiusEmitter(rules)
+    em.deliver(records_of(answered_call(), rules))
+    em.close()
+    assert em.sent == 2 and em.retransmissions == 1  # the first record tried the dead server twice
+    assert [r["Acct-Status-Type"] for r in freeradius.records()] == ["Start", "Stop"]

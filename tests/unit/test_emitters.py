@@ -171,3 +171,34 @@ def test_jsonl(tmp_path: Path) -> None:
     docs = [orjson.loads(x) for x in (tmp_path / "r.jsonl").read_bytes().splitlines()]
     assert [d["kind"] for d in docs] == ["answered", "answered", "missed"]
     assert docs[0]["legs"] == [{"leg_src": "B"}, {"leg_src": "A"}] and docs[0]["id"] == rs[0].record_id
+
+
+class _Down:
+    name, where = "down", "nowhere"
+
+    def wants(self, r: AccRecord) -> bool:
+        return True
+
+    def deliver(self, records: list[AccRecord]) -> None:
+        from sipsniff_acc.emitters.spool import BackendDown
+        raise BackendDown("refused")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_full_spool_blocks_then_gives_up_keeping_everything(tmp_path: Path) -> None:
+    from sipsniff_acc.emitters.spool import SpoolFull
+    rs, _rules = records()
+    now = [0.0]
+    alarms = io.StringIO()
+    sp = SpooledEmitter(_Down(), DurableSpool(tmp_path / "s"), batch=1, max_records=2, full_timeout=10.0,  # type: ignore[arg-type]
+                        clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s), alarms=alarms)
+    sp.emit(rs[:2])
+    try:
+        sp.emit(rs[2:])
+        raise AssertionError("the spool should be full")
+    except SpoolFull as e:
+        assert "spool full" in str(e)
+    assert "alarm: spool full for down (2 records, limit 2)" in alarms.getvalue()
+    assert now[0] >= 10.0 and DurableSpool(tmp_path / "s").count("down") == 2 and sp.buffer == rs[2:]
