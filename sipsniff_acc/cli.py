@@ -51,6 +51,14 @@ class MessageFormat(str, Enum):
     table = "table"
 
 
+def _auto_workers(workers: int) -> int:
+    """-1: one worker per CPU, at most MAX_AUTO_WORKERS; none on a single CPU."""
+    if workers >= 0:
+        return workers
+    cpus = os.cpu_count() or 1
+    return 0 if cpus < 2 else min(cpus, MAX_AUTO_WORKERS)
+
+
 def _open_readers(files: list[str]) -> list[CaptureReader]:
     paths = expand_paths(files)
     if not paths:
@@ -123,8 +131,7 @@ def messages(
     readers = _open_sources(files, interface, count, duration)
     errors: list[SourceError] = []
     counters = Counters()
-    if workers < 0:
-        workers = 0 if (os.cpu_count() or 1) < 2 else min((os.cpu_count() or 1), MAX_AUTO_WORKERS)
+    workers = _auto_workers(workers)
     out: BinaryIO = open(output, "wb") if output else sys.stdout.buffer  # noqa: SIM115
     write = out.write
     if fmt is MessageFormat.table:
@@ -237,6 +244,7 @@ def process(
     drain_timeout: Annotated[float, typer.Option("--drain-timeout", help="seconds to keep retrying an unreachable database at the end")] = 60.0,
     db_password_file: Annotated[Path | None, typer.Option("--db-password-file", help="read the database password from this file (or set SIPSNIFF_DB_PASSWORD)")] = None,
     db_timezone: Annotated[str, typer.Option("--db-timezone", help="utc (default) or local: how DATETIME columns are written (not SQLite)")] = "utc",
+    workers: Annotated[int, typer.Option("--workers", "-j", help="processes that parse and account, calls sharded by Call-ID; 0: all in one process; -1: one per CPU (at most 4)")] = -1,
 ) -> None:
     """The main job: the acc records a Kamailio proxy would write for the traffic in the captures.
 
@@ -279,7 +287,7 @@ def process(
     previous = signal.signal(signal.SIGTERM, _terminate)
     result = RunResult()
     try:
-        result = run(frames, rules, emitters, counters, open_as_408, result)
+        result = run(frames, rules, emitters, counters, open_as_408, result, _auto_workers(workers))
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -296,8 +304,7 @@ def process(
             em.close()
         for f in opened:
             f.close()
-    assert result.acc is not None
-    tstats = result.acc.tracker.stats
+    tstats = result.tracker
     if stats:
         doc = counters.as_dict() | {"errors": [str(e) for e in errors], "records": dict(result.records),
                                     "records_by_backend": dict(result.by_backend), "tracker": tstats.as_dict(),
@@ -366,8 +373,7 @@ def _backends(rules: RulesFile, no_db: bool, db_url: str | None, password_file: 
 
 
 def _acc_summary(result: RunResult, rules: RulesFile, spooled: list[SpooledEmitter], out: TextIO) -> None:
-    assert result.acc is not None
-    t = result.acc.tracker.stats
+    t = result.tracker
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(result.records.items())) or "none"
     print(f"acc: {sum(result.records.values())} records ({kinds}); by backend: "
           f"{', '.join(f'{b} {n}' for b, n in sorted(result.by_backend.items())) or 'none'}", file=out)
@@ -389,7 +395,7 @@ def _acc_summary(result: RunResult, rules: RulesFile, spooled: list[SpooledEmitt
     if t.open_at_end:
         what = ", ".join(f"{n} {m}" for m, n in sorted(t.open_at_end.items()))
         print(f"  open at end of input (no final reply): {what}"
-              f"{'' if result.acc.open_as_408 else ' (not accounted; --open-as-408 to account them)'}", file=out)
+              f"{'' if result.open_as_408 else ' (not accounted; --open-as-408 to account them)'}", file=out)
     if t.stateless_replies:
         print(f"  stateless replies of the proxy (never accounted): {t.stateless_replies}", file=out)
     if t.dialogs:

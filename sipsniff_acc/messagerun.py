@@ -28,7 +28,7 @@ def _as_candidate(d: Datagram) -> Candidate:
     return (d.ts, d.no, _TEXT[d.transport], d.src, d.sport, d.dst, d.dport, d.payload, d.encap, d.source)
 
 
-def _candidates(frames: Iterable[Frame], capture: CaptureStage) -> Iterator[Candidate]:
+def candidates(frames: Iterable[Frame], capture: CaptureStage) -> Iterator[Candidate]:
     feed = capture.feed
     text = _TEXT
     for frame in frames:
@@ -81,12 +81,12 @@ def message_lines(
     merged into the stream by timestamp.
     """
     capture = CaptureStage(counters)
-    candidates: Iterator[Candidate] = _candidates(frames, capture)
+    cands: Iterator[Candidate] = candidates(frames, capture)
     extra = list(extra)
     if extra:
-        candidates = heapq.merge(candidates, map(_as_candidate, extra), key=_first)
+        cands = heapq.merge(cands, map(_as_candidate, extra), key=_first)
     work = format_batch(fmt)
-    batches = batched(candidates)
+    batches = batched(cands)
     results = map(work, batches) if workers <= 0 else ordered_map(batches, work, workers)
     for text, (parsed, anomalies) in results:
         counters.sip_messages += parsed

@@ -6,18 +6,22 @@ frame source and hands each batch of records to every emitter, in event order.
 
 from __future__ import annotations
 
+import re
+import zlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from sipsniff_acc.acc import AccEngine
 from sipsniff_acc.emitters import Emitter
 from sipsniff_acc.events import Counters, Frame
-from sipsniff_acc.pipeline import MessagePipeline
+from sipsniff_acc.messagerun import Candidate, candidates
+from sipsniff_acc.pipeline import CaptureStage, MessagePipeline, SipParser
+from sipsniff_acc.shard import batched, sharded_map
 from sipsniff_acc.records import AccRecord
 from sipsniff_acc.rules import RulesFile, parse_address
 from sipsniff_acc.sip import SipMessage
-from sipsniff_acc.tracker import TransactionTracker
+from sipsniff_acc.tracker import TrackerStats, TransactionTracker
 
 
 class AccPipeline:
@@ -57,17 +61,16 @@ def records_of(messages: Iterable[SipMessage], rules: RulesFile, open_as_408: bo
 class RunResult:
     records: Counter[str] = field(default_factory=Counter)  #: by kind
     by_backend: Counter[str] = field(default_factory=Counter)
-    acc: AccPipeline | None = None
+    tracker: TrackerStats = field(default_factory=TrackerStats)
+    open_as_408: bool = False
 
 
 def run(frames: Iterable[Frame], rules: RulesFile, emitters: Sequence[Emitter], counters: Counters,
-        open_as_408: bool = False, result: RunResult | None = None) -> RunResult:
+        open_as_408: bool = False, result: RunResult | None = None, workers: int = 0) -> RunResult:
     """Drive the pipeline; ``result`` (if given) is filled in place, so a caller interrupted by
     a signal still has the counts of what was delivered to the emitters."""
-    messages = MessagePipeline(counters)
-    acc = AccPipeline(rules, open_as_408)
     result = result if result is not None else RunResult()
-    result.acc = acc
+    result.open_as_408 = open_as_408
 
     def deliver(records: list[AccRecord]) -> None:
         for r in records:
@@ -75,6 +78,13 @@ def run(frames: Iterable[Frame], rules: RulesFile, emitters: Sequence[Emitter], 
             result.by_backend.update(r.backends)
         for e in emitters:
             e.emit(records)
+
+    if workers > 0:
+        _run_sharded(frames, rules, deliver, counters, open_as_408, workers, result)
+        return result
+    messages = MessagePipeline(counters)
+    acc = AccPipeline(rules, open_as_408)
+    result.tracker = acc.tracker.stats
 
     feed = acc.feed
     for frame in frames:
@@ -92,3 +102,90 @@ def run(frames: Iterable[Frame], rules: RulesFile, emitters: Sequence[Emitter], 
     if recs:
         deliver(recs)
     return result
+
+
+# --- several processes: shards by Call-ID ------------------------------------------------
+
+#: Call-ID header line in a raw message (long or compact form): the front process shards on
+#: it without parsing the message (a regex search, ~0.5 µs, against ~4 µs for a parse).
+_CALL_ID = re.compile(rb"\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
+
+Part = tuple[float, list[tuple[int, Candidate]]] | None  #: (first packet time, [(sequence, candidate)]); None: finish
+PartResult = tuple[list[tuple[int, AccRecord]], int, dict[str, int], TrackerStats | None]
+
+
+def shard_of(payload: bytes, shards: int) -> int:
+    m = _CALL_ID.search(payload)
+    return zlib.crc32(m.group(1).strip() if m else b"") % shards
+
+
+def acc_worker(rules: RulesFile, open_as_408: bool) -> Callable[[Part], PartResult]:
+    """A worker's state: a parser and an AccPipeline for the calls of its shard."""
+    counters = Counters()
+    parser = SipParser(counters)
+    acc = AccPipeline(rules, open_as_408)
+
+    def work(part: Part) -> PartResult:
+        out: list[tuple[int, AccRecord]] = []
+        if part is None:
+            out = [(1 << 62, r) for r in acc.finish()]
+            return out, 0, {}, acc.tracker.stats
+        first, items = part
+        if not acc.engine.start:
+            acc.engine.start = first  # $TS: the first packet of the whole run, not of this shard
+        before = counters.sip_messages
+        counters.anomalies.clear()
+        feed, message = acc.feed, parser.message
+        for seq, c in items:
+            msg = message(*c)
+            if msg is not None:
+                for r in feed(msg):
+                    out.append((seq, r))
+        return out, counters.sip_messages - before, dict(counters.anomalies), None
+
+    return work
+
+
+def merge_stats(into: TrackerStats, other: TrackerStats) -> None:
+    into.transactions.update(other.transactions)
+    into.retransmissions += other.retransmissions
+    into.replies_without_request += other.replies_without_request
+    into.acks_without_invite += other.acks_without_invite
+    into.open_at_end.update(other.open_at_end)
+    into.timed_out.update(other.timed_out)
+    into.stateless_replies += other.stateless_replies
+    into.dialogs.update(other.dialogs)
+    into.inferred_proxies |= other.inferred_proxies
+
+
+def _run_sharded(frames: Iterable[Frame], rules: RulesFile, deliver: Callable[[list[AccRecord]], None],
+                 counters: Counters, open_as_408: bool, workers: int, result: RunResult) -> None:
+    """The front reads and reassembles; workers parse and account their calls. Records of a
+    round are put back in the order of the messages that caused them: the output is the
+    single-process run's, record for record."""
+    capture = CaptureStage(counters)
+
+    def rounds() -> Iterator[list[Part]]:
+        seq = 0
+        first = 0.0
+        for batch in batched(candidates(frames, capture)):
+            if not first:
+                first = batch[0][0]
+            parts: list[list[tuple[int, Candidate]]] = [[] for _ in range(workers)]
+            for c in batch:
+                parts[shard_of(c[7], workers)].append((seq, c))
+                seq += 1
+            yield [(first, p) for p in parts]
+        yield [None] * workers
+
+    for results in sharded_map(rounds(), acc_worker(rules, open_as_408), workers):
+        merged: list[tuple[int, AccRecord]] = []
+        for recs, parsed, anomalies, stats in results:
+            merged.extend(recs)
+            counters.sip_messages += parsed
+            counters.anomalies.update(anomalies)
+            if stats is not None:
+                merge_stats(result.tracker, stats)
+        if merged:
+            merged.sort(key=lambda sr: sr[0])  # stable: records of one message keep their order
+            deliver([r for _seq, r in merged])

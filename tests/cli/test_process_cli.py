@@ -106,3 +106,29 @@ def test_damaged_capture_still_accounts_what_came_before(tmp_path: Path) -> None
     res = sipsniff("process", str(cut), "--no-db", "-q")
     assert res.returncode == 1 and "error: " in res.stderr
     assert 0 < len(res.stdout.splitlines()) < 20
+
+
+def test_workers_give_the_records_of_one_process(tmp_path: Path) -> None:
+    """Calls sharded by Call-ID over 2 workers: the same lines, records and rows, in the same order."""
+    cases = REPO / "tests" / "conformance" / "cases"
+    captures = [str(cases / c / "capture.pcap") for c in ("volume_mixed", "parallel_fork_one_answers", "report_ack")]
+    rules = tmp_path / "rules.yaml"
+    rules.write_text('acc: {log_flag: 1, log_missed_flag: 2, db_flag: 1, db_missed_flag: 2, failed_transaction_flag: 3,'
+                     ' report_ack: true, log_extra: "ua=$hdr(User-Agent);ts=$TS", db_extra: "ua=$hdr(User-Agent);ts=$TS"}\nroute:\n'
+                     '  - if: {method: BYE}\n    setflag: [1, 3]\n  - if: {in_dialog: true}\n    stop: true\n'
+                     '  - setflag: [1, 2, 3]\n')
+    outs = {}
+    for j in ("0", "2"):
+        res = sipsniff("process", *captures, "--rules", str(rules), "-j", j, "--log", str(tmp_path / f"log{j}"),
+                       "--jsonl", str(tmp_path / f"r{j}"), "--db-url", f"sqlite:///{tmp_path}/db{j}",
+                       "--stats", str(tmp_path / f"s{j}"), "--spool", str(tmp_path / f"spool{j}"))
+        assert res.returncode == 0, res.stderr
+        con = sqlite3.connect(tmp_path / f"db{j}")
+        rows = con.execute("SELECT method, from_tag, to_tag, callid, sip_code, sip_reason, time, ua, ts, sipsniff_id "
+                           "FROM acc ORDER BY id").fetchall()
+        con.close()
+        stats = json.loads((tmp_path / f"s{j}").read_text())
+        outs[j] = ((tmp_path / f"log{j}").read_text(), (tmp_path / f"r{j}").read_text(), rows,
+                   stats["records"], stats["tracker"], stats["sip_messages"])
+    assert len(outs["0"][0].splitlines()) > 600
+    assert outs["0"] == outs["2"]
