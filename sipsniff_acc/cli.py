@@ -433,6 +433,12 @@ def check_rules(rules_file: Annotated[Path, typer.Argument(help="the rules.yaml 
     a = rules.acc
     backends = [b for b in ("log", "db", "radius", "diameter") if a.flags(False).get(b) is not None
                 or a.flags(True).get(b) is not None]
+    if "radius" in backends:  # the RADIUS config file and the extras' names in the dictionary
+        try:
+            RadiusEmitter(rules).close()
+        except (RadiusConfigError, OSError) as e:
+            print(f"error: {rules_file}: acc.radius_config: {e}", file=sys.stderr)
+            raise typer.Exit(EXIT_USAGE) from None
     print(f"{rules_file}: ok: profile {rules.profile}, {len(rules.route)} route rule(s), "
           f"{len(rules.failure_route)} failure_route rule(s), backends with flags: {', '.join(backends) or 'none'}, "
           f"proxy: {', '.join(rules.proxy.addresses) or 'inferred from Via hops'}")

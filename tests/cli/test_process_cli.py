@@ -132,3 +132,14 @@ def test_workers_give_the_records_of_one_process(tmp_path: Path) -> None:
                    stats["records"], stats["tracker"], stats["sip_messages"])
     assert len(outs["0"][0].splitlines()) > 600
     assert outs["0"] == outs["2"]
+
+
+def test_check_rules_checks_the_radius_config(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"acc:\n  radius_flag: 1\n  radius_config: {tmp_path}/missing.yaml\n")
+    res = sipsniff("check-rules", str(rules))
+    assert res.returncode == 2 and "acc.radius_config:" in res.stderr and "cannot read" in res.stderr
+    (tmp_path / "r.yaml").write_text("servers: ['127.0.3.1:1813']\nsecret: s\n")
+    rules.write_text(f"acc:\n  radius_flag: 1\n  radius_config: {tmp_path}/r.yaml\n  radius_extra: \"Nope-Attr=$fU\"\n")
+    res = sipsniff("check-rules", str(rules))
+    assert res.returncode == 2 and "'Nope-Attr' is not in the RADIUS dictionary" in res.stderr
