@@ -244,7 +244,8 @@ def process(
     drain_timeout: Annotated[float, typer.Option("--drain-timeout", help="seconds to keep retrying an unreachable database at the end")] = 60.0,
     db_password_file: Annotated[Path | None, typer.Option("--db-password-file", help="read the database password from this file (or set SIPSNIFF_DB_PASSWORD)")] = None,
     db_timezone: Annotated[str, typer.Option("--db-timezone", help="utc (default) or local: how DATETIME columns are written (not SQLite)")] = "utc",
-    workers: Annotated[int, typer.Option("--workers", "-j", help="processes that parse and account, calls sharded by Call-ID; 0: all in one process; -1: one per CPU (at most 4)")] = -1,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="processes that parse and account, calls sharded by Call-ID; 0: all in one process; -1: one per CPU (at most 4), or 0 for a live capture")] = -1,
+    tls_keylog: Annotated[Path | None, typer.Option("--tls-keylog", help="SSLKEYLOGFILE-format key log: SIP over TLS is decrypted by tshark")] = None,
 ) -> None:
     """The main job: the acc records a Kamailio proxy would write for the traffic in the captures.
 
@@ -278,6 +279,7 @@ def process(
         raise typer.Exit(EXIT_USAGE if isinstance(e, SyslogTargetError) else EXIT_BACKEND_ERROR) from None
     errors: list[SourceError] = []
     counters = Counters()
+    decrypted = _decrypt_tls(sources, tls_keylog) if tls_keylog is not None else []
     frames = open_captures(sources, errors)
     total = sum(getattr(r, "size", 0) for r in sources)
     show = progress if progress is not None else (sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES)
@@ -287,7 +289,9 @@ def process(
     previous = signal.signal(signal.SIGTERM, _terminate)
     result = RunResult()
     try:
-        result = run(frames, rules, emitters, counters, open_as_408, result, _auto_workers(workers))
+        if workers < 0 and interface is not None:
+            workers = 0  # live: every message goes through at once, no rounds to fill
+        result = run(frames, rules, emitters, counters, open_as_408, result, _auto_workers(workers), decrypted)
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

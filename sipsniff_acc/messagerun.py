@@ -24,7 +24,7 @@ Delta = tuple[int, dict[str, int]]  #: SIP messages parsed, anomalies by name
 _TEXT = {t: t.value for t in Transport}  # an Enum's .value is a property: ~5x a dict lookup
 
 
-def _as_candidate(d: Datagram) -> Candidate:
+def as_candidate(d: Datagram) -> Candidate:
     return (d.ts, d.no, _TEXT[d.transport], d.src, d.sport, d.dst, d.dport, d.payload, d.encap, d.source)
 
 
@@ -33,12 +33,12 @@ def candidates(frames: Iterable[Frame], capture: CaptureStage) -> Iterator[Candi
     text = _TEXT
     for frame in frames:
         for d in feed(frame):
-            if d.__class__ is Datagram:  # _as_candidate, inlined: this loop runs per packet
+            if d.__class__ is Datagram:  # as_candidate, inlined: this loop runs per packet
                 yield (d.ts, d.no, text[d.transport], d.src, d.sport, d.dst, d.dport,
                        d.payload, d.encap, d.source)
     for d in capture.finish():  # messages that only end of input completes (TCP after a gap)
         if d.__class__ is Datagram:
-            yield _as_candidate(d)
+            yield as_candidate(d)
 
 
 def format_batch(fmt: str) -> Callable[[list[Candidate]], tuple[bytes, Delta]]:
@@ -68,7 +68,7 @@ def format_batch(fmt: str) -> Callable[[list[Candidate]], tuple[bytes, Delta]]:
     return work
 
 
-def _first(c: Candidate) -> float:
+def candidate_time(c: Candidate) -> float:
     return c[0]
 
 
@@ -84,7 +84,7 @@ def message_lines(
     cands: Iterator[Candidate] = candidates(frames, capture)
     extra = list(extra)
     if extra:
-        cands = heapq.merge(cands, map(_as_candidate, extra), key=_first)
+        cands = heapq.merge(cands, map(as_candidate, extra), key=candidate_time)
     work = format_batch(fmt)
     batches = batched(cands)
     results = map(work, batches) if workers <= 0 else ordered_map(batches, work, workers)

@@ -6,6 +6,7 @@ frame source and hands each batch of records to every emitter, in event order.
 
 from __future__ import annotations
 
+import heapq
 import re
 import zlib
 from collections import Counter
@@ -14,10 +15,10 @@ from dataclasses import dataclass, field
 
 from sipsniff_acc.acc import AccEngine
 from sipsniff_acc.emitters import Emitter
-from sipsniff_acc.events import Counters, Frame
-from sipsniff_acc.messagerun import Candidate, candidates
+from sipsniff_acc.events import Counters, Datagram, Frame
+from sipsniff_acc.messagerun import Candidate, as_candidate, candidate_time, candidates
 from sipsniff_acc.pipeline import CaptureStage, MessagePipeline, SipParser
-from sipsniff_acc.shard import batched, sharded_map
+from sipsniff_acc.shard import BATCH, sharded_map
 from sipsniff_acc.records import AccRecord
 from sipsniff_acc.rules import RulesFile, parse_address
 from sipsniff_acc.sip import SipMessage
@@ -66,9 +67,11 @@ class RunResult:
 
 
 def run(frames: Iterable[Frame], rules: RulesFile, emitters: Sequence[Emitter], counters: Counters,
-        open_as_408: bool = False, result: RunResult | None = None, workers: int = 0) -> RunResult:
+        open_as_408: bool = False, result: RunResult | None = None, workers: int = 0,
+        extra: Sequence[Datagram] = ()) -> RunResult:
     """Drive the pipeline; ``result`` (if given) is filled in place, so a caller interrupted by
-    a signal still has the counts of what was delivered to the emitters."""
+    a signal still has the counts of what was delivered to the emitters. ``extra``: SIP found
+    another way (TLS decrypted by tshark), in time order, merged in by timestamp."""
     result = result if result is not None else RunResult()
     result.open_as_408 = open_as_408
 
@@ -80,15 +83,19 @@ def run(frames: Iterable[Frame], rules: RulesFile, emitters: Sequence[Emitter], 
             e.emit(records)
 
     if workers > 0:
-        _run_sharded(frames, rules, deliver, counters, open_as_408, workers, result)
+        _run_sharded(frames, rules, deliver, counters, open_as_408, workers, result, extra)
         return result
     messages = MessagePipeline(counters)
     acc = AccPipeline(rules, open_as_408)
     result.tracker = acc.tracker.stats
 
     feed = acc.feed
-    for frame in frames:
-        for item in messages.feed(frame):
+    items: Iterable[Frame | Datagram] = frames
+    if extra:
+        items = heapq.merge(frames, extra, key=_ts)
+    for frame in items:
+        found = messages.feed(frame) if frame.__class__ is Frame else messages.parser.feed(frame)  # type: ignore[arg-type]
+        for item in found:
             if item.__class__ is SipMessage:
                 recs = feed(item)
                 if recs:
@@ -112,6 +119,28 @@ _CALL_ID = re.compile(rb"\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
 
 Part = tuple[float, list[tuple[int, Candidate]]] | None  #: (first packet time, [(sequence, candidate)]); None: finish
 PartResult = tuple[list[tuple[int, AccRecord]], int, dict[str, int], TrackerStats | None]
+
+
+def _ts(item: Frame | Datagram) -> float:
+    return item.ts
+
+
+ROUND_SPAN = 1.0  #: seconds of packet time a round may span (a live capture's records are not held longer)
+
+
+def batched_in_time(cands: Iterable[Candidate], size: int = BATCH) -> Iterator[list[Candidate]]:
+    """Rounds of at most ``size`` messages or ROUND_SPAN seconds of packet time."""
+    batch: list[Candidate] = []
+    start = 0.0
+    for c in cands:
+        if batch and (len(batch) >= size or c[0] - start >= ROUND_SPAN):
+            yield batch
+            batch = []
+        if not batch:
+            start = c[0]
+        batch.append(c)
+    if batch:
+        yield batch
 
 
 def shard_of(payload: bytes, shards: int) -> int:
@@ -159,7 +188,8 @@ def merge_stats(into: TrackerStats, other: TrackerStats) -> None:
 
 
 def _run_sharded(frames: Iterable[Frame], rules: RulesFile, deliver: Callable[[list[AccRecord]], None],
-                 counters: Counters, open_as_408: bool, workers: int, result: RunResult) -> None:
+                 counters: Counters, open_as_408: bool, workers: int, result: RunResult,
+                 extra: Sequence[Datagram] = ()) -> None:
     """The front reads and reassembles; workers parse and account their calls. Records of a
     round are put back in the order of the messages that caused them: the output is the
     single-process run's, record for record."""
@@ -168,7 +198,10 @@ def _run_sharded(frames: Iterable[Frame], rules: RulesFile, deliver: Callable[[l
     def rounds() -> Iterator[list[Part]]:
         seq = 0
         first = 0.0
-        for batch in batched(candidates(frames, capture)):
+        cands: Iterator[Candidate] = candidates(frames, capture)
+        if extra:
+            cands = heapq.merge(cands, map(as_candidate, extra), key=candidate_time)
+        for batch in batched_in_time(cands):
             if not first:
                 first = batch[0][0]
             parts: list[list[tuple[int, Candidate]]] = [[] for _ in range(workers)]

@@ -143,3 +143,18 @@ def test_check_rules_checks_the_radius_config(tmp_path: Path) -> None:
     rules.write_text(f"acc:\n  radius_flag: 1\n  radius_config: {tmp_path}/r.yaml\n  radius_extra: \"Nope-Attr=$fU\"\n")
     res = sipsniff("check-rules", str(rules))
     assert res.returncode == 2 and "'Nope-Attr' is not in the RADIUS dictionary" in res.stderr
+
+
+def test_sip_over_tls_is_accounted_with_a_key_log(tmp_path: Path) -> None:
+    """tests/pcaps/tls.pcap: a real TLS call (INVITE/200/ACK, BYE/200); tshark decrypts with the key log."""
+    from tests.conftest import require_program
+    require_program("tshark")
+    for j in ("0", "2"):
+        res = sipsniff("process", str(PCAPS / "tls.pcap"), "--tls-keylog", str(PCAPS / "tls.keys"), "--no-db",
+                       "-q", "-j", j, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        lines = res.stdout.splitlines()
+        assert [ln.split("method=")[1].split(";")[0] for ln in lines] == ["INVITE", "BYE"]
+        assert all("call_id=tls-call@" in ln for ln in lines)
+    res = sipsniff("process", str(PCAPS / "tls.pcap"), "--no-db", "-q", cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout == ""  # without keys nothing can be read

@@ -37,8 +37,8 @@ def main() -> None:
         srv_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         srv_ctx.load_cert_chain(cert, key)
         listener = socket.create_server(("127.0.0.1", PORT))
-        replies = [sip_response(100, "Trying", call_id=CALL, to_tag=None),
-                   sip_response(200, "OK", call_id=CALL, body=SDP),
+        replies = [sip_response(100, "Trying", call_id=CALL, to_tag=None, branch="z9hG4bK-inv"),
+                   sip_response(200, "OK", call_id=CALL, body=SDP, branch="z9hG4bK-inv"),
                    sip_response(200, "OK", call_id=CALL, cseq=2, cseq_method="BYE", branch="z9hG4bK-bye")]
 
         def serve() -> None:
