@@ -244,7 +244,7 @@ def process(
     drain_timeout: Annotated[float, typer.Option("--drain-timeout", help="seconds to keep retrying an unreachable database at the end")] = 60.0,
     db_password_file: Annotated[Path | None, typer.Option("--db-password-file", help="read the database password from this file (or set SIPSNIFF_DB_PASSWORD)")] = None,
     db_timezone: Annotated[str, typer.Option("--db-timezone", help="utc (default) or local: how DATETIME columns are written (not SQLite)")] = "utc",
-    workers: Annotated[int, typer.Option("--workers", "-j", help="processes that parse and account, calls sharded by Call-ID; 0: all in one process; -1: one per CPU (at most 4), or 0 for a live capture")] = -1,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="processes that parse and account, calls sharded by Call-ID; 0: all in one process; -1: one per CPU (at most 4) for files, 0 for a live capture or stdin")] = -1,
     tls_keylog: Annotated[Path | None, typer.Option("--tls-keylog", help="SSLKEYLOGFILE-format key log: SIP over TLS is decrypted by tshark")] = None,
 ) -> None:
     """The main job: the acc records a Kamailio proxy would write for the traffic in the captures.
@@ -289,8 +289,8 @@ def process(
     previous = signal.signal(signal.SIGTERM, _terminate)
     result = RunResult()
     try:
-        if workers < 0 and interface is not None:
-            workers = 0  # live: every message goes through at once, no rounds to fill
+        if workers < 0 and (interface is not None or "-" in (files or [])):
+            workers = 0  # live or a pipe: every record goes out at once, not a round later
         result = run(frames, rules, emitters, counters, open_as_408, result, _auto_workers(workers), decrypted)
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)

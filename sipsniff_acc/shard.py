@@ -83,6 +83,10 @@ class _Pool:
                     p = self.procs[k]
                     raise WorkerDied(f"worker {k} (pid {p.pid}) exited with code {p.exitcode}") from None
 
+    def ready(self) -> bool:
+        """Every worker has a result waiting (a hint: Queue.empty() may lag)."""
+        return all(not q.empty() for q in self.outboxes)
+
     def close(self) -> None:
         for inbox in self.inboxes:
             inbox.put(None)
@@ -127,6 +131,9 @@ def sharded_map(rounds: Iterable[list[B]], work: Callable[[B], R], workers: int,
             for k in range(workers):
                 pool.put(k, parts[k])
             pending += 1
+            while pending and pool.ready():  # results already back: hand them on now, not rounds later
+                yield [pool.get(k) for k in range(workers)]
+                pending -= 1
         while pending:
             yield [pool.get(k) for k in range(workers)]
             pending -= 1
