@@ -8,7 +8,6 @@ set (a local reply: no branches), then the answered record if should_acc_reply. 
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 from sipsniff_acc import pv
@@ -53,7 +52,6 @@ class AccEngine:
         self.profile = rules.profile_info
         self.relay_mode = rules.reply_relay_mode
         self.ids = RecordIds()
-        self.counts: Counter[str] = Counter()
         self.start = 0.0
         self._acc_flags = self.acc.flags(missed=False)
         self._missed_flags = self.acc.flags(missed=True)
@@ -86,7 +84,6 @@ class AccEngine:
             self._ack_in(event, out)
         for r in out:
             self.ids.assign(r)
-            self.counts[r.kind] += 1
         return out
 
     def _run(self, rules: list[CompiledRule], msg: SipMessage, state: TxnAcc, code: int, ts: float,

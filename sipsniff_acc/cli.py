@@ -400,6 +400,9 @@ def _acc_summary(result: RunResult, rules: RulesFile, spooled: list[SpooledEmitt
         what = ", ".join(f"{n} {m}" for m, n in sorted(t.open_at_end.items()))
         print(f"  open at end of input (no final reply): {what}"
               f"{'' if result.open_as_408 else ' (not accounted; --open-as-408 to account them)'}", file=out)
+    if t.timed_out:
+        what = ", ".join(f"{n} {m}" for m, n in sorted(t.timed_out.items()))
+        print(f"  given up without a final reply on the wire (fr timer + 32 s): {what}", file=out)
     if t.stateless_replies:
         print(f"  stateless replies of the proxy (never accounted): {t.stateless_replies}", file=out)
     if t.dialogs:

@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import yaml
 from pyrad.dictionary import Dictionary
@@ -282,12 +281,3 @@ class RadiusEmitter:
             self.sock.close()
             self.sock = None
 
-
-def describe(pkt: Any) -> list[tuple[str, Any]]:
-    """(name, value) in wire order, names and VALUEs from the dictionary (tests, debugging)."""
-    out = []
-    for key in pkt.keys():
-        name = key if isinstance(key, str) else pkt.dict.attrindex.GetBackward(key)
-        for v in pkt[name]:
-            out.append((name, v))
-    return out

@@ -185,10 +185,6 @@ class SqlEmitter:
     def close(self) -> None:
         self.engine.dispose()
 
-    def count(self, table: str) -> int:
-        t = self.tables[table]
-        with self.engine.connect() as con:
-            return len(con.execute(select(t.c.id)).all())
 
 
 def _insert_ignore(table: Table, dialect: str) -> Any:
