@@ -302,6 +302,9 @@ def process(
     except SpoolFull as e:
         print(f"error: {e}", file=sys.stderr)
         stopped_by = -1
+    except OSError as e:  # an output file or stream failed (disk full, ...): stop, keep what is spooled
+        print(f"error: writing the output: {e}", file=sys.stderr)
+        stopped_by = -1
     finally:
         signal.signal(signal.SIGTERM, previous)
         for em in emitters:
@@ -317,7 +320,7 @@ def process(
         stats.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     if not quiet:
         _summary(counters, errors, sys.stderr)
-        _acc_summary(result, rules, spooled, sys.stderr)
+        _acc_summary(result, rules, spooled, sys.stderr, [e for e in emitters if isinstance(e, LogEmitter)])
     if stopped_by > 0:
         raise typer.Exit(128 + stopped_by)
     stuck = [sp for sp in spooled if sp.pending]
@@ -376,11 +379,15 @@ def _backends(rules: RulesFile, no_db: bool, db_url: str | None, password_file: 
     return out
 
 
-def _acc_summary(result: RunResult, rules: RulesFile, spooled: list[SpooledEmitter], out: TextIO) -> None:
+def _acc_summary(result: RunResult, rules: RulesFile, spooled: list[SpooledEmitter], out: TextIO,
+                 logs: list[LogEmitter]) -> None:
     t = result.tracker
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(result.records.items())) or "none"
     print(f"acc: {sum(result.records.values())} records ({kinds}); by backend: "
           f"{', '.join(f'{b} {n}' for b, n in sorted(result.by_backend.items())) or 'none'}", file=out)
+    for em in logs:
+        if em.send_failures:
+            print(f"  syslog: {em.send_failures} line(s) could not be sent to {em.target}", file=out)
     for sp in spooled:
         recovered = f", {sp.recovered} of them left in the spool by an earlier run" if sp.recovered else ""
         outages = f"; {sp.outages} outage(s), last error: {sp.last_error}" if sp.outages else ""

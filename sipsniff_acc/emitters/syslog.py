@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from typing import IO
 from urllib.parse import urlsplit
 
@@ -36,6 +37,8 @@ class LogEmitter:
         self.sock: socket.socket | None = None
         self.stream_sock = False
         self.written = 0
+        self.target = target
+        self.send_failures = 0  #: lines a syslog socket refused even after a reconnection (counted, alarmed)
         if target:
             self.sock, self.stream_sock = _open_target(target)
 
@@ -51,12 +54,30 @@ class LogEmitter:
             if self.stream is not None:
                 self.stream.write(text + "\n")
             if self.sock is not None:
-                data = rfc3164(text, r.ts, self.acc.log_facility, self.level, self.ident, os.getpid())
+                self._send(rfc3164(text, r.ts, self.acc.log_facility, self.level, self.ident, os.getpid()))
+            self.written += 1
+
+    def _send(self, data: bytes) -> None:
+        """Send one datagram/line; on an error reconnect once, then count the loss and say so."""
+        for attempt in range(2):
+            try:
+                if self.sock is None:
+                    assert self.target is not None
+                    self.sock, self.stream_sock = _open_target(self.target)
                 if self.stream_sock:
                     self.sock.sendall(data)
                 else:
                     self.sock.send(data)
-            self.written += 1
+                return
+            except (OSError, SyslogTargetError) as e:
+                if self.sock is not None:
+                    self.sock.close()
+                    self.sock = None
+                if attempt:
+                    if not self.send_failures:
+                        print(f"alarm: syslog {self.target}: {e}; lines that cannot be sent are counted "
+                              "(the records still go to the other outputs)", file=sys.stderr)
+                    self.send_failures += 1
 
     def close(self) -> None:
         if self.stream is not None:

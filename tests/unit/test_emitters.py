@@ -202,3 +202,30 @@ def test_a_full_spool_blocks_then_gives_up_keeping_everything(tmp_path: Path) ->
         assert "spool full" in str(e)
     assert "alarm: spool full for down (2 records, limit 2)" in alarms.getvalue()
     assert now[0] >= 10.0 and DurableSpool(tmp_path / "s").count("down") == 2 and sp.buffer == rs[2:]
+
+
+def test_a_syslog_tcp_server_that_goes_away_is_reconnected_then_counted(tmp_path: Path) -> None:
+    rs, rules = records()
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = srv.getsockname()[1]
+    em = LogEmitter(rules, None, f"tcp://127.0.0.1:{port}")  # type: ignore[arg-type]
+    conn, _ = srv.accept()
+    em.emit(rs[:1])
+    assert conn.recv(65536).startswith(b"<")
+    conn.close()  # the server drops the connection: the next sends fail, a reconnection succeeds
+    import time as _t
+    _t.sleep(0.1)
+    em.emit(rs[1:2])
+    em.emit(rs[1:2])
+    conn2, _ = srv.accept()
+    conn2.settimeout(2)
+    assert b"ACC: " in conn2.recv(65536)
+    conn2.close()
+    srv.close()  # now nobody listens: lines are counted, not lost silently
+    _t.sleep(0.1)
+    for _ in range(3):
+        em.emit(rs[2:3])
+    em.close()
+    assert em.send_failures >= 1 and em.written == 6
