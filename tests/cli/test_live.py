@@ -83,3 +83,39 @@ def test_unknown_interface_is_a_clear_input_error() -> None:
     res = subprocess.run([sys.executable, "-m", "sipsniff_acc", "messages", "-i", "nosuchif0", "-c", "1"],
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 1 and "live:nosuchif0" in res.stderr
+
+
+def test_live_process_accounts_a_call_on_loopback(tmp_path: Path) -> None:
+    """`process -i lo`: a call sent by this test over UDP is accounted while the capture runs."""
+    _require_capture_rights()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sipsniff_acc", "process", "-i", "lo", "--duration", "5", "--no-db", "--log", "-",
+         "--jsonl", str(tmp_path / "r.jsonl")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        uac = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        uac.bind(("127.0.0.1", 0))
+        uas = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        uas.bind(("127.0.0.1", 0))
+        a, b = uac.getsockname(), uas.getsockname()
+        call = {"call_id": "live-acc@test"}
+        flow = [
+            (uac, b, sip_request("INVITE", branch="z9hG4bK-li", **call)),
+            (uas, a, sip_response(200, "OK", branch="z9hG4bK-li", **call)),
+            (uac, b, sip_request("ACK", branch="z9hG4bK-la", to_tag="ttag1", **call)),
+            (uac, b, sip_request("BYE", cseq=2, branch="z9hG4bK-lb", to_tag="ttag1", **call)),
+            (uas, a, sip_response(200, "OK", cseq=2, cseq_method="BYE", branch="z9hG4bK-lb", **call)),
+        ]
+        for sock, dest, data in flow:
+            sock.sendto(data, dest)
+            time.sleep(0.05)
+        uac.close()
+        uas.close()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    lines = [ln for ln in out.splitlines() if "call_id=live-acc@test" in ln]
+    assert [ln.split("method=")[1].split(";")[0] for ln in lines] == ["INVITE", "BYE"]
+    assert "acc: 2 records (2 answered)" in err
