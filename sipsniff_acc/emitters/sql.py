@@ -53,16 +53,23 @@ def table_names(rules: RulesFile) -> list[str]:
     return names
 
 
-def build_table(meta: MetaData, name: str, acc: AccParams, dialect: str) -> Table:
+#: column widths (tags, Call-ID, reason): Kamailio 5.6's schema, OpenSER 1.2's (acc-spec §4.1, §4.2)
+WIDTHS = {"kamailio-5.6": (128, 255, 128), "openser-1.2": (64, 128, 32)}
+#: Kamailio's `version` rows for acc / missed_calls
+VERSIONS = {"kamailio-5.6": (5, 4), "openser-1.2": (4, 3)}
+
+
+def build_table(meta: MetaData, name: str, acc: AccParams, dialect: str, profile: str = "kamailio-5.6") -> Table:
     sqlite = dialect == "sqlite"
+    tag, callid, reason = WIDTHS[profile]
     cols: list[Column[Any]] = [
         Column("id", Integer, primary_key=True, autoincrement=True),
         Column(acc.acc_method_column, String(16), nullable=False, server_default=""),
-        Column(acc.acc_from_tag_column, String(128), nullable=False, server_default=""),
-        Column(acc.acc_to_tag_column, String(128), nullable=False, server_default=""),
-        Column(acc.acc_callid_column, String(255), nullable=False, server_default=""),
+        Column(acc.acc_from_tag_column, String(tag), nullable=False, server_default=""),
+        Column(acc.acc_to_tag_column, String(tag), nullable=False, server_default=""),
+        Column(acc.acc_callid_column, String(callid), nullable=False, server_default=""),
         Column(acc.acc_sip_code_column, String(3), nullable=False, server_default=""),
-        Column(acc.acc_sip_reason_column, String(128), nullable=False, server_default=""),
+        Column(acc.acc_sip_reason_column, String(reason), nullable=False, server_default=""),
         Column(acc.acc_time_column, Float if sqlite else DateTime, nullable=False),
     ]
     if acc.time_mode == 1:
@@ -207,7 +214,8 @@ def prepare(engine: Engine, rules: RulesFile, create: bool = True, dialect: str 
     """Create the tables that are missing; check that existing ones have every column we write."""
     acc = rules.acc
     meta = MetaData()
-    tables = {name: build_table(meta, name, acc, dialect or engine.dialect.name) for name in table_names(rules)}
+    tables = {name: build_table(meta, name, acc, dialect or engine.dialect.name, rules.profile)
+              for name in table_names(rules)}
     insp = inspect(engine)
     existing = set(insp.get_table_names())
     problems = []
@@ -225,18 +233,18 @@ def prepare(engine: Engine, rules: RulesFile, create: bool = True, dialect: str 
         raise SqlError("; ".join(problems))
     if create:
         meta.create_all(engine, tables=[t for n, t in tables.items() if n not in existing])
-        _version_rows(engine, tables)
+        _version_rows(engine, tables, VERSIONS[rules.profile])
     return tables
 
 
-def _version_rows(engine: Engine, tables: dict[str, Table]) -> None:
+def _version_rows(engine: Engine, tables: dict[str, Table], versions: tuple[int, int]) -> None:
     """Kamailio's `version` table (standard-create.sql) so kamctl/kamcmd accept the schema."""
     meta = MetaData()
     version = Table("version", meta, Column("id", Integer, primary_key=True, autoincrement=True),
                     Column("table_name", String(32), nullable=False, unique=True),
                     Column("table_version", Integer, nullable=False, server_default="0"))
     meta.create_all(engine)
-    wanted = {"acc": 5, "missed_calls": 4}
+    wanted = {"acc": versions[0], "missed_calls": versions[1]}
     with engine.begin() as con:
         have = {row[0] for row in con.execute(select(version.c.table_name))}
         for name in tables:

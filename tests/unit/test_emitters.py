@@ -229,3 +229,15 @@ def test_a_syslog_tcp_server_that_goes_away_is_reconnected_then_counted(tmp_path
         em.emit(rs[2:3])
     em.close()
     assert em.send_failures >= 1 and em.written == 6
+
+
+def test_openser_profile_creates_the_openser_schema(tmp_path: Path) -> None:
+    from sipsniff_acc.rules import parse_rules as pr
+    rules = pr("profile: openser-1.2\nacc: {db_flag: 1}\n")
+    SqlEmitter(f"sqlite:///{tmp_path / 'o.db'}", rules).close()
+    con = sqlite3.connect(tmp_path / "o.db")
+    ddl = con.execute("SELECT sql FROM sqlite_master WHERE name = 'acc'").fetchone()[0]
+    versions = dict(con.execute("SELECT table_name, table_version FROM version").fetchall())
+    con.close()
+    assert "from_tag VARCHAR(64)" in ddl and "callid VARCHAR(128)" in ddl and "sip_reason VARCHAR(32)" in ddl
+    assert versions == {"acc": 4, "missed_calls": 3}
