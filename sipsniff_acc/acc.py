@@ -45,6 +45,12 @@ def _route_ftag(msg: SipMessage) -> str | None:
     return value
 
 
+def _realm(msg: SipMessage) -> str:
+    """acc_diameter's Destination-Realm: the host of the From URI (of the To URI for REGISTER)."""
+    which = "to" if (msg.method or msg.cseq_method).upper() == "REGISTER" else "from"
+    return pv.uri_parts(pv.name_addr(msg.header(which))[1])[1]
+
+
 class AccEngine:
     def __init__(self, rules: RulesFile) -> None:
         self.rules = rules
@@ -251,4 +257,4 @@ class AccEngine:
         legs = pv.evaluate_legs(self._legs, ctx) if self._legs else []
         return AccRecord(kind, ts, method, from_tag, to_tag, msg.call_id, code, reason,
                          tuple(b for b in BACKENDS if b in backends), table, extras, legs, msg.cseq_num, local,
-                         bool(msg.to_tag))
+                         bool(msg.to_tag), _realm(msg) if "diameter" in backends else "")

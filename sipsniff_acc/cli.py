@@ -25,7 +25,7 @@ from sipsniff_acc.sources.pcapfile import FrameSource
 from sipsniff_acc.sources.tlskeys import TlsEngineError, decrypted_sip
 from sipsniff_acc.emitters import Emitter
 from sipsniff_acc.emitters.jsonl import JsonlEmitter
-from sipsniff_acc.emitters.diameter import DiameterConfigError, DiameterEmitter
+from sipsniff_acc.emitters.diameter import DiameterConfigError, DiameterEmitter, DiscEmitter
 from sipsniff_acc.emitters.radius import RadiusConfigError, RadiusEmitter
 from sipsniff_acc.emitters.spool import DEFAULT_SPOOL, Backend, DurableSpool, SpooledEmitter, SpoolFull
 from sipsniff_acc.emitters.sql import SqlEmitter, SqlError, missing_columns, safe_url
@@ -375,7 +375,7 @@ def _backends(rules: RulesFile, no_db: bool, db_url: str | None, password_file: 
     if a.radius_flag is not None or a.radius_missed_flag is not None or "radius" in used:
         out.append(RadiusEmitter(rules))
     if a.diameter_flag is not None or a.diameter_missed_flag is not None or "diameter" in used:
-        out.append(DiameterEmitter(rules))
+        out.append(DiscEmitter(rules) if a.diameter_mode == "disc" else DiameterEmitter(rules))
     return out
 
 

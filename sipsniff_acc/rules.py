@@ -152,6 +152,7 @@ class AccParams(_Strict):
     diameter_destination_realm: str = ""  #: default: the origin realm
     diameter_bind: str = ""  #: source address of the connection to the peer
     diameter_timeout: float = Field(5.0, gt=0)
+    diameter_mode: Literal["rfc6733", "disc"] = "rfc6733"  #: disc: acc_diameter's legacy DISC wire format
 
     _log_extra: list[tuple[str, PvSpec]] = PrivateAttr(default_factory=list)
     _db_extra: list[tuple[str, PvSpec]] = PrivateAttr(default_factory=list)

@@ -67,7 +67,7 @@ def from_json(data: bytes) -> AccRecord:
         call_id=d["call_id"], code=d["code"], reason=d["reason"], backends=tuple(d["backends"]), table=d["table"],
         extras={b: list(v.items()) for b, v in d["extras"].items()},
         legs=[list(leg.items()) for leg in d["legs"]], cseq=d["cseq"], local=d["local"],
-        in_dialog=d.get("in_dialog", False), record_id=d["id"],
+        in_dialog=d.get("in_dialog", False), realm=d.get("realm", ""), record_id=d["id"],
     )
 
 
