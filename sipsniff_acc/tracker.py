@@ -249,7 +249,7 @@ class TransactionTracker:
                 return "branch", parent
             return "other", None
         if parent is not None:
-            self.stats.inferred_proxies.add(f"{msg.src}:{msg.sport}")
+            self.stats.inferred_proxies.add(f"[{msg.src}]:{msg.sport}" if ":" in msg.src else f"{msg.src}:{msg.sport}")
             return "branch", parent
         return "server", None
 
