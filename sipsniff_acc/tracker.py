@@ -192,9 +192,9 @@ class TransactionTracker:
             self._reply(msg, out)
         return out
 
-    def _key(self, msg: SipMessage, via: str | None, method: str) -> tuple[str, str, str, int]:
-        vid = msg.branch if msg.branch and msg.branch.startswith(MAGIC) and via is None else _via_id(via or "")
-        return (vid, method, msg.call_id or "", msg.cseq_num or 0)
+    def _key(self, msg: SipMessage, via: str, method: str) -> tuple[str, str, str, int]:
+        """The transaction key a given Via of this message names."""
+        return (_via_id(via), method, msg.call_id or "", msg.cseq_num or 0)
 
     def _top_key(self, msg: SipMessage, method: str) -> tuple[str, str, str, int]:
         if msg.branch and msg.branch.startswith(MAGIC):
