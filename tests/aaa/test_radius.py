@@ -74,6 +74,21 @@ def replay(server: FreeRadius, packets: list[bytes]) -> None:
     s.close()
 
 
+#: lines FreeRADIUS adds to a detail entry about the packet, not from it
+_DETAIL_OWN = ("Packet-Src-Port", "Packet-Dst-Port", "Packet-Src-IP-Address", "Packet-Dst-IP-Address",
+               "Timestamp", "Acct-Unique-Session-Id")
+
+
+def detail_blocks(server: FreeRadius) -> list[list[str]]:
+    """The detail file's entries as their attribute lines, minus what FreeRADIUS adds itself."""
+    text = (server.dir / "var" / "radacct" / "detail").read_text()
+    blocks = []
+    for entry in text.strip().split("\n\n"):
+        lines = [ln.strip() for ln in entry.splitlines()[1:]]  # the first line is the time header
+        blocks.append([ln for ln in lines if ln and not ln.startswith(_DETAIL_OWN)])
+    return blocks
+
+
 def test_we_send_what_kamailio_sends(tmp_path: Path, freeradius: FreeRadius) -> None:
     theirs = kamailio_requests()
     assert len(theirs) == 10
@@ -91,6 +106,8 @@ def test_we_send_what_kamailio_sends(tmp_path: Path, freeradius: FreeRadius) -> 
     for o, k in zip(ours, kam, strict=True):
         assert list(o) == list(k)  # the same attributes in the same order
         assert o == k
+    detail = detail_blocks(freeradius)  # and in the detail file, as FreeRADIUS writes it
+    assert len(detail) == 20 and detail[:10] == detail[10:]
     assert [(o["Acct-Status-Type"], o["Sip-Method"]) for o in ours] == [
         ("Start", "INVITE"), ("Stop", "BYE"), ("Failed", "INVITE"), ("Failed", "INVITE"), ("Failed", "INVITE"),
         ("Failed", "INVITE"), ("Failed", "MESSAGE"), ("Failed", "OPTIONS"), ("Failed", "REGISTER"), ("Failed", "INFO")]
