@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -16,24 +15,13 @@ from typing import Any
 import pytest
 
 from tests.conftest import require_program
-from tests.servers import free_port
+from tests.servers import free_port, stop_process
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 OURS = Path(__file__).resolve().parents[1] / "sipsniff_acc" / "data" / "dictionary.sipsniff"
 SYSTEM_DICT = Path("/usr/share/freeradius/dictionary")
 SECRET = "testing123"
 RADIUS_IP = "127.0.3.1"
-
-
-def _stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 class FreeRadius:
@@ -80,7 +68,7 @@ class FreeRadius:
         raise RuntimeError("FreeRADIUS did not become ready")
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
         (self.dir / "radiusd.out").write_text("")  # the next start waits for a fresh "Ready"
 
     def records(self) -> list[dict[str, Any]]:
@@ -134,7 +122,7 @@ class OtpDiameterPeer:
         raise RuntimeError("the Diameter peer did not listen in time")
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
 
     def events(self) -> list[dict[str, Any]]:
         if not self.records_file.exists():

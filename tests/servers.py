@@ -43,7 +43,8 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
     raise RuntimeError(f"server did not listen on {port} within {START_TIMEOUT} s")
 
 
-def _stop(proc: subprocess.Popen[bytes] | None, sig: int) -> None:
+def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
+    """Stop a server we started, by its PID: the signal, then SIGKILL after 20 s."""
     if proc is None or proc.poll() is not None:
         return
     proc.send_signal(sig)
@@ -99,7 +100,7 @@ class Postgres:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        _stop(self.proc, signal.SIGINT)  # "fast" shutdown: clients are disconnected
+        stop_process(self.proc, signal.SIGINT)  # "fast" shutdown: clients are disconnected
 
     def query(self, sql: str) -> list[tuple[object, ...]]:
         import psycopg
@@ -135,7 +136,7 @@ class MariaDB:
         _wait_port(self.port, self.proc, self.log)
 
     def stop(self) -> None:
-        _stop(self.proc, signal.SIGTERM)
+        stop_process(self.proc, signal.SIGTERM)
 
     db = ""
 

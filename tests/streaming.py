@@ -7,7 +7,9 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 
 def pcap_chunks(path: Path, n: int) -> list[bytes]:
@@ -47,3 +49,30 @@ def feed(proc: subprocess.Popen[bytes], chunks: list[bytes], pause: float) -> No
         proc.stdin.write(c)
         proc.stdin.flush()
         time.sleep(pause)
+
+
+class Restartable(Protocol):
+    def stop(self) -> None: ...
+
+    def start(self) -> None: ...
+
+
+def run_through_outage(tmp: Path, capture: Path, rules_file: Path, server: Restartable, arrived: Callable[[], int],
+                       url: str | None = None) -> str:
+    """Stream ``capture`` to `process -`; once records have arrived at ``server``, stop it, feed on,
+    restart it, feed the rest. The run must end well; its stderr is returned."""
+    chunks = pcap_chunks(capture, 10)
+    proc = streaming(tmp, url, rules_file)
+    feed(proc, chunks[:3], 0.6)
+    wait_for(lambda: arrived() > 0)
+    server.stop()  # the outage: records wait in the spool
+    feed(proc, chunks[3:7], 0.6)
+    server.start()
+    feed(proc, chunks[7:], 0.3)
+    assert proc.stdin is not None
+    proc.stdin.close()
+    err_file = tmp / "stderr"
+    assert proc.wait(180) == 0, err_file.read_text()
+    err = err_file.read_text()
+    assert "backend down" in err and "backend back after" in err
+    return err

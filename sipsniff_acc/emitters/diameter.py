@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from sipsniff_acc.emitters.spool import BackendDown
+from sipsniff_acc.emitters.spool import BackendDown, deliver_each
 from sipsniff_acc.records import MISSED, AccRecord
 from sipsniff_acc.rules import RulesFile
 
@@ -291,13 +291,7 @@ class DiameterEmitter:
                 self.close_socket()
 
     def deliver(self, records: list[AccRecord]) -> None:
-        for i, r in enumerate(records):
-            if not self.wants(r):
-                continue
-            try:
-                self._deliver_one(r)
-            except BackendDown as e:
-                raise BackendDown(str(e), delivered=i) from None
+        deliver_each(records, self.wants, self._deliver_one)
 
     def _deliver_one(self, r: AccRecord) -> None:
         self._watchdog()
@@ -400,23 +394,20 @@ class DiscEmitter:
         return "diameter" in r.backends
 
     def deliver(self, records: list[AccRecord]) -> None:
-        for i, r in enumerate(records):
-            if not self.wants(r):
-                continue
-            self.msg_id = (self.msg_id + 1) & 0xFFFFFFFF
-            data = disc_message(r, self.msg_id)
-            if data is None:
-                if not self.unsendable:
-                    print(f"alarm: diameter (DISC): record {r.record_id} ({r.method} {r.code}) cannot be sent in "
-                          "acc_diameter's format (no status for failures, or an empty value); such records are "
-                          "counted, as Kamailio drops them", file=sys.stderr)
-                self.unsendable += 1
-                continue
-            try:
-                self._send(data, self.msg_id)
-            except BackendDown as e:
-                raise BackendDown(str(e), delivered=i) from None
-            self.sent += 1
+        deliver_each(records, self.wants, self._deliver_one)
+
+    def _deliver_one(self, r: AccRecord) -> None:
+        self.msg_id = (self.msg_id + 1) & 0xFFFFFFFF
+        data = disc_message(r, self.msg_id)
+        if data is None:
+            if not self.unsendable:
+                print(f"alarm: diameter (DISC): record {r.record_id} ({r.method} {r.code}) cannot be sent in "
+                      "acc_diameter's format (no status for failures, or an empty value); such records are "
+                      "counted, as Kamailio drops them", file=sys.stderr)
+            self.unsendable += 1
+            return
+        self._send(data, self.msg_id)
+        self.sent += 1
 
     def _send(self, data: bytes, msg_id: int) -> None:
         for attempt in range(2):

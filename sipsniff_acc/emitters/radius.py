@@ -28,7 +28,7 @@ import yaml
 from pyrad.dictionary import Dictionary
 from pyrad.packet import AccountingRequest, AcctPacket, Packet, PacketError
 
-from sipsniff_acc.emitters.spool import BackendDown
+from sipsniff_acc.emitters.spool import BackendDown, deliver_each
 from sipsniff_acc.records import AccRecord
 from sipsniff_acc.rules import RulesFile
 
@@ -217,13 +217,7 @@ class RadiusEmitter:
             pkt.AddAttribute(name, value)
 
     def deliver(self, records: list[AccRecord]) -> None:
-        for i, r in enumerate(records):
-            if not self.wants(r):
-                continue
-            try:
-                self._send(r)
-            except BackendDown as e:
-                raise BackendDown(str(e), delivered=i) from None
+        deliver_each(records, self.wants, self._send)
 
     def _socket(self) -> socket.socket:
         if self.sock is None:

@@ -41,6 +41,17 @@ class BackendDown(RuntimeError):
         self.delivered = delivered
 
 
+def deliver_each(records: list[AccRecord], wants: Callable[[AccRecord], bool],
+                 send: Callable[[AccRecord], None]) -> None:
+    """Send a batch record by record (RADIUS, Diameter); a failure says how many got through."""
+    for i, r in enumerate(records):
+        if wants(r):
+            try:
+                send(r)
+            except BackendDown as e:
+                raise BackendDown(str(e), delivered=i) from None
+
+
 class SpoolFull(RuntimeError):
     pass
 

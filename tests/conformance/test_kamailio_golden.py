@@ -10,15 +10,13 @@ recorder still reproduces the same records with the installed Kamailio.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.conformance.record_kamailio import CASES, PROXY, UAC, record
-from tests.conformance.goldens import kamailio_records, shape
+from tests.conformance.goldens import kamailio_records, require_live, shape
 from tests.conformance.goldens import our_messages_of as our
 
 HERE = Path(__file__).resolve().parent
@@ -83,12 +81,7 @@ def test_acc_log_lines_match_the_rows(case: str) -> None:
 
 def test_the_recorder_reproduces_the_golden_records(tmp_path: Path) -> None:
     """Run one case against the installed Kamailio and SIPp; same records, modulo ids and tags."""
-    missing = [p for p in ("kamailio", "sipp", "tcpdump") if shutil.which(p) is None]
-    if missing or os.geteuid() != 0 or not Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/db_sqlite.so").exists():
-        reason = f"needs root, kamailio (+ sqlite modules), sipp and tcpdump; missing: {missing or 'privileges/modules'}"
-        if os.environ.get("SIPSNIFF_REQUIRE_SERVERS") == "1":
-            pytest.fail(f"{reason}, and SIPSNIFF_REQUIRE_SERVERS=1 forbids skipping")
-        pytest.skip(reason)
+    require_live()
     for case in ("busy_486", "answered_bye_from_caller"):
         fresh = record(case, tmp_path)
         assert shape(kamailio_records(fresh)) == shape(kamailio_records(HERE / "cases" / case))
