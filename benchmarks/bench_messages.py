@@ -36,6 +36,16 @@ def run(cmd: list[str]) -> tuple[float, int, str]:
     return wall, usage.ru_maxrss // 1024, out
 
 
+def workload(work: Path, calls: int, tcp_share: float = 0.0) -> tuple[Path, dict[str, int]]:
+    """The seeded workload capture (generated once, in its own process: a big parent would
+    inflate the children's peak RSS) and its ground truth."""
+    pcap = work / f"workload-{calls}-tcp{tcp_share}.pcap"
+    if not pcap.exists():
+        subprocess.run([sys.executable, str(HERE / "gen_workload.py"), str(pcap), "--calls", str(calls),
+                        "--tcp-share", str(tcp_share)], check=True, stdout=subprocess.DEVNULL)
+    return pcap, json.loads(Path(str(pcap) + ".meta.json").read_text())
+
+
 def measure_pair(ours: list[str], theirs: list[str], runs: int) -> tuple[tuple[float, int], tuple[float, int], str]:
     """Median wall time and peak RSS of each, runs interleaved so both see the same machine noise."""
     a, b = [], []
@@ -64,11 +74,7 @@ def main() -> None:
         ours_base += ["--workers", str(a.workers)]
     rows = []
     for calls in a.calls:
-        pcap = work / f"workload-{calls}-tcp{a.tcp_share}.pcap"
-        if not pcap.exists():  # in its own process: a big parent would inflate the children's peak RSS
-            subprocess.run([sys.executable, str(HERE / "gen_workload.py"), str(pcap), "--calls", str(calls),
-                            "--tcp-share", str(a.tcp_share)], check=True, stdout=subprocess.DEVNULL)
-        meta = json.loads(Path(str(pcap) + ".meta.json").read_text())
+        pcap, meta = workload(work, calls, a.tcp_share)
         (ours_t, ours_rss), (their_t, their_rss), out = measure_pair(
             ours_base + [str(pcap)], [tshark, "-n", "-q", "-z", "sip,stat", "-r", str(pcap)], a.runs)
         counted = next((int(line.split(":")[1]) for line in out.splitlines() if "Number of SIP messages" in line), -1)

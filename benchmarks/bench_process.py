@@ -15,7 +15,6 @@ usage: bench_process.py [--calls 10000 50000] [--runs 3] [--tcp-share 0] [--work
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -25,7 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_messages import run  # noqa: E402 - the timing helper is shared with the messages benchmark
+from bench_messages import run, workload  # noqa: E402 - shared with the messages benchmark
 
 TSHARK_FILTER = 'sip.Status-Code >= 200 && (sip.CSeq.method == "INVITE" || sip.CSeq.method == "BYE")'
 
@@ -47,11 +46,7 @@ def main() -> None:
     base = [sys.executable, "-m", "sipsniff_acc", "process", "--quiet", "--no-progress", "--rules", str(rules)]
     rows = []
     for calls in a.calls:
-        pcap = work / f"workload-{calls}-tcp{a.tcp_share}.pcap"
-        if not pcap.exists():
-            subprocess.run([sys.executable, str(HERE / "gen_workload.py"), str(pcap), "--calls", str(calls),
-                            "--tcp-share", str(a.tcp_share)], check=True, stdout=subprocess.DEVNULL)
-        meta = json.loads(Path(str(pcap) + ".meta.json").read_text())
+        pcap, meta = workload(work, calls, a.tcp_share)
         log_only = [*base, "--no-db", "--log", "-", str(pcap)]
         with_db = [*base, "--db-url", f"sqlite:///{db}", "--log", os.devnull, str(pcap)]
         peer = [tshark, "-n", "-r", str(pcap), "-Y", TSHARK_FILTER, "-T", "fields", "-e", "frame.time_epoch",

@@ -30,6 +30,9 @@ from sipsniff_acc.records import AccRecord  # noqa: E402
 from sipsniff_acc.rules import load_rules  # noqa: E402
 from tests.servers import MariaDB, Postgres  # noqa: E402 - the same loopback servers as the tests
 
+sys.path.insert(0, str(HERE))
+from bench_messages import workload  # noqa: E402
+
 
 def records_of(pcap: Path, rules: Path, work: Path) -> tuple[list[AccRecord], float]:
     out = work / "bench-records.jsonl"
@@ -62,10 +65,7 @@ def main() -> None:
     a = ap.parse_args()
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    pcap = work / f"workload-{a.calls}-tcp0.0.pcap"
-    if not pcap.exists():
-        subprocess.run([sys.executable, str(HERE / "gen_workload.py"), str(pcap), "--calls", str(a.calls)],
-                       check=True, stdout=subprocess.DEVNULL)
+    pcap, _meta = workload(work, a.calls)
     rules = HERE.parent / "rules.yaml"
     recs, engine_wall = records_of(pcap, rules, work)
     n = sum(1 for r in recs if "db" in r.backends)
