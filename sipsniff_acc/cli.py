@@ -490,5 +490,10 @@ def version() -> None:
     print(__version__)
 
 
+from sipsniff_acc.commands import spool as _spool_command  # noqa: E402  (registers on app)
+
+_spool_command.register(app)
+
+
 def main() -> None:
     app()

@@ -52,6 +52,22 @@ def deliver_each(records: list[AccRecord], wants: Callable[[AccRecord], bool],
                 raise BackendDown(str(e), delivered=i) from None
 
 
+class RecordRejected(RuntimeError):
+    """The backend refused a record for what it holds (data too long, NUL, encoding,
+    constraint, Diameter 5xxx, RADIUS attribute too long): retrying cannot help.
+
+    ``index``: the position in the batch of the refused record, when the backend can tell
+    (records before it were delivered); None when it cannot (a whole SQL batch refused):
+    the spool then bisects the batch to find it. The refused record is set aside in the
+    spool's dead-letter table with ``reason``, counted and alarmed; delivery goes on.
+    ``reason`` is safe to print (no secrets)."""
+
+    def __init__(self, reason: str, index: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.index = index
+
+
 class SpoolFull(RuntimeError):
     pass
 
