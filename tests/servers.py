@@ -109,7 +109,8 @@ class Postgres:
 
 
 class MariaDB:
-    """mariadbd --datadir <tmp> on 127.0.0.1:<free port>, no grant tables, database `acc`."""
+    """mariadbd --datadir <tmp> on 127.0.0.1:<free port>, no grant tables, database `acc`, strict mode
+    (STRICT_ALL_TABLES: refuses data too long instead of truncating it)."""
 
     def __init__(self, tmp: Path) -> None:
         self.mariadbd = shutil.which("mariadbd") or shutil.which("mysqld") or require_program("mariadbd")
@@ -132,7 +133,8 @@ class MariaDB:
             self.proc = subprocess.Popen(
                 [self.mariadbd, "--no-defaults", f"--datadir={self.dir / 'data'}", f"--socket={self.dir / 'sock'}",
                  f"--port={self.port}", "--bind-address=127.0.0.1", "--user=root", "--skip-grant-tables",
-                 "--innodb-flush-log-at-trx-commit=2", f"--pid-file={self.dir / 'pid'}"], stdout=log, stderr=log)
+                 "--innodb-flush-log-at-trx-commit=2", f"--pid-file={self.dir / 'pid'}",
+                 "--sql-mode=STRICT_ALL_TABLES"], stdout=log, stderr=log)  # strict: an over-long value is an error
         _wait_port(self.port, self.proc, self.log)
 
     def stop(self) -> None:

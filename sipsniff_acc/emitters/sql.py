@@ -11,16 +11,19 @@ UTC DATETIME.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import re
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import (
     Column, DateTime, Engine, Float, Index, Integer, MetaData, String, Table, create_engine, insert, inspect, select,
 )
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, NoSuchTableError, SQLAlchemyError, StatementError
 
-from sipsniff_acc.emitters.spool import BackendDown
+from sipsniff_acc.emitters.spool import BackendDown, RecordRejected, create_private
 from sipsniff_acc.records import AccRecord
 from sipsniff_acc.rules import AccParams, RulesFile
 
@@ -86,32 +89,95 @@ def build_table(meta: MetaData, name: str, acc: AccParams, dialect: str, profile
     return t
 
 
+OVERLONG_POLICIES = ("truncate", "dead-letter")
+REPLACEMENT = "\ufffd"  #: what a NUL or an invalid (surrogate-escaped) character becomes: U+FFFD
+_BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
+
+
+def destination(url: str) -> str:
+    """The spool's key for a database: ``sql:`` + the URL without its password (SQLite: the
+    absolute path), so records are only ever delivered to the database they were meant for."""
+    from sqlalchemy.engine import make_url
+    try:
+        u = make_url(url)
+    except Exception:  # noqa: BLE001 - create_engine reports it properly
+        return "sql:<unparseable URL>"
+    u = u.set(password=None)
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:" \
+            and not u.database.startswith("file:"):
+        u = u.set(database=os.path.abspath(u.database))
+    return "sql:" + u.render_as_string(hide_password=False)
+
+
+def sqlite_file(url: str) -> str | None:
+    """The file of an SQLite URL (None for other databases and in-memory ones)."""
+    from sqlalchemy.engine import make_url
+    try:
+        u = make_url(url)
+    except Exception:  # noqa: BLE001
+        return None
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:" \
+            or u.database.startswith("file:"):
+        return None
+    return u.database
+
+
+class _Shape:
+    """A target table as the database declares it: what each column can hold."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+        self.widths: dict[str, int | None] = {}
+        self.strings: set[str] = set()
+        for c in table.columns:
+            length = getattr(c.type, "length", None)
+            if isinstance(c.type, String) or length is not None:
+                self.strings.add(c.name)
+                self.widths[c.name] = int(length) if length else None
+
+
 class SqlEmitter:
-    """The "db" backend: rows for records, inserted idempotently, one transaction per batch.
+    """The "db" backend: rows for records, fitted to the real schema, inserted idempotently.
 
     Connects lazily and reconnects after a failure, so it can sit behind the durable spool
-    while the database is down. ``deliver`` raises ``BackendDown`` (message without the
-    password) on any database error; the spool keeps the batch and retries.
+    while the database is down. The spool stores the rendered rows (``render``) so they are
+    delivered without the rules. Before a row is sent it is fitted to the columns the
+    database declares (read at start): a NUL or an invalid character becomes U+FFFD; a
+    value longer than its column is truncated to the width (counted per column in
+    ``fitted``) or, with ``on_overlong="dead-letter"``, the record is refused. Errors:
+    connection, timeout, lock, server down -> ``BackendDown`` (retried); an error about the
+    data (DataError, IntegrityError, a column or table the row names that is not there) ->
+    ``RecordRejected`` (the spool bisects and dead-letters). Messages never hold the password.
     """
 
-    name = "db"
+    kind = "db"
 
     def __init__(self, url: str, rules: RulesFile, create: bool = True, connect: bool | str = True,
-                 timezone: str = "utc") -> None:
+                 timezone: str = "utc", on_overlong: str = "truncate") -> None:
         """connect: True = prepare the schema now (errors raise); "try" = now if the database
         answers, else at the first delivery; False = at the first delivery."""
+        if on_overlong not in OVERLONG_POLICIES:
+            raise SqlError(f"on_overlong: {on_overlong!r} is not one of {', '.join(OVERLONG_POLICIES)}")
         self.url = url
         self.safe_url = self.where = safe_url(url)
+        self.name = destination(url)
         self.rules = rules
         self.acc = rules.acc
         self.create = create
         self.local_time = timezone == "local"
+        self.on_overlong = on_overlong
+        path = sqlite_file(url)
+        if path is not None and connect:
+            _check_sqlite_path(path, self.safe_url, create)
         try:
             self.engine: Engine = create_engine(url, pool_pre_ping=True)
         except (SQLAlchemyError, ImportError, ValueError) as e:
             raise SqlError(f"{self.safe_url}: {type(e).__name__}: {_short(e)}") from None
         self.sqlite = self.engine.dialect.name == "sqlite"
+        self.sqlite_path = path
         self.tables: dict[str, Table] = {}
+        self.shapes: dict[str, _Shape] = {}
+        self.fitted: Counter[str] = Counter()  #: "table.column truncated|replaced" -> values changed
         self.rows_offered = 0
         self.startup_error = ""
         if connect == "try":
@@ -123,10 +189,24 @@ class SqlEmitter:
             self._prepare()
 
     def _prepare(self) -> None:
+        if self.sqlite_path is not None and self.create and os.path.isdir(os.path.dirname(os.path.abspath(
+                self.sqlite_path))):
+            create_private(self.sqlite_path)
         try:
             self.tables = prepare(self.engine, self.rules, self.create, self.engine.dialect.name)
+            self.shapes = {}
+            for name in self.tables:
+                if inspect(self.engine).has_table(name):
+                    self._shape(name)
         except SQLAlchemyError as e:
             raise SqlError(f"{self.safe_url}: {type(e).__name__}: {_short(e)}") from None
+
+    def _shape(self, name: str) -> _Shape:
+        """The table as the database declares it (Kamailio's schema or the user's own), read once."""
+        shape = self.shapes.get(name)
+        if shape is None:
+            shape = self.shapes[name] = _Shape(Table(name, MetaData(), autoload_with=self.engine))
+        return shape
 
     def wants(self, r: AccRecord) -> bool:
         return "db" in r.backends
@@ -135,26 +215,104 @@ class SqlEmitter:
         """Write now (no spool): for init-db and tests; the CLI goes through the spool."""
         try:
             self.deliver([r for r in records if self.wants(r)])
-        except BackendDown as e:
+        except (BackendDown, RecordRejected) as e:
             raise SqlError(str(e)) from None
 
     def deliver(self, records: list[AccRecord]) -> None:
-        if not records:
+        self.deliver_entries([self.render(r) for r in records])
+
+    def render(self, r: AccRecord) -> dict[str, Any]:
+        """The spool's self-describing entry: table, rows (column -> value); datetimes as ISO text."""
+        rows = self.rows(r)
+        dts = [k for k, v in rows[0].items() if isinstance(v, dt.datetime)] if rows else []
+        for row in rows:
+            for k in dts:
+                row[k] = row[k].isoformat()
+        doc: dict[str, Any] = {"id": r.record_id, "table": r.table, "rows": rows}
+        if dts:
+            doc["datetime"] = dts
+        return doc
+
+    @staticmethod
+    def check_entry(doc: dict[str, Any]) -> None:
+        """Raise (ValueError/KeyError/TypeError) when a spooled document is not one of our entries."""
+        if not isinstance(doc["table"], str) or not isinstance(doc["rows"], list) or \
+                not all(isinstance(row, dict) for row in doc["rows"]):
+            raise ValueError("not an SQL entry")
+
+    def deliver_entries(self, entries: list[dict[str, Any]]) -> None:
+        """Insert the entries' rows in one transaction, fitted to the schema.
+
+        A record that cannot be fitted (dead-letter policy, a column the table lacks) stops
+        the batch there: what is before it is inserted, then RecordRejected(index) names it."""
+        if not entries:
             return
-        by_table: dict[str, list[dict[str, Any]]] = {}
-        for r in records:
-            by_table.setdefault(r.table, []).extend(self.rows(r))
         try:
             if not self.tables:
                 self._prepare()
-            with self.engine.begin() as con:
-                for name, rows in by_table.items():
-                    con.execute(_insert_ignore(self.tables[name], self.engine.dialect.name), rows)
         except SqlError as e:
             raise BackendDown(str(e)) from None
+        groups: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = {}
+        refused: RecordRejected | None = None
+        try:
+            for i, doc in enumerate(entries):
+                try:
+                    rows = self._fitted(doc)
+                except RecordRejected as e:
+                    refused = RecordRejected(e.reason, index=i)
+                    break
+                for row in rows:
+                    groups.setdefault((doc["table"], tuple(row)), []).append(row)
+            if groups:
+                with self.engine.begin() as con:
+                    for (name, _cols), rows in groups.items():
+                        con.execute(_insert_ignore(self._shape(name).table, self.engine.dialect.name), rows)
+        except (DataError, IntegrityError) as e:
+            raise RecordRejected(f"{type(e).__name__}: {_short(e)}") from None
+        except StatementError as e:
+            if isinstance(getattr(e, "orig", None), (ValueError, UnicodeError, TypeError)):
+                raise RecordRejected(f"{type(e.orig).__name__}: {_short(e)}") from None
+            raise BackendDown(f"{self.safe_url}: {type(e).__name__}: {_short(e)}") from None
         except SQLAlchemyError as e:
             raise BackendDown(f"{self.safe_url}: {type(e).__name__}: {_short(e)}") from None
-        self.rows_offered += sum(len(v) for v in by_table.values())
+        self.rows_offered += sum(len(v) for v in groups.values())
+        if refused is not None:
+            raise refused
+
+    def _fitted(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
+        """The entry's rows as the table can hold them (RecordRejected when it cannot)."""
+        name = doc["table"]
+        try:
+            shape = self._shape(name)
+        except NoSuchTableError:
+            raise RecordRejected(f"the database has no table {name}") from None
+        dts = doc.get("datetime") or ()
+        out = []
+        for stored in doc["rows"]:
+            row = dict(stored)
+            missing = [k for k in row if k not in shape.table.c]
+            if missing:
+                raise RecordRejected(f"table {name} has no column(s) {', '.join(missing)} "
+                                     "(the record was spooled under other rules)")
+            for k in dts:
+                if isinstance(row.get(k), str):
+                    row[k] = dt.datetime.fromisoformat(row[k])
+            for k in shape.strings:
+                v = row.get(k)
+                if type(v) is not str:
+                    continue
+                if "\x00" in v or (not v.isascii() and _BAD_CHARS.search(v)):
+                    v = _BAD_CHARS.sub(REPLACEMENT, v)
+                    self.fitted[f"{name}.{k} replaced"] += 1
+                width = shape.widths[k]
+                if width is not None and len(v) > width:
+                    if self.on_overlong == "dead-letter":
+                        raise RecordRejected(f"{name}.{k}: {len(v)} characters, the column holds {width}")
+                    v = v[:width]
+                    self.fitted[f"{name}.{k} truncated"] += 1
+                row[k] = v
+            out.append(row)
+        return out
 
     def rows(self, r: AccRecord) -> list[dict[str, Any]]:
         a = self.acc
@@ -193,15 +351,32 @@ class SqlEmitter:
         self.engine.dispose()
 
 
+def _check_sqlite_path(path: str, where: str, create: bool) -> None:
+    """An SQLite file that can never be opened fails now, naming the path (not after retries)."""
+    full = os.path.abspath(path)
+    parent = os.path.dirname(full)
+    if os.path.isdir(full):
+        raise SqlError(f"{where}: {full} is a directory, not an SQLite database file")
+    if os.path.exists(full):
+        return
+    if not os.path.isdir(parent):
+        raise SqlError(f"{where}: the directory {parent} does not exist (create it, or fix the path in the URL)")
+    if create and not os.access(parent, os.W_OK | os.X_OK):
+        raise SqlError(f"{where}: cannot create {full}: the directory {parent} is not writable")
+
 
 def _insert_ignore(table: Table, dialect: str) -> Any:
+    """INSERT that skips a row whose sipsniff_id is already there (exactly once) and nothing
+    else: MariaDB's INSERT IGNORE would also turn strict mode's errors into silent truncation."""
     if dialect == "sqlite":
         return insert(table).prefix_with("OR IGNORE")
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
         return pg_insert(table).on_conflict_do_nothing(index_elements=[ID_COLUMN])
     if dialect in ("mysql", "mariadb"):
-        return insert(table).prefix_with("IGNORE")
+        from sqlalchemy.dialects.mysql import insert as my_insert
+        stmt = my_insert(table)
+        return stmt.on_duplicate_key_update({ID_COLUMN: stmt.inserted[ID_COLUMN]})
     return insert(table)
 
 

@@ -141,7 +141,7 @@ def test_spool_keeps_records_while_the_database_is_unreachable(tmp_path: Path) -
     assert sp.pending == 3 and sp.delivered == 0 and sp.outages == 1
     assert "alarm: db backend down" in alarms.getvalue() and "OperationalError" in sp.last_error
     sp.close()  # drains for 3 s of (fake) time, then gives up: the records stay in the spool file
-    assert DurableSpool(tmp_path / "spool").count("db") == 3
+    assert DurableSpool(tmp_path / "spool").count(backend.name) == 3 and backend.name == f"sql:sqlite:///{target}"
     target.parent.mkdir()
     again = SpooledEmitter(SqlEmitter(f"sqlite:///{target}", rules, connect=False), DurableSpool(tmp_path / "spool"),  # type: ignore[arg-type]
                            alarms=alarms)
