@@ -419,23 +419,62 @@ def _acc_summary(result: RunResult, rules: RulesFile, spooled: list[SpooledEmitt
 @app.command()
 def deliver(
     db_url: Annotated[str | None, typer.Option("--db-url", help="SQLAlchemy URL (default: rules' db_url, else sqlite:///acc.db)")] = None,
-    rules_file: Annotated[Path | None, typer.Option("--rules", "-r", help="rules.yaml (table/column names)")] = None,
+    rules_file: Annotated[Path | None, typer.Option("--rules", "-m", help="rules.yaml (RADIUS/Diameter settings, tables to create)")] = None,
     spool_path: Annotated[Path, typer.Option("--spool", help="the spool to empty")] = Path(DEFAULT_SPOOL),
     drain_timeout: Annotated[float, typer.Option("--drain-timeout", help="seconds to keep retrying")] = 60.0,
     db_password_file: Annotated[Path | None, typer.Option("--db-password-file", help="read the database password from this file")] = None,
+    on_overlong: Annotated[str, typer.Option("--on-overlong", help="a value longer than its column: truncate (counted per column) or dead-letter the record")] = "truncate",
 ) -> None:
-    """Deliver the records a previous run left in the spool (the database was down)."""
+    """Deliver the records a previous run left in the spool for this destination (the database was down).
+
+    Records are only sent to the destination they were spooled for (database URL without the
+    password; RADIUS/Diameter peers from --rules); others stay, and a note says how to deliver them.
+    """
+    from sipsniff_acc.emitters.spool import SpoolError
+    from sipsniff_acc.emitters.sql import OVERLONG_POLICIES
+    from sipsniff_acc.emitters.sql import destination as sql_destination
+
     rules = _rules_or_exit(rules_file)
+    if on_overlong not in OVERLONG_POLICIES:
+        raise typer.BadParameter(f"{on_overlong!r}: use {' or '.join(OVERLONG_POLICIES)}", param_hint="--on-overlong")
     if not spool_path.exists():
         print(f"{spool_path}: no spool, nothing to deliver")
         return
-    spool = DurableSpool(spool_path)
+    try:
+        spool = DurableSpool(spool_path, create=False)
+    except SpoolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(EXIT_USAGE) from None
+    queued = spool.pending()
+    backends: list[Backend] = []
+    try:
+        url = with_password(db_url or os.environ.get("SIPSNIFF_DB_URL") or rules.acc.db_url or DEFAULT_DB_URL,
+                            db_password_file)
+        if queued.get(sql_destination(url)):
+            backends.append(SqlEmitter(url, rules, connect="try", on_overlong=on_overlong))
+        backends += [b for b in _backends(rules, True, None, None) if queued.get(b.name) or b.close()]
+    except (SqlError, OSError, RadiusConfigError, DiameterConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(EXIT_BACKEND_ERROR) from None
+    emitters = [SpooledEmitter(b, spool, drain_timeout=drain_timeout) for b in backends]
+    spool.note_unclaimed(sys.stderr)
+    if not emitters:
+        print(f"{spool_path}: nothing pending for {sql_destination(url)}"
+              f"{' or the peers of the rules' if rules_file else ''}")
     pending = 0
-    for backend in _backends(rules, False, db_url, db_password_file):
-        sp = SpooledEmitter(backend, spool, drain_timeout=drain_timeout)
+    for sp in emitters:
         sp.close()
-        print(f"{backend.name}: {sp.delivered} record(s) delivered to {backend.where}; {sp.pending} still in {spool_path}")
+        dead = f"; {sp.dead_lettered} set aside as dead letters" if sp.dead_lettered else ""
+        print(f"{sp.label}: {sp.delivered} record(s) delivered to {sp.backend.where}{dead}; "
+              f"{sp.pending} still in {spool_path}")
+        fitted = getattr(sp.backend, "fitted", None)
+        if fitted:
+            print(f"  values fitted to the schema: {', '.join(f'{k} {n}' for k, n in sorted(fitted.items()))}")
+        if sp.pending:
+            print(f"error: {sp.label} {sp.backend.where}: {sp.spool_error or sp.last_error or 'not reachable'}",
+                  file=sys.stderr)
         pending += sp.pending
+    spool.close()
     if pending:
         raise typer.Exit(EXIT_BACKEND_ERROR)
 
