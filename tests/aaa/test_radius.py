@@ -10,6 +10,7 @@ decoding of both must be identical, attribute by attribute and in order.
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -97,7 +98,7 @@ def test_we_send_what_kamailio_sends(tmp_path: Path, freeradius: FreeRadius) -> 
                           "--no-db", "--log", "none", "--spool", str(tmp_path / "spool")],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert "radius: 10 records delivered" in res.stderr
+    assert re.search(r"radius(:\S+)?: 10 records delivered", res.stderr)
     ours = freeradius.records()
     replay(freeradius, theirs)
     time.sleep(0.2)

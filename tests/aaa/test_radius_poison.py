@@ -1,0 +1,164 @@
+"""RADIUS: one record can never block the rest (issue 10), against a real FreeRADIUS.
+
+Measured before: a Call-ID over 253 bytes raised inside pyrad on every run and every
+`deliver`, so the spool was stuck for good; the shared secret was printed by two config
+errors. Now values are fitted (RFC 2865's 253 octets, NUL, invalid text) or the record is
+refused with ``RecordRejected`` (on_overlong: dead-letter, a packet over 4096 octets), and
+a config mistake is one line without the secret.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sipsniff_acc.emitters.radius import MAX_STRING, RadiusConfigError, RadiusEmitter, load_config
+from sipsniff_acc.emitters.spool import RecordRejected
+from sipsniff_acc.records import AccRecord
+from sipsniff_acc.rules import parse_rules
+from tests.aaa.poison import LONG_CALL_ID, LONG_TO_TAG, NORMAL, poison_capture
+from tests.aaa_servers import SECRET, FreeRadius, freeradius  # noqa: F401 - fixture
+
+HIDDEN = "Hush-9f3c2a-secret"  #: a secret no message may ever show
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("bad-port.yaml", f"servers: ['127.0.0.1:18x3:{HIDDEN}']\n"),
+    ("no-host.yaml", f"servers: [':1813:{HIDDEN}']\n"),
+    ("syntax.yaml", f"servers: ['127.0.0.1']\nsecret: {HIDDEN}: [oops\n"),
+    ("syntax2.yaml", f"secret: \"{HIDDEN}\n  timeout: [\n"),
+    ("timeout.yaml", f"servers: ['127.0.0.1']\nsecret: {HIDDEN}\ntimeout: soon\n"),
+    ("nas.yaml", f"servers: ['127.0.0.1']\nsecret: {HIDDEN}\nnas_ip: '::1'\n"),
+    ("policy.yaml", f"servers: ['127.0.0.1']\nsecret: {HIDDEN}\non_overlong: split\n"),
+    ("port.conf", f"acctserver 127.0.0.1:abc:{HIDDEN}\n"),
+    ("host.conf", f"acctserver :1813:{HIDDEN}\n"),
+    ("range.conf", f"acctserver 127.0.0.1:99999:{HIDDEN}\n"),
+    ("retries.conf", f"acctserver 127.0.0.1:1813:{HIDDEN}\nradius_retries many\n"),
+])
+def test_config_errors_are_one_line_without_the_secret(tmp_path: Path, name: str, text: str) -> None:
+    p = tmp_path / name
+    p.write_text(text)
+    with pytest.raises(RadiusConfigError) as e:
+        load_config(str(p))
+    msg = str(e.value)
+    assert HIDDEN not in msg and "\n" not in msg and msg.startswith(str(p))
+
+
+def test_check_rules_names_the_mistake_in_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "radius.conf"
+    cfg.write_text(f"acctserver 127.0.0.1:18l3:{HIDDEN}\n")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"acc: {{radius_flag: 1, radius_config: {cfg}}}\nroute:\n  - setflag: [1]\n")
+    res = subprocess.run([sys.executable, "-m", "sipsniff_acc", "check-rules", str(rules)],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 2
+    assert HIDDEN not in res.stderr + res.stdout and "Traceback" not in res.stderr
+    assert "bad port for server 127.0.0.1" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def emitter(tmp: Path, server: FreeRadius, extra: str = "", timeout: float = 1.0) -> RadiusEmitter:
+    cfg = tmp / "radius.yaml"
+    cfg.write_text(f"servers: ['{server.ip}:{server.port}']\nsecret: {SECRET}\ntimeout: {timeout}\nretries: 0\n"
+                   f"bind: 127.0.3.2\nnas_ip: 127.0.3.2\n{extra}")
+    rules = parse_rules(f"acc: {{radius_flag: 1, radius_config: {cfg}, radius_extra: 'User-Name=$fU'}}\n"
+                        "route:\n  - setflag: [1]\n")
+    return RadiusEmitter(rules)
+
+
+def record(call_id: str, to_tag: str = "tt", user: str = "alice", legs: list[list[tuple[str, str]]] | None = None,
+           rid: str = "") -> AccRecord:
+    return AccRecord("answered", 1_700_000_000.0, "INVITE", "ft", to_tag, call_id, "200", "OK", ("radius",),
+                     extras={"radius": [("User-Name", user)]}, legs=legs or [],
+                     record_id=rid or f"{abs(hash(call_id)) % 16**16:016x}")
+
+
+def test_overlong_values_are_truncated_and_nul_replaced(tmp_path: Path, freeradius: FreeRadius) -> None:
+    em = emitter(tmp_path, freeradius)
+    batch = [record(LONG_CALL_ID), record("poison-totag", to_tag=LONG_TO_TAG), record("poison-nul", user="a\0b"),
+             record("poison-text", user="x\udcffy"), record("normal-1")]
+    em.deliver(batch)
+    em.close()
+    got = freeradius.records()
+    assert [r["Acct-Session-Id"] for r in got] == [LONG_CALL_ID[:MAX_STRING], "poison-totag", "poison-nul",
+                                                       "poison-text", "normal-1"]
+    assert got[1]["Sip-To-Tag"] == LONG_TO_TAG[:MAX_STRING]
+    assert got[2]["User-Name"] == "a\ufffdb" and got[3]["User-Name"] == "x\ufffdy"
+    assert em.fitted == {"Acct-Session-Id: truncated to 253 bytes": 1, "Sip-To-Tag: truncated to 253 bytes": 1,
+                         "User-Name: NUL replaced": 1, "User-Name: invalid text replaced": 1}
+    assert em.sent == 5
+
+
+def test_multibyte_text_is_cut_on_a_character_boundary(tmp_path: Path, freeradius: FreeRadius) -> None:
+    em = emitter(tmp_path, freeradius)
+    em.deliver([record("é" * 200)])  # 400 bytes
+    em.close()
+    assert freeradius.records()[0]["Acct-Session-Id"] == "é" * 126  # 252 bytes: é is never split
+
+
+def test_dead_letter_policy_refuses_the_record_with_its_index(tmp_path: Path, freeradius: FreeRadius) -> None:
+    em = emitter(tmp_path, freeradius, "on_overlong: dead-letter\n")
+    batch = [record("normal-1"), record(LONG_CALL_ID, rid="00000000000000aa"), record("normal-2")]
+    with pytest.raises(RecordRejected) as e:
+        em.deliver(batch)
+    assert e.value.index == 1
+    assert "00000000000000aa" in e.value.reason and "Acct-Session-Id is 300 bytes" in e.value.reason
+    em.deliver(batch[2:])  # the spool goes on with the rest
+    em.close()
+    assert [r["Acct-Session-Id"] for r in freeradius.records()] == ["normal-1", "normal-2"]
+    assert em.rejected == 1
+
+
+def test_a_packet_over_4096_bytes_is_refused_not_retried(tmp_path: Path, freeradius: FreeRadius) -> None:
+    """17 leg values of 253 bytes: FreeRADIUS would silently drop the packet, so before, the
+    record timed out for ever (BackendDown, retried every second)."""
+    em = emitter(tmp_path, freeradius, timeout=0.3)
+    big = record("too-big", legs=[[("Sip-Uri-User", "u" * 253)]] * 17)
+    with pytest.raises(RecordRejected) as e:
+        em.deliver([record("normal-1"), big])
+    assert e.value.index == 1 and "over RADIUS's 4096" in e.value.reason
+    em.close()
+    assert [r["Acct-Session-Id"] for r in freeradius.records()] == ["normal-1"]
+
+
+RULES = """\
+acc:
+  log_flag: 1
+  radius_flag: 1
+  radius_config: {config}
+  radius_extra: "User-Name=$hdr(X-Extra)"
+route:
+  - setflag: [1]
+"""
+
+
+def detail_sessions(server: FreeRadius) -> list[str]:
+    """Acct-Session-Id of every entry of FreeRADIUS's detail file, in order."""
+    text = (server.dir / "var" / "radacct" / "detail").read_text(errors="replace")
+    return re.findall(r'^\s*Acct-Session-Id = "(.*)"$', text, flags=re.M)
+
+
+def test_poison_then_twenty_calls_through_the_cli(tmp_path: Path, freeradius: FreeRadius) -> None:
+    """Acceptance (issue 10): the poison is sent after fitting, every normal call's requests
+    reach FreeRADIUS, the run ends promptly with 0 and says what was fitted."""
+    cap = poison_capture(tmp_path / "poison.pcap")
+    cfg = tmp_path / "radius.yaml"
+    cfg.write_text(f"servers: ['{freeradius.ip}:{freeradius.port}']\nsecret: {SECRET}\ntimeout: 1\nretries: 1\n"
+                   "bind: 127.0.3.2\nnas_ip: 127.0.3.2\n")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES.format(config=cfg))
+    res = subprocess.run([sys.executable, "-m", "sipsniff_acc", "process", str(cap), "--rules", str(rules),
+                          "--no-db", "--log", "none", "--spool", str(tmp_path / "spool"), "--drain-timeout", "10"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    sessions = detail_sessions(freeradius)
+    normal = [f"normal-{i}@example.com" for i in range(NORMAL) for _ in (1, 2)]  # INVITE and BYE
+    assert [s for s in sessions if s.startswith("normal-")] == normal
+    assert sessions[:6] == [LONG_CALL_ID[:MAX_STRING]] * 2 + ["poison-totag@example.com"] * 2 + \
+        ["poison-nul@example.com"] * 2
+    got = freeradius.records()
+    assert got[2]["Sip-To-Tag"] == LONG_TO_TAG[:MAX_STRING] and got[4]["User-Name"] == "a\ufffdb"
+    assert "note: radius: values fitted to RADIUS" in res.stderr and "Acct-Session-Id: truncated to 253 bytes 2" in res.stderr
