@@ -4,20 +4,30 @@ The file plays the part of a Kamailio config: ``acc`` holds the acc module's par
 under their modparam names; ``route`` rules run when a request creates a transaction at
 the proxy (like request_route before t_relay), ``failure_route`` rules when an INVITE's
 branches have all failed. Pure: ``load_rules`` reads text; nothing here touches the network.
+
+Hardened against the file itself (issue 10): its regexes run on RE2 (linear time, so no
+pattern and R-URI can stall the pipeline), and it is read by a YAML loader that bounds the
+file's size, nesting depth and what aliases expand to before anything is built; every
+problem is one ``FILE:LINE: key: why`` line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import math
 import re
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import re2  # type: ignore[import-untyped]
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, PrivateAttr, ValidationError, field_validator
 
+from sipsniff_acc.limits import Limits
 from sipsniff_acc.pv import PvError, PvSpec, parse_extra, parse_pv
 from sipsniff_acc.sip import SipMessage
 
@@ -57,6 +67,124 @@ PROFILES: dict[str, Profile] = {
 
 LOG_LEVELS = {"alert": -5, "bug": -4, "crit2": -3, "crit": -2, "err": -1, "error": -1, "warn": 0, "warning": 0,
               "notice": 1, "info": 2, "dbg": 3, "debug": 3}
+
+
+# --- user regexes on RE2 ------------------------------------------------------------------
+
+def _re2_options() -> Any:
+    o = re2.Options()
+    o.log_errors = False  # RE2 would print every refused pattern on stderr; we report it as FILE:LINE
+    o.never_capture = True  # rules only ask "does it match": no submatch tracking, the DFA does it all
+    o.max_mem = RE2_MAX_MEM
+    return o
+
+
+RE2_MAX_MEM = 1 << 20  #: bytes per pattern (program + DFA cache): 100 patterns stay ~100 MB even on hostile text
+_RE2_OPTIONS = _re2_options()
+_UNANCHORED = getattr(re2, "_Anchor", None)
+
+
+def _why_not_re2(pattern: str, engine_error: str) -> str:
+    """RE2's refusal, told in terms of what to change."""
+    if re.search(r"\\[1-9]|\(\?P=", pattern):
+        return "backreferences (\\1, (?P=name)) are not supported: rule regexes run on RE2, in linear time"
+    if re.search(r"\(\?<?[=!]", pattern):
+        return "lookahead/lookbehind ((?=, (?!, (?<=, (?<!) is not supported: rule regexes run on RE2, in linear time"
+    if "too large" in engine_error:
+        return f"too large for RE2's {RE2_MAX_MEM >> 20} MB per pattern ({engine_error})"
+    if "repetition size" in engine_error:
+        return f"{engine_error}: RE2 counts repetitions up to 1000"
+    return f"{engine_error} (rule regexes run on RE2: see its syntax page, github.com/google/re2/wiki/Syntax)"
+
+
+def _python_to_re2(pattern: str) -> str:
+    r"""Python's spelling of end-of-text, ``\Z``, is RE2's ``\z``; the rest is common syntax."""
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < len(pattern):
+            pair = pattern[i : i + 2]
+            out.append("\\z" if pair == "\\Z" else pair)
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+class UserRegex:
+    r"""A regex from rules.yaml, searched like Kamailio's ``=~`` but on RE2.
+
+    Python's ``re`` backtracks: ``^sip:(a+)+$`` against one crafted R-URI doubles its time
+    every two characters and stalls every call behind it. RE2 is linear in the text for every
+    pattern it accepts, and refuses (at check-rules time) the few constructs that cannot be
+    linear (backreferences, lookaround). Where a pattern is valid in both, matches are the same
+    (tested), except that ``$`` does not also match before a final newline (values have none)
+    and ``\d``/``\w`` are ASCII, as in Kamailio's POSIX regexes.
+    """
+
+    __slots__ = ("pattern", "search")
+
+    def __init__(self, pattern: str) -> None:
+        """Compile; ``ValueError`` says why RE2 cannot take the pattern."""
+        try:
+            compiled = re2.compile(_python_to_re2(pattern), _RE2_OPTIONS)
+        except re2.error as e:
+            msg = e.args[0] if e.args else str(e)
+            msg = msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)
+            raise ValueError(_why_not_re2(pattern, msg)) from None
+        self.pattern = pattern
+        self.search: Callable[[str], bool] = _fast_search(compiled)
+
+    def __repr__(self) -> str:
+        return f"UserRegex({self.pattern!r})"
+
+
+def _raw_anchor() -> Any:
+    """RE2's UNANCHORED constant if the pybind ``RE2.Match`` behaves as ``_fast_search`` expects, else None."""
+    try:
+        anchor = re2._Anchor.UNANCHORED
+        probe = re2.compile("b", _RE2_OPTIONS)._regexp.Match
+        if probe(anchor, b"abc", 0, 3)[0][0] == 1 and probe(anchor, b"xyz", 0, 3)[0][0] == -1:
+            return anchor
+    except (AttributeError, TypeError, IndexError, re2.error):
+        pass
+    return None
+
+
+_RAW_ANCHOR = _raw_anchor()
+
+
+def _fast_search(compiled: Any) -> Callable[[str], bool]:
+    """``text -> bool`` straight on RE2's pybind object when it has the shape we know.
+
+    Why: the wrapper's ``search`` builds a generator and a match object with str offsets
+    (1.5-4 us per call); calling ``RE2.Match`` on the UTF-8 bytes takes 0.5-0.9 us (Python's
+    ``re``: 0.1 us). ``_raw_anchor`` checked that shape at import; otherwise the public API.
+    """
+    anchor = _RAW_ANCHOR
+    if anchor is None:
+        public = compiled.search
+        return lambda text: public(text) is not None
+    match = compiled._regexp.Match
+
+    def search(text: str) -> bool:
+        b = text.encode("utf-8", "surrogatepass")
+        return bool(match(anchor, b, 0, len(b))[0][0] >= 0)
+    return search
+
+
+def compile_regex(pattern: str, what: str = "") -> UserRegex:
+    """A rules regex, or ``ValueError('bad regular expression ...: why')``."""
+    try:
+        return UserRegex(pattern)
+    except ValueError as e:
+        raise ValueError(f"{what}bad regular expression {_clip(repr(pattern), 80)}: {e}") from None
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _ident(value: str, what: str) -> str:
@@ -153,6 +281,8 @@ class AccParams(_Strict):
     diameter_bind: str = ""  #: source address of the connection to the peer
     diameter_timeout: float = Field(5.0, gt=0)
     diameter_mode: Literal["rfc6733", "disc"] = "rfc6733"  #: disc: acc_diameter's legacy DISC wire format
+    #: a value longer than its SQL column: cut to fit (and counted), or the record set aside in the spool's dead letters
+    on_overlong: Literal["truncate", "dead-letter"] = "truncate"
 
     _log_extra: list[tuple[str, PvSpec]] = PrivateAttr(default_factory=list)
     _db_extra: list[tuple[str, PvSpec]] = PrivateAttr(default_factory=list)
@@ -270,17 +400,14 @@ class Condition(_Strict):
     code: int | str | list[int | str] | None = None  #: failure_route: 486, "4xx", [404, 480]
     flag: Flag | list[Flag] | None = None  #: isflagset
 
-    _re: dict[str, re.Pattern[str]] = PrivateAttr(default_factory=dict)
+    _re: dict[str, UserRegex] = PrivateAttr(default_factory=dict)
     _nets: dict[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None]] = PrivateAttr(default_factory=dict)
 
     @field_validator("ruri", "from_", "to")
     @classmethod
     def _regex(cls, v: str | None) -> str | None:
         if v is not None:
-            try:
-                re.compile(v)
-            except re.error as e:
-                raise ValueError(f"bad regular expression {v!r}: {e}") from None
+            compile_regex(v)
         return v
 
     @field_validator("header")
@@ -288,10 +415,7 @@ class Condition(_Strict):
     def _header_regex(cls, v: dict[str, str | bool]) -> dict[str, str | bool]:
         for name, pat in v.items():
             if isinstance(pat, str):
-                try:
-                    re.compile(pat)
-                except re.error as e:
-                    raise ValueError(f"header {name}: bad regular expression {pat!r}: {e}") from None
+                compile_regex(pat, f"header {name}: ")
         return v
 
     @field_validator("src", "dst")
@@ -313,10 +437,10 @@ class Condition(_Strict):
         for key in ("ruri", "from_", "to"):
             pat = getattr(self, key)
             if pat is not None:
-                self._re[key] = re.compile(pat)
+                self._re[key] = UserRegex(pat)
         for name, pat in self.header.items():
             if isinstance(pat, str):
-                self._re["hdr:" + name] = re.compile(pat)
+                self._re["hdr:" + name] = UserRegex(pat)
         for key in ("src", "dst"):
             v = getattr(self, key)
             if v is not None:
@@ -332,7 +456,7 @@ class Condition(_Strict):
             return False
         for key, text in (("ruri", msg.ruri), ("from_", msg.header("from")), ("to", msg.header("to"))):
             pat = self._re.get(key)
-            if pat is not None and (text is None or pat.search(text) is None):
+            if pat is not None and (text is None or not pat.search(text)):
                 return False
         for key, (ip, port) in (("src", (msg.src, msg.sport)), ("dst", (msg.dst, msg.dport))):
             net = self._nets.get(key)
@@ -474,6 +598,52 @@ class Rule(_Strict):
         return out
 
 
+# --- limits: ------------------------------------------------------------------------------
+
+def limit_problems(raw: Any) -> list[tuple[str | None, str]]:
+    """(key or None, why) for each thing wrong in a ``limits:`` mapping.
+
+    Checked against the fields of ``Limits`` as they are at run time (names and types), so a
+    limit added there is accepted here with no change: int fields take integers, float
+    fields integers or decimals; every limit is a positive number.
+    """
+    if raw is None:
+        return []
+    if not isinstance(raw, dict):
+        return [(None, f"a mapping, name: value (known limits: {', '.join(Limits.names())})")]
+    hints = typing.get_type_hints(Limits)
+    out: list[tuple[str | None, str]] = []
+    for key, value in raw.items():
+        name = str(key)
+        if name not in hints or name not in Limits.names():
+            out.append((name, f"unknown limit (known: {', '.join(Limits.names())})"))
+            continue
+        kind = hints[name]
+        if kind is bool:
+            if not isinstance(value, bool):
+                out.append((name, "true or false"))
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if kind is int and not (number and isinstance(value, int) and value > 0):
+            out.append((name, f"a positive integer, not {_clip(repr(value), 40)}"))
+        elif kind is float and not (number and math.isfinite(value) and value > 0):
+            out.append((name, f"a positive number, not {_clip(repr(value), 40)}"))
+    return out
+
+
+def limits_from(raw: Any) -> Limits:
+    """A ``limits:`` mapping as ``Limits`` (unset fields keep their defaults); ``ValueError`` if wrong."""
+    problems = limit_problems(raw)
+    if problems:
+        key, why = problems[0]
+        raise ValueError(f"{key}: {why}" if key else why)
+    if not raw:
+        return Limits()
+    kinds = typing.get_type_hints(Limits)
+    values: dict[str, Any] = {str(k): float(v) if kinds[str(k)] is float else v for k, v in raw.items()}
+    return Limits(**values)
+
+
 class RulesFile(_Strict):
     profile: Literal["kamailio-5.6", "openser-1.2"] = "kamailio-5.6"
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
@@ -481,6 +651,8 @@ class RulesFile(_Strict):
     acc: AccParams = Field(default_factory=AccParams)
     route: list[Rule] = []
     failure_route: list[Rule] = []
+    limits: Annotated[Limits, PlainValidator(lambda v: v if isinstance(v, Limits) else limits_from(v))] = Field(
+        default_factory=Limits)
 
     def semantic_problems(self) -> list[tuple[tuple[Any, ...], str]]:
         """What is well-typed but means nothing, with where it is."""
@@ -517,13 +689,133 @@ route:
 """
 
 
-# --- loading with line numbers -----------------------------------------------------------
+# --- loading: bounded YAML, with line numbers ----------------------------------------------
+
+MAX_RULES_BYTES = 1 << 20  #: a rules file is a few KB; past 1 MiB it is the wrong file (or an attack)
+MAX_YAML_DEPTH = 50  #: nesting of mappings/lists; rules.yaml needs 5
+MAX_YAML_NODES = 100_000  #: nodes once aliases are expanded (billion laughs: ~10^9 from 570 bytes)
+MAX_YAML_CHARS = 4 << 20  #: characters of scalars once aliases are expanded
+
+#: first bytes of what is not a rules file but is often passed as one (-r capture.pcap, tshark's habit)
+_CAPTURE_MAGIC = {b"\xd4\xc3\xb2\xa1": "a pcap capture", b"\xa1\xb2\xc3\xd4": "a pcap capture",
+                  b"\x4d\x3c\xb2\xa1": "a pcap capture", b"\xa1\xb2\x3c\x4d": "a pcap capture",
+                  b"\x0a\x0d\x0d\x0a": "a pcapng capture", b"\x1f\x8b": "a gzip file"}
+
+
+class _Refused(yaml.composer.ComposerError):
+    """Valid YAML past one of the loader's bounds."""
+
+
+_FastSafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when built in
+
+
+class _Loader(_FastSafeLoader):  # type: ignore[valid-type,misc]
+    """Safe loader (libyaml when present) where a value Python refuses is a YAML error at its node."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """An int of 5000 digits or a date 2001-13-45 raises ValueError in PyYAML: say where instead."""
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError, TypeError) as e:
+            why = str(e).split(";")[0].split(": value has")[0]
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read this value: {_clip(why, 100)}",
+                                                    node.start_mark) from None
+
+
+def _measure(text: str) -> None:
+    """Refuse (``_Refused``) a document too deep or too big once aliases are expanded, from its events alone.
+
+    PyYAML shares an aliased node instead of copying it, but everything that walks the result
+    (line map, pydantic) sees it expanded: a 570-byte billion-laughs file became 2.4 GB. One pass
+    over the parser's events notes each anchored node's expanded size and height when it ends,
+    and an alias adds them: the expanded count at O(1) per alias, before any node exists. An
+    alias inside its own anchor (a cycle) is refused too. Why a pass of its own rather than a
+    Python composer: the events cost ~0.1 s per MB from libyaml, a composer in Python 5x libyaml's.
+    """
+    loader: Any = _FastSafeLoader(text)  # libyaml's or PyYAML's parser: the same event API, untyped
+    depth = deepest = nodes = chars = 0
+    expanded: dict[str, tuple[int, int, int]] = {}  #: anchor -> (nodes, chars, height)
+    stack: list[tuple[str | None, int, int, int]] = []  #: open collections: anchor, nodes, chars, deepest before
+
+    def grow(n: int, c: int, level: int, mark: Any) -> None:
+        nonlocal nodes, chars, deepest
+        nodes += n
+        chars += c
+        deepest = max(deepest, level)
+        if level > MAX_YAML_DEPTH:
+            raise _Refused(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
+        if nodes > MAX_YAML_NODES:
+            raise _Refused(None, None, f"more than {MAX_YAML_NODES} values (an alias counts as all it stands for)",
+                           mark)
+        if chars > MAX_YAML_CHARS:
+            raise _Refused(None, None, f"more than {MAX_YAML_CHARS >> 20} MiB of text "
+                           "(an alias counts as all it stands for)", mark)
+
+    try:
+        while loader.check_event():
+            event: Any = loader.get_event()
+            if isinstance(event, yaml.AliasEvent):
+                alias: str = event.anchor or ""
+                if any(f[0] == alias for f in stack):
+                    raise _Refused(None, None, f"alias *{alias} is inside its own anchor (a cycle)",
+                                   event.start_mark)  # type: ignore[arg-type]  # libyaml's Mark has the same fields
+                n, c, h = expanded.get(alias, (1, 0, 1))  # undefined: the composer says so
+                grow(n, c, depth + h, event.start_mark)
+            elif isinstance(event, yaml.ScalarEvent):
+                grow(1, len(event.value), depth + 1, event.start_mark)
+                if event.anchor is not None:
+                    expanded[event.anchor] = (1, len(event.value), 1)
+            elif isinstance(event, yaml.CollectionStartEvent):
+                stack.append((event.anchor, nodes, chars, deepest))
+                depth += 1
+                deepest = depth
+                grow(1, 0, depth, event.start_mark)
+            elif isinstance(event, yaml.CollectionEndEvent):
+                opened, n0, c0, deepest0 = stack.pop()
+                if opened is not None:
+                    expanded[opened] = (nodes - n0, chars - c0, deepest - depth + 1)
+                deepest = max(deepest0, deepest)
+                depth -= 1
+            elif isinstance(event, yaml.DocumentEndEvent):
+                expanded.clear()  # anchors are per document
+    finally:
+        loader.dispose()
+
+
+def _load_yaml(text: str, filename: str) -> tuple[Any, yaml.Node | None]:
+    """(data, node) of one YAML document, bounded; ``RulesError`` (one line) if it is not."""
+    loader: yaml.SafeLoader | None = None
+    try:
+        _measure(text)
+        loader = _Loader(text)
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow (control characters, ...)
+        line = text.count("\n", 0, e.position) + 1
+        raise RulesError([f"{filename}:{line}: not valid YAML: character {chr(e.character)!r} is not allowed "
+                          f"(offset {e.position})" if isinstance(e.character, int) else
+                          f"{filename}:{line}: not valid YAML: {_clip(e.reason, 100)}"]) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        why = _clip(" ".join(str(getattr(e, "problem", None) or e).split()), 200)
+        raise RulesError([f"{filename}:{line}: {why}" if isinstance(e, _Refused) else
+                          f"{filename}:{line}: not valid YAML: {why}"]) from None
+    except UnicodeError as e:  # a str with a lone surrogate (a file is decoded strictly before this)
+        raise RulesError([f"{filename}:{text.count(chr(10), 0, getattr(e, 'start', 0)) + 1}: not valid text: {getattr(e, 'reason', e)}"]) from None
+    except RecursionError:  # not reachable within MAX_YAML_DEPTH; kept so no input can give a traceback
+        raise RulesError([f"{filename}:1: nested too deeply"]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    return data, node
+
 
 def _lines(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
     out[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
-            key = k.value
+            key = k.value if isinstance(k, yaml.ScalarNode) else repr(k.value)
             out[(*path, key)] = k.start_mark.line + 1
             _lines(v, (*path, key), out)
     elif isinstance(node, yaml.SequenceNode):
@@ -542,36 +834,55 @@ def _line_of(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int:
 
 def parse_rules(text: str, filename: str = "rules.yaml") -> RulesFile:
     """Validate rules text; ``RulesError`` lists every problem as FILE:LINE: key: why."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else 1
-        raise RulesError([f"{filename}:{line}: not valid YAML: {getattr(e, 'problem', None) or e}"]) from None
+    data, node = _load_yaml(text.removeprefix("\ufeff"), filename)
     if data is None:
-        data = {}
+        raise RulesError([f"{filename}:1: the file is empty (expected profile:, acc:, route:, ...); "
+                          "without --rules the built-in rules are used"])
     if not isinstance(data, dict):
         raise RulesError([f"{filename}:1: the file must be a mapping (profile:, proxy:, acc:, route:, ...)"])
     lines: dict[tuple[Any, ...], int] = {}
     if node is not None:
         _lines(node, (), lines)
+    problems = [f"{filename}:{_line_of(('limits', k) if k else ('limits',), lines)}: limits{'.' + k if k else ''}: {why}"
+                for k, why in limit_problems(data.get("limits"))]
     try:
         rules = RulesFile.model_validate(data)
     except ValidationError as e:
-        problems = []
         for err in e.errors():
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in (
                 "str", "int", "bool", "list[int]", "AccCall", "function-after"))))
+            if problems and loc[:1] == ("limits",):
+                continue  # said above, key by key
             key = ".".join(str(p) for p in loc) or "(top)"
             key = key.replace("from_", "from").replace("if_", "if")
             msg = err["msg"].removeprefix("Value error, ")
             problems.append(f"{filename}:{_line_of(loc, lines)}: {key}: {msg}")
-        raise RulesError(sorted(set(problems), key=lambda p: int(p.split(":")[1]))) from None
-    semantic = rules.semantic_problems()
-    if semantic:
-        raise RulesError([f"{filename}:{_line_of(loc, lines)}: {'.'.join(map(str, loc))}: {msg}" for loc, msg in semantic])
-    return rules
+    else:
+        if not problems:
+            semantic = rules.semantic_problems()
+            if semantic:
+                raise RulesError([_clip(f"{filename}:{_line_of(loc, lines)}: {'.'.join(map(str, loc))}: {msg}", 400)
+                                  for loc, msg in semantic])
+            return rules
+    problems = [_clip(p, 400) for p in problems]
+    raise RulesError(sorted(set(problems), key=lambda p: int(p[len(filename) + 1 :].split(":")[0])))
+
+
+def decode_rules(data: bytes, filename: str) -> str:
+    """The file's bytes as text, or ``RulesError`` with one line: too big, not UTF-8, or a capture."""
+    if len(data) > MAX_RULES_BYTES:
+        line = data.count(b"\n", 0, MAX_RULES_BYTES) + 1
+        raise RulesError([f"{filename}:{line}: the file goes on past {MAX_RULES_BYTES >> 20} MiB here; "
+                          "a rules file is a few KB (is it the right file?)"])
+    for magic, what in _CAPTURE_MAGIC.items():
+        if data.startswith(magic):
+            raise RulesError([f"{filename}:1: this is {what}, not a rules file (YAML)"])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise RulesError([f"{filename}:{line}: byte 0x{data[e.start]:02X} at offset {e.start} is not UTF-8: "
+                          "the file must be UTF-8 (iconv -f latin1 -t utf-8 converts a Latin-1 file)"]) from None
 
 
 def load_rules(path: str | Path | None) -> RulesFile:
@@ -580,7 +891,8 @@ def load_rules(path: str | Path | None) -> RulesFile:
         return parse_rules(DEFAULT_RULES, "<default rules>")
     p = Path(path)
     try:
-        text = p.read_text()
+        with p.open("rb") as f:
+            data = f.read(MAX_RULES_BYTES + 1)  # never more: the size bound holds for a FIFO or /dev/zero too
     except OSError as e:
         raise RulesError([f"{p}: cannot read: {e.strerror}"]) from None
-    return parse_rules(text, str(p))
+    return parse_rules(decode_rules(data, str(p)), str(p))

@@ -1,0 +1,243 @@
+"""rules.yaml can't stall the pipeline or crash the checker (issue 10, rules slice).
+
+Each measured case of the issue is reproduced: a backtracking regex against a crafted R-URI,
+billion-laughs aliases, deep nesting, a Latin-1 file; plus the other ways a file could give a
+traceback instead of one ``FILE:LINE: why`` line, and the ``limits:`` section.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sipsniff_acc.limits import Limits
+from sipsniff_acc.rules import MAX_YAML_DEPTH, RulesError, UserRegex, compile_rule, load_rules, parse_rules
+from tests.flows import PROXY, UAC, C, Call
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(RulesError) as e:
+        parse_rules(text, "r.yaml")
+    return e.value.problems
+
+
+def one_problem(text: str) -> str:
+    p = problems(text)
+    assert len(p) == 1 and "\n" not in p[0], p
+    return p[0]
+
+
+# --- regexes: RE2, linear time ---------------------------------------------------------------
+
+def test_catastrophic_regex_against_crafted_ruri_is_linear() -> None:
+    """`^sip:(a+)+$` and sip:aaaa...a! : Python's re doubles its time every two characters.
+
+    Run in a subprocess bounded by a timeout, so the old engine fails the test instead of hanging it.
+    """
+    code = textwrap.dedent("""
+        import time
+        from sipsniff_acc.rules import compile_rule, parse_rules
+        from tests.flows import PROXY, UAC, C, Call
+        rules = parse_rules("route:\\n  - if: {ruri: '^sip:(a+)+$'}\\n    setflag: [1]\\n")
+        rule = compile_rule(rules.route[0])
+        t0 = time.perf_counter()
+        for n in (30, 40, 1000, 4000):
+            msg = Call(ruri="sip:" + "a" * n + "!").request("INVITE", 1.0, UAC, PROXY, [C])
+            assert not rule.matches(msg, 0, 0)
+        ok = Call(ruri="sip:" + "a" * 40).request("INVITE", 1.0, UAC, PROXY, [C])
+        assert rule.matches(ok, 0, 0)
+        print(time.perf_counter() - t0)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout) < 2.0  # RE2: microseconds per R-URI; re: hours for the 40-character one
+
+
+@pytest.mark.parametrize("pattern", [
+    r"^sip:\+40", r"^sip:bob@", r"@example\.com$", r"(?i)^SIP:ALICE", r"^sips?:[a-z0-9._-]+@",
+    r"user=phone", r"^sip:\+?[0-9]{6,15}@", r"^sip:(00|\+)40[0-9]+", r"\.invalid(:[0-9]+)?$",
+    r"^[^@]*@10\.0\.0\.[0-9]+", r"^(sip|tel):", r"transport=(tcp|tls)", r"^sip:bob@example\.com\Z",
+    r"\bbob\b", r"phone/1\.[0-9]", r"^sip:[^;]*;user=phone$", r".*", r"", r"a|", r"(?s)x.y",
+])
+def test_re2_matches_as_python_re(pattern: str) -> None:
+    """Patterns of the README and tests (and common ones) match the same texts under RE2 as under re."""
+    texts = ["sip:+40721234567@10.0.0.10:5060;user=phone", "sip:bob@example.com", "SIP:alice@EXAMPLE.COM",
+             "sip:004072@gw.invalid:5070", "tel:+40721", "sips:carol@x.example;transport=tls", "phone/1.0",
+             "sip:bob@example.com;user=phone", "", "x\ny", "sip:b\u00f6b@example.com", "sip:bobby@example.com"]
+    ours, python = UserRegex(pattern), re.compile(pattern)
+    assert [ours.search(t) for t in texts] == [python.search(t) is not None for t in texts]
+
+
+@pytest.mark.parametrize(("pattern", "why"), [
+    (r"^sip:(\w+)@\1", "backreferences"),
+    (r"(?P<u>a)(?P=u)", "backreferences"),
+    (r"^sip:(?!bob)", "lookahead/lookbehind"),
+    (r"(?<=@)example", "lookahead/lookbehind"),
+    (r"x{2000}", "repetitions up to 1000"),
+    (r"(", "missing )"),
+])
+def test_pattern_re2_refuses_is_named_with_its_line(pattern: str, why: str) -> None:
+    text = f"route:\n  - if: {{method: INVITE}}\n    setflag: [1]\n  - if: {{ruri: '{pattern}'}}\n    setflag: [2]\n"
+    p = one_problem(text)
+    assert p.startswith("r.yaml:4: route.1.if.ruri: bad regular expression ") and why in p, p
+
+
+def test_header_from_to_regexes_are_re2_too() -> None:
+    p = problems("route:\n  - if: {from: '(a)\\1'}\n    setflag: 1\n"
+                 "  - if: {to: '(?=x)'}\n    setflag: 1\n"
+                 "  - if: {header: {X-Id: '(?<!a)b'}}\n    setflag: 1\n")
+    assert [x.split(": bad")[0] for x in p] == ["r.yaml:2: route.0.if.from", "r.yaml:4: route.1.if.to",
+                                                "r.yaml:6: route.2.if.header: header X-Id"], p
+
+
+def test_rules_with_regexes_still_decide() -> None:
+    rules = parse_rules("route:\n  - if: {ruri: '^sip:\\+40', header: {User-Agent: '(?i)^PHONE/'}}\n    setflag: [1]\n")
+    rule = compile_rule(rules.route[0])
+    hit = Call(ruri="sip:+40721@gw", headers="User-Agent: phone/1.0\n").request("INVITE", 1.0, UAC, PROXY, [C])
+    miss_ua = Call(ruri="sip:+40721@gw").request("INVITE", 1.0, UAC, PROXY, [C])
+    miss_ruri = Call(ruri="sip:+41721@gw", headers="User-Agent: phone/1.0\n").request("INVITE", 1.0, UAC, PROXY, [C])
+    assert (rule.matches(hit, 0, 0), rule.matches(miss_ua, 0, 0), rule.matches(miss_ruri, 0, 0)) == (True, False, False)
+
+
+# --- YAML: bounded loading --------------------------------------------------------------------
+
+BILLION_LAUGHS = "".join(
+    [f"l0: &l0 [{', '.join(['lol'] * 9)}]\n"]
+    + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9)]
+    + ["acc: {log_extra: *l8}\n"])
+
+
+def test_billion_laughs_is_refused_before_it_is_built() -> None:
+    """9 levels of 9 aliases: 9^9 = 387 M values from ~570 bytes. Refused at the alias that passes the bound."""
+    assert len(BILLION_LAUGHS.encode()) < 600
+    p = one_problem(BILLION_LAUGHS)
+    assert re.fullmatch(r"r\.yaml:[6-9]: more than 100000 values \(an alias counts as all it stands for\)", p), p
+
+
+def test_alias_expansion_under_the_bound_still_works() -> None:
+    rules = parse_rules("route:\n  - if: &inv {method: INVITE, in_dialog: false}\n    setflag: [1]\n"
+                        "  - if: *inv\n    setflag: [2]\n")
+    assert [r.if_.method for r in rules.route] == ["INVITE", "INVITE"]
+
+
+def test_moderate_alias_bomb_is_refused_quickly() -> None:
+    """4^9 = 262k values: under the old loader this built a quarter-million-entry line map, then failed on the key."""
+    text = "".join([f"a0: &a0 [x, x, x, x]\n"] + [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]\n"
+                                                 for i in range(1, 9)])
+    assert "more than 100000 values" in one_problem(text)
+
+
+@pytest.mark.parametrize("text", [
+    "acc: " + "[" * 10000 + "]" * 10000 + "\n",  # flow style: deeper than libyaml (and Python's stack) takes
+    "route:\n" + "".join(" " * (2 * i) + "- \n" for i in range(1, 60)) + " " * 120 + "- 1\n",  # block style
+    "a: &a " + "[" * 30 + "]" * 30 + "\nb: " + "[" * 30 + "*a" + "]" * 30 + "\n",  # two halves joined by an alias
+])
+def test_deep_nesting_is_one_line(text: str) -> None:
+    p = one_problem(text)
+    assert f"nested deeper than {MAX_YAML_DEPTH} levels" in p or "exceeded maximum nesting depth" in p, p
+
+
+def test_alias_inside_its_own_anchor_is_refused() -> None:
+    """A cycle: PyYAML builds a recursive list, and anything walking it recursed until RecursionError."""
+    assert one_problem("route: &r [*r]\n") == "r.yaml:1: alias *r is inside its own anchor (a cycle)"
+    assert "a cycle" in one_problem("acc: &a {log_extra: [x, *a]}\n")
+
+
+def test_latin1_file_names_the_byte(tmp_path: Path) -> None:
+    f = tmp_path / "rules.yaml"
+    f.write_bytes("acc:\n  log_flag: 1\n  log_extra: \"caf\u00e9=$fU\"\n".encode("latin-1"))
+    with pytest.raises(RulesError) as e:
+        load_rules(f)
+    assert e.value.problems == [f"{f}:3: byte 0xE9 at offset 36 is not UTF-8: the file must be UTF-8 "
+                                "(iconv -f latin1 -t utf-8 converts a Latin-1 file)"]
+
+
+def test_utf8_with_bom_loads(tmp_path: Path) -> None:
+    f = tmp_path / "rules.yaml"
+    f.write_bytes(b"\xef\xbb\xbfacc:\n  log_flag: 1\n")
+    assert load_rules(f).acc.log_flag == 1
+
+
+def test_a_capture_given_as_rules_says_so(tmp_path: Path) -> None:
+    f = tmp_path / "x.yaml"
+    f.write_bytes((ROOT / "tests" / "pcaps" / "sample.pcap").read_bytes())
+    with pytest.raises(RulesError) as e:
+        load_rules(f)
+    assert e.value.problems == [f"{f}:1: this is a pcap capture, not a rules file (YAML)"]
+
+
+def test_file_over_1_mib_is_refused_without_reading_it_all(tmp_path: Path) -> None:
+    f = tmp_path / "rules.yaml"
+    f.write_text("acc:\n  log_flag: 1\n" + "# padding\n" * 200_000)
+    with pytest.raises(RulesError) as e:
+        load_rules(f)
+    assert len(e.value.problems) == 1 and "past 1 MiB" in e.value.problems[0]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("", "r.yaml:1: the file is empty"),
+    ("# only a comment\n", "r.yaml:1: the file is empty"),
+    ("- 1\n", "r.yaml:1: the file must be a mapping"),
+    ("just text\n", "r.yaml:1: the file must be a mapping"),
+    ("acc:\n  log_flag: " + "1" * 5000 + "\n", "r.yaml:2: not valid YAML: cannot read this value: Exceeds the limit"),
+    ("acc:\n  log_flag: 2001-13-45\n", "r.yaml:2: not valid YAML: cannot read this value: month must be in 1..12"),
+    ("acc:\n  log_extra: \x1b[31m\n", "r.yaml:2: not valid YAML: character '\\x1b' is not allowed"),
+    ("? [a]\n: 1\n", "r.yaml:1: not valid YAML: found unhashable key"),
+    ("a: 1\n---\nb: 2\n", "r.yaml:2: not valid YAML: but found another document"),
+    ("acc: *nowhere\n", "r.yaml:1: not valid YAML: found undefined alias"),
+    ("acc: \ud800\n", "r.yaml:1: not valid text"),
+])
+def test_every_other_malformed_file_is_one_line(text: str, expected: str) -> None:
+    assert one_problem(text).startswith(expected)
+
+
+# --- limits: and acc.on_overlong ---------------------------------------------------------------
+
+def test_limits_section_sets_limits() -> None:
+    assert parse_rules("acc: {log_flag: 1}\n").limits == Limits()
+    first, second = Limits.names()[0], Limits.names()[-1]
+    rules = parse_rules(f"limits:\n  {first}: 1234\n  {second}: 7\n")
+    assert getattr(rules.limits, first) == 1234 and getattr(rules.limits, second) == 7
+    assert all(getattr(rules.limits, n) == getattr(Limits(), n) for n in Limits.names()[1:-1])
+
+
+def test_every_limit_is_accepted_by_its_type() -> None:
+    """Checked against the dataclass as it is (names and types), not a copy of it."""
+    kinds = {n: type(getattr(Limits(), n)) for n in Limits.names()}
+    text = "limits:\n" + "".join(f"  {n}: {'2.5' if k is float else 'true' if k is bool else '3'}\n"
+                                 for n, k in kinds.items())
+    rules = parse_rules(text)
+    for n, k in kinds.items():
+        assert getattr(rules.limits, n) == (2.5 if k is float else True if k is bool else 3)
+
+
+def test_bad_limits_say_which_and_where() -> None:
+    ints = [n for n in Limits.names() if type(getattr(Limits(), n)) is int]
+    floats = [n for n in Limits.names() if type(getattr(Limits(), n)) is float]
+    text = "route: []\nlimits:\n  max_nonsense: 3\n"
+    text += "".join(f"  {n}: {v}\n" for n, v in zip(ints, ["-1", "0", "1.5", "yes", "lots"]))
+    text += "".join(f"  {n}: {v}\n" for n, v in zip(floats, ["-0.5", ".inf", "'10'"]))
+    p = problems(text)
+    assert p[0] == f"r.yaml:3: limits.max_nonsense: unknown limit (known: {', '.join(Limits.names())})"
+    assert len(p) == 1 + min(len(ints), 5) + min(len(floats), 3), p
+    for i, line in enumerate(p[1:], start=4):
+        assert line.startswith(f"r.yaml:{i}: limits.") and ": a positive " in line, line
+    assert one_problem("limits: 5\n").startswith("r.yaml:1: limits: a mapping")
+
+
+def test_on_overlong_is_validated() -> None:
+    assert parse_rules("acc: {log_flag: 1}\n").acc.on_overlong == "truncate"
+    assert parse_rules("acc: {on_overlong: dead-letter}\n").acc.on_overlong == "dead-letter"
+    assert one_problem("acc:\n  on_overlong: drop\n").startswith("r.yaml:2: acc.on_overlong: Input should be")
+
+
+def test_bundled_rules_yaml_loads() -> None:
+    rules = load_rules(ROOT / "rules.yaml")
+    assert rules.limits == Limits() and rules.acc.on_overlong == "truncate"
