@@ -577,6 +577,10 @@ class SpooledEmitter:
                 self.sleep(max(0.01, min(self.retry_interval, self.next_try - self.clock())))
             if self.buffer:
                 self._deliver_unspooled()
+            fitted = getattr(self.backend, "fitted", None)
+            if fitted:
+                print(f"note: {self.label} {self.backend.where}: values fitted to the schema: "
+                      f"{', '.join(f'{k} {n}' for k, n in sorted(fitted.items()))}", file=self.alarms)
             if self.dead_lettered > ALARM_LINES:
                 print(f"alarm: {self.label} {self.backend.where}: {self.dead_lettered} record(s) set aside in the "
                       f"spool's dead letters this run ({self.spool.path}; `sipsniff-acc spool status`)",

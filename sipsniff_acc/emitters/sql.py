@@ -102,7 +102,7 @@ def destination(url: str) -> str:
         u = make_url(url)
     except Exception:  # noqa: BLE001 - create_engine reports it properly
         return "sql:<unparseable URL>"
-    u = u.set(password=None)
+    u = u._replace(password=None)  # URL is a NamedTuple; set(password=None) would keep it
     if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:" \
             and not u.database.startswith("file:"):
         u = u.set(database=os.path.abspath(u.database))
@@ -368,8 +368,9 @@ def _check_sqlite_path(path: str, where: str, create: bool) -> None:
 def _insert_ignore(table: Table, dialect: str) -> Any:
     """INSERT that skips a row whose sipsniff_id is already there (exactly once) and nothing
     else: MariaDB's INSERT IGNORE would also turn strict mode's errors into silent truncation."""
-    if dialect == "sqlite":
-        return insert(table).prefix_with("OR IGNORE")
+    if dialect == "sqlite":  # not OR IGNORE: that also skips a row a CHECK or NOT NULL refuses, silently
+        from sqlalchemy.dialects.sqlite import insert as lite_insert
+        return lite_insert(table).on_conflict_do_nothing(index_elements=[ID_COLUMN])
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
         return pg_insert(table).on_conflict_do_nothing(index_elements=[ID_COLUMN])
