@@ -19,7 +19,9 @@ from sipsniff_acc.messagelog import TABLE_HEADER
 from sipsniff_acc.messagerun import message_lines
 from sipsniff_acc.events import Counters
 from sipsniff_acc.events import Datagram
-from sipsniff_acc.sources import CaptureReader, SourceError, expand_paths, open_captures
+from sipsniff_acc.sources import (
+    CapturePathError, CaptureReader, SourceError, check_capture, expand_paths, open_captures,
+)
 from sipsniff_acc.sources.live import LiveCapture
 from sipsniff_acc.sources.pcapfile import FrameSource
 from sipsniff_acc.sources.tlskeys import TlsEngineError, decrypted_sip
@@ -30,7 +32,9 @@ from sipsniff_acc.emitters.radius import RadiusConfigError, RadiusEmitter
 from sipsniff_acc.emitters.spool import DEFAULT_SPOOL, Backend, DurableSpool, SpooledEmitter, SpoolFull
 from sipsniff_acc.emitters.sql import SqlEmitter, SqlError, missing_columns, safe_url
 from sipsniff_acc.emitters.syslog import LogEmitter, SyslogTargetError
+from sipsniff_acc.outfiles import OutputPathError, check_output, open_private, write_private
 from sipsniff_acc.processrun import RunResult, run
+from sipsniff_acc.sysloglines import escape
 from sipsniff_acc.rules import RulesError, RulesFile, load_rules
 
 DEFAULT_DB_URL = "sqlite:///acc.db"
@@ -39,7 +43,47 @@ app = typer.Typer(
     help="Passive SIP accounting sniffer: Kamailio acc records from the wire or from pcaps.",
     no_args_is_help=True,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_show_locals=False,  # a traceback of ours must never print a DB password held in a local
 )
+
+#: Short flags follow tshark/tcpdump where they mean the same thing: -r FILE reads a capture,
+#: -i an interface, -c a count, -T the output format, -j workers; -f stays free for a BPF
+#: capture filter (issue 11). rules.yaml gets -m, the one letter tshark, sngrep and tcpdump's
+#: usage line leave free (tcpdump's -m loads SMI MIB modules, only in libsmi builds).
+RULES_FLAGS = ("--rules", "-m")
+
+
+def _version_option(value: bool) -> None:
+    if value:
+        print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _top(
+    version: Annotated[bool, typer.Option("--version", help="print the version and exit", is_eager=True,
+                                          callback=_version_option)] = False,
+) -> None:
+    """Passive SIP accounting sniffer: Kamailio acc records from the wire or from pcaps."""
+
+
+def usage_error(message: str, status: int = 2) -> typer.Exit:
+    """Print one line `error: ...` naming what to fix; the caller raises what this returns."""
+    print(f"error: {escape(message)}", file=sys.stderr)
+    return typer.Exit(status)
+
+
+def _check_outputs(**paths: str | Path | None) -> None:
+    """Every output path of the run, checked before any work (option name -> path; None,
+    '-' and 'none' are not files)."""
+    for option, path in paths.items():
+        if path is None or str(path) in ("-", "none"):
+            continue
+        try:
+            check_output(path, "--" + option.replace("_", "-"))
+        except OutputPathError as e:
+            raise usage_error(str(e)) from None
 
 EXIT_INPUT_ERROR = 1  #: a capture was damaged or unreadable; everything before the damage was processed
 PROGRESS_MIN_BYTES = 16 << 20  #: below this a file is read in well under a second: no bar
@@ -60,32 +104,67 @@ def _auto_workers(workers: int) -> int:
 
 
 def _open_readers(files: list[str]) -> list[CaptureReader]:
+    """Readers for the captures named, each checked before the work starts (exists, readable,
+    not empty, not a rules file). A directory stands for the captures inside; an empty one
+    found there is reported as an input error at the end, like a damaged one."""
+    for f in files:
+        try:
+            check_capture(f)
+        except CapturePathError as e:
+            raise usage_error(str(e), e.status) from None
     paths = expand_paths(files)
     if not paths:
-        raise typer.BadParameter("no capture files found", param_hint="FILE")
-    readers = []
-    for p in paths:
-        if p != "-" and not os.path.isfile(p):
-            raise typer.BadParameter(f"{p}: no such file", param_hint="FILE")
-        readers.append(CaptureReader(p))
-    return readers
+        raise usage_error("no capture files found: give files, directories holding .pcap/.pcapng, - for stdin, "
+                          "or -i INTERFACE")
+    return [CaptureReader(p) for p in paths]
 
 
 def _open_sources(
-    files: list[str] | None, interface: str | None, count: int | None, duration: float | None,
+    files: list[str] | None, interface: str | None, count: int | None, duration: float | None, quiet: bool = False,
 ) -> list[FrameSource]:
+    """Capture files (positional and -r, merged in time order) or one live interface."""
     if interface is None:
         if count is not None or duration is not None:
-            raise typer.BadParameter("--count and --duration go with --interface")
+            raise usage_error("--count and --duration go with --interface")
         return list(_open_readers(files or []))
     if files:
-        raise typer.BadParameter("give capture files or --interface, not both", param_hint="FILE")
+        raise usage_error("give capture files or --interface, not both")
     if count is None and duration is None:
-        raise typer.BadParameter("a live capture needs --count or --duration (every capture is bounded)")
-    return [LiveCapture(interface, count, duration)]
+        raise usage_error("a live capture needs --count or --duration (every capture is bounded)")
+    if count is not None and count < 1 or duration is not None and not duration > 0:
+        raise usage_error("--count and --duration must be positive")
+    return [LiveCapture(interface, count, duration, None if quiet else _listening)]
+
+
+def _listening(interface: str) -> None:
+    """tcpdump's start line: the capture socket is bound, packets from now on are seen."""
+    print(f"listening on {interface}", file=sys.stderr, flush=True)
+
+
+def _no_capture_filter(value: str | None) -> None:
+    """-f is tshark's/tcpdump's BPF capture filter: kept free for it, not reused for something else."""
+    if value is not None:
+        raise usage_error("-f: not yet: capture filters come with the SPAN-port service; "
+                          "the output format is -T/--format")
+
+
+class TerminalSafe:
+    """A text stream whose writes have control characters escaped (``sysloglines.escape``),
+    but for print's own line end: a summary that quotes captured values (methods, reasons,
+    file names) cannot move the cursor, clear the screen or forge a line."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    def write(self, text: str) -> int:
+        return self.out.write(text if text == "\n" else escape(text))
+
+    def flush(self) -> None:
+        self.out.flush()
 
 
 def _summary(counters: Counters, errors: list[SourceError], out: TextIO) -> None:
+    out = TerminalSafe(out)  # type: ignore[assignment]
     c = counters
     print(
         f"summary: {c.frames} packets, {c.bytes} bytes, {c.sip_messages} SIP messages, "
@@ -113,11 +192,13 @@ def _summary(counters: Counters, errors: list[SourceError], out: TextIO) -> None
 @app.command()
 def messages(
     files: Annotated[list[str] | None, typer.Argument(help="pcap/pcapng files (.gz too), directories, or - for stdin")] = None,
-    fmt: Annotated[MessageFormat, typer.Option("--format", "-f", help="jsonl: one JSON object a line; table: columns")] = MessageFormat.jsonl,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="write here instead of stdout")] = None,
+    read: Annotated[list[str] | None, typer.Option("--read-file", "-r", help="a capture to read, as in tshark/tcpdump (repeatable; beside FILE...)")] = None,
+    fmt: Annotated[MessageFormat, typer.Option("--format", "-T", help="jsonl: one JSON object a line; table: columns")] = MessageFormat.jsonl,
+    capture_filter: Annotated[str | None, typer.Option("-f", hidden=True, help="reserved for a BPF capture filter")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write here instead of stdout (created 0600)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no summary on stderr")] = False,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bar (default: on a terminal, for big inputs)")] = None,
-    stats: Annotated[Path | None, typer.Option("--stats", help="write the run's counters as JSON to this file")] = None,
+    stats: Annotated[Path | None, typer.Option("--stats", help="write the run's counters as JSON to this file (created 0600)")] = None,
     workers: Annotated[int, typer.Option("--workers", "-j", help="parser processes; 0 parses in the reading process; -1: one per CPU (at most 4)")] = -1,
     tls_keylog: Annotated[Path | None, typer.Option("--tls-keylog", help="SSLKEYLOGFILE-format key log: SIP over TLS is decrypted by tshark")] = None,
     interface: Annotated[str | None, typer.Option("--interface", "-i", help="capture live from this interface (Linux, root) instead of files")] = None,
@@ -126,17 +207,19 @@ def messages(
 ) -> None:
     """Every SIP message found in the captures, one per line (like `tshark -Y sip`).
 
-    Example: sipsniff-acc messages capture.pcapng --format table
+    Example: sipsniff-acc messages -r capture.pcapng -T table
     """
-    readers = _open_sources(files, interface, count, duration)
+    _no_capture_filter(capture_filter)
+    _check_outputs(output=output, stats=stats)
+    readers = _open_sources([*(read or ()), *(files or ())], interface, count, duration, quiet)
     errors: list[SourceError] = []
     counters = Counters()
     workers = _auto_workers(workers)
-    out: BinaryIO = open(output, "wb") if output else sys.stdout.buffer  # noqa: SIM115
+    decrypted = _decrypt_tls(readers, tls_keylog) if tls_keylog is not None else []
+    out: BinaryIO = open_private(output, "wb") if output else sys.stdout.buffer
     write = out.write
     if fmt is MessageFormat.table:
         write(TABLE_HEADER)
-    decrypted = _decrypt_tls(readers, tls_keylog) if tls_keylog is not None else []
     frames = open_captures(readers, errors)
     total = sum(r.size for r in readers)
     show = progress if progress is not None else (sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES)
@@ -158,30 +241,33 @@ def messages(
     counters.tls_unreadable = max(0, counters.streams["tls"] - readable)
     if stats:
         doc = counters.as_dict() | {"errors": [str(e) for e in errors]}
-        stats.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        write_private(stats, json.dumps(doc, indent=1) + "\n")
     if not quiet:
         _summary(counters, errors, sys.stderr)
     if errors:
         if quiet:
             for err in errors:
-                print(f"error: {err}", file=sys.stderr)
+                print(f"error: {escape(str(err))}", file=sys.stderr)
         raise typer.Exit(EXIT_INPUT_ERROR)
+
+
+def _check_tls(readers: list[FrameSource], keylog: Path) -> None:
+    """--tls-keylog's mistakes, found before the work starts."""
+    if not keylog.is_file():
+        raise usage_error(f"--tls-keylog {keylog}: no such file")
+    if any(not isinstance(r, CaptureReader) or r.path == "-" for r in readers):
+        raise usage_error("--tls-keylog needs capture files (not stdin or an interface): they are read twice")
 
 
 def _decrypt_tls(readers: list[FrameSource], keylog: Path) -> list[Datagram]:
     """SIP inside TLS, decrypted by tshark, in time order (stdin cannot be read twice)."""
-    if not keylog.is_file():
-        raise typer.BadParameter(f"{keylog}: no such file", param_hint="--tls-keylog")
-    if any(not isinstance(r, CaptureReader) or r.path == "-" for r in readers):
-        raise typer.BadParameter("needs capture files (not stdin or an interface): they are read twice",
-                                 param_hint="--tls-keylog")
+    _check_tls(readers, keylog)
     decrypted: list[Datagram] = []
     try:
         for r in readers:
             decrypted.extend(decrypted_sip(r.path, str(keylog)))
     except TlsEngineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(EXIT_INPUT_ERROR) from None
+        raise usage_error(str(exc), EXIT_INPUT_ERROR) from None
     decrypted.sort(key=lambda d: d.ts)
     return decrypted
 
@@ -227,16 +313,17 @@ EXIT_USAGE = 2
 @app.command()
 def process(
     files: Annotated[list[str] | None, typer.Argument(help="pcap/pcapng files (.gz too), directories, or - for stdin")] = None,
-    rules_file: Annotated[Path | None, typer.Option("--rules", "-r", help="rules.yaml (default: built-in OpenSER-style rules)")] = None,
+    read: Annotated[list[str] | None, typer.Option("--read-file", "-r", help="a capture to read, as in tshark/tcpdump (repeatable; beside FILE...)")] = None,
+    rules_file: Annotated[Path | None, typer.Option(*RULES_FLAGS, help="rules.yaml (default: built-in OpenSER-style rules)")] = None,
     db_url: Annotated[str | None, typer.Option("--db-url", help="SQLAlchemy URL (default: rules' db_url, else sqlite:///acc.db)")] = None,
     no_db: Annotated[bool, typer.Option("--no-db", help="write no SQL rows")] = False,
-    log: Annotated[str | None, typer.Option("--log", help="ACC log lines: - for stdout (default), a file, or 'none'")] = "-",
+    log: Annotated[str | None, typer.Option("--log", help="ACC log lines: - for stdout (default), a file (appended; created 0600), or 'none'")] = "-",
     syslog_target: Annotated[str | None, typer.Option("--syslog", help="also send ACC lines to syslog: local, unix:///path, udp://host:port, tcp://host:port")] = None,
-    jsonl_file: Annotated[Path | None, typer.Option("--jsonl", help="write every record as JSON lines here (- for stdout)")] = None,
+    jsonl_file: Annotated[Path | None, typer.Option("--jsonl", help="write every record as JSON lines here (- for stdout; created 0600)")] = None,
     open_as_408: Annotated[bool, typer.Option("--open-as-408", help="account transactions still open at the end as the 408 the proxy's timer would send")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no summary on stderr")] = False,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bar (default: on a terminal, for big inputs)")] = None,
-    stats: Annotated[Path | None, typer.Option("--stats", help="write the run's counters as JSON to this file")] = None,
+    stats: Annotated[Path | None, typer.Option("--stats", help="write the run's counters as JSON to this file (created 0600)")] = None,
     interface: Annotated[str | None, typer.Option("--interface", "-i", help="capture live from this interface (Linux, root)")] = None,
     count: Annotated[int | None, typer.Option("--count", "-c", help="live: stop after this many packets")] = None,
     duration: Annotated[float | None, typer.Option("--duration", help="live: stop after this many seconds")] = None,
@@ -249,22 +336,28 @@ def process(
 ) -> None:
     """The main job: the acc records a Kamailio proxy would write for the traffic in the captures.
 
-    Example: sipsniff-acc process capture.pcap --rules rules.yaml --db-url sqlite:///acc.db
+    Example: sipsniff-acc process -r capture.pcap -m rules.yaml --db-url sqlite:///acc.db
     """
     rules = _rules_or_exit(rules_file)
-    sources = _open_sources(files, interface, count, duration)
+    files = [*(read or ()), *(files or ())]
+    sources = _open_sources(files, interface, count, duration, quiet)
+    _check_outputs(log=log, jsonl=jsonl_file, stats=stats)
+    if tls_keylog is not None:
+        _check_tls(sources, tls_keylog)
+    if stats is not None:
+        open_private(stats, "a").close()  # created 0600 now; the run's end rewrites it in place
     emitters: list[Emitter] = []
     opened: list[IO[Any]] = []
     try:
         if log and log != "none":
-            stream: IO[str] = sys.stdout if log == "-" else open(log, "a", encoding="utf-8")  # noqa: SIM115
+            stream: IO[str] = sys.stdout if log == "-" else open_private(log, "a")
             if log != "-":
                 opened.append(stream)
             emitters.append(LogEmitter(rules, stream, syslog_target))
         elif syslog_target:
             emitters.append(LogEmitter(rules, None, syslog_target))
         if jsonl_file is not None:
-            jout: IO[bytes] = sys.stdout.buffer if str(jsonl_file) == "-" else open(jsonl_file, "wb")  # noqa: SIM115
+            jout: IO[bytes] = sys.stdout.buffer if str(jsonl_file) == "-" else open_private(jsonl_file, "wb")
             if str(jsonl_file) != "-":
                 opened.append(jout)
             emitters.append(JsonlEmitter(jout))
@@ -381,6 +474,7 @@ def _backends(rules: RulesFile, no_db: bool, db_url: str | None, password_file: 
 
 def _acc_summary(result: RunResult, rules: RulesFile, spooled: list[SpooledEmitter], out: TextIO,
                  logs: list[LogEmitter]) -> None:
+    out = TerminalSafe(out)  # type: ignore[assignment]
     t = result.tracker
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(result.records.items())) or "none"
     print(f"acc: {sum(result.records.values())} records ({kinds}); by backend: "
@@ -497,16 +591,85 @@ def check_rules(rules_file: Annotated[Path, typer.Argument(help="the rules.yaml 
           f"proxy: {', '.join(rules.proxy.addresses) or 'inferred from Via hops'}")
 
 
+CONNECT_TIMEOUT = 10  #: seconds init-db waits for a database server before calling it unreachable
+
+
+def _reach_database(url: str, password_file: Path | None) -> str:
+    """The URL (with its password) once the database answered, else one line and exit:
+    2 for a URL that cannot work (syntax, unknown dialect, driver not installed, SQLite file
+    in a missing directory), 3 for a server that cannot be reached or refuses the login."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    shown = safe_url(url)
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise usage_error(f"{url!r} is not a database URL: use dialect+driver://user@host[:port]/name, "
+                          "e.g. sqlite:///acc.db or postgresql+psycopg://acc@db/acc") from None
+    try:
+        dialect = parsed.get_dialect()
+        dialect.import_dbapi() if hasattr(dialect, "import_dbapi") else dialect.dbapi()  # type: ignore[operator]
+    except ImportError as e:
+        raise usage_error(f"{shown}: the database driver is not installed ({e.name or e}); "
+                          "pip install 'sipsniff-acc[postgresql]' or '[mysql]'") from None
+    except (ArgumentError, ValueError) as e:
+        raise usage_error(f"{shown}: unknown database dialect or driver {parsed.drivername!r} ({e})") from None
+    if parsed.get_backend_name() == "sqlite":
+        db = parsed.database or ""
+        if db and db != ":memory:" and not db.startswith("file:"):
+            try:
+                check_output(db, "init-db")
+            except OutputPathError as e:
+                raise usage_error(str(e)) from None
+    url = with_password(url, password_file)
+    args = {} if parsed.get_backend_name() == "sqlite" else {"connect_timeout": CONNECT_TIMEOUT}
+    try:
+        engine = create_engine(url, connect_args=args)
+    except (SQLAlchemyError, ImportError, ValueError, TypeError) as e:
+        raise usage_error(f"{shown}: {_first_line(e, url)}") from None
+    try:
+        with engine.connect() as con:
+            con.execute(text("SELECT 1"))
+    except SQLAlchemyError as e:
+        raise usage_error(f"{shown}: cannot connect: {_first_line(e, url)}", EXIT_BACKEND_ERROR) from None
+    finally:
+        engine.dispose()
+    return url
+
+
+def _first_line(exc: BaseException, url: str) -> str:
+    """The driver's own reason, one line, never the password."""
+    orig = getattr(exc, "orig", None) or exc
+    line = next((ln.strip() for ln in str(orig).splitlines() if ln.strip()), type(orig).__name__)
+    from sqlalchemy.engine import make_url
+    try:
+        password = make_url(url).password
+    except Exception:  # noqa: BLE001 - only to mask a message
+        password = None
+    return line.replace(str(password), "***") if password else line
+
+
 @app.command("init-db")
 def init_db(
     url: Annotated[str, typer.Argument(help="SQLAlchemy URL, e.g. sqlite:///acc.db")],
-    rules_file: Annotated[Path | None, typer.Option("--rules", "-r", help="rules.yaml: table/column names, db_extra, multi_leg_info")] = None,
+    rules_file: Annotated[Path | None, typer.Option(*RULES_FLAGS, help="rules.yaml: table/column names, db_extra, multi_leg_info")] = None,
     check: Annotated[bool, typer.Option("--check", help="only report what is missing; create nothing")] = False,
+    db_password_file: Annotated[Path | None, typer.Option("--db-password-file", help="read the database password from this file (or set SIPSNIFF_DB_PASSWORD)")] = None,
 ) -> None:
-    """Create the Kamailio-compatible acc and missed_calls tables (or check an existing schema)."""
+    """Create the Kamailio-compatible acc and missed_calls tables (or check an existing schema).
+
+    Exit status: 0 ready (or --check: nothing missing); 2 a bad URL, unknown driver or rules
+    error; 3 the database cannot be reached or refused us, or --check found something missing.
+    """
     rules = _rules_or_exit(rules_file)
+    url = _reach_database(url, db_password_file)
     if check:
-        missing = missing_columns(url, rules)
+        try:
+            missing = missing_columns(url, rules)
+        except Exception as e:  # noqa: BLE001 - any driver error after the connection test: one line
+            raise usage_error(f"{safe_url(url)}: {_first_line(e, url)}", EXIT_BACKEND_ERROR) from None
         for m in missing:
             print(f"missing: {m}", file=sys.stderr)
         if missing:
@@ -516,8 +679,7 @@ def init_db(
     try:
         emitter = SqlEmitter(url, rules)
     except SqlError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(EXIT_BACKEND_ERROR) from None
+        raise usage_error(str(e), EXIT_BACKEND_ERROR) from None
     names = ", ".join(emitter.tables)
     emitter.close()
     print(f"{safe_url(url)}: tables ready: {names}")
@@ -535,4 +697,17 @@ _spool_command.register(app)
 
 
 def main() -> None:
-    app()
+    """The console entry point: a usage mistake (unknown option, missing argument, bad value)
+    is one line `error: ...` with exit status 2, not a usage box."""
+    if len(sys.argv) == 1:
+        sys.argv.append("--help")
+    try:
+        status = app(standalone_mode=False)
+    except Exception as e:  # typer's UsageError (its click fork) is not exported: recognised by shape
+        if getattr(e, "exit_code", None) != EXIT_USAGE or not hasattr(e, "format_message"):
+            raise
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see {ctx.command_path} -h)" if ctx is not None else ""
+        print(f"error: {escape(e.format_message())}{hint}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    sys.exit(status if isinstance(status, int) else 0)

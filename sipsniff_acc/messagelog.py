@@ -4,6 +4,10 @@ The transport facts come in as arguments rather than from a ``SipMessage``'s att
 so the worker processes format straight from what the capture stage shipped them. JSON
 goes through orjson: 1.1 µs a line against 1.8 µs for hand-built f-strings and ~4 µs for
 ``json.dumps`` of the same dict, on a path that runs once per message.
+
+Nothing from a packet reaches a terminal raw: the table escapes control characters as the
+ACC lines do (``sysloglines.escape``), and JSON lines, whose C0 controls orjson already
+escapes, get DEL, C1 and U+2028/9 as ``\\u`` escapes too (``json_safe``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Final
 import orjson
 
 from sipsniff_acc.sip import SipMessage
+from sipsniff_acc.sysloglines import escape, json_safe
 
 FIELDS: Final = (
     "ts", "frame", "src", "sport", "dst", "dport", "transport", "method", "status", "reason",
@@ -25,12 +30,12 @@ _NEWLINE: Final = orjson.OPT_APPEND_NEWLINE
 def jsonl(ts: float, no: int, src: str, sport: int, dst: str, dport: int, transport: str, encap: str,
           m: SipMessage) -> bytes:
     req = m.is_request
-    return _dumps({
+    return json_safe(_dumps({
         "ts": ts, "frame": no, "src": src, "sport": sport, "dst": dst, "dport": dport, "transport": transport,
         "method": m.method if req else None, "status": None if req else m.code, "reason": None if req else m.reason,
         "call_id": m.call_id, "cseq": m.cseq_num, "cseq_method": m.cseq_method, "from_tag": m.from_tag,
         "to_tag": m.to_tag, "branch": m.branch, "encap": encap,
-    }, option=_NEWLINE)
+    }, option=_NEWLINE))
 
 
 TABLE_HEADER: Final = (
@@ -45,10 +50,10 @@ def table(ts: float, no: int, src: str, sport: int, dst: str, dport: int, transp
     cseq = f"{m.cseq_num} {m.cseq_method}" if m.cseq_num is not None else "-"
     s = f"{src}:{sport}" if ":" not in src else f"[{src}]:{sport}"
     d = f"{dst}:{dport}" if ":" not in dst else f"[{dst}]:{dport}"
-    return (
+    return escape(
         f"{ts:<17.6f} {s:<21} {d:<21} {transport:<5} {what[:24]:<24} {cseq[:16]:<16} "
-        f"{(m.call_id or '-'):<36} {(m.from_tag or '-'):<12} {(m.to_tag or '-'):<12} {m.branch or '-'}\n"
-    ).encode()
+        f"{(m.call_id or '-'):<36} {(m.from_tag or '-'):<12} {(m.to_tag or '-'):<12} {m.branch or '-'}"
+    ).encode() + b"\n"
 
 
 def to_jsonl(m: SipMessage) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Final
 
@@ -19,9 +20,48 @@ LEVELS: Final[dict[int, tuple[int, str]]] = {
 }
 
 
+#: What a reader could take for a line break or a terminal command: C0 controls (CR, LF, TAB,
+#: ESC...), DEL, C1 controls (NEL, CSI...) and the Unicode line/paragraph separators that
+#: ``str.splitlines`` honours. Nothing else is touched: ``;``, ``=`` and a backslash stay raw, as
+#: Kamailio writes them, so a clean value is byte-identical to Kamailio's line.
+UNSAFE: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED: Final = {"\r": "\\r", "\n": "\\n", "\t": "\\t"}
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    c = m.group()
+    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def escape(text: str) -> str:
+    """``text`` with every control character written as ``\\r``, ``\\n``, ``\\t``, ``\\xHH``
+    (other C0, DEL, C1) or ``\\u2028``/``\\u2029``, so one value can never end a line or
+    drive a terminal. A clean text (the usual case) costs one regex search and is returned as is."""
+    return UNSAFE.sub(_escape_char, text) if UNSAFE.search(text) is not None else text
+
+
+#: The same characters as JSON output leaves them (orjson escapes C0 but not DEL, C1 or
+#: U+2028/9, which are valid JSON): inside a JSON text they can only be within a string.
+_JSON_UNSAFE: Final = re.compile(b"\x7f|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
+
+
+def _json_char(m: re.Match[bytes]) -> bytes:
+    return b"\\u%04x" % ord(m.group().decode())
+
+
+def json_safe(line: bytes) -> bytes:
+    """A UTF-8 JSON text with DEL, C1 controls and U+2028/9 written as ``\\u00XX`` escapes: the
+    same JSON value, but nothing a terminal or ``splitlines()`` would act on."""
+    return _JSON_UNSAFE.sub(_json_char, line) if _JSON_UNSAFE.search(line) is not None else line
+
+
 def payload(r: AccRecord, time_mode: int = 0, time_attr: str = "time_attr", time_exten: str = "time_exten",
             time_format: str = "%Y-%m-%d %H:%M:%S") -> str:
-    """'ACC: <kind>: timestamp=..;method=..;...' with log_extra and legs, no newline (acc.c acc_log_request)."""
+    """'ACC: <kind>: timestamp=..;method=..;...' with log_extra and legs, no newline (acc.c acc_log_request).
+
+    Control characters in any value are escaped (``escape``): a CR or LF from a packet must not
+    let a peer forge a second ACC line in the log, the syslog datagram or a terminal.
+    """
     sec = int(r.ts)
     parts = [f"ACC: {r.text}: timestamp={sec}"]
     if time_mode == 1:
@@ -38,7 +78,7 @@ def payload(r: AccRecord, time_mode: int = 0, time_attr: str = "time_attr", time
     for leg in r.legs:
         for name, value in leg:
             parts.append(f";{name}={value or ''}")
-    return "".join(parts)
+    return escape("".join(parts))
 
 
 def level_of(level: int) -> tuple[int, str]:

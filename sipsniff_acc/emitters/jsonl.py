@@ -1,12 +1,30 @@
-"""One JSON object per record (every field, all backends' extras): for pipelines and audits."""
+"""One JSON object per record (every field, all backends' extras): for pipelines and audits.
+
+JSON escapes C0 controls itself; DEL, C1 controls and U+2028/9 are escaped too
+(``sysloglines.json_safe``), so a record's line is one line for every reader and never
+drives a terminal.
+"""
 
 from __future__ import annotations
 
+import json
 from typing import IO
 
 import orjson
 
 from sipsniff_acc.records import AccRecord
+from sipsniff_acc.sysloglines import json_safe
+
+
+def record_line(r: AccRecord) -> bytes:
+    """The record as one JSON line. orjson refuses integers beyond 64 bits (a CSeq a packet
+    claims): the standard library writes those instead of losing the record."""
+    doc = r.as_dict()
+    try:
+        text = orjson.dumps(doc)
+    except orjson.JSONEncodeError:
+        text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8", "replace")
+    return json_safe(text) + b"\n"
 
 
 class JsonlEmitter:
@@ -16,7 +34,7 @@ class JsonlEmitter:
     def emit(self, records: list[AccRecord]) -> None:
         write = self.out.write
         for r in records:
-            write(orjson.dumps(r.as_dict()) + b"\n")
+            write(record_line(r))
 
     def close(self) -> None:
         self.out.flush()

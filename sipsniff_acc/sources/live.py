@@ -14,7 +14,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Final
 
 from sipsniff_acc.events import Frame
@@ -40,9 +40,13 @@ class LiveCaptureError(SourceError):
 class LiveCapture:
     """Frames from ``interface`` until ``count`` frames or ``duration`` seconds."""
 
-    def __init__(self, interface: str, count: int | None = None, duration: float | None = None) -> None:
+    def __init__(self, interface: str, count: int | None = None, duration: float | None = None,
+                 on_open: Callable[[str], None] | None = None) -> None:
+        """``on_open`` is told (with the interface name) once the socket is bound: from then on
+        every packet is seen, and the ``--duration`` clock starts (tcpdump's "listening on")."""
         if count is None and duration is None:
             raise ValueError("a live capture needs a packet count or a duration")
+        self.on_open = on_open
         self.interface = interface
         self.count = count
         self.duration = duration
@@ -73,6 +77,8 @@ class LiveCapture:
 
     def __iter__(self) -> Iterator[Frame]:
         sock = self._open()
+        if self.on_open is not None:
+            self.on_open(self.interface)
         deadline = None if self.duration is None else time.monotonic() + self.duration
         try:
             while self.count is None or self.frames < self.count:

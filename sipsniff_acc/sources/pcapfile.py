@@ -15,6 +15,7 @@ import gzip
 import heapq
 import io
 import os
+import re
 import struct
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO, Final, Protocol
 
 from sipsniff_acc.events import Frame
+from sipsniff_acc.sysloglines import escape
 
 CHUNK: Final = 4 << 20  #: read size; perf-notes measured 4 MiB chunks as the fast plateau
 MAX_RECORD: Final = 1 << 20  #: a record claiming more than this is corruption, not a frame
@@ -45,7 +47,9 @@ class SourceError(Exception):
         self.path = path
         self.offset = offset
         self.reason = reason
-        super().__init__(f"{path}: {reason} (at byte offset {offset})")
+        # the path is escaped: a file named by whoever filled a directory may hold ESC or CR,
+        # and this message is printed on the operator's terminal
+        super().__init__(f"{escape(path)}: {reason} (at byte offset {offset})")
 
 
 def _read_some(stream: BinaryIO, n: int) -> bytes:
@@ -93,8 +97,10 @@ class CaptureReader:
         try:
             head = stream.read(4)
             if len(head) < 4:
-                if not head:
-                    return  # an empty file (e.g. an idle stdin) holds no frames, and that is not an error
+                if not head and self.path == "-":
+                    return  # an idle stdin holds no frames, and that is not an error
+                if not head:  # a 0-byte file is no capture: tcpdump/tshark refuse it too
+                    raise SourceError(self.path, 0, "empty file (0 bytes), not a capture")
                 raise SourceError(self.path, 0, "file too short to be a capture")
             if head in PCAP_MAGICS:
                 yield from self._pcap(stream, head)
@@ -279,6 +285,49 @@ def _idb_options(buf: bytes, at: int, stop: int, order: str) -> tuple[float, flo
             offset = float(struct.unpack(order + "q", value[:8])[0])
         at += 4 + length + (-length % 4)
     return tick, offset
+
+
+class CapturePathError(ValueError):
+    """A capture named on the command line that cannot be read at all, found before the work
+    starts. ``status`` is the exit status: 2 for a usage mistake, 1 for an empty capture."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+RULES_SUFFIXES: Final = (".yaml", ".yml")
+_RULES_KEYS: Final = re.compile(rb"^(acc|route|failure_route|profile|proxy|tm|limits)\s*:", re.MULTILINE)
+
+
+def looks_like_rules(path: str, head: bytes) -> bool:
+    """A YAML file where a capture was expected: ``-r rules.yaml`` by someone used to ``-r``
+    meaning rules here before (tshark's ``-r`` reads a capture)."""
+    if head[:4] in PCAP_MAGICS or head[:4] == PCAPNG_SHB or head[:2] == GZIP_MAGIC:
+        return False
+    return path.lower().endswith(RULES_SUFFIXES) or _RULES_KEYS.search(head) is not None
+
+
+def check_capture(path: str) -> None:
+    """Before any work: a capture named by the user exists, can be read, holds bytes and is
+    not a rules file. Pipes and devices (``<(tcpdump -w -)``) are not read ahead."""
+    if path == "-":
+        return
+    if not os.path.exists(path):
+        raise CapturePathError(f"{path}: no such file", 2)
+    if os.path.isdir(path):
+        return  # expand_paths stands it for the captures inside
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        raise CapturePathError(f"{path}: cannot read: {e.strerror or e}", 2) from None
+    if not head:
+        raise CapturePathError(f"{path}: empty file (0 bytes), not a capture", 1)
+    if looks_like_rules(path, head):
+        raise CapturePathError(f"{path} looks like rules.yaml, not a capture: use --rules (-m)", 2)
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[str]:

@@ -71,9 +71,14 @@ def test_not_a_capture(tmp_path: Path) -> None:
         list(CaptureReader(tmp_path / "x.pcap"))
 
 
-def test_empty_file_has_no_frames(tmp_path: Path) -> None:
+def test_empty_file_is_not_a_capture(tmp_path: Path) -> None:
+    """A 0-byte file is an input error (tcpdump and tshark refuse it too); an idle stdin is not."""
     (tmp_path / "e.pcap").write_bytes(b"")
-    assert read(tmp_path / "e.pcap") == []
+    with pytest.raises(SourceError, match="empty file"):
+        read(tmp_path / "e.pcap")
+    res = subprocess.run([sys.executable, "-m", "sipsniff_acc", "messages", "-q", "-"], input=b"",
+                         capture_output=True, timeout=60)
+    assert res.returncode == 0 and res.stdout == b""
 
 
 def test_merge_in_time_order_and_errors_collected(tmp_path: Path) -> None:

@@ -1,0 +1,56 @@
+"""Output files (logs, --jsonl, -o, --stats): checked before the work starts, created 0600.
+
+Accounting records name callers, callees and their addresses: a file we create is readable
+by its owner only (``os.open`` with mode 0o600; the umask can only take bits away). A file
+that already exists keeps the mode it has: the operator chose it. Every mistake in a path is
+found before a single packet is read, and reported as one line naming what to fix.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import IO, Final
+
+PRIVATE_MODE: Final = 0o600
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written; the message names the path and what to fix."""
+
+
+def check_output(path: str | Path, option: str) -> None:
+    """Raise ``OutputPathError`` unless ``path`` can be created or written as a file."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputPathError(f"{option} {p}: is a directory; give a file name")
+    parent = p.parent
+    if not parent.exists():
+        raise OutputPathError(f"{option} {p}: directory {parent} does not exist (create it first)")
+    if not parent.is_dir():
+        raise OutputPathError(f"{option} {p}: {parent} is not a directory")
+    if p.exists():
+        if not os.access(p, os.W_OK):
+            raise OutputPathError(f"{option} {p}: not writable (permission denied)")
+    elif not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{option} {p}: cannot create a file in {parent} (permission denied)")
+
+
+def open_private(path: str | Path, mode: str = "wb", encoding: str | None = None) -> IO:  # type: ignore[type-arg]
+    """``open(path, mode)`` for writing ("w"/"wb" truncate, "a"/"ab" append), but a file that
+    does not exist yet is created with mode 0600 instead of 0666 & ~umask."""
+    if mode not in ("w", "wb", "a", "ab"):
+        raise ValueError(f"open_private: mode {mode!r} is not a write mode")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if mode[0] == "a" else os.O_TRUNC)
+    fd = os.open(path, flags, PRIVATE_MODE)
+    try:
+        return os.fdopen(fd, mode, encoding=None if "b" in mode else (encoding or "utf-8"))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def write_private(path: str | Path, text: str) -> None:
+    """Replace the file's content with ``text`` (UTF-8); created 0600 when new."""
+    with open_private(path, "w") as f:
+        f.write(text)
