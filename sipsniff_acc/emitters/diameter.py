@@ -22,6 +22,25 @@ Not Kamailio's acc_diameter wire format: that speaks the dead DISC protocol (no 
 The codec is ours (~80 lines): python-diameter (the library the team's notes recommend)
 cannot bind a source address, runs timer threads that make stop() take seconds, and our
 use is one peer with request/answer in order.
+
+One record never blocks the rest (issue 10). An answer's Result-Code (or the
+Experimental-Result-Code of an Experimental-Result) decides, per RFC 6733 §7.1:
+
+* 2xxx: delivered;
+* 5xxx permanent failures (5004 DIAMETER_INVALID_AVP_VALUE, 5012 UNABLE_TO_COMPLY, ...)
+  and the protocol errors about this request's own bits, 3008 INVALID_HDR_BITS and 3009
+  INVALID_AVP_BITS: ``RecordRejected`` with the code, Failed-AVP and Error-Message as the
+  reason; the spool sets the record aside in its dead letters and goes on;
+* 4xxx transient failures, 3002 UNABLE_TO_DELIVER, 3004 TOO_BUSY, 3005 LOOP_DETECTED, any
+  other or unknown 3xxx (a peer or routing problem: 3001, 3003, 3007, 3010 ... are about the
+  configuration, not this record), 1xxx and an answer without a code: ``BackendDown``, kept
+  in the spool and retried (every record would fail the same way; dead-lettering them all
+  would hide a misconfigured peer behind a pile of dead letters).
+
+Values are fitted as for RADIUS (aaa_fit.py): NUL and invalid text become U+FFFD, counted per
+AVP. A UTF8String has no 253 limit; its bound is the 24-bit AVP length, and an ACR over the
+24-bit message length (16 MiB; records come from SIP messages of at most 64 KiB, so only a
+pathological multi-leg record could) is refused with ``RecordRejected``.
 """
 
 from __future__ import annotations
@@ -33,9 +52,12 @@ import socket
 import struct
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from sipsniff_acc.emitters.spool import BackendDown, deliver_each
+from sipsniff_acc.emitters.aaa_fit import fit_text
+from sipsniff_acc.emitters.spool import BackendDown, RecordRejected
 from sipsniff_acc.records import MISSED, AccRecord
 from sipsniff_acc.rules import RulesFile
 
@@ -51,10 +73,36 @@ FLAG_R, FLAG_P, FLAG_E, FLAG_T = 0x80, 0x40, 0x20, 0x10
 AVP_V, AVP_M = 0x80, 0x40
 NTP_OFFSET = 2208988800
 TW = 30.0  #: RFC 3539 watchdog interval
+EXPERIMENTAL_RESULT, EXPERIMENTAL_RESULT_CODE, FAILED_AVP, ERROR_MESSAGE = 297, 298, 279, 281
+MAX_LENGTH = 0xFFFFFF  #: the 24-bit message and AVP length fields
+MAX_VALUE = MAX_LENGTH - 20 - 12  #: the longest value one AVP in one message can hold
+
+#: RFC 6733 §7.1 names, for the reasons people read in alarms and dead letters
+RESULT_NAMES = {
+    3001: "COMMAND_UNSUPPORTED", 3002: "UNABLE_TO_DELIVER", 3003: "REALM_NOT_SERVED", 3004: "TOO_BUSY",
+    3005: "LOOP_DETECTED", 3006: "REDIRECT_INDICATION", 3007: "APPLICATION_UNSUPPORTED", 3008: "INVALID_HDR_BITS",
+    3009: "INVALID_AVP_BITS", 3010: "UNKNOWN_PEER", 4001: "AUTHENTICATION_REJECTED", 4002: "OUT_OF_SPACE",
+    4003: "ELECTION_LOST", 5001: "AVP_UNSUPPORTED", 5002: "UNKNOWN_SESSION_ID", 5003: "AUTHORIZATION_REJECTED",
+    5004: "INVALID_AVP_VALUE", 5005: "MISSING_AVP", 5006: "RESOURCES_EXCEEDED", 5007: "CONTRADICTING_AVPS",
+    5008: "AVP_NOT_ALLOWED", 5009: "AVP_OCCURS_TOO_MANY_TIMES", 5010: "NO_COMMON_APPLICATION",
+    5011: "UNSUPPORTED_VERSION", 5012: "UNABLE_TO_COMPLY", 5013: "INVALID_BIT_IN_HEADER",
+    5014: "INVALID_AVP_LENGTH", 5015: "INVALID_MESSAGE_LENGTH", 5016: "INVALID_AVP_BIT_COMBO",
+    5017: "NO_COMMON_SECURITY",
+}
+PERMANENT_PROTOCOL_ERRORS = frozenset({3008, 3009})  #: about this request's own bits
+OK, TRANSIENT, PERMANENT = "ok", "transient", "permanent"
 
 
 class DiameterConfigError(ValueError):
     pass
+
+
+class _Refused(Exception):
+    """One record cannot be delivered as it is (the reason is safe to print)."""
+
+
+class _Transient(Exception):
+    """The peer answered this record with a transient failure: retry later, same connection."""
 
 
 # --- codec -------------------------------------------------------------------------------
@@ -110,18 +158,76 @@ def parse(data: bytes) -> Message:
         raise ValueError("not a Diameter message")
     flags, command = data[4], int.from_bytes(data[5:8], "big")
     app, hbh, e2e = struct.unpack(">III", data[8:20])
-    avps, pos = [], 20
+    return Message(command, flags, app, hbh, e2e, parse_avps(data, 20))
+
+
+def parse_avps(data: bytes, pos: int = 0) -> list[tuple[int, int, bytes]]:
+    """(code, vendor, data) of the AVPs from ``pos`` (a message body, or a Grouped AVP's data)."""
+    avps = []
     while pos + 8 <= len(data):
         code, aflags = struct.unpack(">IB", data[pos : pos + 5])
         length = int.from_bytes(data[pos + 5 : pos + 8], "big")
         head, vendor = 8, 0
         if aflags & AVP_V:
+            if pos + 12 > len(data):
+                raise ValueError("bad AVP length")
             vendor, head = struct.unpack(">I", data[pos + 8 : pos + 12])[0], 12
         if length < head:
             raise ValueError("bad AVP length")
         avps.append((code, vendor, data[pos + head : pos + length]))
         pos += length + (-length % 4)
-    return Message(command, flags, app, hbh, e2e, avps)
+    return avps
+
+
+def result_code(msg: Message) -> int | None:
+    """Result-Code, else an Experimental-Result's Experimental-Result-Code (RFC 6733 §7.6)."""
+    code = msg.u32(RESULT_CODE)
+    if code is not None:
+        return code
+    grouped = msg.first(EXPERIMENTAL_RESULT)
+    if grouped is not None:
+        try:
+            inner = parse_avps(grouped)
+        except (ValueError, struct.error):
+            return None
+        data = next((d for c, v, d in inner if c == EXPERIMENTAL_RESULT_CODE and v == 0 and len(d) >= 4), None)
+        if data is not None:
+            return int(struct.unpack(">I", data[:4])[0])
+    return None
+
+
+def classify(code: int | None) -> str:
+    """RFC 6733 §7.1: OK, TRANSIENT (retry later: the spool keeps the record) or PERMANENT
+    (this record will never be taken: dead-letter it). See the module docstring for why each."""
+    if code is None:
+        return TRANSIENT
+    if 2000 <= code < 3000:
+        return OK
+    if 5000 <= code < 6000 or code in PERMANENT_PROTOCOL_ERRORS:
+        return PERMANENT
+    return TRANSIENT
+
+
+def describe(msg: Message, code: int | None) -> str:
+    """'Result-Code 5004 (INVALID_AVP_VALUE), Failed-AVP 44, Error-Message "..."' for people."""
+    if code is None:
+        return "answer without Result-Code"
+    out = f"Result-Code {code}" + (f" ({RESULT_NAMES[code]})" if code in RESULT_NAMES else "")
+    if msg.flags & FLAG_E:
+        out += ", E bit"
+    failed = msg.first(FAILED_AVP)
+    if failed:
+        try:
+            inner = parse_avps(failed)
+        except (ValueError, struct.error):
+            inner = []
+        if inner:
+            out += ", Failed-AVP " + ", ".join(f"{c}" + (f"/vendor {v}" if v else "") for c, v, _d in inner[:4])
+    text = msg.first(ERROR_MESSAGE)
+    if text:
+        shown = text[:200].decode("utf-8", "replace")
+        out += ", Error-Message " + repr("".join(ch if ch.isprintable() else "?" for ch in shown))
+    return out
 
 
 # --- the record → ACR mapping ----------------------------------------------------------
@@ -148,10 +254,48 @@ def record_number(r: AccRecord, kind: int) -> int:
     return 0 if kind == START else 1 + int(r.record_id[:8] or "0", 16) % 0xFFFFFFFE
 
 
+# --- delivery helpers shared by both modes ------------------------------------------------
+
+_AVP_NAMES = {(SESSION_ID, 0): "Session-Id", (ORIGIN_HOST, 0): "Origin-Host", (ORIGIN_REALM, 0): "Origin-Realm",
+              (DEST_REALM, 0): "Destination-Realm", (ACCT_SESSION_ID, 0): "Acct-Session-Id",
+              (SIP_METHOD, 0): "SIP-Method", (V_FROM_TAG, VENDOR): "From-Tag", (V_TO_TAG, VENDOR): "To-Tag",
+              (V_REASON, VENDOR): "Reason", (V_RECORD_ID, VENDOR): "Record-Id"}
+
+
+def _avp_name(code: int, vendor: int) -> str:
+    return _AVP_NAMES.get((code, vendor)) or (f"AVP {code}/vendor {vendor}" if vendor else f"AVP {code}")
+
+
+def _each(records: list[AccRecord], wants: Callable[[AccRecord], bool], send: Callable[[AccRecord], None],
+          rejected: Callable[[AccRecord, str], str]) -> None:
+    """spool.deliver_each, plus the translation of a refusal of record i into
+    ``RecordRejected(index=i)`` (records before it were delivered)."""
+    for i, r in enumerate(records):
+        if not wants(r):
+            continue
+        try:
+            send(r)
+        except _Refused as e:
+            raise RecordRejected(rejected(r, str(e)), index=i) from None
+        except BackendDown as e:
+            raise BackendDown(str(e), delivered=i) from None
+
+
+def _note(fitted: Counter[str], label: str, emitter: DiameterEmitter | DiscEmitter) -> None:
+    """Say once, at close, what was changed to fit (every bound hit is counted)."""
+    if fitted and not emitter._noted:
+        emitter._noted = True
+        what = "; ".join(f"{k} {n}" for k, n in sorted(fitted.items()))
+        print(f"note: {label}: values fitted to Diameter: {what}", file=sys.stderr)
+
+
 # --- the peer ----------------------------------------------------------------------------
 
 class DiameterEmitter:
-    name = "diameter"
+    """The "diameter" backend (RFC 6733). ``name``, the spool's queue key, is the destination
+    ``diameter:<host>:<port>``: records queued for one peer are never sent to another."""
+
+    kind = "diameter"
 
     def __init__(self, rules: RulesFile) -> None:
         a = rules.acc
@@ -162,8 +306,13 @@ class DiameterEmitter:
         self.bind = a.diameter_bind
         self.timeout = a.diameter_timeout
         self.where = f"{self.peer[0]}:{self.peer[1]}"
+        self.name = f"diameter:{self.where}"
         self.sock: socket.socket | None = None
         self.buf = b""
+        self.fitted: Counter[str] = Counter()  #: "AVP: what" -> values changed to fit
+        self.rejected = 0  #: records the peer refused for good (RecordRejected)
+        self.refusals: Counter[str] = Counter()  #: Result-Code -> records refused with it
+        self._noted = False
         self.hbh = int.from_bytes(os.urandom(4), "big")
         self.state_id = int(time.time())
         self.last_io = 0.0
@@ -175,28 +324,39 @@ class DiameterEmitter:
     def wants(self, r: AccRecord) -> bool:
         return "diameter" in r.backends
 
+    def text(self, code: int, value: str, mandatory: bool = True, vendor: int = 0) -> bytes:
+        """A UTF8String AVP with the value fitted (NUL, invalid text, the 24-bit length; counted)."""
+        data, cut = fit_text(value, MAX_VALUE, self.fitted, _avp_name(code, vendor))
+        if cut:
+            self.fitted[f"{_avp_name(code, vendor)}: truncated to {MAX_VALUE} bytes"] += 1
+        return avp(code, data, mandatory, vendor)
+
     def acr(self, r: AccRecord, retransmission: bool = False) -> bytes:
         kind = record_type(r)
+        t = self.text
         avps = [
-            utf8(SESSION_ID, session_id(self.origin_host, r.call_id)),
-            utf8(ORIGIN_HOST, self.origin_host), utf8(ORIGIN_REALM, self.origin_realm),
-            utf8(DEST_REALM, self.dest_realm),
+            t(SESSION_ID, session_id(self.origin_host, r.call_id)),
+            t(ORIGIN_HOST, self.origin_host), t(ORIGIN_REALM, self.origin_realm),
+            t(DEST_REALM, self.dest_realm),
             u32(RECORD_TYPE, kind), u32(RECORD_NUMBER, record_number(r, kind)), u32(ACCT_APP_ID, 3),
             u32(EVENT_TIMESTAMP, int(r.ts) + NTP_OFFSET),
         ]
         if r.call_id:
-            avps.append(utf8(ACCT_SESSION_ID, r.call_id))
-        avps.append(utf8(SIP_METHOD, r.method, mandatory=False))
+            avps.append(t(ACCT_SESSION_ID, r.call_id))
+        avps.append(t(SIP_METHOD, r.method, mandatory=False))
         for code, value in ((V_FROM_TAG, r.from_tag), (V_TO_TAG, r.to_tag), (V_REASON, r.reason),
                             (V_RECORD_ID, r.record_id)):
             if value:
-                avps.append(utf8(code, value, mandatory=False, vendor=VENDOR))
-        if r.code.isdigit():
+                avps.append(t(code, value, mandatory=False, vendor=VENDOR))
+        if r.code.isascii() and r.code.isdigit() and len(r.code) < 10:
             avps.append(u32(V_STATUS, int(r.code), mandatory=False, vendor=VENDOR))
         for name, value in r.extras.get("diameter", []):
             if value:  # diameter_extra names are AVP codes (validated by rules.yaml)
-                avps.append(utf8(int(name), value, mandatory=False, vendor=VENDOR))
+                avps.append(t(int(name), value, mandatory=False, vendor=VENDOR))
         e2e = int(r.record_id[8:16] or "0", 16)
+        body = sum(len(a) for a in avps)
+        if 20 + body > MAX_LENGTH:
+            raise _Refused(f"the ACR would be {20 + body} bytes, over Diameter's 24-bit message length")
         return message(ACR, FLAG_R | FLAG_P | (FLAG_T if retransmission else 0), 3, self._next_hbh(), e2e, avps)
 
     def _next_hbh(self) -> int:
@@ -291,25 +451,45 @@ class DiameterEmitter:
                 self.close_socket()
 
     def deliver(self, records: list[AccRecord]) -> None:
-        deliver_each(records, self.wants, self._deliver_one)
+        """Record by record: a transient failure → ``BackendDown`` (records before it were
+        delivered); a permanent refusal or a record that cannot be encoded → ``RecordRejected``
+        with its index and the peer's reason."""
+        _each(records, self.wants, self._deliver_one, self._rejected)
+
+    def _rejected(self, r: AccRecord, reason: str) -> str:
+        self.rejected += 1
+        return f"Diameter peer {self.where}: record {r.record_id}: {reason}"
+
+    def _build(self, r: AccRecord, retransmission: bool) -> bytes:
+        try:
+            return self.acr(r, retransmission)
+        except _Refused:
+            raise
+        except (ValueError, TypeError, KeyError, OverflowError, struct.error) as e:
+            raise _Refused(f"cannot be encoded: {e}") from None
 
     def _deliver_one(self, r: AccRecord) -> None:
+        self._build(r, False)  # a record that cannot be encoded is refused before any I/O
         self._watchdog()
         for attempt in range(2):  # once more on a fresh connection, flagged as a retransmission
             if self.sock is None:
                 self._connect()
             try:
-                aca = self._exchange(self.acr(r, retransmission=attempt > 0), ACR)
+                aca = self._exchange(self._build(r, attempt > 0), ACR)
             except BackendDown:
                 if attempt:
                     raise
                 self.retransmissions += 1
                 continue
-            result = aca.u32(RESULT_CODE)
-            if result != 2001:
-                raise BackendDown(f"Diameter peer {self.where}: ACA Result-Code {result} for record {r.record_id}")
-            self.sent += 1
-            return
+            code = result_code(aca)
+            verdict = classify(code)
+            if verdict == OK:
+                self.sent += 1
+                return
+            if verdict == PERMANENT:
+                self.refusals[str(code)] += 1
+                raise _Refused(f"refused for good: {describe(aca, code)}")
+            raise BackendDown(f"Diameter peer {self.where}: {describe(aca, code)} (transient) for record {r.record_id}")
 
     def close_socket(self) -> None:
         if self.sock is not None:
@@ -319,6 +499,7 @@ class DiameterEmitter:
                 self.sock = None
 
     def close(self) -> None:
+        _note(self.fitted, "diameter", self)
         if self.sock is not None:
             dpr = message(DPR, FLAG_R, 0, self._next_hbh(), self._next_hbh(), [
                 utf8(ORIGIN_HOST, self.origin_host), utf8(ORIGIN_REALM, self.origin_realm), u32(DISCONNECT_CAUSE, 0)])
@@ -350,9 +531,10 @@ def disc_status(r: AccRecord) -> str | None:
     return None
 
 
-def disc_message(r: AccRecord, msg_id: int) -> bytes | None:
+def disc_message(r: AccRecord, msg_id: int, text: Callable[..., bytes] = utf8) -> bytes | None:
     """The request acc_diameter writes (acc-spec §6.1): AVPs prepended, so in reverse build
-    order; None when Kamailio would send nothing (no status for failures, an empty value)."""
+    order; None when Kamailio would send nothing (no status for failures, an empty value).
+    ``text`` builds the UTF8String AVPs (the emitter's fits the values)."""
     status = disc_status(r)
     values = [r.method, r.from_tag, r.to_tag, r.call_id, r.code]
     extras = [(int(n), v) for n, v in r.extras.get("diameter", [])]
@@ -362,12 +544,14 @@ def disc_message(r: AccRecord, msg_id: int) -> bytes | None:
     built = [
         avp(DISC_RECORD_TYPE, status.encode()), avp(DISC_MSGID, struct.pack("<I", msg_id), mandatory=False),
         avp(DISC_SERVICE_TYPE, DISC_SIP_ACCOUNTING.encode()),
-        utf8(DISC_METHOD, r.method, mandatory=False), utf8(DISC_FROM_TAG, r.from_tag or "", mandatory=False),
-        utf8(DISC_TO_TAG, r.to_tag or "", mandatory=False), utf8(DISC_CALLID, r.call_id or "", mandatory=False),
-        utf8(DISC_STATUS, r.code, mandatory=False),
-        *(utf8(n, v or "", mandatory=False) for n, v in extras + legs),
-        utf8(DEST_REALM, r.realm),
+        text(DISC_METHOD, r.method, mandatory=False), text(DISC_FROM_TAG, r.from_tag or "", mandatory=False),
+        text(DISC_TO_TAG, r.to_tag or "", mandatory=False), text(DISC_CALLID, r.call_id or "", mandatory=False),
+        text(DISC_STATUS, r.code, mandatory=False),
+        *(text(n, v or "", mandatory=False) for n, v in extras + legs),
+        text(DEST_REALM, r.realm),
     ]
+    if 20 + sum(len(a) for a in built) > MAX_LENGTH:
+        raise _Refused("the request would be over Diameter's 24-bit message length")
     return message(ACR, FLAG_R, DISC_APP, 0, 0, built[::-1])
 
 
@@ -377,28 +561,49 @@ class DiscEmitter:
     404 and Result-Code 2001. Records Kamailio would not send (failed calls, empty values) are
     counted in ``unsendable`` and said in an alarm, not sent."""
 
-    name = "diameter"
+    kind = "diameter"
 
     def __init__(self, rules: RulesFile) -> None:
         a = rules.acc
         self.peer = (a.diameter_client_host, a.diameter_client_port)
         self.bind, self.timeout = a.diameter_bind, a.diameter_timeout
         self.where = f"{self.peer[0]}:{self.peer[1]} (DISC)"
+        self.name = f"diameter:{self.peer[0]}:{self.peer[1]}"  #: the spool key: the destination
         self.sock: socket.socket | None = None
         self.buf = b""
         self.msg_id = 0
         self.sent = 0
         self.unsendable = 0
+        self.rejected = 0
+        self.refusals: Counter[str] = Counter()
+        self.fitted: Counter[str] = Counter()
+        self._noted = False
+
+    def text(self, code: int, value: str, mandatory: bool = True, vendor: int = 0) -> bytes:
+        data, cut = fit_text(value, MAX_VALUE, self.fitted, _avp_name(code, vendor))
+        if cut:
+            self.fitted[f"{_avp_name(code, vendor)}: truncated to {MAX_VALUE} bytes"] += 1
+        return avp(code, data, mandatory, vendor)
 
     def wants(self, r: AccRecord) -> bool:
         return "diameter" in r.backends
 
     def deliver(self, records: list[AccRecord]) -> None:
-        deliver_each(records, self.wants, self._deliver_one)
+        """As DiameterEmitter.deliver: BackendDown (transient) or RecordRejected (this record)."""
+        _each(records, self.wants, self._deliver_one, self._rejected)
+
+    def _rejected(self, r: AccRecord, reason: str) -> str:
+        self.rejected += 1
+        return f"DISC peer {self.peer[0]}:{self.peer[1]}: record {r.record_id}: {reason}"
 
     def _deliver_one(self, r: AccRecord) -> None:
         self.msg_id = (self.msg_id + 1) & 0xFFFFFFFF
-        data = disc_message(r, self.msg_id)
+        try:
+            data = disc_message(r, self.msg_id, self.text)
+        except _Refused:
+            raise
+        except (ValueError, TypeError, KeyError, OverflowError, struct.error) as e:
+            raise _Refused(f"cannot be encoded: {e}") from None
         if data is None:
             if not self.unsendable:
                 print(f"alarm: diameter (DISC): record {r.record_id} ({r.method} {r.code}) cannot be sent in "
@@ -422,6 +627,8 @@ class DiscEmitter:
                 self.sock.sendall(data)
                 self._await(msg_id)
                 return
+            except _Transient as e:  # the peer answered: the connection is fine, the record waits
+                raise BackendDown(f"DISC peer {self.peer[0]}:{self.peer[1]}: {e}") from None
             except (OSError, ValueError, ConnectionError) as e:
                 if self.sock is not None:
                     self.sock.close()
@@ -442,12 +649,20 @@ class DiscEmitter:
             answer, self.buf = parse(self.buf[:length]), self.buf[length:]
             if answer.first(DISC_MSGID) != struct.pack("<I", msg_id):
                 continue  # a stale answer
-            if answer.first(DISC_SERVICE_TYPE) is None or answer.u32(RESULT_CODE) != 2001:
-                raise ValueError(f"answer Result-Code {answer.u32(RESULT_CODE)}")
+            code = result_code(answer)
+            verdict = classify(code)
+            if verdict == PERMANENT:
+                self.refusals[str(code)] += 1
+                raise _Refused(f"refused for good: {describe(answer, code)}")
+            if verdict == TRANSIENT:
+                raise _Transient(f"{describe(answer, code)} (transient)")
+            if answer.first(DISC_SERVICE_TYPE) is None:
+                raise ValueError("answer without Service-Type (404)")
             return
         raise ValueError("no answer with our message id")
 
     def close(self) -> None:
+        _note(self.fitted, "diameter", self)
         if self.sock is not None:
             self.sock.close()
             self.sock = None

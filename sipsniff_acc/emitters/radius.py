@@ -25,8 +25,8 @@ Values are fitted before they are sent, so one record can never block the ones a
   dead-letter`` does what Kamailio does to the request, but visibly: the record is refused
   (``RecordRejected``) and set aside in the spool's dead-letter table with the reason.
 * NUL and text that is not valid Unicode (lone surrogates) become U+FFFD, counted per
-  attribute: RFC 8044 §3.4 text is UTF-8, and a NUL cuts the value short in every C
-  consumer (radcli and Kamailio would send it raw: they copy ``len`` bytes).
+  attribute (aaa_fit.py): RFC 8044 §3.4 text is UTF-8, and a NUL cuts the value short in
+  every C consumer (radcli and Kamailio would send it raw: they copy ``len`` bytes).
 * Integer attributes of radius_extra take only a decimal number below 2^32; any other value
   is omitted and counted (``skipped_values``), as before.
 * A packet over 4096 octets (RFC 2865 §3: the server silently drops it, so it would time out
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import select
 import socket
 import struct
@@ -53,6 +52,7 @@ import yaml
 from pyrad.dictionary import Dictionary, ParseError
 from pyrad.packet import AccountingRequest, AcctPacket, Packet, PacketError
 
+from sipsniff_acc.emitters.aaa_fit import fit_text
 from sipsniff_acc.emitters.spool import BackendDown, RecordRejected
 from sipsniff_acc.records import AccRecord
 from sipsniff_acc.rules import RulesFile
@@ -71,7 +71,6 @@ MAX_STRING = 253  #: RFC 2865 §5; radcli's AUTH_STRING_LEN
 MAX_PACKET = 4096  #: RFC 2865 §3
 MAX_U32 = 0xFFFFFFFF
 OVERLONG_POLICIES = ("truncate", "dead-letter")
-_SURROGATE = re.compile("[\ud800-\udfff]")  #: what no UTF-8 can carry (text decoded with surrogateescape)
 
 
 class RadiusConfigError(ValueError):
@@ -247,23 +246,6 @@ def status_type(r: AccRecord, openser: bool) -> int:
     if r.in_dialog:
         return ALIVE
     return FAILED
-
-
-def fit_text(value: str, limit: int | None, counts: Counter[str], name: str) -> tuple[bytes, bool]:
-    """A string value as the octets to send: NUL and unencodable text (lone surrogates) as
-    U+FFFD, cut to ``limit`` octets on a UTF-8 character boundary. Returns (octets, cut);
-    what was changed is counted under ``name``. The clean, short case costs one encode."""
-    try:
-        data = value.encode()
-    except UnicodeEncodeError:
-        data = _SURROGATE.sub("\ufffd", value).encode()
-        counts[f"{name}: invalid text replaced"] += 1
-    if b"\0" in data:
-        data = data.replace(b"\0", "\ufffd".encode())
-        counts[f"{name}: NUL replaced"] += 1
-    if limit is not None and len(data) > limit:
-        return data[:limit].decode("utf-8", "ignore").encode(), True
-    return data, False
 
 
 class RadiusEmitter:

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from sipsniff_acc.emitters import diameter as d
-from sipsniff_acc.emitters.spool import BackendDown
+from sipsniff_acc.emitters.spool import BackendDown, RecordRejected
 from sipsniff_acc.processrun import records_of
 from sipsniff_acc.rules import parse_rules
 from tests.flows import Call, answered_call, rejected_call
@@ -59,9 +59,16 @@ def _peer(script: list[str]) -> tuple[socket.socket, threading.Thread, list[d.Me
         seen.append(m)
         return m
 
-    def answer(conn: socket.socket, m: d.Message, code: int) -> None:
-        conn.sendall(d.message(m.command, 0, m.app, m.hbh, m.e2e, [d.u32(d.RESULT_CODE, code),
-                                                                  d.utf8(d.ORIGIN_HOST, "peer")]))
+    def answer(conn: socket.socket, m: d.Message, code: int, how: str = "") -> None:
+        """how: '' a Result-Code; 'ebit' with the E flag (a protocol error); 'exp' an Experimental-Result."""
+        if how == "exp":
+            avps = [d.avp(d.EXPERIMENTAL_RESULT, d.u32(d.VENDOR_ID, 10415) + d.u32(d.EXPERIMENTAL_RESULT_CODE, code))]
+        else:
+            avps = [d.u32(d.RESULT_CODE, code)]
+        avps.append(d.utf8(d.ORIGIN_HOST, "peer"))
+        if code // 1000 == 5 and how != "exp":
+            avps += [d.avp(d.FAILED_AVP, d.utf8(d.ACCT_SESSION_ID, "x")), d.utf8(d.ERROR_MESSAGE, "bad\nvalue")]
+        conn.sendall(d.message(m.command, d.FLAG_E if how == "ebit" else 0, m.app, m.hbh, m.e2e, avps))
 
     def run() -> None:
         conn, _ = srv.accept()
@@ -73,7 +80,11 @@ def _peer(script: list[str]) -> tuple[socket.socket, threading.Thread, list[d.Me
                 conn.sendall(d.message(d.DWR, d.FLAG_R, 0, 77, 78, [d.utf8(d.ORIGIN_HOST, "peer")]))
                 dwa = read(conn)
                 assert dwa.command == d.DWR and not dwa.flags & d.FLAG_R and dwa.u32(d.RESULT_CODE) == 2001
-            answer(conn, m, 3002 if step == "refuse" else 2001)
+            if ":" in step:  # "code:5004", "ebit:3009", "exp:5012"
+                how, _, code = step.partition(":")
+                answer(conn, m, int(code), how)
+            else:
+                answer(conn, m, 3002 if step == "refuse" else 2001)
         try:
             m = read(conn)  # DPR
             answer(conn, m, 2001)
@@ -110,3 +121,65 @@ def test_an_error_answer_keeps_the_record() -> None:
     em.close()
     th.join(5)
     srv.close()
+
+
+def test_result_codes_transient_or_permanent() -> None:
+    """RFC 6733 §7.1: 5xxx and 3008/3009 are about this request (dead-letter it); 4xxx, the
+    other 3xxx (busy, undeliverable, peer configuration) and a missing code are retried."""
+    assert [d.classify(c) for c in (2001, 2002)] == [d.OK, d.OK]
+    assert [d.classify(c) for c in (5004, 5012, 5005, 5999, 3008, 3009)] == [d.PERMANENT] * 6
+    assert [d.classify(c) for c in (3002, 3004, 3005, 3001, 3010, 3999, 4001, 4002, 1001, None)] == [d.TRANSIENT] * 10
+
+
+def _deliver_against(script: list[str], recs: list[object]) -> tuple[d.DiameterEmitter, pytest.ExceptionInfo[Exception]]:
+    srv, th, _seen = _peer(script)
+    em = d.DiameterEmitter(RULES)
+    em.peer = ("127.0.0.1", srv.getsockname()[1])
+    with pytest.raises((RecordRejected, BackendDown)) as e:
+        em.deliver(recs)  # type: ignore[arg-type]
+    em.close()
+    th.join(5)
+    srv.close()
+    return em, e
+
+
+@pytest.mark.parametrize(("step", "says"), [
+    ("code:5004", "Result-Code 5004 (INVALID_AVP_VALUE), Failed-AVP 44, Error-Message 'bad?value'"),
+    ("code:5012", "Result-Code 5012 (UNABLE_TO_COMPLY)"),
+    ("ebit:3009", "Result-Code 3009 (INVALID_AVP_BITS), E bit"),
+    ("ebit:3008", "Result-Code 3008 (INVALID_HDR_BITS), E bit"),
+    ("exp:5030", "Result-Code 5030"),
+])
+def test_a_permanent_refusal_rejects_that_record_only(step: str, says: str) -> None:
+    """Before: any answer but 2001 was BackendDown, so a 5004 was retried for ever."""
+    recs = records_of(answered_call(), RULES)
+    em, e = _deliver_against(["ok", step], recs)
+    assert isinstance(e.value, RecordRejected) and e.value.index == 1
+    assert says in e.value.reason and recs[1].record_id in e.value.reason
+    assert em.sent == 1 and em.rejected == 1
+
+
+@pytest.mark.parametrize("step", ["ebit:3004", "ebit:3002", "code:4002", "exp:4001"])
+def test_a_transient_failure_keeps_the_record(step: str) -> None:
+    recs = records_of(answered_call(), RULES)
+    _em, e = _deliver_against(["ok", step], recs)
+    assert isinstance(e.value, BackendDown) and e.value.delivered == 1 and "transient" in str(e.value)
+
+
+def test_values_are_fitted_nul_and_invalid_text() -> None:
+    em = d.DiameterEmitter(RULES)
+    r = records_of(answered_call(), RULES)[0]
+    r.call_id, r.reason = "a\0b", "x\udcffy"
+    m = d.parse(em.acr(r))
+    assert m.first(d.ACCT_SESSION_ID) == "a\ufffdb".encode()
+    assert next(v for c, vendor, v in m.avps if (c, vendor) == (d.V_REASON, d.VENDOR)) == "x\ufffdy".encode()
+    assert em.fitted == {"Acct-Session-Id: NUL replaced": 1, "Reason: invalid text replaced": 1}
+
+
+def test_an_unencodable_record_is_rejected_before_any_io() -> None:
+    em = d.DiameterEmitter(RULES)  # the peer (port 1) is never contacted: no BackendDown
+    r = records_of(answered_call(), RULES)[0]
+    r.extras = {"diameter": [("not-a-code", "v")]}  # a spooled record from other rules
+    with pytest.raises(RecordRejected) as e:
+        em.deliver([r])
+    assert e.value.index == 0 and "cannot be encoded" in e.value.reason
