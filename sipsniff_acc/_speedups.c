@@ -11,8 +11,11 @@
  * that both paths agree on arbitrary bytes.
  *
  * scan(data, start, end) -> None if a line in data[start:end] starts with a space or tab
- * (folding: the caller unfolds and uses the Python path), else a 6-tuple of bytes or None:
- * the first value of each header, leading blanks skipped, up to the end of its line.
+ * (folding: the caller unfolds and uses the Python path), else an 8-tuple: the first value
+ * (bytes or None) of each of the six headers, leading blanks skipped, up to the end of its
+ * line; then the number of header lines, and the number of Via entries (1 + the commas of
+ * every Via line). The two counts let the parser bound what a message may make it build
+ * (issue 10) without a second pass over the bytes.
  * Semantics are those of the regex in sip.py:
  *     \n(call-id|i|cseq|from|f|to|t|via|v|content-length|l)[ \t]*:[ \t]*([^\r\n]*)
  */
@@ -57,7 +60,7 @@ static int slot_of(const char *s, Py_ssize_t n) {
 
 static PyObject *scan(PyObject *self, PyObject *args) {
     Py_buffer buf;
-    Py_ssize_t start, end, i, vs[6], ve[6];
+    Py_ssize_t start, end, i, vs[6], ve[6], nlines = 0, nvias = 0;
     int k;
     (void)self;
     if (!PyArg_ParseTuple(args, "y*nn", &buf, &start, &end)) return NULL;
@@ -77,19 +80,26 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         }
         i = ls;
         j = ls;
+        nlines++;
         while (j < end && d[j] != ':' && d[j] != ' ' && d[j] != '\t' && d[j] != '\r' && d[j] != '\n') j++;
         k = slot_of(d + ls, j - ls);
-        if (k < 0 || vs[k] >= 0) continue;
+        if (k < 0 || (vs[k] >= 0 && k != 4)) continue;
         while (j < end && (d[j] == ' ' || d[j] == '\t')) j++;
         if (j >= end || d[j] != ':') continue;
         j++;
         while (j < end && (d[j] == ' ' || d[j] == '\t')) j++;
         Py_ssize_t e = j;
-        while (e < end && d[e] != '\r' && d[e] != '\n') e++;
+        if (k == 4) {  /* every Via line counts: 1 + its commas */
+            nvias++;
+            while (e < end && d[e] != '\r' && d[e] != '\n') { nvias += d[e] == ','; e++; }
+            if (vs[k] >= 0) continue;
+        } else {
+            while (e < end && d[e] != '\r' && d[e] != '\n') e++;
+        }
         vs[k] = j;
         ve[k] = e;
     }
-    PyObject *out = PyTuple_New(6);
+    PyObject *out = PyTuple_New(8);
     if (out == NULL) { PyBuffer_Release(&buf); return NULL; }
     for (k = 0; k < 6; k++) {
         PyObject *v;
@@ -100,6 +110,16 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         }
         PyTuple_SET_ITEM(out, k, v);
     }
+    PyObject *counts[2] = {PyLong_FromSsize_t(nlines), PyLong_FromSsize_t(nvias)};
+    if (counts[0] == NULL || counts[1] == NULL) {
+        Py_XDECREF(counts[0]);
+        Py_XDECREF(counts[1]);
+        Py_DECREF(out);
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(out, 6, counts[0]);
+    PyTuple_SET_ITEM(out, 7, counts[1]);
     PyBuffer_Release(&buf);
     return out;
 }

@@ -42,6 +42,8 @@ VXLAN_PORT: Final = 4789
 TZSP_PORT: Final = 37008  #: MikroTik's "TaZmen Sniffer Protocol" packet streaming
 _TUNNEL_PORTS: Final = frozenset((VXLAN_PORT, TZSP_PORT))
 MAX_NESTING: Final = 8  #: tunnels inside tunnels deeper than this are a loop or garbage
+MAX_TAGS: Final = 8  #: stacked VLAN tags: QinQ uses 2, nobody more than a few (each one copied the encap tuple)
+MAX_IP6_EXT: Final = 16  #: IPv6 extension headers walked; a real packet has 0-3
 
 LINKTYPE_NULL: Final = 0
 LINKTYPE_ETHERNET: Final = 1
@@ -133,12 +135,16 @@ def _ethernet(data: bytes, off: int, frame: Frame, encap: tuple[str, ...]) -> De
 
 
 def _ethertype(et: int, data: bytes, off: int, frame: Frame, encap: tuple[str, ...]) -> Decoded:
+    tags = 0
     while True:
         if et == ETH_IP4 or et == ETH_IP6:
             return _ip(data, off, frame, encap)
         if et in ETH_VLAN:
             if len(data) < off + 4:
                 raise DecodeError("link_truncated", "802.1Q tag")
+            tags += 1
+            if tags > MAX_TAGS:  # a 64 KB frame of tags was 16k tuple copies
+                raise DecodeError("link_too_many_tags", f"more than {MAX_TAGS} VLAN tags")
             encap += (f"vlan:{_U16(data, off)[0] & 0x0FFF}",)
             et = _U16(data, off + 2)[0]
             off += 4
@@ -210,7 +216,7 @@ def _ip(data: bytes, off: int, frame: Frame, encap: tuple[str, ...]) -> Decoded:
             raise DecodeError("ip_truncated", f"IPv6 payload length {plen} exceeds the {len(data) - off - 40} bytes captured")
         encap += ("ip6",)
         off += 40
-        for _ in range(16):  # bounded walk over extension headers
+        for _ in range(MAX_IP6_EXT):  # bounded walk over extension headers
             if nh in (0, 43, 60, 135, 139, 140):  # hop-by-hop, routing, dest opts, mobility, HIP, shim6
                 if off + 8 > end:
                     raise DecodeError("ip_truncated", "IPv6 extension header")
@@ -231,6 +237,8 @@ def _ip(data: bytes, off: int, frame: Frame, encap: tuple[str, ...]) -> Decoded:
                 )
             else:
                 break
+        else:  # still an extension header after MAX_IP6_EXT of them: counted, not skipped silently
+            raise DecodeError("ip_bad_header", f"more than {MAX_IP6_EXT} IPv6 extension headers")
         if off > end:
             raise DecodeError("ip_truncated", "IPv6 extension headers run past the payload")
         return transport(nh, src, dst, data, off, end, frame, encap)

@@ -3,6 +3,12 @@
 A packet may bundle several chunks; a user message may be fragmented over several DATA
 chunks (B/E flags, consecutive TSNs). Retransmitted chunks (same TSN) are recognised and
 dropped. Pure and bounded.
+
+Bounded by the chunks actually held, never by the TSNs a packet claims (issue 10): TSNs
+compare as RFC 1982 serial numbers (32 bits, wrapping), a B..E range is only walked when
+it is no longer than the fragments held, an E fragment *before* its B is an anomaly, and
+a user message in progress holds at most ``MAX_MESSAGE`` bytes. The table of recent TSNs
+(retransmission filter) holds at most ``MAX_ASSOCIATIONS`` directions.
 """
 
 from __future__ import annotations
@@ -19,12 +25,33 @@ _DATA = struct.Struct("!IHHI").unpack_from
 SEEN_TSNS: Final = 4096  #: recent TSNs remembered per direction to drop retransmissions
 MAX_PARTIAL: Final = 1024  #: fragmented user messages in progress, over all associations
 FRAGMENT_TIMEOUT: Final = 30.0  #: seconds (packet time) a fragmented user message may take
+MAX_MESSAGE: Final = 65535  #: a SIP message is no longer than this (Kamailio BUF_SIZE)
+MAX_ASSOCIATIONS: Final = 65536  #: directions whose recent TSNs are remembered; the oldest is forgotten
+
+Key = tuple[bytes, int, bytes, int]
+
+
+def serial_diff(a: int, b: int) -> int:
+    """RFC 1982 serial-number distance a - b for 32-bit TSNs, in [-2**31, 2**31)."""
+    d = (a - b) & 0xFFFFFFFF
+    return d - 0x100000000 if d & 0x80000000 else d
+
+
+class _Partial:
+    """A fragmented user message in progress: its fragments by TSN and their total size."""
+
+    __slots__ = ("since", "parts", "size")
+
+    def __init__(self, since: float) -> None:
+        self.since = since
+        self.parts: dict[int, tuple[int, bytes]] = {}
+        self.size = 0
 
 
 class SctpReassembler:
     def __init__(self) -> None:
-        self._seen: dict[tuple[bytes, int, bytes, int], tuple[set[int], deque[int]]] = {}
-        self._partial: dict[tuple[object, ...], tuple[float, dict[int, tuple[int, bytes]]]] = {}
+        self._seen: dict[Key, tuple[set[int], deque[int]]] = {}
+        self._partial: dict[tuple[object, ...], _Partial] = {}
         self.retransmitted = 0
 
     def feed(self, pkt: Datagram) -> list[Datagram | Anomaly]:
@@ -34,23 +61,26 @@ class SctpReassembler:
             return [Anomaly("sctp_truncated", pkt.ts, pkt.no, "common header", pkt.source)]
         key = (pkt.src, pkt.sport, pkt.dst, pkt.dport)
         at = 12
-        while at + 4 <= len(data):
+        while at + 4 <= len(data):  # every chunk moves at forward by >= 4 bytes
             ctype, flags, length = _CHUNK(data, at)
             if length < 4 or at + length > len(data):
                 out.append(Anomaly("sctp_truncated", pkt.ts, pkt.no, f"chunk type {ctype} length {length}", pkt.source))
                 break
             if ctype == 0 and length >= 16:
                 tsn, sid, ssn, _ppid = _DATA(data, at + 4)
-                if self._duplicate(key, tsn):
+                if self._duplicate(pkt, key, tsn, out):
                     self.retransmitted += 1
                 else:
                     self._data(pkt, key, flags, tsn, sid, ssn, data[at + 16 : at + length], out)
             at += length + (-length % 4)
         return out
 
-    def _duplicate(self, key: tuple[bytes, int, bytes, int], tsn: int) -> bool:
+    def _duplicate(self, pkt: Datagram, key: Key, tsn: int, out: list[Datagram | Anomaly]) -> bool:
         entry = self._seen.get(key)
         if entry is None:
+            if len(self._seen) >= MAX_ASSOCIATIONS:
+                self._seen.pop(next(iter(self._seen)))
+                out.append(Anomaly("sctp_association_evicted", pkt.ts, pkt.no, "retransmission filter full", pkt.source))
             entry = self._seen[key] = (set(), deque())
         seen, order = entry
         if tsn in seen:
@@ -61,7 +91,7 @@ class SctpReassembler:
             seen.discard(order.popleft())
         return False
 
-    def _data(self, pkt: Datagram, key: tuple[bytes, int, bytes, int], flags: int, tsn: int, sid: int, ssn: int,
+    def _data(self, pkt: Datagram, key: Key, flags: int, tsn: int, sid: int, ssn: int,
               user: bytes, out: list[Datagram | Anomaly]) -> None:
         if flags & 0x03 == 0x03:  # B and E: the whole user message in one chunk
             out.append(Datagram(pkt.ts, pkt.no, Transport.SCTP, pkt.src, pkt.sport, pkt.dst, pkt.dport,
@@ -73,14 +103,28 @@ class SctpReassembler:
             while len(self._partial) >= MAX_PARTIAL:
                 self._partial.pop(next(iter(self._partial)))
                 out.append(Anomaly("sctp_incomplete_message", pkt.ts, pkt.no, "evicted", pkt.source))
-            entry = self._partial[pkey] = (pkt.ts, {})
-        parts = entry[1]
+            entry = self._partial[pkey] = _Partial(pkt.ts)
+        parts = entry.parts
+        old = parts.get(tsn)
+        entry.size += len(user) - (len(old[1]) if old is not None else 0)
         parts[tsn] = (flags, user)
+        if entry.size > MAX_MESSAGE:
+            del self._partial[pkey]
+            out.append(Anomaly("sctp_message_too_long", pkt.ts, pkt.no,
+                               f"{len(parts)} fragments, more than {MAX_MESSAGE} bytes", pkt.source))
+            return
         first = next((t for t, (f, _) in parts.items() if f & 0x02), None)
         last = next((t for t, (f, _) in parts.items() if f & 0x01), None)
         if first is None or last is None:
             return
-        n = (last - first) & 0xFFFFFFFF
+        n = serial_diff(last, first)
+        if n < 0:  # the end before the beginning: no user message can be built from these
+            del self._partial[pkey]
+            out.append(Anomaly("sctp_bad_fragments", pkt.ts, pkt.no, f"E fragment TSN {last} before B TSN {first}",
+                               pkt.source))
+            return
+        if n + 1 > len(parts):  # fragments still missing; the range is walked only once it can be whole
+            return
         tsns = [(first + i) & 0xFFFFFFFF for i in range(n + 1)]
         if all(t in parts for t in tsns):
             del self._partial[pkey]
@@ -89,13 +133,13 @@ class SctpReassembler:
 
     def advance(self, now: float) -> list[Anomaly]:
         out: list[Anomaly] = []
-        for pkey, (since, _) in list(self._partial.items()):
-            if now - since > FRAGMENT_TIMEOUT:
+        for pkey, entry in list(self._partial.items()):
+            if now - entry.since > FRAGMENT_TIMEOUT:
                 del self._partial[pkey]
                 out.append(Anomaly("sctp_incomplete_message", now, 0, "timed out"))
         return out
 
     def finish(self) -> list[Anomaly]:
-        out = [Anomaly("sctp_incomplete_message", since, 0, "end of input") for since, _ in self._partial.values()]
+        out = [Anomaly("sctp_incomplete_message", e.since, 0, "end of input") for e in self._partial.values()]
         self._partial.clear()
         return out

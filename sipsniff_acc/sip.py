@@ -14,6 +14,13 @@ The parser never raises past ``parse``: a message that does not parse raises
 ``SipError`` (named like an anomaly) inside, which the pipeline turns into an
 ``Anomaly``. Defects that still leave a usable message (no Call-ID, a bad
 Content-Length, a truncated body) are listed in ``SipMessage.defects``.
+
+Every number and every table is bounded by the bytes that arrived, never by a value the
+message claims (issue 10): a CSeq number must be below 2**31 (RFC 3261 §8.1.1.5) and a
+Content-Length at most ``MAX_DIGITS`` significant digits, so ``int()`` never sees a long
+digit string; the lazy header table holds at most ``MAX_HEADERS`` lines and ``vias()`` at
+most ``MAX_VIAS`` entries. A message over a bound is kept with a defect (counted), like
+the other defects, so the well-formed fields of the same message still count.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import re
 from collections.abc import Callable
 from typing import Final
 
-_scan: Callable[[bytes, int, int], Eager | None] | None = None
+_scan: Callable[[bytes, int, int], Scan | None] | None = None
 _param: Callable[[bytes, bytes, int, int, bool], bytes | None] | None = None
 try:  # the C scans (setup.py builds them when a compiler is there)
     from sipsniff_acc import _speedups
@@ -62,6 +69,15 @@ _FOLD = re.compile(rb"[ \t]*\r?\n[ \t]+")
 _VIA_LINE = re.compile(rb"(?:^|\n)(?:via|v)[ \t]*:([^\r\n]*)", re.IGNORECASE)
 _TOKEN = re.compile(rb"[A-Za-z0-9.!%*_+`'~-]+\Z")  #: RFC 3261 token: what a method may be
 MAX_START_LINE: Final = 8192  #: a request line longer than this is not SIP (Kamailio's BUF_SIZE is 64 KB per message)
+MAX_CSEQ: Final = 2**31  #: RFC 3261 §8.1.1.5: the CSeq sequence number MUST be less than 2**31
+MAX_DIGITS: Final = 10  #: significant digits of a Content-Length: 2**32 has 10, a SIP message is <= 64 KB
+#: Header lines the lazy table holds. Real messages have 10-60 (a large IMS INVITE with its
+#: Record-Route and P- headers); 512 is far above that, equals ``Limits.max_hdr_scan``, and keeps
+#: one message's table under ~80 KB where 10k headers built ~600 KB (issue 10).
+MAX_HEADERS: Final = 512
+#: Via entries ``vias()`` returns. A request gains one per proxy and Max-Forwards starts at 70
+#: (RFC 3261 §8.1.1.6), so a real one has at most ~70.
+MAX_VIAS: Final = 128
 
 
 class SipError(Exception):
@@ -115,6 +131,7 @@ class SipMessage:
     _hdr_start: int = 0
     _hdr_end: int = 0
     _headers: list[tuple[str, str]] | None = None
+    _vias: list[str] | None = None
     defects: tuple[str, ...] = ()
     # where it was seen (filled by the pipeline)
     ts: float = 0.0
@@ -138,7 +155,9 @@ class SipMessage:
             if b"\n " in block or b"\n\t" in block:
                 block = _FOLD.sub(b" ", block)
             out: list[tuple[str, str]] = []
-            for line in block.split(b"\n"):
+            # at most MAX_HEADERS lines are split off (a message of 10k headers is counted as
+            # sip_too_many_headers by parse and never builds a 10k-entry table)
+            for line in block.split(b"\n", MAX_HEADERS)[:MAX_HEADERS]:
                 name, colon, value = line.partition(b":")
                 if not colon:
                     continue
@@ -160,23 +179,32 @@ class SipMessage:
         """Every value of a header, comma-separated lists split (RFC 3261 §7.3.1)."""
         name = name.lower()
         name = COMPACT_FORMS.get(name, name)
-        return [v.strip() for key, value in self.headers if key == name for v in _split_commas(value)]
+        out = [v.strip() for key, value in self.headers if key == name for v in _split_commas(value, MAX_HEADERS)]
+        return out[:MAX_HEADERS]
 
     def vias(self) -> list[str]:
-        """Every Via entry, top first. A regex over the header block: the transaction tracker
-        needs the second Via of every request, and a full header parse costs ~4x more."""
+        """Every Via entry, top first, at most ``MAX_VIAS``. A regex over the header block: the
+        transaction tracker needs the second Via of every request, and a full header parse
+        costs ~4x more."""
+        if self._vias is not None:
+            return self._vias
         if self._headers is not None:
-            return self.header_values("via")
-        block = self.raw[self._hdr_start : self._hdr_end]
-        if b"\n " in block or b"\n\t" in block:
-            block = _FOLD.sub(b" ", block)
-        out: list[str] = []
-        for value in _VIA_LINE.findall(block):
-            text = _decode(value.strip())
-            if "," in text:
-                out.extend(v.strip() for v in _split_commas(text))
-            else:
-                out.append(text)
+            out = self.header_values("via")[:MAX_VIAS]
+        else:
+            block = self.raw[self._hdr_start : self._hdr_end]
+            if b"\n " in block or b"\n\t" in block:
+                block = _FOLD.sub(b" ", block)
+            out = []
+            for m in _VIA_LINE.finditer(block):
+                text = _decode(m.group(1).strip())
+                if "," in text:
+                    out.extend(v.strip() for v in _split_commas(text, MAX_VIAS))
+                else:
+                    out.append(text)
+                if len(out) >= MAX_VIAS:
+                    del out[MAX_VIAS:]
+                    break
+        self._vias = out
         return out
 
     @property
@@ -193,8 +221,9 @@ class SipMessage:
         return f"<SipMessage {what} call_id={self.call_id!r} cseq={self.cseq_num} {self.cseq_method}>"
 
 
-def _split_commas(value: str) -> list[str]:
-    """Split a header value on commas outside quotes and angle brackets."""
+def _split_commas(value: str, limit: int = MAX_HEADERS) -> list[str]:
+    """Split a header value on commas outside quotes and angle brackets; at most ``limit``
+    parts are cut off (the rest of the value is the last one)."""
     if "," not in value:
         return [value]
     parts: list[str] = []
@@ -211,6 +240,8 @@ def _split_commas(value: str) -> list[str]:
         elif ch == "," and not quoted and depth == 0:
             parts.append(value[start:i])
             start = i + 1
+            if len(parts) >= limit:
+                return parts
     parts.append(value[start:])
     return parts
 
@@ -233,29 +264,52 @@ def _tag(value: bytes) -> str | None:
 
 
 Eager = tuple[bytes | None, bytes | None, bytes | None, bytes | None, bytes | None, bytes | None]
+#: the six eager values, then the number of header lines and of Via entries (1 + commas per Via line)
+Scan = tuple[bytes | None, bytes | None, bytes | None, bytes | None, bytes | None, bytes | None, int, int]
 
 
-def eager_headers(data: bytes, start: int, end: int) -> Eager:
-    """First value of Call-ID, CSeq, From, To, Via, Content-Length in data[start:end].
+def eager_headers(data: bytes, start: int, end: int) -> Scan:
+    """First value of Call-ID, CSeq, From, To, Via, Content-Length in data[start:end], and
+    the counts of header lines and Via entries (what the bounds of issue 10 check).
 
     The pure-Python path; ``_speedups.scan`` does the same in C (a property test checks
     they agree), except that it hands folded blocks back here.
     """
+    stop = min(end, len(data)) - 1
+    nlines = data.count(b"\n", max(start, 0), stop) if stop > start else 0
     pairs = _EAGER.findall(data, start, end)
     for _name, _value, fold in pairs:
         if fold:  # rare: unfold the whole block, then look again
             pairs = _EAGER.findall(_FOLD.sub(b" ", data[start:end]))
             break
     found: list[bytes | None] = [None, None, None, None, None, None]
+    nvias = 0
     for name, value, _fold in pairs:
         if not name:
             continue
         slot = _EAGER_KEY.get(name)
         if slot is None:
             slot = _EAGER_KEY[name.lower()]
+        if slot == 4:
+            nvias += 1 + value.count(b",")
         if found[slot] is None:
             found[slot] = value
-    return found[0], found[1], found[2], found[3], found[4], found[5]
+    return found[0], found[1], found[2], found[3], found[4], found[5], nlines, nvias
+
+
+def _number(digits: bytes) -> int | None:
+    """An unsigned decimal of at most MAX_DIGITS significant digits, else None.
+
+    Bounded by the bytes: ``int()`` is never handed more than MAX_DIGITS digits (a longer
+    string raised ValueError past 4300 digits and ended the run, issue 10).
+    """
+    if not digits.isdigit():
+        return None
+    if len(digits) > MAX_DIGITS:
+        digits = digits.lstrip(b"0") or b"0"
+        if len(digits) > MAX_DIGITS:
+            return None
+    return int(digits)
 
 
 def _decode(b: bytes) -> str:
@@ -308,7 +362,7 @@ def parse(data: bytes) -> SipMessage:
     found = _scan(data, nl, end) if _scan is not None else None
     if found is None:  # no C scan built, or folded lines
         found = eager_headers(data, nl, end)
-    call_id, cseq, from_, to, via, clen = found
+    call_id, cseq, from_, to, via, clen, nlines, nvias = found
 
     defects = msg.defects
     if call_id is not None:
@@ -319,8 +373,9 @@ def parse(data: bytes) -> SipMessage:
         defects += ("sip_missing_call_id",)
     if cseq is not None:
         num, _, method = cseq.partition(b" ")
-        if num.isdigit():
-            msg.cseq_num = int(num)
+        n = int(num) if len(num) <= 9 and num.isdigit() else _number(num)  # 9 digits: < 2**31 for sure
+        if n is not None and n < MAX_CSEQ:
+            msg.cseq_num = n
             msg.cseq_method = _decode(method.strip())
         else:
             defects += ("sip_bad_cseq",)
@@ -339,13 +394,17 @@ def parse(data: bytes) -> SipMessage:
     else:
         defects += ("sip_missing_via",)
     if clen is not None:
-        clen = clen.strip()
-        if clen.isdigit():
-            n = msg.content_length = int(clen)
+        n = _number(clen.strip())
+        if n is not None:
+            msg.content_length = n
             if msg.body_start + n > len(data):
                 defects += ("sip_truncated_body",)
         else:
             defects += ("sip_bad_content_length",)
+    if nlines > MAX_HEADERS:
+        defects += ("sip_too_many_headers",)
+    if nvias > MAX_VIAS:
+        defects += ("sip_too_many_vias",)
     if defects:
         msg.defects = defects
     return msg

@@ -15,6 +15,9 @@ WebSocket streams (RFC 6455/7118: HTTP upgrade, or frames seen mid-stream) are u
 by ``wsframe``; TLS streams are recognised by their record header and only counted.
 
 Every buffer is bounded (per stream and in total); idle streams are dropped on packet time.
+No number a segment claims sizes a loop or an ``int()``: a Content-Length of more than
+``MAX_DIGITS`` significant digits is a message too long, and out-of-order segments held
+per direction are bounded in count as well as bytes (issue 10).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ GAP_WAIT: Final = 1.0  #: seconds (packet time) an out-of-order hole may stay op
 IDLE_TIMEOUT: Final = 300.0  #: a direction silent this long is forgotten (it resyncs if it comes back)
 IDLE_SWEEP: Final = 30.0  #: how often (packet time) idle directions are looked for
 NOT_SIP_BYTES: Final = 16384  #: bytes without a SIP start line before a stream is given up
+MAX_OOO_SEGMENTS: Final = 1024  #: out-of-order segments held per direction (a full 1 MB window is ~720 segments)
+MAX_DIGITS: Final = 10  #: significant digits of a Content-Length (sip.MAX_DIGITS)
 RESYNC_TAIL: Final = 4200  #: bytes kept while resyncing: a start line split across segments (4 KB URI + method)
 _TLS_RECORDS: Final = frozenset((0x14, 0x15, 0x16, 0x17))  #: change_cipher_spec, alert, handshake, application_data
 
@@ -56,12 +61,13 @@ class Mode(Enum):
 
 
 class _Direction:
-    __slots__ = ("next_seq", "buf", "ooo", "ooo_since", "mode", "last_ts", "resync", "junk", "ws")
+    __slots__ = ("next_seq", "buf", "ooo", "ooo_bytes", "ooo_since", "mode", "last_ts", "resync", "junk", "ws")
 
     def __init__(self) -> None:
         self.next_seq: int | None = None
         self.buf = bytearray()
         self.ooo: dict[int, tuple[bytes, Datagram]] = {}  # seq -> (data, the segment that brought it)
+        self.ooo_bytes = 0  #: bytes held in ooo (kept, not summed per segment)
         self.ooo_since = 0.0
         self.mode = Mode.UNKNOWN
         self.last_ts = 0.0
@@ -157,10 +163,14 @@ class TcpReassembler:
                 st.ooo_since = seg.ts
                 self._holes[(seg.src, seg.sport, seg.dst, seg.dport)] = st
             if seq not in st.ooo or len(st.ooo[seq][0]) < len(payload):
-                self._held += len(payload) - (len(st.ooo[seq][0]) if seq in st.ooo else 0)
+                grow = len(payload) - (len(st.ooo[seq][0]) if seq in st.ooo else 0)
+                self._held += grow
+                st.ooo_bytes += grow
                 st.ooo[seq] = (payload, seg)
-            if seg.ts - st.ooo_since > GAP_WAIT or sum(len(v[0]) for v in st.ooo.values()) > MAX_STREAM_BUFFER:
+            if seg.ts - st.ooo_since > GAP_WAIT or st.ooo_bytes > MAX_STREAM_BUFFER or len(st.ooo) > MAX_OOO_SEGMENTS:
                 self._close_gap(st, seg, out)
+                if len(st.ooo) > MAX_OOO_SEGMENTS // 2:  # still riddled with holes: give all of it up
+                    self._discard_ooo(st, seg, out)
             return
         st.buf += payload
         self._held += len(payload)
@@ -183,6 +193,7 @@ class TcpReassembler:
                 return
             data, pseg = st.ooo.pop(s)
             self._held -= len(data)
+            st.ooo_bytes -= len(data)
             if -d < len(data):
                 piece = data[-d:]
                 st.buf += piece
@@ -207,6 +218,23 @@ class TcpReassembler:
         if st.ws is not None:
             st.ws.reset()
         self._drain_ooo(st, out)
+
+    def _discard_ooo(self, st: _Direction, seg: Datagram, out: list[Datagram | Anomaly]) -> None:
+        """Drop every held segment and resync after the newest: a direction with holes between
+        hundreds of segments (hostile, or a capture losing most packets) cannot be repaired, and
+        walking its table per segment was quadratic. Amortised O(1): half the bound must refill."""
+        newest = max(st.ooo, key=lambda x: _after(x, st.next_seq))  # type: ignore[arg-type]
+        end = (newest + len(st.ooo[newest][0])) & 0xFFFFFFFF
+        out.append(Anomaly("tcp_gap", seg.ts, seg.no, f"{len(st.ooo)} out-of-order segments dropped", seg.source))
+        self._skip("tcp_gap_discarded_bytes", st.ooo_bytes + len(st.buf))
+        self._held -= st.ooo_bytes + len(st.buf)
+        st.ooo.clear()
+        st.ooo_bytes = 0
+        st.buf.clear()
+        st.next_seq = end
+        st.resync = True
+        if st.ws is not None:
+            st.ws.reset()
 
     def _frame(self, st: _Direction, seg: Datagram, out: list[Datagram | Anomaly]) -> None:
         buf = st.buf
@@ -304,10 +332,15 @@ class TcpReassembler:
                 out.append(Anomaly("tcp_no_content_length", seg.ts, seg.no, "assumed 0 (RFC 3261 §18.3)", seg.source))
                 clen = 0
             else:
-                clen = int(m.group(1))
+                digits = m.group(1)
+                if len(digits) > MAX_DIGITS:  # never int() a digit string a packet made long
+                    digits = digits.lstrip(b"0") or b"0"
+                clen = int(digits) if len(digits) <= MAX_DIGITS else MAX_MESSAGE + 1
             total = end + 4 + clen
             if total > MAX_MESSAGE:
-                out.append(Anomaly("tcp_message_too_long", seg.ts, seg.no, f"Content-Length {clen}", seg.source))
+                shown = m.group(1)[:12].decode() + ("..." if m is not None and len(m.group(1)) > 12 else "") \
+                    if m is not None else str(clen)
+                out.append(Anomaly("tcp_message_too_long", seg.ts, seg.no, f"Content-Length {shown}", seg.source))
                 del buf[:1]
                 st.resync = True
                 continue
@@ -357,7 +390,7 @@ class TcpReassembler:
         self._forget(key, st)
 
     def _forget(self, key: Key, st: _Direction) -> None:
-        self._held -= len(st.buf) + sum(len(v[0]) for v in st.ooo.values())
+        self._held -= len(st.buf) + st.ooo_bytes
         self.streams.pop(key, None)
 
     def advance(self, now: float) -> list[Datagram | Anomaly]:

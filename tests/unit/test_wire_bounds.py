@@ -1,0 +1,203 @@
+"""Issue 10: every number and loop on the wire side is bounded by the bytes that arrived.
+
+Each test feeds the measured hostile input through the real stages (decode, reassembly,
+parse) and checks that the bad message is counted as malformed and the run goes on.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+
+import pytest
+
+from sipsniff_acc import sip
+from sipsniff_acc.anomalies import ANOMALIES
+from sipsniff_acc.decode import decode
+from sipsniff_acc.events import Anomaly, Datagram, Frame, Transport
+from sipsniff_acc.pipeline import MessagePipeline
+from sipsniff_acc.sctp import SctpReassembler
+from sipsniff_acc.tcpstream import TcpReassembler
+from tests.builders import ether, ip4_udp, sip_request, sip_response
+
+HUGE = "9" * 5000  #: past CPython's 4300-digit int-from-str limit
+
+
+def _with(header: str, value: str, msg: bytes | None = None) -> bytes:
+    """A copy of a request whose ``header`` line has ``value``."""
+    msg = msg or sip_request(call_id="bad@x")
+    lines = msg.split(b"\r\n")
+    for i, line in enumerate(lines):
+        if line.lower().startswith(header.lower().encode() + b":"):
+            lines[i] = f"{header}: {value}".encode()
+    return b"\r\n".join(lines)
+
+
+def _udp_frames(payloads: list[bytes]) -> list[Frame]:
+    return [Frame(1.0 + i, 1, ether(ip4_udp(p)), i + 1) for i, p in enumerate(payloads)]
+
+
+def _messages(frames: list[Frame]) -> tuple[list[sip.SipMessage], list[Anomaly]]:
+    mp = MessagePipeline()
+    out = [x for f in frames for x in mp.feed(f)] + mp.finish()
+    return [x for x in out if isinstance(x, sip.SipMessage)], [x for x in out if isinstance(x, Anomaly)]
+
+
+@pytest.mark.parametrize("value", [HUGE + " INVITE", str(2**64) + " INVITE", str(2**31) + " INVITE",
+                                   "1" * 11 + " INVITE", "-1 INVITE", "1x INVITE"])
+def test_cseq_out_of_rfc3261_range_is_bad_cseq(value: str) -> None:
+    m = sip.parse(_with("CSeq", value))
+    assert m.cseq_num is None and "sip_bad_cseq" in m.defects
+
+
+def test_cseq_at_the_rfc3261_bound_and_leading_zeros() -> None:
+    assert sip.parse(_with("CSeq", f"{2**31 - 1} INVITE")).cseq_num == 2**31 - 1
+    m = sip.parse(_with("CSeq", "0" * 5000 + "7 INVITE"))
+    assert m.cseq_num == 7 and not m.defects
+
+
+@pytest.mark.parametrize("value", [HUGE, "1" * 11, "0x10", "+5"])
+def test_content_length_with_too_many_digits_is_bad(value: str) -> None:
+    m = sip.parse(_with("Content-Length", value))
+    assert m.content_length is None and "sip_bad_content_length" in m.defects
+
+
+def test_content_length_beyond_the_bytes_is_truncated_body_and_body_is_bounded() -> None:
+    m = sip.parse(_with("Content-Length", "4294967295"))
+    assert "sip_truncated_body" in m.defects and m.body == b""
+
+
+@pytest.mark.parametrize("header,value", [("CSeq", HUGE + " INVITE"), ("Content-Length", HUGE),
+                                          ("CSeq", str(2**64) + " INVITE")])
+def test_udp_bad_number_is_counted_and_the_run_goes_on(header: str, value: str) -> None:
+    good1 = sip_request(call_id="good-1")
+    good2 = sip_response(call_id="good-2")
+    msgs, anomalies = _messages(_udp_frames([good1, _with(header, value), good2]))
+    assert [m.call_id for m in msgs if not m.defects] == ["good-1", "good-2"]
+    assert {a.name for a in anomalies} & {"sip_bad_cseq", "sip_bad_content_length"}
+
+
+def _tcp(seq: int, data: bytes, flags: int = 0x18, no: int = 1) -> Datagram:
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5060, seq, 0, 0x50, flags, 1000, 0, 0)
+    return Datagram(1.0, no, Transport.TCP, b"\x0a\0\0\x01", 40000, b"\x0a\0\0\x02", 5060, tcp + data, ("ip4",))
+
+
+@pytest.mark.parametrize("header,value", [("Content-Length", HUGE), ("CSeq", HUGE + " INVITE"),
+                                          ("l", "0" * 5000 + "0")])
+def test_tcp_bad_number_is_counted_and_the_stream_goes_on(header: str, value: str) -> None:
+    good1, good2 = sip_request(call_id="good-1"), sip_request(call_id="good-2", cseq=2)
+    bad = _with(header, value, sip_request(call_id="bad@x", compact=header == "l"))
+    stream = good1 + bad + good2
+    r = TcpReassembler()
+    out = r.feed(_tcp(99, b"", flags=0x02)) + r.feed(_tcp(100, stream)) + r.finish()
+    parsed = [sip.parse(d.payload) for d in out if isinstance(d, Datagram)]
+    assert [m.call_id for m in parsed if not m.defects][:1] == ["good-1"]
+    assert "good-2" in [m.call_id for m in parsed]
+
+
+def test_tcp_content_length_with_leading_zeros_frames_the_message() -> None:
+    body = b"v=0\r\n"
+    msg = _with("Content-Length", "0" * 5000 + str(len(body))) + body
+    r = TcpReassembler()
+    out = r.feed(_tcp(99, b"", flags=0x02)) + r.feed(_tcp(100, msg + sip_request(call_id="next")))
+    assert [d.payload for d in out if isinstance(d, Datagram)][0] == msg
+
+
+def _sctp(*chunks: bytes) -> Datagram:
+    return Datagram(1.0, 1, Transport.SCTP, b"\x01" * 4, 5060, b"\x02" * 4, 5060,
+                    struct.pack("!HHII", 5060, 5060, 1, 0) + b"".join(chunks), ())
+
+
+def _chunk(tsn: int, user: bytes, flags: int, ssn: int = 0) -> bytes:
+    body = struct.pack("!IHHI", tsn, 0, ssn, 0) + user
+    chunk = struct.pack("!BBH", 0, flags, 4 + len(body)) + body
+    return chunk + b"\0" * (-len(chunk) % 4)
+
+
+def test_sctp_end_fragment_before_begin_does_not_build_a_huge_range() -> None:
+    r = SctpReassembler()
+    t0 = time.perf_counter()
+    out = r.feed(_sctp(_chunk(1000, b"SIP/2.0 200", 0x02), _chunk(999, b" OK\r\n\r\n", 0x01)))
+    assert time.perf_counter() - t0 < 0.5
+    assert [a.name for a in out if isinstance(a, Anomaly)] == ["sctp_bad_fragments"]
+    assert not [d for d in out if isinstance(d, Datagram)]
+    # the association goes on
+    msg = sip_request()
+    out = r.feed(_sctp(_chunk(1001, msg, 0x03)))
+    assert [d.payload for d in out if isinstance(d, Datagram)] == [msg]
+
+
+def test_sctp_fragments_across_tsn_wraparound() -> None:
+    msg = sip_request()
+    r = SctpReassembler()
+    out = r.feed(_sctp(_chunk(0xFFFFFFFF, msg[:40], 0x02), _chunk(0, msg[40:80], 0x00), _chunk(1, msg[80:], 0x01)))
+    assert [d.payload for d in out if isinstance(d, Datagram)] == [msg]
+
+
+def test_sctp_partial_message_is_bounded_in_bytes() -> None:
+    r = SctpReassembler()
+    out: list[Datagram | Anomaly] = []
+    piece = b"x" * 1400
+    out += r.feed(_sctp(_chunk(1, b"INVITE sip:a SIP/2.0\r\n", 0x02)))
+    for i in range(2, 2 + 100):  # 140 KB of middle fragments: more than any SIP message
+        out += r.feed(_sctp(_chunk(i, piece, 0x00)))
+    assert "sctp_message_too_long" in [a.name for a in out if isinstance(a, Anomaly)]
+    assert all(p.size <= 65535 for p in r._partial.values())
+
+
+def test_tcp_many_tiny_out_of_order_segments_are_bounded() -> None:
+    r = TcpReassembler()
+    r.feed(_tcp(99, b"", flags=0x02))
+    t0 = time.perf_counter()
+    out: list[Datagram | Anomaly] = []
+    for i in range(20000):  # a hole at 100, then 20k one-byte segments after it
+        out += r.feed(_tcp(200 + 2 * i, b"x"))
+    assert time.perf_counter() - t0 < 5.0
+    st = next(iter(r.streams.values()))
+    assert len(st.ooo) <= 1024
+    assert "tcp_gap" in [a.name for a in out if isinstance(a, Anomaly)]
+
+
+def test_too_many_headers_is_counted_and_the_table_is_bounded() -> None:
+    extra = tuple(f"X-H{i}: {i}" for i in range(10000))
+    m = sip.parse(sip_request(extra_headers=extra))
+    assert "sip_too_many_headers" in m.defects
+    assert len(m.headers) <= sip.MAX_HEADERS
+    assert m.call_id == "call-1@example.com" and m.cseq_num == 1  # still tracked
+
+
+def test_too_many_vias_is_counted_and_bounded() -> None:
+    m = sip.parse(sip_request(vias=1000))
+    assert "sip_too_many_vias" in m.defects
+    assert len(m.vias()) <= sip.MAX_VIAS
+    one_line = sip.parse(_with("Via", ", ".join(["SIP/2.0/UDP h"] * 2000)))
+    assert "sip_too_many_vias" in one_line.defects and len(one_line.vias()) <= sip.MAX_VIAS
+    assert len(one_line.header_values("via")) <= sip.MAX_HEADERS
+
+
+def test_ordinary_message_has_no_new_defects() -> None:
+    m = sip.parse(sip_request(vias=5))
+    assert not m.defects and len(m.vias()) == 5
+
+
+def test_vlan_tag_chain_is_bounded() -> None:
+    tags = struct.pack("!HH", 1, 0x8100) * 3000  # 3000 stacked 802.1Q tags, then IPv4
+    frame = b"\x02" * 12 + struct.pack("!H", 0x8100) + tags[:-2] + struct.pack("!H", 0x0800) + ip4_udp(sip_request())
+    t0 = time.perf_counter()
+    out = decode(Frame(1.0, 1, frame, 1))
+    assert time.perf_counter() - t0 < 0.5
+    assert isinstance(out, Anomaly) and out.name == "link_too_many_tags"
+
+
+def test_ipv6_extension_header_chain_is_bounded_and_counted() -> None:
+    ext = bytes([60, 0]) + b"\0" * 6  # destination options, next header = destination options
+    chain = ext * 40 + struct.pack("!HHHH", 5060, 5060, 8, 0)
+    ip6 = struct.pack("!IHBB16s16s", 0x60000000, len(chain), 60, 64, b"\0" * 15 + b"\1", b"\0" * 15 + b"\2") + chain
+    out = decode(Frame(1.0, 1, ether(ip6, 0x86DD), 1))
+    assert isinstance(out, Anomaly) and out.name == "ip_bad_header"
+
+
+def test_new_anomaly_names_are_registered() -> None:
+    for name in ("sip_too_many_headers", "sip_too_many_vias", "sctp_bad_fragments", "sctp_message_too_long",
+                 "link_too_many_tags", "sctp_association_evicted"):
+        assert name in ANOMALIES
