@@ -33,6 +33,7 @@ from sipsniff_acc.emitters.spool import DEFAULT_SPOOL, Backend, DurableSpool, Sp
 from sipsniff_acc.emitters.sql import SqlEmitter, SqlError, missing_columns, safe_url
 from sipsniff_acc.emitters.syslog import LogEmitter, SyslogTargetError
 from sipsniff_acc.outfiles import OutputPathError, check_output, open_private, write_private
+from sipsniff_acc import stopping
 from sipsniff_acc.processrun import RunResult, run
 from sipsniff_acc.sysloglines import escape
 from sipsniff_acc.rules import RulesError, RulesFile, load_rules
@@ -338,6 +339,7 @@ def process(
 
     Example: sipsniff-acc process -r capture.pcap -m rules.yaml --db-url sqlite:///acc.db
     """
+    stopping.before_run()  # a stop during the setup: exit 128 + signal at once, no traceback
     rules = _rules_or_exit(rules_file)
     files = [*(read or ()), *(files or ())]
     sources = _open_sources(files, interface, count, duration, quiet)
@@ -379,31 +381,48 @@ def process(
     if show:
         frames = _with_progress(frames, sources, total)
     stopped_by = 0
-    previous = signal.signal(signal.SIGTERM, _terminate)
     result = RunResult()
-    try:
-        if workers < 0 and (interface is not None or "-" in (files or [])):
-            workers = 0  # live or a pipe: every record goes out at once, not a round later
-        result = run(frames, rules, emitters, counters, open_as_408, result, _auto_workers(workers), decrypted)
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        raise typer.Exit(0) from None
-    except (KeyboardInterrupt, Terminated) as e:  # clean shutdown: what was produced is flushed below
-        stopped_by = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
-        print(f"stopping on {signal.Signals(stopped_by).name}: flushing", file=sys.stderr)
-    except SpoolFull as e:
-        print(f"error: {e}", file=sys.stderr)
-        stopped_by = -1
-    except OSError as e:  # an output file or stream failed (disk full, ...): stop, keep what is spooled
-        print(f"error: writing the output: {e}", file=sys.stderr)
-        stopped_by = -1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        for em in emitters:
-            em.close()
-        for f in opened:
-            f.close()
+    # SIGTERM/SIGINT: the run stops at a safe point, every output is closed (the spool gets what
+    # is buffered, backends are drained for --drain-timeout), exit 128 + signal; bounded by a
+    # watchdog; a second signal exits as soon as nothing is left outside the spool (stopping.py).
+    with stopping.Watch(spooled, drain_timeout) as stop:
+        stop.flush = [em.close for em in emitters if em not in spooled] + [f.flush for f in opened]
+        paths = {id(em.stream): "stdout" if log == "-" else str(log) for em in emitters if isinstance(em, LogEmitter)}
+        paths |= {id(em.out): str(jsonl_file) for em in emitters if isinstance(em, JsonlEmitter)}
+        try:
+            try:
+                if workers < 0 and (interface is not None or "-" in (files or [])):
+                    workers = 0  # live or a pipe: every record goes out at once, not a round later
+                result = run(frames, rules, emitters, counters, open_as_408, result, _auto_workers(workers),
+                             decrypted)
+            finally:
+                stop.closing = True  # from here on a signal only marks the stop: the close is not cut
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            _close_outputs(emitters, opened, paths)
+            raise typer.Exit(0) from None
+        except (KeyboardInterrupt, stopping.Stopped) as e:  # clean shutdown: what was produced is flushed below
+            stopped_by = e.signum if isinstance(e, stopping.Stopped) else signal.SIGINT
+            print(f"stopping on {signal.Signals(stopped_by).name}: flushing", file=sys.stderr)
+        except SpoolFull as e:
+            print(f"error: {e}", file=sys.stderr)
+            stopped_by = -1
+        except OSError as e:  # an output file or stream failed (disk full, ...): stop, keep what is spooled
+            print(f"error: writing the output: {e}", file=sys.stderr)
+            stopped_by = -1
+        if _close_outputs(emitters, opened, paths) and stopped_by == 0:
+            stopped_by = -1
+        if stop.signum:  # also when it arrived while closing (the close was not cut short)
+            stopped_by = stop.signum
+        _finish_process(result, counters, errors, rules, spooled, emitters, stats, quiet, stopped_by, spool_path)
+
+
+def _finish_process(result: RunResult, counters: Counters, errors: list[SourceError], rules: RulesFile,
+                    spooled: list[SpooledEmitter], emitters: list[Emitter], stats: Path | None, quiet: bool,
+                    stopped_by: int, spool_path: Path) -> None:
+    """Stats, summary and the exit status: 128 + signal when stopped by one, 3 when an output
+    or a backend failed, 1 when a capture was damaged."""
     tstats = result.tracker
     if stats:
         doc = counters.as_dict() | {"errors": [str(e) for e in errors], "records": dict(result.records),
@@ -432,12 +451,39 @@ def process(
         raise typer.Exit(EXIT_INPUT_ERROR)
 
 
-class Terminated(Exception):
-    """SIGTERM, turned into an exception so the run unwinds and flushes like on Ctrl-C."""
+def _close_outputs(emitters: list[Emitter], opened: list[IO[Any]], paths: dict[int, str]) -> bool:
+    """Close every output, each one tried whatever the others do; one line per failure; True if
+    any failed. The spooled backends first: the billing records reach the durable spool (and
+    the database) before anything that can fail or block (a full disk, a stuck pipe) is
+    touched; the log and JSON lines are copies. ``paths``: id(stream) → what the user named."""
+    failed: set[str] = set()
+    spooled = [em for em in emitters if isinstance(em, SpooledEmitter)]
+    for em in [*spooled, *(em for em in emitters if not isinstance(em, SpooledEmitter))]:
+        try:
+            em.close()
+        except Exception as e:  # noqa: BLE001 - any output's failure: one line, and the others still closed
+            what = _output_name(em, paths)
+            failed.add(what)
+            print(f"error: closing {what}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+    for f in opened:
+        try:
+            f.close()
+        except OSError as e:
+            what = paths.get(id(f), "an output file")
+            if not any(what in x for x in failed):  # its emitter already said so
+                print(f"error: closing {what}: {e.strerror or e}", file=sys.stderr)
+            failed.add(what)
+    return bool(failed)
 
 
-def _terminate(_signum: int, _frame: object) -> None:
-    raise Terminated()
+def _output_name(em: Emitter, paths: dict[int, str]) -> str:
+    if isinstance(em, SpooledEmitter):
+        return f"the {em.backend.name} backend {em.backend.where}"
+    if isinstance(em, LogEmitter):
+        return f"the log {paths.get(id(em.stream), em.target)}"
+    if isinstance(em, JsonlEmitter):
+        return f"the JSON lines {paths.get(id(em.out), '')}"
+    return type(em).__name__
 
 
 def with_password(url: str, password_file: Path | None) -> str:
@@ -561,9 +607,6 @@ def deliver(
         dead = f"; {sp.dead_lettered} set aside as dead letters" if sp.dead_lettered else ""
         print(f"{sp.label}: {sp.delivered} record(s) delivered to {sp.backend.where}{dead}; "
               f"{sp.pending} still in {spool_path}")
-        fitted = getattr(sp.backend, "fitted", None)
-        if fitted:
-            print(f"  values fitted to the schema: {', '.join(f'{k} {n}' for k, n in sorted(fitted.items()))}")
         if sp.pending:
             print(f"error: {sp.label} {sp.backend.where}: {sp.spool_error or sp.last_error or 'not reachable'}",
                   file=sys.stderr)
@@ -575,7 +618,12 @@ def deliver(
 
 @app.command("check-rules")
 def check_rules(rules_file: Annotated[Path, typer.Argument(help="the rules.yaml to check")]) -> None:
-    """Validate a rules.yaml; every problem is printed as FILE:LINE: key: why."""
+    """Validate a rules.yaml; every problem is printed as FILE:LINE: key: why (exit 2).
+
+    The file is read as the run reads it: at most 1 MiB, UTF-8, YAML aliases and nesting
+    bounded, regexes compiled on RE2 (a pattern RE2 refuses is named with its line).
+    """
+    from sipsniff_acc.limits import Limits
     rules = _rules_or_exit(rules_file)
     a = rules.acc
     backends = [b for b in ("log", "db", "radius", "diameter") if a.flags(False).get(b) is not None
@@ -586,9 +634,12 @@ def check_rules(rules_file: Annotated[Path, typer.Argument(help="the rules.yaml 
         except (RadiusConfigError, OSError) as e:
             print(f"error: {rules_file}: acc.radius_config: {e}", file=sys.stderr)
             raise typer.Exit(EXIT_USAGE) from None
+    default = Limits()
+    limits = [f"{k}={getattr(rules.limits, k)}" for k in Limits.names() if getattr(rules.limits, k) != getattr(default, k)]
     print(f"{rules_file}: ok: profile {rules.profile}, {len(rules.route)} route rule(s), "
           f"{len(rules.failure_route)} failure_route rule(s), backends with flags: {', '.join(backends) or 'none'}, "
-          f"proxy: {', '.join(rules.proxy.addresses) or 'inferred from Via hops'}")
+          f"proxy: {', '.join(rules.proxy.addresses) or 'inferred from Via hops'}, "
+          f"limits: {', '.join(limits) or 'defaults'}")
 
 
 CONNECT_TIMEOUT = 10  #: seconds init-db waits for a database server before calling it unreachable

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from sipsniff_acc.acc import AccEngine
 from sipsniff_acc.emitters import Emitter
 from sipsniff_acc.events import Counters, Datagram, Frame
+from sipsniff_acc.limits import Limits
 from sipsniff_acc.messagerun import Candidate, as_candidate, candidate_time, candidates
 from sipsniff_acc.pipeline import CaptureStage, MessagePipeline, SipParser
+from sipsniff_acc import stopping
 from sipsniff_acc.shard import BATCH, sharded_map
 from sipsniff_acc.records import AccRecord
 from sipsniff_acc.rules import RulesFile, parse_address
@@ -31,10 +33,11 @@ class AccPipeline:
     def __init__(self, rules: RulesFile, open_as_408: bool = False) -> None:
         self.rules = rules
         self.open_as_408 = open_as_408
+        limits = getattr(rules, "limits", None) or Limits()  # rules.yaml's limits: section, if it has one
         self.tracker = TransactionTracker(
             [parse_address(a) for a in rules.proxy.addresses], rules.tm.wait_timer, rules.tm.fr_timer,
-            rules.tm.fr_inv_timer)
-        self.engine = AccEngine(rules)
+            rules.tm.fr_inv_timer, limits)
+        self.engine = AccEngine(rules, limits, self.tracker.stats)  # one set of counters for the summary
 
     def feed(self, msg: SipMessage) -> list[AccRecord]:
         out: list[AccRecord] = []
@@ -75,12 +78,22 @@ def run(frames: Iterable[Frame], rules: RulesFile, emitters: Sequence[Emitter], 
     result = result if result is not None else RunResult()
     result.open_as_408 = open_as_408
 
+    stop = stopping.STATE
+
     def deliver(records: list[AccRecord]) -> None:
-        for r in records:
-            result.records[r.kind] += 1
-            result.by_backend.update(r.backends)
-        for e in emitters:
-            e.emit(records)
+        # Guarded: a stop signal waits for the records to be with every output (and its raise
+        # cannot land inside a driver or between the spool's commit and its bookkeeping).
+        stop.guarded += 1
+        try:
+            for r in records:
+                result.records[r.kind] += 1
+                result.by_backend.update(r.backends)
+            for e in emitters:
+                e.emit(records)
+        finally:
+            stop.guarded -= 1
+        if stop.signum:
+            stopping.check()
 
     if workers > 0:
         _run_sharded(frames, rules, deliver, counters, open_as_408, workers, result, extra)
@@ -94,12 +107,15 @@ def run(frames: Iterable[Frame], rules: RulesFile, emitters: Sequence[Emitter], 
     if extra:
         items = heapq.merge(frames, extra, key=_ts)
     for frame in items:
+        if stop.signum:  # a safe point: the handler's own raise may have been swallowed
+            stopping.check()
         found = messages.feed(frame) if frame.__class__ is Frame else messages.parser.feed(frame)  # type: ignore[arg-type]
         for item in found:
             if item.__class__ is SipMessage:
                 recs = feed(item)
                 if recs:
                     deliver(recs)
+    stopping.check()
     for item in messages.finish():
         if item.__class__ is SipMessage:
             recs = feed(item)
@@ -194,6 +210,7 @@ def _run_sharded(frames: Iterable[Frame], rules: RulesFile, deliver: Callable[[l
     round are put back in the order of the messages that caused them: the output is the
     single-process run's, record for record."""
     capture = CaptureStage(counters)
+    stop = stopping.STATE
 
     def rounds() -> Iterator[list[Part]]:
         seq = 0
@@ -202,6 +219,8 @@ def _run_sharded(frames: Iterable[Frame], rules: RulesFile, deliver: Callable[[l
         if extra:
             cands = heapq.merge(cands, map(as_candidate, extra), key=candidate_time)
         for batch in batched_in_time(cands):
+            if stop.signum:
+                stopping.check()
             if not first:
                 first = batch[0][0]
             parts: list[list[tuple[int, Candidate]]] = [[] for _ in range(workers)]
@@ -211,7 +230,18 @@ def _run_sharded(frames: Iterable[Frame], rules: RulesFile, deliver: Callable[[l
             yield [(first, p) for p in parts]
         yield [None] * workers
 
-    for results in sharded_map(rounds(), acc_worker(rules, open_as_408), workers):
+    results_of = sharded_map(rounds(), acc_worker(rules, open_as_408), workers)
+    try:
+        _deliver_rounds(results_of, deliver, counters, result, stop)
+    finally:
+        results_of.close()  # now, not when the traceback is freed: a stop kills the workers at once
+
+
+def _deliver_rounds(results_of: Iterator[list[PartResult]], deliver: Callable[[list[AccRecord]], None],
+                    counters: Counters, result: RunResult, stop: stopping.StopState) -> None:
+    for results in results_of:
+        if stop.signum:
+            stopping.check()
         merged: list[tuple[int, AccRecord]] = []
         for recs, parsed, anomalies, stats in results:
             merged.extend(recs)

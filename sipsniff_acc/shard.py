@@ -20,14 +20,18 @@ copies bytes: pickling in the feeder thread made it fight the reading thread for
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
 import os
 import pickle
 import queue
 import signal
+import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, Final, TypeVar
+
+from sipsniff_acc import stopping
 
 B = TypeVar("B")
 R = TypeVar("R")
@@ -35,7 +39,7 @@ R = TypeVar("R")
 BATCH: Final = 1000  #: messages per batch: large enough that pickling overhead is amortised
 DEPTH: Final = 4  #: batches in flight per worker
 POLL: Final = 1.0  #: seconds between liveness checks while waiting for a result
-STOP_WAIT: Final = 10.0  #: seconds a worker gets to exit before it is terminated
+STOP_WAIT: Final = 5.0  #: seconds workers get to exit after the last batch before they are killed
 WORKER_NICENESS: Final = 5  #: workers yield the CPU to the reading process
 
 
@@ -43,13 +47,21 @@ class WorkerDied(RuntimeError):
     """A worker process exited without returning its batch."""
 
 
-def _serve(inbox: Any, outbox: Any, work: Callable[[Any], Any]) -> None:
+def _serve(inbox: Any, outbox: Any, work: Callable[[Any], Any], parent: int) -> None:
     # The reading process is the one that cannot be split; without this the scheduler gives
     # it 2/3 of a core on a 2-core machine with two workers, and it becomes the bottleneck.
     os.nice(WORKER_NICENESS)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the front decides
+    # Ctrl-C and a service manager's SIGTERM reach the whole process group: the front decides
+    # (it stops the workers itself), so a worker is never interrupted inside a queue's lock.
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
     while True:
-        data = inbox.get()
+        try:
+            data = inbox.get(timeout=POLL)
+        except queue.Empty:
+            if os.getppid() != parent:  # the front was killed (SIGKILL): do not linger
+                os._exit(0)
+            continue
         if data is None:
             outbox.close()
             outbox.join_thread()
@@ -57,47 +69,86 @@ def _serve(inbox: Any, outbox: Any, work: Callable[[Any], Any]) -> None:
         outbox.put(pickle.dumps(work(pickle.loads(data)), pickle.HIGHEST_PROTOCOL))
 
 
+#: pools whose workers are alive: killed at exit whatever path the exit takes, before
+#: multiprocessing's own exit handler (it sends SIGTERM, which workers ignore, and joins
+#: without a timeout)
+_LIVE: set[_Pool] = set()
+
+
 class _Pool:
-    """Forked workers, one inbox and one outbox queue each; stopped and reaped on close."""
+    """Forked workers, one inbox and one outbox queue each; stopped and reaped on close.
+
+    Every queue operation of the front runs in ``stopping.locked()``: a stop signal never
+    lands inside one (a queue lock left taken makes the interpreter's exit hang on it), and
+    reads use a timeout so that a dead or stuck worker, or a stop, is noticed."""
 
     def __init__(self, work: Callable[[Any], Any], workers: int) -> None:
         ctx = mp.get_context("fork")  # fork: the work function and its config need no pickling
         self.procs, self.inboxes, self.outboxes = [], [], []
-        for _ in range(workers):
-            inbox, outbox = ctx.Queue(), ctx.Queue()
-            p = ctx.Process(target=_serve, args=(inbox, outbox, work), daemon=True)
-            p.start()
-            self.procs.append(p)
-            self.inboxes.append(inbox)
-            self.outboxes.append(outbox)
+        with stopping.locked():
+            _LIVE.add(self)
+            for _ in range(workers):
+                inbox, outbox = ctx.Queue(), ctx.Queue()
+                inbox.cancel_join_thread()  # never wait at exit for a feeder writing to a dead worker
+                p = ctx.Process(target=_serve, args=(inbox, outbox, work, os.getpid()), daemon=True)
+                p.start()
+                self.procs.append(p)
+                self.inboxes.append(inbox)
+                self.outboxes.append(outbox)
 
     def put(self, k: int, item: Any) -> None:
-        self.inboxes[k].put(pickle.dumps(item, pickle.HIGHEST_PROTOCOL))
+        data = pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
+        with stopping.locked():
+            self.inboxes[k].put(data)
 
     def get(self, k: int) -> Any:
         while True:
-            try:
-                return pickle.loads(self.outboxes[k].get(timeout=POLL))
-            except queue.Empty:
-                if not self.procs[k].is_alive():
-                    p = self.procs[k]
-                    raise WorkerDied(f"worker {k} (pid {p.pid}) exited with code {p.exitcode}") from None
+            with stopping.locked():
+                try:
+                    data = self.outboxes[k].get(timeout=POLL)
+                except queue.Empty:
+                    data = None
+            if data is not None:
+                return pickle.loads(data)
+            stopping.check()
+            if not self.procs[k].is_alive():
+                p = self.procs[k]
+                raise WorkerDied(f"worker {k} (pid {p.pid}) exited with code {p.exitcode}")
 
     def ready(self) -> bool:
         """Every worker has a result waiting (a hint: Queue.empty() may lag)."""
         return all(not q.empty() for q in self.outboxes)
 
     def close(self) -> None:
-        for inbox in self.inboxes:
-            inbox.put(None)
-        for p in self.procs:
-            p.join(STOP_WAIT)
-            if p.is_alive():
-                p.terminate()
+        """The work is done: workers are told to stop, given STOP_WAIT seconds, then killed."""
+        try:
+            with stopping.locked():
+                for inbox in self.inboxes:
+                    inbox.put(None)
+            deadline = time.monotonic() + STOP_WAIT
+            for p in self.procs:
+                p.join(max(0.0, deadline - time.monotonic()))
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Stopped or failed: the workers' state is pure (nothing to save), so they are killed by
+        PID at once and reaped; the queues are dropped without waiting on their feeder threads."""
+        with stopping.locked():
+            for p in self.procs:
+                if p.is_alive():
+                    p.kill()
+            for p in self.procs:
                 p.join(STOP_WAIT)
-        for q in self.inboxes + self.outboxes:
-            q.close()
-            q.cancel_join_thread()
+            for q in self.inboxes + self.outboxes:
+                q.cancel_join_thread()
+            _LIVE.discard(self)
+
+
+@atexit.register
+def _kill_workers() -> None:
+    for pool in list(_LIVE):
+        pool.abort()
 
 
 def ordered_map(batches: Iterable[B], work: Callable[[B], R], workers: int, depth: int = DEPTH) -> Iterator[R]:
@@ -114,11 +165,14 @@ def ordered_map(batches: Iterable[B], work: Callable[[B], R], workers: int, dept
             k = (k + 1) % workers
         while inflight:
             yield pool.get(inflight.popleft())
-    finally:
-        pool.close()
+    except BaseException:  # a stop, a dead worker, or the consumer gone (GeneratorExit)
+        pool.abort()
+        raise
+    pool.close()
 
 
-def sharded_map(rounds: Iterable[list[B]], work: Callable[[B], R], workers: int, depth: int = DEPTH) -> Iterator[list[R]]:
+def sharded_map(rounds: Iterable[list[B]], work: Callable[[B], R], workers: int,
+                depth: int = DEPTH) -> Generator[list[R], None, None]:
     """Stateful sharding: round r's part k goes to worker k (which keeps its state between
     parts); yields, per round and in order, the list of the workers' results."""
     pool = _Pool(work, workers)
@@ -137,8 +191,10 @@ def sharded_map(rounds: Iterable[list[B]], work: Callable[[B], R], workers: int,
         while pending:
             yield [pool.get(k) for k in range(workers)]
             pending -= 1
-    finally:
-        pool.close()
+    except BaseException:  # a stop, a dead worker, or the consumer gone (GeneratorExit)
+        pool.abort()
+        raise
+    pool.close()
 
 
 def batched(items: Iterable[B], size: int = BATCH) -> Iterator[list[B]]:

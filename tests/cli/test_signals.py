@@ -1,0 +1,287 @@
+"""SIGTERM/SIGINT end `process` in bounded time with 128 + signal, and nothing is lost (issue 10).
+
+Real runs of `sipsniff-acc process -j 2` on a generated capture, into SQLite with a spool,
+stopped at random (seeded) moments; a final complete run on the same database and spool
+must leave exactly the rows of a clean run. Plus the cases measured in the issue: a full
+log disk at exit, a second signal while draining, workers left behind, a stop that lands
+where Python swallows exceptions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+if not Path("/proc/self/fd").is_dir():
+    pytest.skip("needs Linux's /proc to see when a run has started", allow_module_level=True)
+
+from tests.conftest import PCAPS
+from tests.servers import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+GEN = REPO / "benchmarks" / "gen_workload.py"
+CALLS = 2000  #: ~3 s for `process -j 2` on this 2-core machine
+RUNS = int(os.environ.get("SIPSNIFF_KILL_RUNS", "50"))  #: stopped runs in the randomized test
+SEED = int(os.environ.get("SIPSNIFF_KILL_SEED", "10"))
+DRAIN = 5.0  #: --drain-timeout of the stopped runs
+BOUND = DRAIN + 10.0  #: the promise: a stop ends within 10 s plus the drain timeout
+SLACK = 10.0  #: on top of BOUND before the test calls it a hang (a loaded machine)
+
+
+def cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sipsniff_acc", *args]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def ids(db: Path) -> list[str]:
+    con = sqlite3.connect(db)
+    try:
+        return [str(r[0]) for r in con.execute("SELECT sipsniff_id FROM acc UNION ALL SELECT sipsniff_id FROM missed_calls")]
+    except sqlite3.OperationalError:  # no table yet: stopped before the first record
+        return []
+    finally:
+        con.close()
+
+
+def spooled(spool: Path) -> int:
+    if not spool.exists():
+        return 0
+    con = sqlite3.connect(spool)
+    try:
+        return int(con.execute("SELECT count(*) FROM queue").fetchone()[0])
+    finally:
+        con.close()
+
+
+def group_gone(pgid: int, timeout: float = 5.0) -> bool:
+    """No process of the run's group (the front and its workers) is left, within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def wait_opened(proc: subprocess.Popen[bytes], path: Path, timeout: float = 60.0) -> None:
+    """Until the process has the capture open: `process` has started (the interpreter's own
+    start-up, before any code of ours runs, is not what is tested)."""
+    deadline = time.monotonic() + timeout
+    fds = Path(f"/proc/{proc.pid}/fd")
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if any(os.readlink(fd) == str(path) for fd in fds.iterdir()):
+                return
+        except OSError:  # an fd closed while listing
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"{path} not opened within {timeout:g} s")
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[str], float]:
+    """The capture, the sipsniff_ids of a clean `-j 2` run, and its wall time."""
+    d = tmp_path_factory.mktemp("killwork")
+    pcap = d / "calls.pcap"
+    subprocess.run([sys.executable, str(GEN), str(pcap), "--calls", str(CALLS), "--seed", "5"], check=True,
+                   capture_output=True, timeout=120)
+    t0 = time.monotonic()
+    res = subprocess.run(cmd("process", str(pcap), "-j", "2", "--log", "none", "-q", "--db-url", f"sqlite:///{d / 'clean.db'}",
+                             "--spool", str(d / "clean.spool")), capture_output=True, text=True, timeout=300,
+                         env=env(), cwd=d)
+    wall = time.monotonic() - t0
+    assert res.returncode == 0, res.stderr
+    clean = ids(d / "clean.db")
+    assert len(clean) == len(set(clean)) > 3000
+    return pcap, set(clean), wall
+
+
+def stopped_run(pcap: Path, work: Path, delay: float, sig: int, to_group: bool,
+                extra: tuple[str, ...] = ()) -> tuple[int | None, str, float]:
+    """Start `process -j 2`, send ``sig`` after ``delay`` s (to the PID or its whole group, as a
+    terminal or a service manager does); returns (status, stderr, seconds from signal to exit).
+    Status None: it had finished before the signal was sent."""
+    err_path = work / "stderr"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen(cmd("process", str(pcap), "-j", "2", "--log", "none", "--db-url",
+                                    f"sqlite:///{work / 'acc.db'}", "--spool", str(work / "spool"),
+                                    "--drain-timeout", str(DRAIN), *extra),
+                                stdout=subprocess.DEVNULL, stderr=err, env=env(), cwd=work, start_new_session=True)
+    try:
+        wait_opened(proc, pcap)
+        time.sleep(delay)
+        if proc.poll() is not None:
+            return None, err_path.read_text(), 0.0
+        t0 = time.monotonic()
+        if to_group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        try:
+            status = proc.wait(BOUND + SLACK)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            pytest.fail(f"{signal.Signals(sig).name} after {delay:.2f} s: still running after {BOUND + SLACK:g} s "
+                        f"(killed); stderr: {err_path.read_text()[-2000:]}")
+        took = time.monotonic() - t0
+        assert group_gone(proc.pid), "a worker outlived the stopped run"
+        return status, err_path.read_text(), took
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+
+
+def test_random_stops_lose_and_duplicate_nothing(workload: tuple[Path, set[str], float], tmp_path: Path) -> None:
+    """RUNS runs stopped by SIGTERM or SIGINT at random moments, then one complete run: the
+    database holds exactly the clean run's rows. Every stop: 128 + signal, within the bound,
+    no traceback, no row twice, no worker left behind."""
+    pcap, clean, wall = workload
+    rng = random.Random(SEED)
+    stats = {"stopped": 0, "finished_first": 0, "max_took": 0.0}
+    for i in range(RUNS):
+        sig = rng.choice([signal.SIGTERM, signal.SIGTERM, signal.SIGINT])
+        to_group = rng.random() < 0.5
+        delay = rng.uniform(0.0, 0.8 * wall)
+        status, err, took = stopped_run(pcap, tmp_path, delay, sig, to_group)
+        what = f"run {i}: {signal.Signals(sig).name} to the {'group' if to_group else 'process'} after {delay:.2f} s"
+        if status is None:
+            stats["finished_first"] += 1
+            continue
+        stats["stopped"] += 1
+        stats["max_took"] = max(stats["max_took"], took)
+        assert status == 128 + sig, f"{what}: exit status {status}; stderr: {err[-2000:]}"
+        assert "Traceback" not in err, f"{what}: {err[-3000:]}"
+        assert took <= BOUND + SLACK, f"{what}: took {took:.1f} s"
+        got = ids(tmp_path / "acc.db")
+        assert len(got) == len(set(got)), f"{what}: a row twice"
+        assert set(got) <= clean, f"{what}: rows a clean run does not have"
+    print(f"\n{RUNS} runs: {stats}")  # noqa: T201 - the figures for the report (pytest -s)
+    res = subprocess.run(cmd("process", str(pcap), "-j", "2", "--log", "none", "-q", "--db-url",
+                             f"sqlite:///{tmp_path / 'acc.db'}", "--spool", str(tmp_path / "spool")),
+                         capture_output=True, text=True, timeout=300, env=env(), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    got = ids(tmp_path / "acc.db")
+    assert len(got) == len(set(got)) and set(got) == clean
+    assert spooled(tmp_path / "spool") == 0
+
+
+def test_stop_to_the_whole_group_reaches_only_the_front(workload: tuple[Path, set[str], float], tmp_path: Path) -> None:
+    """Ctrl-C / a service manager signal every process of the group: workers leave the stop to
+    the front (no traceback from a worker interrupted in a queue), and the run ends 143."""
+    pcap, _clean, wall = workload
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        status, err, took = stopped_run(pcap, tmp_path, 0.5 * wall, sig, to_group=True)
+        assert status == 128 + sig, err
+        assert "Traceback" not in err and f"stopping on {signal.Signals(sig).name}: flushing" in err, err
+        assert took <= BOUND
+
+
+def test_workers_do_not_outlive_a_killed_front(workload: tuple[Path, set[str], float], tmp_path: Path) -> None:
+    """SIGKILL of the front (OOM killer, kill -9): its workers notice and exit, not linger for ever."""
+    pcap, _clean, wall = workload
+    proc = subprocess.Popen(cmd("process", str(pcap), "-j", "2", "--log", "none", "--no-db", "-q"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), cwd=tmp_path,
+                            start_new_session=True)
+    try:
+        wait_opened(proc, pcap)
+        time.sleep(0.5 * wall)
+        assert proc.poll() is None, "finished before the kill: make the capture bigger"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        assert group_gone(proc.pid, timeout=10.0), "workers still running 10 s after their front was killed"
+    finally:
+        kill_group(proc)
+
+
+def test_second_signal_while_draining_exits_at_once_with_everything_spooled(
+        workload: tuple[Path, set[str], float], tmp_path: Path) -> None:
+    """The database is down: the first SIGTERM stops reading and drains (retrying for
+    --drain-timeout 60 s); a second SIGTERM exits at once, 143, with every record handed on
+    in the spool (the JSON lines say which)."""
+    pcap, _clean, wall = workload
+    url = f"postgresql+psycopg://acc@127.0.0.1:{free_port()}/acc"  # nothing listens there
+    jsonl = tmp_path / "r.jsonl"
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.Popen(cmd("process", str(pcap), "-j", "2", "--log", "none", "--db-url", url, "--spool",
+                                    str(tmp_path / "spool"), "--drain-timeout", "60", "--jsonl", str(jsonl)),
+                                stdout=subprocess.DEVNULL, stderr=err, env=env(), cwd=tmp_path, start_new_session=True)
+    try:
+        wait_opened(proc, pcap)
+        time.sleep(0.5 * wall)
+        assert proc.poll() is None, (tmp_path / "stderr").read_text()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(2.0)  # flushing, then draining towards a database that is not there
+        assert proc.poll() is None, (tmp_path / "stderr").read_text()
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        status = proc.wait(20)
+        took = time.monotonic() - t0
+    finally:
+        kill_group(proc)
+    err_text = (tmp_path / "stderr").read_text()
+    assert status == 128 + signal.SIGTERM, err_text
+    assert took < 3.0, f"second SIGTERM: {took:.1f} s to exit"
+    assert "Traceback" not in err_text, err_text
+    handed = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    for_db = [d for d in handed if "db" in d["backends"]]
+    assert for_db and spooled(tmp_path / "spool") == len(for_db)
+
+
+def test_log_disk_full_at_exit_still_delivers_every_row(tmp_path: Path) -> None:
+    """The log's disk is full when it is flushed at exit: the database still gets every row
+    (or the spool keeps it), the failure is one line naming the log, exit status 3."""
+    pcap = PCAPS / "sample.pcap"
+    db, spool = tmp_path / "acc.db", tmp_path / "spool"
+    res = subprocess.run(cmd("process", str(pcap), "-j", "0", "--log", "/dev/full", "--db-url", f"sqlite:///{db}",
+                             "--spool", str(spool)), capture_output=True, text=True, timeout=120, env=env(), cwd=tmp_path)
+    assert res.returncode == 3, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "/dev/full" in errors[0] and "No space left" in errors[0], res.stderr
+    assert len(ids(db)) + spooled(spool) == 20 and len(set(ids(db))) == len(ids(db))
+
+
+def test_a_stop_swallowed_by_python_is_not_lost() -> None:
+    """A signal handler's exception raised inside a ``__del__`` is printed and dropped by
+    Python (the old run went on and exited 0): the stop is kept and raised at the next safe
+    point. Checked in-process on the mechanism, since where a signal lands cannot be chosen
+    from outside."""
+    from sipsniff_acc import stopping
+
+    class Finalised:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered here, while Python runs a finaliser
+            for _ in range(1000):  # give the handler its bytecode boundary inside __del__
+                pass
+
+    with stopping.Watch([], 0.0) as st:
+        hook, sys.unraisablehook = sys.unraisablehook, lambda _u: None
+        try:
+            Finalised()  # collected at once: the handler's raise is swallowed
+        finally:
+            sys.unraisablehook = hook
+        assert st.signum == signal.SIGTERM and st.raised
+        with pytest.raises(stopping.Stopped):
+            stopping.check()
