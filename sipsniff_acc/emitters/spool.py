@@ -45,6 +45,7 @@ FLUSH_INTERVAL = 1.0
 RETRY_INTERVAL = 1.0
 MAX_RECORDS = 1_000_000  #: per destination (~0.5 GB on disk)
 SCHEMA_VERSION = 2  #: 1: queue keyed by backend type, records only (before issue 10)
+RESERVE_BYTES = 8 << 20  #: intake stops when less is free under the spool: room left for the buffer + WAL
 ALARM_LINES = 5  #: dead-letter alarms printed one by one per run; the rest are counted at close
 
 
@@ -180,8 +181,9 @@ class Entry:
 class DurableSpool:
     """Ordered, crash-safe queues keyed by destination, plus a dead-letter table, in one SQLite file."""
 
-    def __init__(self, path: str | Path, create: bool = True) -> None:
+    def __init__(self, path: str | Path, create: bool = True, reserve_bytes: int = RESERVE_BYTES) -> None:
         self.path = str(path)
+        self.reserve_bytes = reserve_bytes
         if not create and not os.path.isfile(self.path):
             raise SpoolError(f"{self.path}: no spool file here (give --spool PATH)")
         try:
@@ -242,6 +244,19 @@ class DurableSpool:
                 raise SpoolDiskFull(f"spool {self.path}: the disk is full; intake stopped ({len(docs)} record(s) "
                                     "not accepted; everything accepted before is safe in the spool)") from None
             raise
+
+    def check_room(self, n: int) -> None:
+        """Stop intake *before* the filesystem is full (SpoolDiskFull), so that what was accepted
+        so far (the emitter's buffer included) can still be written at close."""
+        try:
+            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        if free < self.reserve_bytes:
+            raise SpoolDiskFull(f"spool {self.path}: the disk is full ({free >> 10} KiB free, "
+                                f"{self.reserve_bytes >> 20} MiB kept in reserve); intake stopped, everything "
+                                f"accepted is in the spool ({n} record(s) buffered are written to it at exit)")
 
     # --- delivery -----------------------------------------------------------------------
     def peek_entries(self, backend: str, n: int, check: Callable[[dict[str, Any]], object] | None = None,
@@ -426,6 +441,7 @@ class SpooledEmitter:
         """Commit the buffer to the spool (waiting while it is full), then deliver what can be."""
         if self.buffer:
             self._wait_for_room(len(self.buffer))
+            self.spool.check_room(len(self.buffer))
             self._append(self.buffer)
             self.buffer = []
         self.deliver()
