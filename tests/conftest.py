@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,51 @@ ROOT = Path(__file__).resolve().parent.parent
 PCAPS = ROOT / "tests" / "pcaps"
 SHARED = ROOT.parent / "shared"
 PUBLIC = SHARED / "pcaps" / "public"
+
+#: What a run without options reads and writes in its working directory: the user's own
+#: records live there. No test may touch them (a spool left in the project folder was once
+#: delivered into a test's temporary database: the user's records vanished).
+USER_FILES = ("sipsniff-acc.spool", "sipsniff-acc.spool-wal", "sipsniff-acc.spool-shm", "sipsniff-acc.spool-journal",
+              "acc.db", "acc.db-wal", "acc.db-shm", "acc.db-journal")
+#: The environment a user's run takes its database from: never a test's.
+USER_ENV = ("SIPSNIFF_DB_URL", "SIPSNIFF_DB_PASSWORD", "SIPSNIFF_RADIUS_SECRET")
+
+
+def _fingerprint(folder: Path) -> dict[str, tuple[int, int, int] | None]:
+    """(size, mtime_ns, inode) of each user file in ``folder``; None when absent."""
+    out: dict[str, tuple[int, int, int] | None] = {}
+    for name in USER_FILES:
+        try:
+            st = (folder / name).stat()
+            out[name] = (st.st_size, st.st_mtime_ns, st.st_ino)
+        except FileNotFoundError:
+            out[name] = None
+    return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _project_folder_untouched() -> Iterator[None]:
+    """At the end of the session the project folder's spool and acc.db are as they were: a
+    test that ran a command there (or consumed a spool found there) fails the session."""
+    before = _fingerprint(ROOT)
+    yield
+    after = _fingerprint(ROOT)
+    changed = [name for name in USER_FILES if before[name] != after[name]]
+    if changed:
+        pytest.fail(f"a test touched the project folder's own files: {', '.join(changed)} in {ROOT} "
+                    "(run commands with cwd= a temp dir or explicit --spool/--db-url)")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cwd(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test (and every command it starts without cwd=) runs in a fresh empty directory,
+    without the user's SIPSNIFF_DB_* settings: the defaults ./sipsniff-acc.spool and
+    ./acc.db are the test's own."""
+    work = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(work)
+    for name in USER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return work
 
 
 def require_program(name: str) -> str:

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -24,15 +25,55 @@ def _require_capture_rights() -> None:
         pytest.skip(reason)
 
 
+LISTEN_TIMEOUT = 60.0  #: bound on the wait for the capture socket (a loaded machine starts Python slowly)
+DURATION = "8"  #: counted from the moment the socket is bound, so only the sending must fit in it
+
+
+class LiveRun:
+    """A live `sipsniff-acc` run whose stdout/stderr are drained by threads, so the test can
+    wait for the "listening on lo" line (the socket is bound: from now on every packet is
+    seen) instead of sleeping a fixed time and hoping."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "sipsniff_acc", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self.listening = threading.Event()
+        self.threads = [threading.Thread(target=self._drain, args=(self.proc.stdout, self.out), daemon=True),
+                        threading.Thread(target=self._drain, args=(self.proc.stderr, self.err), daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def _drain(self, stream: IO[str], into: list[str]) -> None:
+        for line in stream:
+            into.append(line)
+            if line.startswith("listening on "):
+                self.listening.set()
+        self.listening.set()  # the process ended (an error): stop waiting
+
+    def wait_listening(self) -> None:
+        assert self.listening.wait(LISTEN_TIMEOUT), f"no 'listening on' within {LISTEN_TIMEOUT} s"
+        assert self.proc.poll() is None, "".join(self.err)
+
+    def finish(self, timeout: float = 60) -> tuple[int, str, str]:
+        try:
+            rc = self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(10)
+        for t in self.threads:
+            t.join(10)
+        return rc, "".join(self.out), "".join(self.err)
+
+
 def test_live_capture_on_loopback_sees_udp_and_tcp_sip(tmp_path: Path) -> None:
     _require_capture_rights()
     stats = tmp_path / "s.json"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sipsniff_acc", "messages", "-i", "lo", "--duration", "6", "--stats", str(stats), "-j", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    live = LiveRun("messages", "-i", "lo", "--duration", DURATION, "--stats", str(stats), "-j", "0")
     try:
-        time.sleep(1.5)  # the socket is open well before this
+        live.wait_listening()
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         for i in range(3):
             udp.sendto(sip_request(call_id=f"live-udp-{i}@test", body=SDP), ("127.0.0.1", 45060))
@@ -47,20 +88,23 @@ def test_live_capture_on_loopback_sees_udp_and_tcp_sip(tmp_path: Path) -> None:
                 conn.recv(65535)
                 conn.sendall(sip_response(180, "Ringing", call_id="live-tcp@test") + sip_response(
                     200, "OK", call_id="live-tcp@test"))
-                time.sleep(0.2)
+                conn.recv(1)  # until the client has read both and closed (bounded by the timeout)
 
         t = threading.Thread(target=answer, daemon=True)
         t.start()
         with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
             c.sendall(sip_request(call_id="live-tcp@test"))
-            time.sleep(0.5)
-        t.join(5)
+            got = b""
+            while got.count(b"SIP/2.0 ") < 2:  # both replies arrived (each is a bounded wait)
+                chunk = c.recv(65535)
+                if not chunk:
+                    break
+                got += chunk
+        t.join(10)
         server.close()
-        out, err = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
+        rc, out, err = live.finish()
+    assert rc == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
     seen = {(r["call_id"], r["transport"], r["method"] or r["status"]) for r in rows}
     assert {(f"live-udp-{i}@test", "UDP", "INVITE") for i in range(3)} <= seen
@@ -88,11 +132,10 @@ def test_unknown_interface_is_a_clear_input_error() -> None:
 def test_live_process_accounts_a_call_on_loopback(tmp_path: Path) -> None:
     """`process -i lo`: a call sent by this test over UDP is accounted while the capture runs."""
     _require_capture_rights()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sipsniff_acc", "process", "-i", "lo", "--duration", "5", "--no-db", "--log", "-",
-         "--jsonl", str(tmp_path / "r.jsonl")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    live = LiveRun("process", "-i", "lo", "--duration", DURATION, "--no-db", "--log", "-", "--jsonl",
+                   str(tmp_path / "r.jsonl"))
     try:
-        time.sleep(1.5)
+        live.wait_listening()
         uac = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         uac.bind(("127.0.0.1", 0))
         uas = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -111,11 +154,9 @@ def test_live_process_accounts_a_call_on_loopback(tmp_path: Path) -> None:
             time.sleep(0.05)
         uac.close()
         uas.close()
-        out, err = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
+        rc, out, err = live.finish()
+    assert rc == 0, err
     lines = [ln for ln in out.splitlines() if "call_id=live-acc@test" in ln]
     assert [ln.split("method=")[1].split(";")[0] for ln in lines] == ["INVITE", "BYE"]
     assert "answered" in err.split("acc: ")[1].split("\n")[0]  # (other loopback traffic may add records)

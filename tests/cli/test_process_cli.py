@@ -75,12 +75,20 @@ def test_init_db_then_check(tmp_path: Path) -> None:
 
 
 def test_unreachable_database_exit_3_then_deliver(tmp_path: Path) -> None:
+    """A database that cannot take rows (another process holds SQLite's exclusive lock) is an
+    outage: records wait in the spool, exit 3; once the lock is gone `deliver` sends them."""
     url = f"sqlite:///{tmp_path}/later/acc.db"
-    res = sipsniff("process", str(PCAPS / "sample.pcap"), "--db-url", url, "--log", "none", "--drain-timeout", "1",
-                   cwd=tmp_path)
+    (tmp_path / "later").mkdir()
+    assert sipsniff("init-db", url).returncode == 0
+    holder = sqlite3.connect(tmp_path / "later" / "acc.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        res = sipsniff("process", str(PCAPS / "sample.pcap"), "--db-url", url, "--log", "none", "--drain-timeout",
+                       "1", cwd=tmp_path)
+    finally:
+        holder.close()
     assert res.returncode == 3
     assert "alarm: db backend down" in res.stderr and "20 record(s) kept in the spool" in res.stderr
-    (tmp_path / "later").mkdir()
     res = sipsniff("deliver", "--db-url", url, cwd=tmp_path)
     assert res.returncode == 0 and "20 record(s) delivered" in res.stdout
     res = sipsniff("process", str(PCAPS / "sample.pcap"), "--db-url", url, "--log", "none", cwd=tmp_path)
