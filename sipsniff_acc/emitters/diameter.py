@@ -281,14 +281,6 @@ def _each(records: list[AccRecord], wants: Callable[[AccRecord], bool], send: Ca
             raise BackendDown(str(e), delivered=i) from None
 
 
-def _note(fitted: Counter[str], label: str, emitter: DiameterEmitter | DiscEmitter) -> None:
-    """Say once, at close, what was changed to fit (every bound hit is counted)."""
-    if fitted and not emitter._noted:
-        emitter._noted = True
-        what = "; ".join(f"{k} {n}" for k, n in sorted(fitted.items()))
-        print(f"note: {label}: values fitted to Diameter: {what}", file=sys.stderr)
-
-
 # --- the peer ----------------------------------------------------------------------------
 
 class DiameterEmitter:
@@ -309,10 +301,9 @@ class DiameterEmitter:
         self.name = f"diameter:{self.where}"
         self.sock: socket.socket | None = None
         self.buf = b""
-        self.fitted: Counter[str] = Counter()  #: "AVP: what" -> values changed to fit
+        self.fitted: Counter[str] = Counter()  #: "AVP: what" -> values changed to fit (the spool reports it)
         self.rejected = 0  #: records the peer refused for good (RecordRejected)
         self.refusals: Counter[str] = Counter()  #: Result-Code -> records refused with it
-        self._noted = False
         self.hbh = int.from_bytes(os.urandom(4), "big")
         self.state_id = int(time.time())
         self.last_io = 0.0
@@ -458,7 +449,7 @@ class DiameterEmitter:
 
     def _rejected(self, r: AccRecord, reason: str) -> str:
         self.rejected += 1
-        return f"Diameter peer {self.where}: record {r.record_id}: {reason}"
+        return f"Diameter: {reason}"  # no record id: the spool names the record and groups by reason
 
     def _build(self, r: AccRecord, retransmission: bool) -> bytes:
         try:
@@ -469,13 +460,15 @@ class DiameterEmitter:
             raise _Refused(f"cannot be encoded: {e}") from None
 
     def _deliver_one(self, r: AccRecord) -> None:
-        self._build(r, False)  # a record that cannot be encoded is refused before any I/O
+        acr = self._build(r, False)  # a record that cannot be encoded is refused before any I/O
         self._watchdog()
         for attempt in range(2):  # once more on a fresh connection, flagged as a retransmission
             if self.sock is None:
                 self._connect()
+            if attempt:  # the same bytes with the T flag and a new Hop-by-Hop id (RFC 6733 §6.2)
+                acr = acr[:4] + bytes([acr[4] | FLAG_T]) + acr[5:12] + struct.pack(">I", self._next_hbh()) + acr[16:]
             try:
-                aca = self._exchange(self._build(r, attempt > 0), ACR)
+                aca = self._exchange(acr, ACR)
             except BackendDown:
                 if attempt:
                     raise
@@ -499,7 +492,6 @@ class DiameterEmitter:
                 self.sock = None
 
     def close(self) -> None:
-        _note(self.fitted, "diameter", self)
         if self.sock is not None:
             dpr = message(DPR, FLAG_R, 0, self._next_hbh(), self._next_hbh(), [
                 utf8(ORIGIN_HOST, self.origin_host), utf8(ORIGIN_REALM, self.origin_realm), u32(DISCONNECT_CAUSE, 0)])
@@ -577,7 +569,6 @@ class DiscEmitter:
         self.rejected = 0
         self.refusals: Counter[str] = Counter()
         self.fitted: Counter[str] = Counter()
-        self._noted = False
 
     def text(self, code: int, value: str, mandatory: bool = True, vendor: int = 0) -> bytes:
         data, cut = fit_text(value, MAX_VALUE, self.fitted, _avp_name(code, vendor))
@@ -594,7 +585,7 @@ class DiscEmitter:
 
     def _rejected(self, r: AccRecord, reason: str) -> str:
         self.rejected += 1
-        return f"DISC peer {self.peer[0]}:{self.peer[1]}: record {r.record_id}: {reason}"
+        return f"Diameter (DISC): {reason}"
 
     def _deliver_one(self, r: AccRecord) -> None:
         self.msg_id = (self.msg_id + 1) & 0xFFFFFFFF
@@ -662,7 +653,6 @@ class DiscEmitter:
         raise ValueError("no answer with our message id")
 
     def close(self) -> None:
-        _note(self.fitted, "diameter", self)
         if self.sock is not None:
             self.sock.close()
             self.sock = None

@@ -41,7 +41,6 @@ import os
 import select
 import socket
 import struct
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -274,9 +273,8 @@ class RadiusEmitter:
         self.sent = 0
         self.retransmissions = 0
         self.skipped_values = 0  #: radius_extra values an integer attribute cannot hold, omitted
-        self.fitted: Counter[str] = Counter()  #: "attribute: what" -> values changed to fit
+        self.fitted: Counter[str] = Counter()  #: "attribute: what" -> values changed to fit (the spool reports it)
         self.rejected = 0  #: records refused here (RecordRejected)
-        self._noted = False
         self.sock: socket.socket | None = None
         try:  # a config that breaks every packet (a service_type out of range, ...) fails here, once
             probe = AccRecord("answered", 0.0, "INVITE", "f", "t", "c", "200", "OK", ("radius",))
@@ -330,6 +328,7 @@ class RadiusEmitter:
         if kind in ("integer", "date"):
             if not (value.isascii() and value.isdigit() and int(value) <= MAX_U32):
                 self.skipped_values += 1
+                self.fitted[f"{name}: not a 32-bit number, omitted"] += 1
                 return
             out.append((name, int(value)))
         elif kind in ("string", "octets"):
@@ -354,7 +353,7 @@ class RadiusEmitter:
                 first = self._encode(attrs, self.current)
             except _Refused as e:
                 self.rejected += 1
-                raise RecordRejected(f"RADIUS: record {r.record_id}: {e}", index=i) from None
+                raise RecordRejected(f"RADIUS: {e}", index=i) from None  # the spool names the record
             try:
                 self._send(attrs, first)
             except BackendDown as e:
@@ -429,14 +428,7 @@ class RadiusEmitter:
                 return True  # a late answer to an earlier record has another id: ignored
 
     def close(self) -> None:
-        """Close the socket; say once what was fitted or refused (every bound hit is counted)."""
+        """Close the socket. (What was fitted is in ``fitted``: the spool says it at close.)"""
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-        notes = sorted(self.fitted.items())
-        if self.skipped_values:
-            notes.append(("radius_extra values an integer attribute cannot hold, omitted", self.skipped_values))
-        if notes and not self._noted:
-            print(f"note: radius: values fitted to RADIUS: {'; '.join(f'{k} {n}' for k, n in notes)}", file=sys.stderr)
-            self._noted = True
-

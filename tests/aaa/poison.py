@@ -33,12 +33,15 @@ def call(t: float, call_id: str, to_tag: str = "totag1", extra: tuple[str, ...] 
             req(1.0, "BYE", 3, cseq=2, to=to_tag), rep(1.1, "BYE", 3, cseq=2)]
 
 
-def poison_capture(path: Path) -> Path:
+def poison_capture(path: Path, markers: tuple[str, ...] = ()) -> Path:
     """Poison first (a 300-byte Call-ID, a 300-byte To-tag, a NUL in the X-Extra header the
-    extras use), then NORMAL calls whose Call-IDs are normal-<i>@example.com."""
+    extras use), then one call per marker (Call-ID <marker>@example.com: the test Diameter
+    peer answers by it), then NORMAL calls whose Call-IDs are normal-<i>@example.com."""
     frames = call(1000, LONG_CALL_ID, extra=("X-Extra: long",))
     frames += call(1010, "poison-totag@example.com", to_tag=LONG_TO_TAG, extra=("X-Extra: totag",))
     frames += call(1020, "poison-nul@example.com", extra=("X-Extra: a\0b",))
+    for k, marker in enumerate(markers):
+        frames += call(1030 + 10 * k, f"{marker}@example.com", extra=(f"X-Extra: {marker}",))
     for i in range(NORMAL):
         frames += call(1100 + 10 * i, f"normal-{i}@example.com", extra=(f"X-Extra: user{i}",))
     path.write_bytes(pcap_bytes(frames))

@@ -105,7 +105,7 @@ def test_dead_letter_policy_refuses_the_record_with_its_index(tmp_path: Path, fr
     with pytest.raises(RecordRejected) as e:
         em.deliver(batch)
     assert e.value.index == 1
-    assert "00000000000000aa" in e.value.reason and "Acct-Session-Id is 300 bytes" in e.value.reason
+    assert e.value.reason.startswith("RADIUS: Acct-Session-Id is 300 bytes, over RADIUS's 253")
     em.deliver(batch[2:])  # the spool goes on with the rest
     em.close()
     assert [r["Acct-Session-Id"] for r in freeradius.records()] == ["normal-1", "normal-2"]
@@ -161,4 +161,4 @@ def test_poison_then_twenty_calls_through_the_cli(tmp_path: Path, freeradius: Fr
         ["poison-nul@example.com"] * 2
     got = freeradius.records()
     assert got[2]["Sip-To-Tag"] == LONG_TO_TAG[:MAX_STRING] and got[4]["User-Name"] == "a\ufffdb"
-    assert "note: radius: values fitted to RADIUS" in res.stderr and "Acct-Session-Id: truncated to 253 bytes 2" in res.stderr
+    assert "Acct-Session-Id: truncated to 253 bytes 2" in res.stderr  # the spool's note at close

@@ -155,7 +155,7 @@ def test_a_permanent_refusal_rejects_that_record_only(step: str, says: str) -> N
     recs = records_of(answered_call(), RULES)
     em, e = _deliver_against(["ok", step], recs)
     assert isinstance(e.value, RecordRejected) and e.value.index == 1
-    assert says in e.value.reason and recs[1].record_id in e.value.reason
+    assert says in e.value.reason
     assert em.sent == 1 and em.rejected == 1
 
 
