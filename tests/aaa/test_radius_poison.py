@@ -9,6 +9,7 @@ a config mistake is one line without the secret.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -162,3 +163,33 @@ def test_poison_then_twenty_calls_through_the_cli(tmp_path: Path, freeradius: Fr
     got = freeradius.records()
     assert got[2]["Sip-To-Tag"] == LONG_TO_TAG[:MAX_STRING] and got[4]["User-Name"] == "a\ufffdb"
     assert "Acct-Session-Id: truncated to 253 bytes 2" in res.stderr  # the spool's note at close
+
+
+def test_dead_letter_policy_through_the_cli(tmp_path: Path, freeradius: FreeRadius) -> None:
+    """on_overlong: dead-letter (what Kamailio does to such a request, but kept): the two
+    over-long calls' records are set aside with the reason, everything else is delivered,
+    and a second run is not blocked by them."""
+    cap = poison_capture(tmp_path / "poison.pcap")
+    cfg = tmp_path / "radius.yaml"
+    cfg.write_text(f"servers: ['{freeradius.ip}:{freeradius.port}']\nsecret: {SECRET}\ntimeout: 1\nretries: 1\n"
+                   "bind: 127.0.3.2\nnas_ip: 127.0.3.2\non_overlong: dead-letter\n")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES.format(config=cfg))
+    spool = tmp_path / "spool"
+    for _ in range(2):
+        res = subprocess.run([sys.executable, "-m", "sipsniff_acc", "process", str(cap), "--rules", str(rules),
+                              "--no-db", "--log", "none", "--spool", str(spool), "--drain-timeout", "10"],
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert res.returncode in (0, 3), res.stderr
+    sessions = detail_sessions(freeradius)
+    normal = [f"normal-{i}@example.com" for i in range(NORMAL) for _ in (1, 2)]
+    assert sessions == (["poison-nul@example.com"] * 2 + normal) * 2
+    export = subprocess.run([sys.executable, "-m", "sipsniff_acc", "spool", "export", "--dead", "--spool", str(spool)],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    dead = [json.loads(line) for line in export.stdout.splitlines()]
+    assert len(dead) == 8  # 2 calls x 2 records x 2 runs
+    assert {d["destination"] for d in dead} == {f"radius:{freeradius.ip}:{freeradius.port}"}
+    reasons = sorted({d["reason"] for d in dead})
+    assert reasons == [
+        "RADIUS: Acct-Session-Id is 300 bytes, over RADIUS's 253 (on_overlong: dead-letter; Kamailio drops such a request)",
+        "RADIUS: Sip-To-Tag is 300 bytes, over RADIUS's 253 (on_overlong: dead-letter; Kamailio drops such a request)"]
