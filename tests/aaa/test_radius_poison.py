@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from sipsniff_acc.emitters.radius import MAX_STRING, RadiusConfigError, RadiusEmitter, load_config
+from sipsniff_acc.emitters.radius import RadiusConfigError, RadiusEmitter, load_config
 from sipsniff_acc.emitters.spool import RecordRejected
 from sipsniff_acc.records import AccRecord
 from sipsniff_acc.rules import parse_rules
 from tests.aaa.poison import LONG_CALL_ID, LONG_TO_TAG, NORMAL, poison_capture
 from tests.aaa_servers import SECRET, FreeRadius, freeradius  # noqa: F401 - fixture
 
+MAX_STRING = 253  #: RFC 2865 §5
 HIDDEN = "Hush-9f3c2a-secret"  #: a secret no message may ever show
 
 
