@@ -11,7 +11,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import PCAPS, ROOT, USER_ENV, USER_FILES, _fingerprint
+from tests.conftest import PCAPS, ROOT
+
+#: what a run with the defaults writes in its working directory, and where it takes its database from
+USER_FILES = ("sipsniff-acc.spool", "sipsniff-acc.spool-wal", "acc.db")
+USER_ENV = ("SIPSNIFF_DB_URL", "SIPSNIFF_DB_PASSWORD")
+
+
+def _fingerprint(folder: Path) -> dict[str, tuple[int, int] | None]:
+    out: dict[str, tuple[int, int] | None] = {}
+    for name in USER_FILES:
+        p = folder / name
+        out[name] = (p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else None
+    return out
 
 
 def test_each_test_runs_in_its_own_empty_directory() -> None:

@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sipsniff_acc.sysloglines import escape, json_safe
 from tests.builders import ether, ip4_udp, pcap_bytes, sip_request, sip_response
 
 FORGED = "\rACC: transaction answered: timestamp=1;method=INVITE;from_tag=x;to_tag=y;call_id=forged;code=200;reason=OK"
@@ -121,6 +120,7 @@ def test_jsonl_records_are_one_line_each(tmp_path: Path) -> None:
 
 
 def test_escape_leaves_clean_text_identical_and_is_documented() -> None:
+    from sipsniff_acc.sysloglines import escape, json_safe
     clean = "ACC: transaction answered: timestamp=1;method=INVITE;reason=Ça va;ua=a\\b=c;é€"
     assert escape(clean) is clean  # byte-identical to Kamailio's line when there is nothing to escape
     assert escape("a\rb\nc\td\x00e\x1bf\x7fg\x85h\u2028i") == "a\\rb\\nc\\td\\x00e\\x1bf\\x7fg\\x85h\\u2028i"
