@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import sys
@@ -657,7 +658,8 @@ def _reach_database(url: str, password_file: Path | None) -> str:
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
-        raise usage_error(f"{url!r} is not a database URL: use dialect+driver://user@host[:port]/name, "
+        redacted = re.sub(r"(?<=://)[^@/]*@", "***@", url)  # a URL we cannot parse may still hold a password
+        raise usage_error(f"{redacted!r} is not a database URL: use dialect+driver://user@host[:port]/name, "
                           "e.g. sqlite:///acc.db or postgresql+psycopg://acc@db/acc") from None
     try:
         dialect = parsed.get_dialect()

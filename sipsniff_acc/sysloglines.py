@@ -36,12 +36,15 @@ def _escape_char(m: re.Match[str]) -> str:
 def escape(text: str) -> str:
     """``text`` with every control character written as ``\\r``, ``\\n``, ``\\t``, ``\\xHH``
     (other C0, DEL, C1) or ``\\u2028``/``\\u2029``, so one value can never end a line or
-    drive a terminal. A clean text (the usual case) costs one regex search and is returned as is."""
-    return UNSAFE.sub(_escape_char, text) if UNSAFE.search(text) is not None else text
+    drive a terminal. A clean text (the usual case) is returned as is after ``str.isprintable``
+    (C, ~2x faster than the regex search; false for every character above, so it only lets the
+    regex look when one of them, or a harmless non-printable such as U+00A0, is present)."""
+    return text if text.isprintable() else UNSAFE.sub(_escape_char, text)
 
 
 #: The same characters as JSON output leaves them (orjson escapes C0 but not DEL, C1 or
 #: U+2028/9, which are valid JSON): inside a JSON text they can only be within a string.
+_DEL: Final = b"\x7f"
 _JSON_UNSAFE: Final = re.compile(b"\x7f|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
 
 
@@ -52,7 +55,9 @@ def _json_char(m: re.Match[bytes]) -> bytes:
 def json_safe(line: bytes) -> bytes:
     """A UTF-8 JSON text with DEL, C1 controls and U+2028/9 written as ``\\u00XX`` escapes: the
     same JSON value, but nothing a terminal or ``splitlines()`` would act on."""
-    return _JSON_UNSAFE.sub(_json_char, line) if _JSON_UNSAFE.search(line) is not None else line
+    if line.isascii() and _DEL not in line:  # the usual case: two C scans, no regex
+        return line
+    return _JSON_UNSAFE.sub(_json_char, line)
 
 
 def payload(r: AccRecord, time_mode: int = 0, time_attr: str = "time_attr", time_exten: str = "time_exten",

@@ -116,6 +116,8 @@ def test_help_and_version(tmp_path: Path) -> None:
 def test_init_db_bad_url_unknown_driver_unreachable(tmp_path: Path) -> None:
     one_line_error(run("init-db", "foo://x/y", "--check", cwd=tmp_path), 2, "unknown database dialect", "foo")
     one_line_error(run("init-db", "not a url", cwd=tmp_path), 2, "is not a database URL")
+    err = one_line_error(run("init-db", "postgresql://u:s3cr3t@h:port/acc", cwd=tmp_path), 2, "is not a database URL")
+    assert "s3cr3t" not in err
     one_line_error(run("init-db", "mysql+mysqldb://a@127.0.0.1/x", cwd=tmp_path), 2, "driver is not installed")
     one_line_error(run("init-db", f"sqlite:///{tmp_path}/nodir/acc.db", cwd=tmp_path), 2, "does not exist")
     for check in ((), ("--check",)):
