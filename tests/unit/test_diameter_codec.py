@@ -61,13 +61,13 @@ def _peer(script: list[str]) -> tuple[socket.socket, threading.Thread, list[d.Me
 
     def answer(conn: socket.socket, m: d.Message, code: int, how: str = "") -> None:
         """how: '' a Result-Code; 'ebit' with the E flag (a protocol error); 'exp' an Experimental-Result."""
-        if how == "exp":
-            avps = [d.avp(d.EXPERIMENTAL_RESULT, d.u32(d.VENDOR_ID, 10415) + d.u32(d.EXPERIMENTAL_RESULT_CODE, code))]
+        if how == "exp":  # Experimental-Result (297) { Vendor-Id, Experimental-Result-Code (298) }
+            avps = [d.avp(297, d.u32(d.VENDOR_ID, 10415) + d.u32(298, code))]
         else:
             avps = [d.u32(d.RESULT_CODE, code)]
         avps.append(d.utf8(d.ORIGIN_HOST, "peer"))
-        if code // 1000 == 5 and how != "exp":
-            avps += [d.avp(d.FAILED_AVP, d.utf8(d.ACCT_SESSION_ID, "x")), d.utf8(d.ERROR_MESSAGE, "bad\nvalue")]
+        if code // 1000 == 5 and how != "exp":  # Failed-AVP (279) { Acct-Session-Id }, Error-Message (281)
+            avps += [d.avp(279, d.utf8(d.ACCT_SESSION_ID, "x")), d.utf8(281, "bad\nvalue")]
         conn.sendall(d.message(m.command, d.FLAG_E if how == "ebit" else 0, m.app, m.hbh, m.e2e, avps))
 
     def run() -> None:
