@@ -46,6 +46,7 @@ RETRY_INTERVAL = 1.0
 MAX_RECORDS = 1_000_000  #: per destination (~0.5 GB on disk)
 SCHEMA_VERSION = 2  #: 1: queue keyed by backend type, records only (before issue 10)
 RESERVE_BYTES = 8 << 20  #: intake stops when less is free under the spool: room left for the buffer + WAL
+MIN_RESERVE = 1 << 20  #: ... or an eighth of a small filesystem, at least this
 ALARM_LINES = 5  #: dead-letter alarms printed one by one per run; the rest are counted at close
 
 
@@ -181,7 +182,7 @@ class Entry:
 class DurableSpool:
     """Ordered, crash-safe queues keyed by destination, plus a dead-letter table, in one SQLite file."""
 
-    def __init__(self, path: str | Path, create: bool = True, reserve_bytes: int = RESERVE_BYTES) -> None:
+    def __init__(self, path: str | Path, create: bool = True, reserve_bytes: int | None = None) -> None:
         self.path = str(path)
         self.reserve_bytes = reserve_bytes
         if not create and not os.path.isfile(self.path):
@@ -253,9 +254,12 @@ class DurableSpool:
         except OSError:
             return
         free = st.f_bavail * st.f_frsize
-        if free < self.reserve_bytes:
+        reserve = self.reserve_bytes
+        if reserve is None:
+            reserve = max(MIN_RESERVE, min(RESERVE_BYTES, st.f_blocks * st.f_frsize // 8))
+        if free < reserve:
             raise SpoolDiskFull(f"spool {self.path}: the disk is full ({free >> 10} KiB free, "
-                                f"{self.reserve_bytes >> 20} MiB kept in reserve); intake stopped, everything "
+                                f"{reserve >> 10} KiB kept in reserve); intake stopped, everything "
                                 f"accepted is in the spool ({n} record(s) buffered are written to it at exit)")
 
     # --- delivery -----------------------------------------------------------------------

@@ -153,9 +153,11 @@ class SqlEmitter:
     kind = "db"
 
     def __init__(self, url: str, rules: RulesFile, create: bool = True, connect: bool | str = True,
-                 timezone: str = "utc", on_overlong: str = "truncate") -> None:
+                 timezone: str = "utc", on_overlong: str | None = None) -> None:
         """connect: True = prepare the schema now (errors raise); "try" = now if the database
-        answers, else at the first delivery; False = at the first delivery."""
+        answers, else at the first delivery; False = at the first delivery. on_overlong:
+        "truncate" or "dead-letter"; None = rules.yaml's acc.on_overlong (default truncate)."""
+        on_overlong = on_overlong or str(getattr(rules.acc, "on_overlong", "truncate"))
         if on_overlong not in OVERLONG_POLICIES:
             raise SqlError(f"on_overlong: {on_overlong!r} is not one of {', '.join(OVERLONG_POLICIES)}")
         self.url = url

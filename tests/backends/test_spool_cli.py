@@ -167,13 +167,13 @@ def test_spool_commands_fail_in_one_line_on_a_missing_or_foreign_file(tmp_path: 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_a_full_disk_stops_intake_in_one_line_and_loses_nothing(tmp_path: Path, locked: Locked) -> None:
     """Issue 10: on a full filesystem, a traceback and 520 of 9761 records lost; `deliver`
-    then crashed on every try. The spool lives on a 12 MiB tmpfs; the database is down."""
+    then crashed on every try. The spool lives on a 3 MiB tmpfs; the database is down."""
     calls = [f for n in range(6000) for f in call(n, 1_700_000_000.0 + n * 0.05)]
     pcap = tmp_path / "big.pcap"
     pcap.write_bytes(pcap_bytes(sorted(calls, key=lambda x: x[0])))
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m,mode=0700", "tmpfs", str(mnt)], check=True, timeout=30)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(mnt)], check=True, timeout=30)
     try:
         rules = tmp_path / "rules.yaml"
         rules.write_text(RULES)
