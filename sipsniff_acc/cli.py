@@ -564,7 +564,7 @@ def deliver(
     spool_path: Annotated[Path, typer.Option("--spool", help="the spool to empty")] = Path(DEFAULT_SPOOL),
     drain_timeout: Annotated[float, typer.Option("--drain-timeout", help="seconds to keep retrying")] = 60.0,
     db_password_file: Annotated[Path | None, typer.Option("--db-password-file", help="read the database password from this file")] = None,
-    on_overlong: Annotated[str, typer.Option("--on-overlong", help="a value longer than its column: truncate (counted per column) or dead-letter the record")] = "truncate",
+    on_overlong: Annotated[str | None, typer.Option("--on-overlong", help="a value longer than its column: truncate (counted per column) or dead-letter the record (default: rules.yaml's acc.on_overlong, else truncate)")] = None,
 ) -> None:
     """Deliver the records a previous run left in the spool for this destination (the database was down).
 
@@ -576,7 +576,7 @@ def deliver(
     from sipsniff_acc.emitters.sql import destination as sql_destination
 
     rules = _rules_or_exit(rules_file)
-    if on_overlong not in OVERLONG_POLICIES:
+    if on_overlong is not None and on_overlong not in OVERLONG_POLICIES:
         raise typer.BadParameter(f"{on_overlong!r}: use {' or '.join(OVERLONG_POLICIES)}", param_hint="--on-overlong")
     if not spool_path.exists():
         print(f"{spool_path}: no spool, nothing to deliver")
