@@ -139,5 +139,5 @@ def test_sigterm_flushes_what_was_produced(tmp_path: Path, postgres: Postgres) -
     assert proc.wait(60) == 128 + signal.SIGTERM
     err = (tmp_path / "stderr").read_text()
     assert "stopping on SIGTERM: flushing" in err
-    delivered = int(err.split("db: ")[1].split(" records delivered")[0])
+    delivered = int(__import__("re").search(r"(\d+) records delivered to postgresql", err).group(1))
     assert delivered > 0 and len(db_ids(postgres)) == delivered
