@@ -343,7 +343,8 @@ class DurableSpool:
         """(seq, destination, stored document, queued, reason, at) of the queue or of the dead letters."""
         cols = "seq, backend, record, queued, NULL, NULL" if table == "queue" else \
             "seq, backend, record, queued, reason, at"
-        sql, args = f"SELECT {cols} FROM {table} WHERE 1=1", []  # noqa: S608 - fixed names
+        sql = f"SELECT {cols} FROM {table} WHERE 1=1"  # noqa: S608 - fixed names
+        args: list[object] = []
         if backend is not None:
             sql += " AND backend = ?"
             args.append(backend)
