@@ -23,6 +23,15 @@ REPLACEMENT = "\ufffd".encode()
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def clean(value: str, limit: int) -> bytes | None:
+    """The fast path (nearly every value): its UTF-8 octets when nothing needs fitting, else None."""
+    try:
+        data = value.encode()
+    except UnicodeEncodeError:
+        return None
+    return data if len(data) <= limit and b"\0" not in data else None
+
+
 def fit_text(value: str, limit: int | None, counts: Counter[str], name: str) -> tuple[bytes, bool]:
     """The octets to send for ``value`` and whether they were cut to ``limit`` (not counted
     here: the caller counts a cut or refuses the record)."""

@@ -132,6 +132,8 @@ def address(code: int, ip: str) -> bytes:
 
 def message(command: int, flags: int, app: int, hbh: int, e2e: int, avps: list[bytes]) -> bytes:
     body = b"".join(avps)
+    if len(body) > MAX_LENGTH - 20:
+        raise _Refused(f"the message would be {20 + len(body)} bytes, over Diameter's 24-bit length")
     return (bytes([1]) + (20 + len(body)).to_bytes(3, "big") + bytes([flags]) + command.to_bytes(3, "big")
             + struct.pack(">III", app, hbh, e2e) + body)
 
@@ -266,6 +268,19 @@ def _avp_name(code: int, vendor: int) -> str:
     return _AVP_NAMES.get((code, vendor)) or (f"AVP {code}/vendor {vendor}" if vendor else f"AVP {code}")
 
 
+def fitted_avp(fitted: Counter[str], code: int, value: str, mandatory: bool = True, vendor: int = 0) -> bytes:
+    """A UTF8String AVP, its value fitted (aaa_fit.py: NUL, invalid text, MAX_VALUE) and counted."""
+    try:  # the fast path, inline (one call fewer per AVP: measured 9 µs an ACR with the calls)
+        data = value.encode()
+        if b"\0" in data or len(data) > MAX_VALUE:
+            raise UnicodeError
+    except UnicodeError:
+        data, cut = fit_text(value, MAX_VALUE, fitted, _avp_name(code, vendor))
+        if cut:
+            fitted[f"{_avp_name(code, vendor)}: truncated to {MAX_VALUE} bytes"] += 1
+    return avp(code, data, mandatory, vendor)
+
+
 def _each(records: list[AccRecord], wants: Callable[[AccRecord], bool], send: Callable[[AccRecord], None],
           rejected: Callable[[AccRecord, str], str]) -> None:
     """spool.deliver_each, plus the translation of a refusal of record i into
@@ -317,10 +332,7 @@ class DiameterEmitter:
 
     def text(self, code: int, value: str, mandatory: bool = True, vendor: int = 0) -> bytes:
         """A UTF8String AVP with the value fitted (NUL, invalid text, the 24-bit length; counted)."""
-        data, cut = fit_text(value, MAX_VALUE, self.fitted, _avp_name(code, vendor))
-        if cut:
-            self.fitted[f"{_avp_name(code, vendor)}: truncated to {MAX_VALUE} bytes"] += 1
-        return avp(code, data, mandatory, vendor)
+        return fitted_avp(self.fitted, code, value, mandatory, vendor)
 
     def acr(self, r: AccRecord, retransmission: bool = False) -> bytes:
         kind = record_type(r)
@@ -345,9 +357,6 @@ class DiameterEmitter:
             if value:  # diameter_extra names are AVP codes (validated by rules.yaml)
                 avps.append(t(int(name), value, mandatory=False, vendor=VENDOR))
         e2e = int(r.record_id[8:16] or "0", 16)
-        body = sum(len(a) for a in avps)
-        if 20 + body > MAX_LENGTH:
-            raise _Refused(f"the ACR would be {20 + body} bytes, over Diameter's 24-bit message length")
         return message(ACR, FLAG_R | FLAG_P | (FLAG_T if retransmission else 0), 3, self._next_hbh(), e2e, avps)
 
     def _next_hbh(self) -> int:
@@ -542,8 +551,6 @@ def disc_message(r: AccRecord, msg_id: int, text: Callable[..., bytes] = utf8) -
         *(text(n, v or "", mandatory=False) for n, v in extras + legs),
         text(DEST_REALM, r.realm),
     ]
-    if 20 + sum(len(a) for a in built) > MAX_LENGTH:
-        raise _Refused("the request would be over Diameter's 24-bit message length")
     return message(ACR, FLAG_R, DISC_APP, 0, 0, built[::-1])
 
 
@@ -571,10 +578,7 @@ class DiscEmitter:
         self.fitted: Counter[str] = Counter()
 
     def text(self, code: int, value: str, mandatory: bool = True, vendor: int = 0) -> bytes:
-        data, cut = fit_text(value, MAX_VALUE, self.fitted, _avp_name(code, vendor))
-        if cut:
-            self.fitted[f"{_avp_name(code, vendor)}: truncated to {MAX_VALUE} bytes"] += 1
-        return avp(code, data, mandatory, vendor)
+        return fitted_avp(self.fitted, code, value, mandatory, vendor)
 
     def wants(self, r: AccRecord) -> bool:
         return "diameter" in r.backends

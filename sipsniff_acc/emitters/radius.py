@@ -51,7 +51,7 @@ import yaml
 from pyrad.dictionary import Dictionary, ParseError
 from pyrad.packet import AccountingRequest, AcctPacket, Packet, PacketError
 
-from sipsniff_acc.emitters.aaa_fit import fit_text
+from sipsniff_acc.emitters.aaa_fit import clean, fit_text
 from sipsniff_acc.emitters.spool import BackendDown, RecordRejected
 from sipsniff_acc.records import AccRecord
 from sipsniff_acc.rules import RulesFile
@@ -332,6 +332,10 @@ class RadiusEmitter:
                 return
             out.append((name, int(value)))
         elif kind in ("string", "octets"):
+            data = clean(value, MAX_STRING)
+            if data is not None:
+                out.append((name, data))
+                return
             data, cut = fit_text(value, MAX_STRING, self.fitted, name)
             if cut:
                 if self.cfg.on_overlong == "dead-letter":
