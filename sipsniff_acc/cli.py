@@ -301,11 +301,13 @@ EXIT_BACKEND_ERROR = 3  #: a backend refused records; they were saved to an unse
 
 
 def _rules_or_exit(path: Path | None) -> RulesFile:
+    """The rules, or every problem as one line `error: FILE:LINE: key: why` (a quoted value
+    is escaped: a rules file is not trusted to drive the terminal) and exit 2."""
     try:
         return load_rules(path)
     except RulesError as e:
         for p in e.problems:
-            print(f"error: {p}", file=sys.stderr)
+            print(f"error: {escape(str(p))}", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE) from None
 
 
@@ -344,7 +346,7 @@ def process(
     rules = _rules_or_exit(rules_file)
     files = [*(read or ()), *(files or ())]
     sources = _open_sources(files, interface, count, duration, quiet)
-    _check_outputs(log=log, jsonl=jsonl_file, stats=stats)
+    _check_outputs(log=log, jsonl=jsonl_file, stats=stats, spool=None if no_db else spool_path)
     if tls_keylog is not None:
         _check_tls(sources, tls_keylog)
     if stats is not None:

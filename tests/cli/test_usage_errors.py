@@ -65,7 +65,8 @@ def test_output_paths_are_checked_before_the_work(tmp_path: Path) -> None:
     for args in (("messages", SAMPLE, "-o", str(missing)), ("messages", SAMPLE, "-o", str(tmp_path)),
                  ("messages", SAMPLE, "--stats", str(missing)), ("process", SAMPLE, "--no-db", "--stats", str(missing)),
                  ("process", SAMPLE, "--no-db", "--log", str(tmp_path)), ("process", SAMPLE, "--no-db", "--jsonl",
-                                                                           str(missing))):
+                                                                           str(missing)),
+                 ("process", SAMPLE, "--spool", str(missing)), ("process", SAMPLE, "--spool", str(tmp_path))):
         res = run(*args, cwd=tmp_path)
         err = one_line_error(res, 2, str(missing) if str(missing) in args else "is a directory")
         assert res.stdout == "", f"work was done before the check: {args}"
