@@ -231,6 +231,12 @@ def test_on_overlong_is_validated() -> None:
     assert one_problem("acc:\n  on_overlong: drop\n").startswith("r.yaml:2: acc.on_overlong: Input should be")
 
 
-def test_bundled_rules_yaml_loads() -> None:
+def test_bundled_rules_yaml_loads_and_its_limits_example_too() -> None:
+    """The sample's commented-out limits: block stays valid (names and values) when uncommented."""
     rules = load_rules(ROOT / "rules.yaml")
     assert rules.limits == Limits() and rules.acc.on_overlong == "truncate"
+    head, sep, example = (ROOT / "rules.yaml").read_text().partition("\n#limits:\n")
+    assert sep and example.startswith("#  max_transactions:")
+    uncommented = head + "\nlimits:\n" + "".join(line[1:] + "\n" for line in example.splitlines())
+    limits = parse_rules(uncommented, "rules.yaml").limits
+    assert limits.max_transactions == 50_000
