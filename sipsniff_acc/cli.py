@@ -10,7 +10,7 @@ import sqlite3
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import IO, Annotated, Any, BinaryIO, TextIO
+from typing import IO, Annotated, Any, TextIO
 
 import typer
 
@@ -218,7 +218,7 @@ def messages(
     counters = Counters()
     workers = _auto_workers(workers)
     decrypted = _decrypt_tls(readers, tls_keylog) if tls_keylog is not None else []
-    out: BinaryIO = open_private(output, "wb") if output else sys.stdout.buffer
+    out: IO[bytes] = open_private(output, "wb") if output else sys.stdout.buffer
     write = out.write
     if fmt is MessageFormat.table:
         write(TABLE_HEADER)
@@ -665,7 +665,7 @@ def _reach_database(url: str, password_file: Path | None) -> str:
                           "e.g. sqlite:///acc.db or postgresql+psycopg://acc@db/acc") from None
     try:
         dialect = parsed.get_dialect()
-        dialect.import_dbapi() if hasattr(dialect, "import_dbapi") else dialect.dbapi()  # type: ignore[operator]
+        dialect.import_dbapi()  # the driver module: not installed is a usage mistake, found now
     except ImportError as e:
         raise usage_error(f"{shown}: the database driver is not installed ({e.name or e}); "
                           "pip install 'sipsniff-acc[postgresql]' or '[mysql]'") from None
