@@ -106,3 +106,27 @@ def test_dead_letter_policy_sets_the_poison_aside_with_its_reason(tmp_path: Path
     res = sipsniff("deliver", "--db-url", server.url, "--rules", str(rules), "--spool", spool, cwd=tmp_path)
     assert res.returncode == 0 and "db: 6 record(s) delivered" in res.stdout, res.stdout + res.stderr
     assert len(server.query("SELECT callid FROM acc")) == 50
+
+
+@pytest.mark.parametrize("server_name", ["postgres", "mariadb"])
+def test_dead_letter_policy_from_rules_through_process(tmp_path: Path, server_name: str,
+                                                       request: pytest.FixtureRequest) -> None:
+    """rules.yaml's acc.on_overlong: dead-letter, straight through `process`: exit 0 (nothing is
+    pending), the 6 over-long records are dead letters with their reasons, the 44 others rows."""
+    server: Postgres | MariaDB = request.getfixturevalue(server_name)
+    pcap, rules = write_case(tmp_path)
+    rules.write_text(rules.read_text().replace("acc:\n", "acc:\n  on_overlong: dead-letter\n", 1))
+    spool = str(tmp_path / "spool")
+    start = time.monotonic()
+    res = sipsniff("process", str(pcap), "--rules", str(rules), "--db-url", server.url, "--log", "none",
+                   "--drain-timeout", "10", "--spool", spool, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert time.monotonic() - start < PROMPT
+    assert "records delivered" in res.stderr and "refused (acc.to_tag: 200 characters, the column holds 128)" \
+        in res.stderr
+    assert "alarm: db " in res.stderr and "6 record(s) set aside in the spool's dead letters" in res.stderr
+    callids = [str(r[0]) for r in server.query("SELECT callid FROM acc")]
+    normal = {f"call-{n}@192.0.2.1" for n in range(NORMAL_CALLS)}
+    assert len(callids) == 44 and sum(c in normal for c in callids) == 2 * NORMAL_CALLS
+    status = sipsniff("spool", "status", "--spool", spool, cwd=tmp_path)
+    assert ": 0 pending, 6 dead-lettered" in status.stdout
