@@ -126,3 +126,21 @@ def test_escape_leaves_clean_text_identical_and_is_documented() -> None:
     assert escape("a\rb\nc\td\x00e\x1bf\x7fg\x85h\u2028i") == "a\\rb\\nc\\td\\x00e\\x1bf\\x7fg\\x85h\\u2028i"
     line = b'{"a":"x\\r\xc2\x85\x7f\xe2\x80\xa9"}'
     assert json.loads(json_safe(line)) == json.loads(line) and json_safe(line) == b'{"a":"x\\r\\u0085\\u007f\\u2029"}'
+
+
+def test_jsonl_emitter_line_is_safe_and_takes_any_integer() -> None:
+    """A CSeq beyond 64 bits (orjson refuses it) still gives the record's line, not a crash."""
+    import io
+
+    from sipsniff_acc.emitters.jsonl import JsonlEmitter
+    from sipsniff_acc.records import AccRecord
+    rec = AccRecord("answered", 1000.0, "INVITE", "f", "t", "c\u2028x", "200", "OK\r\x85", ("log",), cseq=2**70)
+    out = io.BytesIO()
+    em = JsonlEmitter(out)
+    em.emit([rec])
+    em.close()
+    raw = out.getvalue()
+    _no_raw_controls(raw)
+    assert raw.count(b"\n") == 1
+    doc = json.loads(raw)
+    assert doc["cseq"] == 2**70 and doc["reason"] == "OK\r\x85" and doc["call_id"] == "c\u2028x"
