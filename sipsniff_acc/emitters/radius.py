@@ -326,7 +326,7 @@ class RadiusEmitter:
             return  # a null value is omitted, as acc_radius does
         kind = self.dict.attributes[name].type
         if kind in ("integer", "date"):
-            if not (value.isascii() and value.isdigit() and int(value) <= MAX_U32):
+            if not (value.isascii() and value.isdigit() and len(value) <= 10 and int(value) <= MAX_U32):
                 self.skipped_values += 1
                 self.fitted[f"{name}: not a 32-bit number, omitted"] += 1
                 return
@@ -353,7 +353,10 @@ class RadiusEmitter:
             if not self.wants(r):
                 continue
             try:
-                attrs = self.attributes(r)
+                try:
+                    attrs = self.attributes(r)
+                except (ValueError, TypeError, KeyError, OverflowError) as e:  # a NaN time, an unknown name...
+                    raise _Refused(f"cannot be encoded: {e}") from None
                 first = self._encode(attrs, self.current)
             except _Refused as e:
                 self.rejected += 1

@@ -71,7 +71,7 @@ def emitter(tmp: Path, server: FreeRadius, extra: str = "", timeout: float = 1.0
     return RadiusEmitter(rules)
 
 
-def record(call_id: str, to_tag: str = "tt", user: str = "alice", legs: list[list[tuple[str, str]]] | None = None,
+def record(call_id: str, to_tag: str = "tt", user: str = "alice", legs: list[list[tuple[str, str | None]]] | None = None,
            rid: str = "") -> AccRecord:
     return AccRecord("answered", 1_700_000_000.0, "INVITE", "ft", to_tag, call_id, "200", "OK", ("radius",),
                      extras={"radius": [("User-Name", user)]}, legs=legs or [],
@@ -194,3 +194,21 @@ def test_dead_letter_policy_through_the_cli(tmp_path: Path, freeradius: FreeRadi
     assert reasons == [
         "RADIUS: Acct-Session-Id is 300 bytes, over RADIUS's 253 (on_overlong: dead-letter; Kamailio drops such a request)",
         "RADIUS: Sip-To-Tag is 300 bytes, over RADIUS's 253 (on_overlong: dead-letter; Kamailio drops such a request)"]
+
+
+def test_a_record_from_other_rules_is_refused_before_any_io(tmp_path: Path) -> None:
+    """A spooled record whose extras name an attribute this dictionary lacks, or a number no
+    integer attribute holds: refused (or the value omitted and counted), never a traceback."""
+    cfg = tmp_path / "radius.yaml"
+    cfg.write_text(f"servers: ['127.0.0.1:1']\nsecret: {SECRET}\ntimeout: 0.2\nretries: 0\n")
+    em = RadiusEmitter(parse_rules(f"acc: {{radius_flag: 1, radius_config: {cfg}}}\nroute:\n  - setflag: [1]\n"))
+    stranger = record("c1")
+    stranger.extras = {"radius": [("No-Such-Attribute", "x")]}
+    with pytest.raises(RecordRejected) as e:
+        em.deliver([stranger])
+    assert e.value.index == 0 and "cannot be encoded" in e.value.reason
+    huge = record("c2")
+    huge.extras = {"radius": [("Acct-Session-Time", "9" * 5000)]}  # int() of it would raise
+    out: list[tuple[str, int | str | bytes]] = []
+    em._add(out, "Acct-Session-Time", "9" * 5000)
+    assert out == [] and em.fitted == {"Acct-Session-Time: not a 32-bit number, omitted": 1}

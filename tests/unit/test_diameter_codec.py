@@ -12,6 +12,7 @@ import pytest
 from sipsniff_acc.emitters import diameter as d
 from sipsniff_acc.emitters.spool import BackendDown, RecordRejected
 from sipsniff_acc.processrun import records_of
+from sipsniff_acc.records import AccRecord
 from sipsniff_acc.rules import parse_rules
 from tests.flows import Call, answered_call, rejected_call
 
@@ -131,12 +132,12 @@ def test_result_codes_transient_or_permanent() -> None:
     assert [d.classify(c) for c in (3002, 3004, 3005, 3001, 3010, 3999, 4001, 4002, 1001, None)] == [d.TRANSIENT] * 10
 
 
-def _deliver_against(script: list[str], recs: list[object]) -> tuple[d.DiameterEmitter, pytest.ExceptionInfo[Exception]]:
+def _deliver_against(script: list[str], recs: list[AccRecord]) -> tuple[d.DiameterEmitter, pytest.ExceptionInfo[Exception]]:
     srv, th, _seen = _peer(script)
     em = d.DiameterEmitter(RULES)
     em.peer = ("127.0.0.1", srv.getsockname()[1])
     with pytest.raises((RecordRejected, BackendDown)) as e:
-        em.deliver(recs)  # type: ignore[arg-type]
+        em.deliver(recs)
     em.close()
     th.join(5)
     srv.close()
