@@ -132,7 +132,8 @@ def test_result_codes_transient_or_permanent() -> None:
     assert [d.classify(c) for c in (3002, 3004, 3005, 3001, 3010, 3999, 4001, 4002, 1001, None)] == [d.TRANSIENT] * 10
 
 
-def _deliver_against(script: list[str], recs: list[AccRecord]) -> tuple[d.DiameterEmitter, pytest.ExceptionInfo[Exception]]:
+def _deliver_against(script: list[str], recs: list[AccRecord]
+                     ) -> tuple[d.DiameterEmitter, pytest.ExceptionInfo[Exception]]:
     srv, th, _seen = _peer(script)
     em = d.DiameterEmitter(RULES)
     em.peer = ("127.0.0.1", srv.getsockname()[1])
