@@ -4,6 +4,11 @@ Mirrors Kamailio 5.6 acc_logic.c: flags are read when the request creates its tr
 (acc_onreq); ON_FAILURE reports missed calls and resets the missed flags that fired, then
 failure_route runs; RESPONSE_OUT reports a missed call first if the missed flag is still
 set (a local reply: no branches), then the answered record if should_acc_reply. Pure.
+
+Bounded (issue 10): $hdr() looks through at most ``Limits.max_hdr_scan`` header lines, and
+the header list a held message parsed for a rule or a record is dropped once the event is
+done (for a 10,000-line message it is ~30x the message's bytes, and held transactions are
+bounded by their bytes). Record ids are remembered for a window of packet time (records.py).
 """
 
 from __future__ import annotations
@@ -11,10 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sipsniff_acc import pv
+from sipsniff_acc.limits import Limits
 from sipsniff_acc.records import ACKED, ANSWERED, MISSED, REQUEST, AccRecord, RecordIds, error_text, parse_comment
 from sipsniff_acc.rules import CompiledRule, RulesFile, compile_rule
 from sipsniff_acc.sip import SipMessage
-from sipsniff_acc.tracker import AckIn, BranchesFailed, Event, ReplyOut, RequestIn, Transaction
+from sipsniff_acc.tracker import RETAIN, AckIn, BranchesFailed, Event, ReplyOut, RequestIn, TrackerStats, Transaction
 
 BACKENDS = ("log", "db", "radius", "diameter")
 
@@ -51,13 +57,27 @@ def _realm(msg: SipMessage) -> str:
     return pv.uri_parts(pv.name_addr(msg.header(which))[1])[1]
 
 
+def _unparse(msg: SipMessage | None) -> None:
+    """Drop the parsed header list of a message a transaction holds (it is rebuilt on demand)."""
+    if msg is not None and msg._headers is not None:
+        msg._headers = None
+
+
 class AccEngine:
-    def __init__(self, rules: RulesFile) -> None:
+    def __init__(self, rules: RulesFile, limits: Limits | None = None, stats: TrackerStats | None = None) -> None:
         self.rules = rules
         self.acc = rules.acc
         self.profile = rules.profile_info
         self.relay_mode = rules.reply_relay_mode
-        self.ids = RecordIds()
+        self.limits = limits = limits or Limits()
+        self.stats = stats if stats is not None else TrackerStats()  #: hdr_scans_cut, record_ids_cut
+        self._hdr_limit = limits.max_hdr_scan
+        # Twins carry the same time; a record's time trails the newest record time by at most a
+        # transaction's life (fr_inv_timer + 32 s: a failure's time is its last branch reply),
+        # and --open-as-408 records at the end are dated up to fr_inv_timer after the last packet.
+        tm = rules.tm
+        window = max(limits.record_id_window, 2 * tm.fr_inv_timer + max(RETAIN, tm.wait_timer))
+        self.ids = RecordIds(window, limits.max_record_ids, self.stats)
         self.start = 0.0
         self._acc_flags = self.acc.flags(missed=False)
         self._missed_flags = self.acc.flags(missed=True)
@@ -82,15 +102,23 @@ class AccEngine:
             self.start = event.msg.ts if isinstance(event, (RequestIn, AckIn)) else event.ts
         if isinstance(event, RequestIn):
             self._request_in(event.txn, event.msg, out)
+            _unparse(event.msg)
         elif isinstance(event, ReplyOut):
             self._reply_out(event, out)
+            _unparse(event.txn.request)
+            _unparse(event.reply)
         elif isinstance(event, BranchesFailed):
             self._failed(event, out)
+            _unparse(event.txn.request)
+            _unparse(event.reply)
         elif isinstance(event, AckIn):
-            self._ack_in(event, out)
+            self._ack_in(event, out)  # the ACK itself is not held
         for r in out:
             self.ids.assign(r)
         return out
+
+    def _ctx(self, msg: SipMessage, new_uri: str | None, avps: dict[str, list[str]], ts: float) -> pv.PvContext:
+        return pv.PvContext(msg, new_uri, avps, ts, self.start, self._hdr_limit)
 
     def _run(self, rules: list[CompiledRule], msg: SipMessage, state: TxnAcc, code: int, ts: float,
              out: list[AccRecord], new_uri: str | None = None) -> None:
@@ -100,9 +128,11 @@ class AccEngine:
                 continue
             state.flags = (state.flags | rule.set_mask) & ~rule.reset_mask
             if rule.avps:
-                ctx = pv.PvContext(msg, new_uri, state.avps, ts, self.start)
+                ctx = self._ctx(msg, new_uri, state.avps, ts)
                 for name, value in rule.avps:
                     state.avps.setdefault(name, []).insert(0, pv.interpolate(str(value), ctx))
+                if ctx.hdr_cut:
+                    self.stats.hdr_scans_cut += ctx.hdr_cut
             for backends, comment, table in rule.calls:
                 self._script_record(msg, state, list(backends), comment, table, ts, new_uri, out)
             if rule.drop:
@@ -138,7 +168,7 @@ class AccEngine:
         if not backends:
             return
         code = inv.final.code if inv.final is not None else 200
-        ctx = pv.PvContext(msg, None, st.avps, msg.ts, self.start)
+        ctx = self._ctx(msg, None, st.avps, msg.ts)
         out.append(self._record(ACKED, msg, ctx, backends, self.acc.db_table_acc, msg.ts, self._method(msg),
                                 msg.from_tag, msg.to_tag, str(code), error_text(code), local=False))
 
@@ -166,7 +196,7 @@ class AccEngine:
             local_tag = txn.final.to_tag if txn.final is not None else None
             to_tag = req.to_tag or (None if self.profile.faked_to_tag_empty else local_tag)
             reason, local = self._local_reason(code, txn.final), True
-        ctx = pv.PvContext(req, branch.request.ruri if branch is not None else None, st.avps, ts, self.start)
+        ctx = self._ctx(req, branch.request.ruri if branch is not None else None, st.avps, ts)
         from_tag = req.from_tag
         if st.upstream:
             from_tag, to_tag = req.to_tag, req.from_tag
@@ -202,7 +232,7 @@ class AccEngine:
         code_s = str(code) if reply is None or ev.local else f"{reply.code:03d}"
         new_uri = ev.branch.request.ruri if ev.branch is not None else (
             txn.branches[0].request.ruri if txn.branches else None)
-        ctx = pv.PvContext(req, new_uri, st.avps, ev.ts, self.start)
+        ctx = self._ctx(req, new_uri, st.avps, ev.ts)
         out.append(self._record(ANSWERED, req, ctx, backends, self.acc.db_table_acc, ev.ts, self._method(req),
                                 from_tag, to_tag, code_s, reason, ev.local or reply is None))
 
@@ -245,7 +275,7 @@ class AccEngine:
     def _script_record(self, msg: SipMessage, st: TxnAcc, backends: list[str], comment: str, table: str | None,
                        ts: float, new_uri: str | None, out: list[AccRecord]) -> None:
         code, reason = parse_comment(comment)
-        ctx = pv.PvContext(msg, new_uri, st.avps, ts, self.start)
+        ctx = self._ctx(msg, new_uri, st.avps, ts)
         out.append(self._record(REQUEST, msg, ctx, backends, table or self.acc.db_table_acc, ts, self._method(msg),
                                 msg.from_tag, msg.to_tag, code, reason, False))
 
@@ -255,6 +285,9 @@ class AccEngine:
         wanted = self._extras
         extras = {b: pv.evaluate_extras(wanted[b], ctx) for b in backends if b in wanted}
         legs = pv.evaluate_legs(self._legs, ctx) if self._legs else []
+        if ctx.hdr_cut:
+            self.stats.hdr_scans_cut += ctx.hdr_cut
+            ctx.hdr_cut = 0
         return AccRecord(kind, ts, method, from_tag, to_tag, msg.call_id, code, reason,
                          tuple(b for b in BACKENDS if b in backends), table, extras, legs, msg.cseq_num, local,
                          bool(msg.to_tag), _realm(msg) if "diameter" in backends else "")

@@ -4,6 +4,11 @@ A spec is parsed once (``parse_pv``) and evaluated per record against a ``PvCont
 request being accounted, plus what the proxy knew and the wire does not show (the branch
 URI it chose, the AVPs the rules set). A value is ``str`` or ``None`` (Kamailio's null),
 because log, DB and RADIUS treat null differently (acc-spec §2.5). Pure: no I/O.
+
+``$hdr(name)`` looks through at most ``PvContext.hdr_limit`` header lines with one regex over
+the raw header block, without building the message's full header list (a 10,000-line
+message's list is ~30x its bytes); a lookup that stopped at the limit is counted in
+``PvContext.hdr_cut``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ class PvContext:
     avps: dict[str, list[str]] = field(default_factory=dict)  #: name -> values, newest first (AVP lists are LIFO)
     now: float = 0.0  #: the record's time (packet clock)
     start: float = 0.0  #: first packet of the run: what Kamailio's $TS (startup time) becomes here
+    hdr_limit: int = 512  #: header lines a $hdr() lookup looks through (Limits.max_hdr_scan)
+    hdr_cut: int = 0  #: lookups that stopped at hdr_limit (the engine adds them to its counters)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,10 +182,49 @@ def _many(values: Sequence[str], spec: PvSpec, joiner: str) -> str | None:
         return None
 
 
-def _headers(msg: SipMessage, name: str) -> list[str]:
+_FOLDED = re.compile(rb"[ \t]*\r?\n[ \t]+")
+_HDR_RE: dict[str, re.Pattern[bytes]] = {}
+
+
+def _header_line(key: str) -> re.Pattern[bytes]:
+    """A regex for the lines of one header (long name or compact form, any case); cached."""
+    pat = _HDR_RE.get(key)
+    if pat is None:
+        names = [key, *(c for c, long in COMPACT_FORMS.items() if long == key)]
+        alt = b"|".join(re.escape(n.encode("utf-8", "replace")) for n in names)
+        pat = _HDR_RE[key] = re.compile(rb"\n(?:" + alt + rb")[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
+        if len(_HDR_RE) > 256:  # header names come from rules: a handful; never let it grow
+            _HDR_RE.clear()
+    return pat
+
+
+def _decode(b: bytes) -> str:
+    try:
+        return b.decode()
+    except UnicodeDecodeError:
+        return b.decode("utf-8", "replace")
+
+
+def _headers(ctx: PvContext, name: str) -> list[str]:
+    """Values of every line of a header among the first ctx.hdr_limit header lines."""
+    msg = ctx.msg
     key = name.lower()
     key = COMPACT_FORMS.get(key, key)
-    return [v for k, v in msg.headers if k == key]
+    limit = ctx.hdr_limit
+    raw = msg.raw
+    start, end = msg._hdr_start, msg._hdr_end
+    if start <= 0:
+        return [v for k, v in msg.headers[:limit] if k == key]
+    block = raw[start - 1 : end]  # from the start line's "\n": every header line starts with one
+    if b"\n " in block or b"\n\t" in block:  # folded lines (rare): unfold first
+        block = _FOLDED.sub(b" ", block)
+    if block.count(b"\n") > limit:
+        stop = -1
+        for _ in range(limit + 1):
+            stop = block.find(b"\n", stop + 1)
+        block = block[:stop]
+        ctx.hdr_cut += 1
+    return [_decode(v.strip()) for v in _header_line(key).findall(block)]
 
 
 _SIMPLE: Final[dict[str, Callable[[PvContext], str | None]]] = {
@@ -222,7 +268,7 @@ def evaluate(spec: PvSpec, ctx: PvContext) -> str | None:
     """The value of one pseudo-variable in this context; None is Kamailio's null."""
     name = spec.name
     if name == "hdr":
-        return _many(_headers(ctx.msg, spec.arg), spec, ",")
+        return _many(_headers(ctx, spec.arg), spec, ",")
     if name == "avp":
         return _many(ctx.avps.get(spec.arg, []), spec, ", ")
     if name in ("au", "ad", "ar"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 ANSWERED, MISSED, ACKED, REQUEST = "answered", "missed", "acked", "request"
 
@@ -54,11 +54,31 @@ class AccRecord:
         }
 
 
-class RecordIds:
-    """Stable ids: a hash of what the record says plus an occurrence count for exact twins."""
+class IdStats(Protocol):
+    record_ids_cut: int
 
-    def __init__(self) -> None:
-        self._seen: dict[bytes, int] = {}
+
+class RecordIds:
+    """Stable ids: a hash of what the record says plus an occurrence count for exact twins.
+
+    Twins are records identical in every field hashed, the time to the microsecond included,
+    so only ids of records close in time need remembering: two generations of a time window
+    (of record times). An id goes when a record more than ``window`` seconds after it has
+    been numbered, and only then, so a twin is numbered right as long as it comes before any
+    record ``window`` seconds later than itself (AccEngine sizes the window for that). Past
+    ``max_ids`` the older generation is dropped early and the cut counted (``stats``).
+    """
+
+    def __init__(self, window: float = 300.0, max_ids: int = 1_000_000, stats: IdStats | None = None) -> None:
+        self.window = window
+        self.max_ids = max_ids
+        self.stats = stats
+        self._seen: dict[bytes, int] = {}  #: the current generation: ids of records since _start
+        self._old: dict[bytes, int] = {}  #: the one before
+        self._start = float("-inf")
+
+    def __len__(self) -> int:
+        return len(self._seen) + len(self._old)
 
     def assign(self, r: AccRecord) -> str:
         key = "\x1f".join((
@@ -66,8 +86,16 @@ class RecordIds:
             str(r.cseq), f"{r.ts:.6f}",
         )).encode()
         digest = hashlib.blake2b(key, digest_size=16).digest()
-        n = self._seen.get(digest, 0)
-        self._seen[digest] = n + 1
+        seen = self._seen
+        if r.ts >= self._start + self.window or len(seen) >= self.max_ids // 2:
+            if r.ts < self._start + self.window and self.stats is not None:
+                self.stats.record_ids_cut += 1
+            self._old, self._seen, self._start = seen, {}, r.ts
+            seen = self._seen
+        n = seen.get(digest)
+        if n is None:
+            n = self._old.get(digest, 0)
+        seen[digest] = n + 1
         if n:
             digest = hashlib.blake2b(digest + n.to_bytes(4, "big"), digest_size=16).digest()
         r.record_id = digest.hex()

@@ -15,6 +15,14 @@ recorded as an inferred proxy; every other request is a server transaction. A re
 proxy generated itself (no branch got it) is ``local``; with no branch in sight, the To-tag
 decides: Kamailio's tm tags are MD5("SER-TM/tags"+ip+port)-crc, sl's MD5("KAMAILIO-stateless"...).
 
+Bounded (issue 10): transactions held (count and bytes), dialogs, the ACK table and the
+deadline heap never exceed ``Limits``. When full, the oldest completed transactions go first
+(they only absorb retransmissions), then the oldest open ones; every eviction is counted in
+``TrackerStats``. An open server transaction that is evicted is forgotten as if never seen:
+it makes no record (its later replies count as replies without a request); it is never
+accounted as a 408, because the call may well be answered after we gave up on it.
+Held messages keep their header block only (the body is never read after parsing).
+
 Pure: no I/O, no clock but message timestamps.
 """
 
@@ -23,10 +31,11 @@ from __future__ import annotations
 import hashlib
 import heapq
 import re
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from sipsniff_acc.limits import Limits
 from sipsniff_acc.sip import SipMessage
 
 MAGIC = "z9hG4bK"
@@ -47,12 +56,15 @@ class Transaction:
     final: SipMessage | None = None  #: the first final reply (sent upstream for a server transaction)
     final_ts: float = 0.0
     final_local: bool = False
-    to_tags_2xx: set[str] = field(default_factory=set)  #: To-tags of the 2xx sent upstream
-    acked: set[str] = field(default_factory=set)  #: To-tags whose first ACK has been seen
+    #: To-tags of the 2xx sent upstream; frozensets, replaced on change: two empty sets per
+    #: transaction were 430 of its ~3,000 bytes, and tags are added once or twice per call
+    to_tags_2xx: frozenset[str] = frozenset()
+    acked: frozenset[str] = frozenset()  #: To-tags whose first ACK has been seen
     cancelled: bool = False
     stateless: bool = False  #: the final came from sl (no transaction at the proxy: never accounted)
     retransmissions: int = 0
     acc: Any = None  #: the acc engine's per-transaction state (flags, AVPs)
+    size: int = 0  #: bytes of SIP messages this transaction holds (request + final reply)
 
     @property
     def method(self) -> str:
@@ -120,6 +132,13 @@ class TrackerStats:
     stateless_replies: int = 0
     dialogs: Counter[str] = field(default_factory=Counter)  #: by final state
     inferred_proxies: set[str] = field(default_factory=set)
+    # bounds reached (Limits): what was let go to stay inside them
+    evicted_transactions: int = 0  #: transactions forgotten early because the table was full (count or bytes)
+    evicted_open: Counter[str] = field(default_factory=Counter)  #: of those, server transactions still without a final reply, by method: no record
+    evicted_dialogs: int = 0  #: dialogs forgotten early (max_dialogs)
+    evicted_acks: int = 0  #: ACKs forgotten before 32 s (max_transactions): a retransmitted one may count again
+    hdr_scans_cut: int = 0  #: $hdr() lookups that stopped at max_hdr_scan header lines
+    record_ids_cut: int = 0  #: times the record-id table was emptied early (max_record_ids)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -128,7 +147,45 @@ class TrackerStats:
             "open_at_end": dict(self.open_at_end), "timed_out": dict(self.timed_out),
             "stateless_replies": self.stateless_replies, "dialogs": dict(self.dialogs),
             "inferred_proxies": sorted(self.inferred_proxies),
+            "evicted_transactions": self.evicted_transactions, "evicted_open": dict(self.evicted_open),
+            "evicted_dialogs": self.evicted_dialogs, "evicted_acks": self.evicted_acks,
+            "hdr_scans_cut": self.hdr_scans_cut, "record_ids_cut": self.record_ids_cut,
         }
+
+    def merge(self, other: TrackerStats) -> None:
+        """Add another shard's counts (``-j N``: one tracker per worker)."""
+        self.transactions.update(other.transactions)
+        self.retransmissions += other.retransmissions
+        self.replies_without_request += other.replies_without_request
+        self.acks_without_invite += other.acks_without_invite
+        self.open_at_end.update(other.open_at_end)
+        self.timed_out.update(other.timed_out)
+        self.stateless_replies += other.stateless_replies
+        self.dialogs.update(other.dialogs)
+        self.inferred_proxies |= other.inferred_proxies
+        self.evicted_transactions += other.evicted_transactions
+        self.evicted_open.update(other.evicted_open)
+        self.evicted_dialogs += other.evicted_dialogs
+        self.evicted_acks += other.evicted_acks
+        self.hdr_scans_cut += other.hdr_scans_cut
+        self.record_ids_cut += other.record_ids_cut
+
+    def evictions(self) -> str:
+        """One summary line of what the bounds let go ('' when nothing was): for the CLI."""
+        parts = []
+        if self.evicted_transactions:
+            lost = ", ".join(f"{n} {m}" for m, n in sorted(self.evicted_open.items()))
+            parts.append(f"{self.evicted_transactions} transactions"
+                         + (f" (open, not accounted: {lost})" if lost else ""))
+        if self.evicted_dialogs:
+            parts.append(f"{self.evicted_dialogs} dialogs")
+        if self.evicted_acks:
+            parts.append(f"{self.evicted_acks} ACKs")
+        if self.hdr_scans_cut:
+            parts.append(f"{self.hdr_scans_cut} $hdr() lookups cut at max_hdr_scan")
+        if self.record_ids_cut:
+            parts.append(f"record-id table emptied early {self.record_ids_cut} times")
+        return ("limits reached (rules.yaml limits:): " + "; ".join(parts)) if parts else ""
 
 
 def tm_tag_prefix(ip: str, port: int, stateless: bool = False) -> str:
@@ -154,19 +211,30 @@ def _via_id(via: str) -> str:
     return via.split(";branch", 1)[0].strip().lower() + "|" + (m.group(1) if m else "")
 
 
+Key = tuple[str, str, str, int]
+
+
 class TransactionTracker:
     def __init__(self, proxies: list[tuple[str, int | None]] | None = None, wait_timer: float = 5.0,
-                 fr_timer: float = 30.0, fr_inv_timer: float = 120.0) -> None:
+                 fr_timer: float = 30.0, fr_inv_timer: float = 120.0, limits: Limits | None = None) -> None:
         self.proxies = proxies or []
         self.wait_timer = wait_timer
         self.fr_timer = fr_timer
         self.fr_inv_timer = fr_inv_timer
-        self.txns: dict[tuple[str, str, str, int], Transaction] = {}
+        self.limits = limits = limits or Limits()
+        self._max_txns = limits.max_transactions
+        self._max_bytes = limits.max_transaction_bytes
+        self.txns: dict[Key, Transaction] = {}
+        #: the same transactions in eviction order (OrderedDict: O(1) pop of the oldest; a plain
+        #: dict's next(iter()) rescans the deleted slots at its front, quadratic under churn)
+        self._open: OrderedDict[Key, Transaction] = OrderedDict()  #: no final reply yet, by creation
+        self._done: OrderedDict[Key, Transaction] = OrderedDict()  #: final reply seen, by its time
+        self.held_bytes = 0  #: bytes of SIP messages the transactions hold
         self.invites: dict[tuple[str, int, str], Transaction] = {}  #: (call-id, cseq, from-tag) -> server INVITE
-        self.acks: dict[tuple[str, str, str, int], float] = {}  #: e2e ACKs seen (retransmission / forward detection)
-        self.dialogs: dict[tuple[str, str], Dialog] = {}
+        self.acks: OrderedDict[Key, float] = OrderedDict()  #: e2e ACKs seen (retransmission / forward detection)
+        self.dialogs: OrderedDict[tuple[str, str], Dialog] = OrderedDict()
         self.by_cseq: dict[tuple[str, int, str], list[Transaction]] = {}  #: for replies without a Via
-        self._deadlines: list[tuple[float, int, tuple[str, str, str, int]]] = []
+        self._deadlines: list[tuple[float, int, Key]] = []
         self._n = 0
         self._dialog_limit = 4096
         self.stats = TrackerStats()
@@ -190,6 +258,8 @@ class TransactionTracker:
             self._request(msg, out)
         else:
             self._reply(msg, out)
+        if len(self.txns) > self._max_txns or self.held_bytes > self._max_bytes:
+            self._evict()
         return out
 
     def _key(self, msg: SipMessage, via: str, method: str) -> tuple[str, str, str, int]:
@@ -214,8 +284,9 @@ class TransactionTracker:
             self.stats.retransmissions += 1
             return
         role, parent = self._role(msg, method)
-        txn = Transaction(key, msg, role, parent)
+        txn = Transaction(key, msg, role, parent, size=self._hold(msg))
         self.txns[key] = txn
+        self._open[key] = txn
         self.by_cseq.setdefault((key[2], key[3], method), []).append(txn)
         self._deadline(msg.ts + self._timeout(txn) + RETAIN, key)
         self.stats.transactions[role] += 1
@@ -233,7 +304,12 @@ class TransactionTracker:
             if msg.from_tag:
                 self.invites[(key[2], key[3], msg.from_tag)] = txn
             if not msg.to_tag and msg.from_tag:
-                self.dialogs.setdefault((key[2], msg.from_tag), Dialog(key[2], msg.from_tag, created=msg.ts))
+                dialogs = self.dialogs
+                if (key[2], msg.from_tag) not in dialogs:
+                    dialogs[(key[2], msg.from_tag)] = Dialog(key[2], msg.from_tag, created=msg.ts)
+                    if len(dialogs) > self.limits.max_dialogs:  # the oldest goes; its state so far is counted
+                        self.stats.dialogs[dialogs.popitem(last=False)[1].state] += 1
+                        self.stats.evicted_dialogs += 1
         out.append(RequestIn(txn, msg))
 
     def _role(self, msg: SipMessage, method: str) -> tuple[str, Transaction | None]:
@@ -259,10 +335,14 @@ class TransactionTracker:
         if invite is not None:  # hop-by-hop ACK of a negative reply: part of the INVITE transaction
             return
         akey = (key[0], "ACK", key[2], key[3])
-        if akey in self.acks:
+        acks = self.acks
+        if akey in acks:
             self.stats.retransmissions += 1
             return
-        self.acks[akey] = msg.ts
+        acks[akey] = msg.ts
+        if len(acks) > self._max_txns:
+            acks.popitem(last=False)
+            self.stats.evicted_acks += 1
         vias = msg.vias()
         if len(vias) >= 2 and (self._key(msg, vias[1], "ACK")[0], "ACK", key[2], key[3]) in self.acks:
             return  # the proxy forwarding the ACK downstream
@@ -279,7 +359,7 @@ class TransactionTracker:
             and tag not in invite.acked and msg.ts - invite.final_ts <= self.wait_timer
         )
         if first:
-            invite.acked.add(tag)
+            invite.acked = invite.acked | {tag}
         out.append(AckIn(msg, invite, first))
 
     def _reply(self, msg: SipMessage, out: list[Event]) -> None:
@@ -293,8 +373,7 @@ class TransactionTracker:
         code = msg.code
         if txn.role == "branch":
             if code >= 200 and txn.final is None:
-                txn.final, txn.final_ts = msg, msg.ts
-                self._deadline(msg.ts + max(RETAIN, self.wait_timer), txn.key)
+                self._final(txn, msg)
             return
         if txn.role != "server" or code == 100:
             return  # 100 Trying is hop-by-hop, never relayed (tm relay_100=0)
@@ -305,13 +384,12 @@ class TransactionTracker:
             return
         if txn.final is not None:
             if 200 <= code < 300 and txn.method == "INVITE" and msg.to_tag and msg.to_tag not in txn.to_tags_2xx:
-                txn.to_tags_2xx.add(msg.to_tag)
+                txn.to_tags_2xx = txn.to_tags_2xx | {msg.to_tag}
                 out.append(ReplyOut(txn, msg, code, msg.ts, False, late=True, branch=self._branch_of(txn, msg)))
             return
-        txn.final, txn.final_ts = msg, msg.ts
-        self._deadline(msg.ts + max(RETAIN, self.wait_timer), txn.key)
+        self._final(txn, msg)
         if 200 <= code < 300 and msg.to_tag:
-            txn.to_tags_2xx.add(msg.to_tag)
+            txn.to_tags_2xx = txn.to_tags_2xx | {msg.to_tag}
         branch = self._branch_of(txn, msg)
         local = branch is None and self._looks_local(txn, msg)
         txn.final_local = local
@@ -323,6 +401,26 @@ class TransactionTracker:
         if txn.method == "INVITE" and code >= 300 and (txn.branches or not local):
             out.append(self._failed(txn, msg, branch))
         out.append(ReplyOut(txn, msg, code, msg.ts, local, branch=branch))
+
+    def _final(self, txn: Transaction, msg: SipMessage) -> None:
+        """The first final reply: held with the transaction, which moves to the completed ones."""
+        txn.final, txn.final_ts = msg, msg.ts
+        n = self._hold(msg)
+        txn.size += n
+        key = txn.key
+        if self._open.pop(key, None) is not None:
+            self._done[key] = txn
+        self._deadline(msg.ts + max(RETAIN, self.wait_timer), key)
+
+    def _hold(self, msg: SipMessage) -> int:
+        """Keep only the header block of a message a transaction holds (nothing reads a held
+        message's body; an SDP is most of an INVITE), and add its bytes to the total held."""
+        raw = msg.raw
+        if len(raw) > msg.body_start > 0:
+            msg.raw = raw = raw[: msg.body_start]
+        n = len(raw)
+        self.held_bytes += n
+        return n
 
     def _without_via(self, msg: SipMessage, method: str) -> Transaction | None:
         """A reply with no Via (a UA that forgot to copy them; the proxy relays it anyway):
@@ -437,12 +535,41 @@ class TransactionTracker:
                 self.stats.dialogs[self.dialogs.pop(k).state] += 1
             self._dialog_limit = max(4096, 2 * len(self.dialogs))
 
-    def _deadline(self, at: float, key: tuple[str, str, str, int]) -> None:
+    def _deadline(self, at: float, key: Key) -> None:
         self._n += 1
-        heapq.heappush(self._deadlines, (at, self._n, key))
+        heap = self._deadlines
+        heapq.heappush(heap, (at, self._n, key))
+        if len(heap) > 3 * len(self.txns) + 4096:
+            # evicted transactions leave their entries behind: drop them (O(n), once per n pushes)
+            txns = self.txns
+            self._deadlines = heap = [e for e in heap if e[2] in txns]
+            heapq.heapify(heap)
 
-    def _forget(self, key: tuple[str, str, str, int], t: Transaction) -> None:
+    def _evict(self) -> None:
+        """Over a bound: forget the oldest completed transactions, then the oldest open ones,
+        until inside again; each counted. An open one's branches go with it (useless alone)."""
+        stats = self.stats
+        while len(self.txns) > self._max_txns or self.held_bytes > self._max_bytes:
+            if self._done:
+                key, t = self._done.popitem(last=False)
+            elif self._open:
+                key, t = self._open.popitem(last=False)
+                if t.role == "server":
+                    stats.evicted_open[t.method] += 1
+            else:
+                break
+            self._forget(key, t)
+            stats.evicted_transactions += 1
+            for b in t.branches:
+                if self.txns.get(b.key) is b:
+                    self._forget(b.key, b)
+                    stats.evicted_transactions += 1
+
+    def _forget(self, key: Key, t: Transaction) -> None:
         del self.txns[key]
+        if self._open.pop(key, None) is None:
+            self._done.pop(key, None)
+        self.held_bytes -= t.size
         same = self.by_cseq.get((key[2], key[3], key[1]))
         if same is not None:
             same.remove(t)
