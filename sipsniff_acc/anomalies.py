@@ -20,6 +20,7 @@ ANOMALIES: Final[dict[str, str]] = {
     "ip_frag_evicted": "incomplete datagram dropped to keep reassembly memory bounded",
     "ip_frag_overlap": "fragment overlapping data already received (first copy kept)",
     "ip_frag_too_big": "fragments claim a datagram larger than 65535 bytes",
+    "ip_frag_too_many_pieces": "more than 256 fragments for one datagram (the datagram is dropped)",
     "udp_truncated": "UDP header or payload shorter than its length field says",
     "tunnel_truncated": "tunnel header (GRE, ERSPAN, VXLAN, MPLS) shorter than it should be",
     # TCP, WebSocket, SCTP

@@ -22,6 +22,10 @@ FRAG_TIMEOUT: Final = 30.0
 MAX_DATAGRAMS: Final = 4096  #: Linux keeps at most a few MB of fragment queues (ipfrag_high_thresh 4 MB)
 MAX_BYTES: Final = 64 << 20  #: the total budget for pieces held
 MAX_DATAGRAM: Final = 65535  #: no IPv4 datagram, and no non-jumbo IPv6 payload, is longer
+#: Pieces held per datagram. The byte budget alone let empty fragments pile up for free, each
+#: one walking all the others (20k of them cost 33 s). A 64 KB datagram over a 576-byte path is
+#: ~120 pieces; exact duplicates are not held.
+MAX_PIECES: Final = 256
 
 
 class _Pending:
@@ -89,6 +93,12 @@ class FragmentReassembler:
                     return out  # an exact duplicate (mirrored twice, retransmitted): nothing new
                 out.append(Anomaly("ip_frag_overlap", frag.ts, frag.no, f"bytes {frag.offset}-{stop}", frag.source))
                 break
+        if len(pend.pieces) >= MAX_PIECES:
+            del self._pending[key]
+            self._held -= pend.held
+            out.append(Anomaly("ip_frag_too_many_pieces", frag.ts, frag.no, f"more than {MAX_PIECES} fragments",
+                               frag.source))
+            return out
         pend.pieces.append((frag.offset, frag.payload))
         pend.held += size
         self._held += size

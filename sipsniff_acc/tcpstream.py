@@ -61,7 +61,8 @@ class Mode(Enum):
 
 
 class _Direction:
-    __slots__ = ("next_seq", "buf", "ooo", "ooo_bytes", "ooo_since", "mode", "last_ts", "resync", "junk", "ws")
+    __slots__ = ("next_seq", "buf", "ooo", "ooo_bytes", "ooo_since", "mode", "last_ts", "resync", "junk", "ws",
+                 "scanned", "need")
 
     def __init__(self) -> None:
         self.next_seq: int | None = None
@@ -74,6 +75,16 @@ class _Direction:
         self.resync = False  #: the buffer may start inside a message
         self.junk = 0  #: bytes discarded while looking for SIP
         self.ws: wsframe.WsDecoder | None = None
+        # Framing progress on the message at the front of buf, so that a message arriving in
+        # many small segments is searched once, not once per segment (a 60 KB header in
+        # 1-byte segments cost 6 s). Reset whenever bytes leave the front of buf (_cut).
+        self.scanned = 0  #: bytes of buf already searched for the header end, without finding it
+        self.need = 0  #: length of the message at the front once its header end is known, else 0
+
+    def cut(self) -> None:
+        """Bytes left the front of buf: what was found about it no longer holds."""
+        self.scanned = 0
+        self.need = 0
 
 
 Key = tuple[bytes, int, bytes, int]
@@ -213,6 +224,7 @@ class TcpReassembler:
             self._skip("tcp_gap_discarded_bytes", len(st.buf))
         self._held -= len(st.buf)
         st.buf.clear()
+        st.cut()
         st.next_seq = first
         st.resync = True
         if st.ws is not None:
@@ -231,6 +243,7 @@ class TcpReassembler:
         st.ooo.clear()
         st.ooo_bytes = 0
         st.buf.clear()
+        st.cut()
         st.next_seq = end
         st.resync = True
         if st.ws is not None:
@@ -248,11 +261,13 @@ class TcpReassembler:
         elif st.mode is not Mode.UNKNOWN:  # NOT_SIP or TLS
             self._skip("tcp_not_sip_bytes" if st.mode is Mode.NOT_SIP else "tls_encrypted_bytes", len(buf))
             buf.clear()
+            st.cut()
         self._held -= before - len(buf)
 
     def _identify(self, st: _Direction, seg: Datagram) -> None:
         """Decide what a direction carries from its first bytes; stays UNKNOWN until it can tell."""
         buf = st.buf
+        st.cut()
         self._strip_keepalives(buf)
         if not buf:
             return
@@ -299,10 +314,14 @@ class TcpReassembler:
     def _frame_sip(self, st: _Direction, seg: Datagram, out: list[Datagram | Anomaly]) -> None:
         buf = st.buf
         while buf:
+            if st.need and len(buf) < st.need:  # the front message's body is still arriving
+                return
             if buf[0] == 0x0D or buf[0] == 0x0A:
                 self._strip_keepalives(buf)
+                st.cut()
                 continue
             if st.resync or not _is_start(buf):
+                st.cut()
                 m = _START.search(buf)
                 if m is None:  # nothing SIP yet; keep a tail, a start line may be split across segments
                     if len(buf) > RESYNC_TAIL:
@@ -319,13 +338,15 @@ class TcpReassembler:
                                            seg.source))
                 st.resync = False
                 continue
-            end = buf.find(b"\r\n\r\n", 0, MAX_MESSAGE)
+            end = buf.find(b"\r\n\r\n", st.scanned, MAX_MESSAGE)
             if end < 0:
                 if len(buf) >= MAX_MESSAGE:
                     out.append(Anomaly("tcp_message_too_long", seg.ts, seg.no, "no header end in 64 KB", seg.source))
                     del buf[:1]
+                    st.cut()
                     st.resync = True
                     continue
+                st.scanned = max(0, len(buf) - 3)  # a "\r\n\r\n" split across segments is still found
                 return
             m = _CLEN.search(buf, 0, end + 2)
             if m is None:
@@ -342,13 +363,16 @@ class TcpReassembler:
                     if m is not None else str(clen)
                 out.append(Anomaly("tcp_message_too_long", seg.ts, seg.no, f"Content-Length {shown}", seg.source))
                 del buf[:1]
+                st.cut()
                 st.resync = True
                 continue
             if len(buf) < total:
+                st.need = total
                 return
             out.append(Datagram(seg.ts, seg.no, Transport.TCP, seg.src, seg.sport, seg.dst, seg.dport,
                                 bytes(buf[:total]), seg.encap, seg.source))
             del buf[:total]
+            st.cut()
             st.junk = 0
 
     def _strip_keepalives(self, buf: bytearray) -> None:
@@ -365,6 +389,7 @@ class TcpReassembler:
             self._set_mode(st, Mode.NOT_SIP, "not_sip")
             self._skip("tcp_not_sip_bytes", len(st.buf))
             st.buf.clear()
+            st.cut()
 
     def _frame_ws(self, st: _Direction, seg: Datagram, out: list[Datagram | Anomaly]) -> None:
         assert st.ws is not None

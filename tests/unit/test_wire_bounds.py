@@ -201,3 +201,40 @@ def test_new_anomaly_names_are_registered() -> None:
     for name in ("sip_too_many_headers", "sip_too_many_vias", "sctp_bad_fragments", "sctp_message_too_long",
                  "link_too_many_tags", "sctp_association_evicted"):
         assert name in ANOMALIES
+
+
+def test_many_empty_fragments_are_bounded_and_counted() -> None:
+    from sipsniff_acc.events import Fragment
+    from sipsniff_acc.ipfrag import MAX_PIECES, FragmentReassembler
+
+    r = FragmentReassembler()
+    key = (b"a" * 4, b"b" * 4, 1, 17)
+    t0 = time.perf_counter()
+    out = [x for i in range(20000)
+           for x in r.feed(Fragment(1.0, i, key, 4, (i % 8000) * 8, True, 17, b"a" * 4, b"b" * 4, b"", ()))]
+    assert time.perf_counter() - t0 < 3.0
+    assert "ip_frag_too_many_pieces" in [a.name for a in out if isinstance(a, Anomaly)]
+    assert all(len(p.pieces) <= MAX_PIECES for p in r._pending.values())
+
+
+def test_a_big_message_in_one_byte_segments_is_framed_in_linear_time() -> None:
+    body = b"x" * 30000
+    msg = _with("Content-Length", str(len(body)), sip_request(extra_headers=("X-Big: " + "a" * 30000,))) + body
+    r = TcpReassembler()
+    out = r.feed(_tcp(99, b"", flags=0x02))
+    t0 = time.perf_counter()
+    for i in range(len(msg)):
+        out += r.feed(_tcp(100 + i, msg[i : i + 1]))
+    assert time.perf_counter() - t0 < 4.0
+    assert [d.payload for d in out if isinstance(d, Datagram)] == [msg]
+
+
+def test_header_end_split_across_segments_is_still_found() -> None:
+    msg = sip_request(call_id="split")
+    end = msg.find(b"\r\n\r\n")
+    r = TcpReassembler()
+    out = r.feed(_tcp(99, b"", flags=0x02))
+    cuts = [0, end + 1, end + 2, end + 3, len(msg)]
+    for a, b in zip(cuts, cuts[1:]):
+        out += r.feed(_tcp(100 + a, msg[a:b]))
+    assert [d.payload for d in out if isinstance(d, Datagram)] == [msg]
