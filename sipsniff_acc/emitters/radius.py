@@ -20,7 +20,8 @@ Values are fitted before they are sent, so one record can never block the ones a
   (253), ``rc_avpair_new()`` then gives NULL, and acc_radius's ADD_RAD_AVPAIR
   (src/modules/acc_radius/acc_radius_mod.c, ``acc_radius_send_request()``) logs
   "failed to add" and jumps to ``error``: the whole Accounting-Request is dropped. We keep
-  the record instead: ``on_overlong: truncate`` (the default) cuts the value to 253 octets
+  the record instead: ``on_overlong: truncate`` (the default; set in the RADIUS config, else
+  rules.yaml's ``acc.on_overlong`` applies, as for SQL) cuts the value to 253 octets
   on a UTF-8 character boundary and counts it per attribute (``fitted``); ``on_overlong:
   dead-letter`` does what Kamailio does to the request, but visibly: the record is refused
   (``RecordRejected``) and set aside in the spool's dead-letter table with the reason.
@@ -89,7 +90,7 @@ class RadiusConfig:
     nas_ip: str = ""
     nas_identifier: str = ""
     dictionaries: list[str] = field(default_factory=list)  #: extra dictionary files (radius_extra names)
-    on_overlong: str = "truncate"  #: a string over 253 octets: "truncate" (counted) or "dead-letter"
+    on_overlong: str = ""  #: a string over 253 octets: "truncate" (counted) or "dead-letter"; "": rules' acc.on_overlong
 
 
 def load_config(path: str | None) -> RadiusConfig:
@@ -163,7 +164,7 @@ def _from_yaml(text: str, where: Path) -> RadiusConfig:
     cfg = RadiusConfig(servers, _number(data.get("timeout", 3.0), "timeout", where, float),
                        int(_number(data.get("retries", 2), "retries", where, int)), str(data.get("bind", "") or ""),
                        str(data.get("nas_ip", "") or ""), str(data.get("nas_identifier", "") or ""),
-                       [str(where.parent / d) for d in dicts], str(data.get("on_overlong", "truncate")))
+                       [str(where.parent / d) for d in dicts], str(data.get("on_overlong", "") or ""))
     return _check(cfg, where)
 
 
@@ -191,7 +192,7 @@ def _from_radiusclient(text: str, where: Path) -> RadiusConfig:
     cfg = RadiusConfig(servers, _number(kv.get("radius_timeout", 3), "radius_timeout", where, float),
                        int(_number(kv.get("radius_retries", 2), "radius_retries", where, int)),
                        kv.get("bindaddr", "").replace("*", ""), kv.get("nas-ip", ""), kv.get("nas-identifier", ""),
-                       on_overlong=kv.get("on_overlong", "truncate"))
+                       on_overlong=kv.get("on_overlong", ""))
     return _check(cfg, where)
 
 
@@ -212,7 +213,7 @@ def _check(cfg: RadiusConfig, where: Path) -> RadiusConfig:
         raise RadiusConfigError(f"{where}: nas_ip must be an IPv4 address (NAS-IP-Address)")
     if len(cfg.nas_identifier.encode("utf-8", "replace")) > MAX_STRING:
         raise RadiusConfigError(f"{where}: nas_identifier is longer than {MAX_STRING} bytes")
-    if cfg.on_overlong not in OVERLONG_POLICIES:
+    if cfg.on_overlong and cfg.on_overlong not in OVERLONG_POLICIES:
         raise RadiusConfigError(f"{where}: on_overlong must be one of {', '.join(OVERLONG_POLICIES)}")
     return cfg
 
@@ -254,9 +255,14 @@ class RadiusEmitter:
 
     kind = "radius"
 
-    def __init__(self, rules: RulesFile, config: RadiusConfig | None = None) -> None:
+    def __init__(self, rules: RulesFile, config: RadiusConfig | None = None, on_overlong: str | None = None) -> None:
+        """on_overlong: "truncate" or "dead-letter"; None: the RADIUS config's on_overlong, else
+        rules.yaml's acc.on_overlong (the one policy of every backend), else truncate."""
         self.rules = rules
         self.cfg = config or load_config(rules.acc.radius_config)
+        self.on_overlong = on_overlong or self.cfg.on_overlong or str(getattr(rules.acc, "on_overlong", "truncate"))
+        if self.on_overlong not in OVERLONG_POLICIES:
+            raise RadiusConfigError(f"on_overlong: {self.on_overlong!r} is not one of {', '.join(OVERLONG_POLICIES)}")
         try:
             self.dict = dictionary(self.cfg.dictionaries)
         except (OSError, ParseError, ValueError, KeyError) as e:
@@ -338,7 +344,7 @@ class RadiusEmitter:
                 return
             data, cut = fit_text(value, MAX_STRING, self.fitted, name)
             if cut:
-                if self.cfg.on_overlong == "dead-letter":
+                if self.on_overlong == "dead-letter":
                     raise _Refused(f"{name} is {len(value.encode('utf-8', 'replace'))} bytes, over RADIUS's "
                                    f"{MAX_STRING} (on_overlong: dead-letter; Kamailio drops such a request)")
                 self.fitted[f"{name}: truncated to {MAX_STRING} bytes"] += 1

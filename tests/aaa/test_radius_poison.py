@@ -211,3 +211,18 @@ def test_a_record_from_other_rules_is_refused_before_any_io(tmp_path: Path) -> N
     out: list[tuple[str, int | str | bytes]] = []
     em._add(out, "Acct-Session-Time", "9" * 5000)
     assert out == [] and em.fitted == {"Acct-Session-Time: not a 32-bit number, omitted": 1}
+
+
+def test_rules_on_overlong_applies_unless_the_radius_config_says(tmp_path: Path) -> None:
+    """One policy for every backend: rules.yaml's acc.on_overlong (as for SQL), unless the
+    RADIUS config sets its own."""
+    cfg = tmp_path / "radius.yaml"
+    cfg.write_text(f"servers: ['127.0.0.1:1']\nsecret: {SECRET}\n")
+    rules = parse_rules(f"acc: {{radius_flag: 1, radius_config: {cfg}, on_overlong: dead-letter}}\n")
+    em = RadiusEmitter(rules)
+    assert em.on_overlong == "dead-letter"
+    with pytest.raises(RecordRejected):
+        em.deliver([record(LONG_CALL_ID)])
+    cfg.write_text(f"servers: ['127.0.0.1:1']\nsecret: {SECRET}\non_overlong: truncate\n")
+    assert RadiusEmitter(rules).on_overlong == "truncate"
+    assert RadiusEmitter(rules, on_overlong="dead-letter").on_overlong == "dead-letter"  # --on-overlong
