@@ -394,7 +394,8 @@ def parse(data: bytes) -> SipMessage:
     else:
         defects += ("sip_missing_via",)
     if clen is not None:
-        n = _number(clen.strip())
+        clen = clen.strip()
+        n = int(clen) if len(clen) <= MAX_DIGITS and clen.isdigit() else _number(clen)  # inline: the common case
         if n is not None:
             msg.content_length = n
             if msg.body_start + n > len(data):
