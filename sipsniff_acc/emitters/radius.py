@@ -90,7 +90,7 @@ class RadiusConfig:
     nas_ip: str = ""
     nas_identifier: str = ""
     dictionaries: list[str] = field(default_factory=list)  #: extra dictionary files (radius_extra names)
-    on_overlong: str = ""  #: a string over 253 octets: "truncate" (counted) or "dead-letter"; "": rules' acc.on_overlong
+    on_overlong: str = ""  #: over 253 octets: "truncate" (counted) or "dead-letter"; "": rules' acc.on_overlong
 
 
 def load_config(path: str | None) -> RadiusConfig:
@@ -406,7 +406,10 @@ class RadiusEmitter:
             except _Refused as e:  # only a packet size can differ by server (none in practice)
                 errors.append(f"{host}:{port}: {e}")
                 continue
-            sock = self._socket()
+            try:
+                sock = self._socket()
+            except OSError as e:  # the bind address is gone (an interface down): transient
+                raise BackendDown(f"RADIUS: cannot open a socket from {self.cfg.bind or 'any'}: {e.strerror}") from None
             for attempt in range(self.cfg.retries + 1):
                 if attempt:
                     self.retransmissions += 1

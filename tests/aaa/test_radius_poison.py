@@ -226,3 +226,14 @@ def test_rules_on_overlong_applies_unless_the_radius_config_says(tmp_path: Path)
     cfg.write_text(f"servers: ['127.0.0.1:1']\nsecret: {SECRET}\non_overlong: truncate\n")
     assert RadiusEmitter(rules).on_overlong == "truncate"
     assert RadiusEmitter(rules, on_overlong="dead-letter").on_overlong == "dead-letter"  # --on-overlong
+
+
+def test_a_bind_address_that_is_gone_is_backend_down(tmp_path: Path) -> None:
+    """Only BackendDown or RecordRejected ever leave deliver (192.0.2.1 is no local address)."""
+    from sipsniff_acc.emitters.spool import BackendDown
+    cfg = tmp_path / "radius.yaml"
+    cfg.write_text(f"servers: ['127.0.0.1:1']\nsecret: {SECRET}\nbind: 192.0.2.1\n")
+    em = RadiusEmitter(parse_rules(f"acc: {{radius_flag: 1, radius_config: {cfg}}}\n"))
+    with pytest.raises(BackendDown) as e:
+        em.deliver([record("c1")])
+    assert e.value.delivered == 0 and "cannot open a socket from 192.0.2.1" in str(e.value)
