@@ -216,3 +216,24 @@ def test_pure_python_parse_matches_c_parse(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(sip, "_param", None)
     slow = [tuple(getattr(sip.parse(p), k) for k in fields) for p in payloads]
     assert fast == slow
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="0123456789", min_size=1, max_size=6000), st.sampled_from(["CSeq", "Content-Length", "l"]))
+def test_any_digit_string_is_a_bounded_number_or_a_defect(digits: str, header: str) -> None:
+    """Issue 10: whatever digits a packet claims, the parse never raises and never keeps a number
+    out of range; below the bound it is the number the digits say (leading zeros included)."""
+    value = f"{digits} INVITE" if header == "CSeq" else digits
+    raw = sip_request(extra_headers=()).replace(b"CSeq: 1 INVITE", b"CSeq: 1 INVITE" if header != "CSeq"
+                                                 else f"CSeq: {value}".encode())
+    if header != "CSeq":
+        raw = raw.replace(b"Content-Length: 0", f"{header}: {value}".encode())
+    m = sip.parse(raw)
+    significant = digits.lstrip("0") or "0"
+    if header == "CSeq":
+        ok = len(significant) <= 10 and int(significant) < sip.MAX_CSEQ
+        assert (m.cseq_num == int(significant)) if ok else (m.cseq_num is None and "sip_bad_cseq" in m.defects)
+    else:
+        ok = len(significant) <= sip.MAX_DIGITS
+        assert (m.content_length == int(significant)) if ok else (
+            m.content_length is None and "sip_bad_content_length" in m.defects)
