@@ -16,6 +16,7 @@ process. All of it is pure: the packet timestamp is the only clock (timeouts fir
 from __future__ import annotations
 
 import socket
+import struct
 
 from sipsniff_acc import decode as dec
 from sipsniff_acc import sip
@@ -126,6 +127,8 @@ class CaptureStage:
             item = dec.transport(res.proto, res.src, res.dst, res.payload, 0, len(res.payload), frame, res.encap)
         except dec.DecodeError as bad:
             item = Anomaly(bad.name, res.ts, res.no, bad.detail, res.source)
+        except (struct.error, IndexError) as exc:  # as in decode(): a length check we did not write is not a crash
+            item = Anomaly("ip_truncated", res.ts, res.no, str(exc), res.source)
         if item.__class__ is Datagram:
             self._datagram(item, out)
         elif item is None:

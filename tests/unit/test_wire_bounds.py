@@ -238,3 +238,39 @@ def test_header_end_split_across_segments_is_still_found() -> None:
     for a, b in zip(cuts, cuts[1:]):
         out += r.feed(_tcp(100 + a, msg[a:b]))
     assert [d.payload for d in out if isinstance(d, Datagram)] == [msg]
+
+
+def test_websocket_64_bit_length_is_a_bad_frame_not_an_allocation() -> None:
+    from sipsniff_acc.wsframe import WsDecoder, looks_like_ws_sip
+
+    frame = bytes([0x81, 0x7F]) + struct.pack("!Q", 2**63 + 5) + b"INVITE sip:a SIP/2.0\r\n"
+    buf = bytearray(frame)
+    assert WsDecoder().feed(buf) == ([], ["ws_bad_frame"]) and not buf
+    assert looks_like_ws_sip(frame)  # only the first 64 bytes are looked at
+
+
+def test_tunnels_nested_without_end_are_counted() -> None:
+    inner = ip4_udp(sip_request())
+    for _ in range(200):  # IP-in-IP, 200 deep
+        inner = ip4_udp(inner, proto=4, raw_payload=True)
+    out = decode(Frame(1.0, 1, ether(inner), 1))
+    assert isinstance(out, Anomaly) and out.name == "tunnel_truncated"
+
+
+def test_reassembled_datagram_with_a_truncated_inner_frame_is_an_anomaly() -> None:
+    from sipsniff_acc.pipeline import CaptureStage
+
+    gre = struct.pack("!HH", 0, 0x22EB) + b"\x00" * 20  # ERSPAN III, then a truncated Ethernet frame
+    whole = ip4_udp(gre, proto=47, raw_payload=True)
+    hdr, payload = whole[:20], whole[20:]
+    first = hdr[:6] + struct.pack("!H", 0x2000) + hdr[8:]
+    last = hdr[:6] + struct.pack("!H", 1) + hdr[8:]
+    frames = [Frame(1.0, 1, ether(_ip_len(first, 8) + payload[:8]), 1),
+              Frame(1.0, 1, ether(_ip_len(last, len(payload) - 8) + payload[8:]), 2)]
+    stage = CaptureStage()
+    out = [x for f in frames for x in stage.feed(f)]  # must not raise
+    assert all(isinstance(x, Anomaly) for x in out)
+
+
+def _ip_len(hdr: bytes, payload: int) -> bytes:
+    return hdr[:2] + struct.pack("!H", 20 + payload) + hdr[4:]
