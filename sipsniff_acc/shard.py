@@ -21,6 +21,7 @@ copies bytes: pickling in the feeder thread made it fight the reading thread for
 from __future__ import annotations
 
 import atexit
+import ctypes
 import multiprocessing as mp
 import os
 import pickle
@@ -40,6 +41,7 @@ BATCH: Final = 1000  #: messages per batch: large enough that pickling overhead 
 DEPTH: Final = 4  #: batches in flight per worker
 POLL: Final = 1.0  #: seconds between liveness checks while waiting for a result
 STOP_WAIT: Final = 5.0  #: seconds workers get to exit after the last batch before they are killed
+PR_SET_PDEATHSIG: Final = 1  #: prctl(2)
 WORKER_NICENESS: Final = 5  #: workers yield the CPU to the reading process
 
 
@@ -55,6 +57,7 @@ def _serve(inbox: Any, outbox: Any, work: Callable[[Any], Any], parent: int) -> 
     # (it stops the workers itself), so a worker is never interrupted inside a queue's lock.
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
+    _die_with(parent)
     while True:
         try:
             data = inbox.get(timeout=POLL)
@@ -67,6 +70,19 @@ def _serve(inbox: Any, outbox: Any, work: Callable[[Any], Any], parent: int) -> 
             outbox.join_thread()
             return
         outbox.put(pickle.dumps(work(pickle.loads(data)), pickle.HIGHEST_PROTOCOL))
+
+
+def _die_with(parent: int) -> None:
+    """Linux: the kernel kills this worker when the front dies (SIGKILL, OOM killer). The
+    polling of getppid() in ``_serve`` is not enough alone: a front killed in the middle of
+    writing a batch leaves the worker blocked for ever reading the rest of it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the getppid() poll only
+        return
+    if os.getppid() != parent:  # died before prctl took effect
+        os._exit(0)
 
 
 #: pools whose workers are alive: killed at exit whatever path the exit takes, before

@@ -102,17 +102,20 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def workload(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[str], float]:
-    """The capture, the sipsniff_ids of a clean `-j 2` run, and its wall time."""
+    """The capture, the sipsniff_ids of a clean `-j 2` run, and its wall time (once started)."""
     d = tmp_path_factory.mktemp("killwork")
     pcap = d / "calls.pcap"
     subprocess.run([sys.executable, str(GEN), str(pcap), "--calls", str(CALLS), "--seed", "5"], check=True,
                    capture_output=True, timeout=120)
+    with open(d / "stderr", "wb") as err:
+        proc = subprocess.Popen(cmd("process", str(pcap), "-j", "2", "--log", "none", "-q", "--db-url",
+                                    f"sqlite:///{d / 'clean.db'}", "--spool", str(d / "clean.spool")),
+                                stdout=subprocess.DEVNULL, stderr=err, env=env(), cwd=d)
+    wait_opened(proc, pcap)
     t0 = time.monotonic()
-    res = subprocess.run(cmd("process", str(pcap), "-j", "2", "--log", "none", "-q", "--db-url", f"sqlite:///{d / 'clean.db'}",
-                             "--spool", str(d / "clean.spool")), capture_output=True, text=True, timeout=300,
-                         env=env(), cwd=d)
-    wall = time.monotonic() - t0
-    assert res.returncode == 0, res.stderr
+    status = proc.wait(300)
+    wall = time.monotonic() - t0  # from the capture's opening: the part a stop can land in
+    assert status == 0, (d / "stderr").read_text()
     clean = ids(d / "clean.db")
     assert len(clean) == len(set(clean)) > 3000
     return pcap, set(clean), wall
@@ -166,7 +169,9 @@ def test_random_stops_lose_and_duplicate_nothing(workload: tuple[Path, set[str],
         delay = rng.uniform(0.0, 0.8 * wall)
         status, err, took = stopped_run(pcap, tmp_path, delay, sig, to_group)
         what = f"run {i}: {signal.Signals(sig).name} to the {'group' if to_group else 'process'} after {delay:.2f} s"
-        if status is None:
+        if status is None or (status in (0, -sig) and "stopping on" not in err and "acc: " in err):
+            # it ended before the signal, or the signal came while the interpreter was already
+            # finalising (Python has put the default handlers back): the run was complete
             stats["finished_first"] += 1
             continue
         stats["stopped"] += 1
@@ -192,7 +197,7 @@ def test_stop_to_the_whole_group_reaches_only_the_front(workload: tuple[Path, se
     the front (no traceback from a worker interrupted in a queue), and the run ends 143."""
     pcap, _clean, wall = workload
     for sig in (signal.SIGTERM, signal.SIGINT):
-        status, err, took = stopped_run(pcap, tmp_path, 0.5 * wall, sig, to_group=True)
+        status, err, took = stopped_run(pcap, tmp_path, 0.3 * wall, sig, to_group=True)
         assert status == 128 + sig, err
         assert "Traceback" not in err and f"stopping on {signal.Signals(sig).name}: flushing" in err, err
         assert took <= BOUND
@@ -206,7 +211,7 @@ def test_workers_do_not_outlive_a_killed_front(workload: tuple[Path, set[str], f
                             start_new_session=True)
     try:
         wait_opened(proc, pcap)
-        time.sleep(0.5 * wall)
+        time.sleep(0.3 * wall)
         assert proc.poll() is None, "finished before the kill: make the capture bigger"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
@@ -229,7 +234,7 @@ def test_second_signal_while_draining_exits_at_once_with_everything_spooled(
                                 stdout=subprocess.DEVNULL, stderr=err, env=env(), cwd=tmp_path, start_new_session=True)
     try:
         wait_opened(proc, pcap)
-        time.sleep(0.5 * wall)
+        time.sleep(0.3 * wall)
         assert proc.poll() is None, (tmp_path / "stderr").read_text()
         proc.send_signal(signal.SIGTERM)
         time.sleep(2.0)  # flushing, then draining towards a database that is not there
@@ -263,25 +268,37 @@ def test_log_disk_full_at_exit_still_delivers_every_row(tmp_path: Path) -> None:
     assert len(ids(db)) + spooled(spool) == 20 and len(set(ids(db))) == len(ids(db))
 
 
-def test_a_stop_swallowed_by_python_is_not_lost() -> None:
-    """A signal handler's exception raised inside a ``__del__`` is printed and dropped by
-    Python (the old run went on and exited 0): the stop is kept and raised at the next safe
-    point. Checked in-process on the mechanism, since where a signal lands cannot be chosen
-    from outside."""
-    from sipsniff_acc import stopping
+SWALLOWING = """
+import gc, os, signal, sys
+sys.unraisablehook = lambda _u: None  # what Python does with it anyway, without the noise
+fired = []
+def collecting(phase, _info):
+    # Once the run's handler is in place, SIGTERM arrives while a gc callback runs: Python
+    # cannot raise out of a callback (or a __del__), it drops the handler's exception.
+    if not fired and phase == "start" and signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None) \\
+            and getattr(signal.getsignal(signal.SIGTERM), "__name__", "") != "_before_run":
+        fired.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):
+            pass
+gc.callbacks.append(collecting)
+sys.argv = ["sipsniff-acc", *sys.argv[1:]]
+from sipsniff_acc.cli import main
+main()
+"""
 
-    class Finalised:
-        def __del__(self) -> None:
-            os.kill(os.getpid(), signal.SIGTERM)  # delivered here, while Python runs a finaliser
-            for _ in range(1000):  # give the handler its bytecode boundary inside __del__
-                pass
 
-    with stopping.Watch([], 0.0) as st:
-        hook, sys.unraisablehook = sys.unraisablehook, lambda _u: None
-        try:
-            Finalised()  # collected at once: the handler's raise is swallowed
-        finally:
-            sys.unraisablehook = hook
-        assert st.signum == signal.SIGTERM and st.raised
-        with pytest.raises(stopping.Stopped):
-            stopping.check()
+def test_a_stop_python_swallows_still_stops_the_run(workload: tuple[Path, set[str], float], tmp_path: Path) -> None:
+    """The handler's exception can land where Python drops it (a __del__, a weakref or gc
+    callback: SQLAlchemy's pool has them); the old run then went on and exited 0. The stop
+    is kept and taken at the next safe point: 143, and the run did not go on to the end."""
+    pcap, clean, _wall = workload
+    script = tmp_path / "swallowing.py"
+    script.write_text(SWALLOWING)
+    db = tmp_path / "acc.db"
+    res = subprocess.run([sys.executable, str(script), "process", str(pcap), "-j", "0", "--log", "none",
+                          "--db-url", f"sqlite:///{db}", "--spool", str(tmp_path / "spool")],
+                         capture_output=True, text=True, timeout=300, env=env(), cwd=tmp_path)
+    assert res.returncode == 128 + signal.SIGTERM, res.stderr[-2000:]
+    assert "stopping on SIGTERM: flushing" in res.stderr
+    assert len(ids(db)) + spooled(tmp_path / "spool") < len(clean)  # stopped, not run to the end
