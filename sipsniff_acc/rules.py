@@ -491,6 +491,78 @@ class Condition(_Strict):
         return True
 
 
+    def compiled(self) -> Callable[[SipMessage, int, int], bool]:
+        """``matches`` as a closure over plain locals, with only the checks this condition has.
+
+        Why: ``matches`` reads pydantic private attributes and looks up From/To on every call
+        (~4 us before any regex runs); RE2's call costs more than ``re``'s on short R-URIs
+        (~0.7 vs ~0.1 us), and this more than pays for it. Same result as ``matches`` (tested).
+        """
+        Check = Callable[[SipMessage, int, int], bool]
+        checks: list[Check] = []
+        if self.method is not None:
+            methods = frozenset(m.upper() for m in ([self.method] if isinstance(self.method, str) else self.method))
+            checks.append(lambda msg, _f, _c: (msg.method or msg.cseq_method).upper() in methods)
+        if self.in_dialog is not None:
+            in_dialog = self.in_dialog
+            checks.append(lambda msg, _f, _c: in_dialog == bool(msg.to_tag))
+        rx = self._re
+        if "ruri" in rx:
+            ruri = rx["ruri"].search
+            checks.append(lambda msg, _f, _c: msg.ruri is not None and ruri(msg.ruri))
+        for key, header in (("from_", "from"), ("to", "to")):
+            if key in rx:
+                def check(msg: SipMessage, _f: int, _c: int, search: Callable[[str], bool] = rx[key].search,
+                          header: str = header) -> bool:
+                    text = msg.header(header)
+                    return text is not None and search(text)
+                checks.append(check)
+        for key, net in self._nets.items():
+            def in_net(msg: SipMessage, _f: int, _c: int, dst: bool = key == "dst",
+                       net: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None] = net) -> bool:
+                ip, port = (msg.dst, msg.dport) if dst else (msg.src, msg.sport)
+                try:
+                    return ipaddress.ip_address(ip) in net[0] and (net[1] is None or port == net[1])
+                except ValueError:
+                    return False
+            checks.append(in_net)
+        if self.src_port is not None:
+            sport = self.src_port
+            checks.append(lambda msg, _f, _c: msg.sport == sport)
+        if self.dst_port is not None:
+            dport = self.dst_port
+            checks.append(lambda msg, _f, _c: msg.dport == dport)
+        if self.transport is not None:
+            transports = frozenset(t.upper() for t in ([self.transport] if isinstance(self.transport, str)
+                                                        else self.transport))
+            checks.append(lambda msg, _f, _c: (msg.transport or "UDP").upper() in transports)
+        for name, want in self.header.items():
+            def has_header(msg: SipMessage, _f: int, _c: int, lname: str = name.lower(), want: str | bool = want,
+                           search: Callable[[str], bool] | None = rx["hdr:" + name].search if isinstance(want, str)
+                           else None) -> bool:
+                values = [v for k, v in msg.headers if k == lname]
+                if search is None:
+                    return bool(values) == want
+                return any(search(v) for v in values)
+            checks.append(has_header)
+        if self.code is not None:
+            codes = [str(c) for c in (self.code if isinstance(self.code, list) else [self.code])]
+            exact = frozenset(c for c in codes if not c.endswith("xx"))
+            classes = frozenset(c[0] for c in codes if c.endswith("xx"))
+            checks.append(lambda _m, _f, code: str(code) in exact or str(code)[0] in classes)
+        if self.flag is not None:
+            mask = sum(1 << f for f in ([self.flag] if isinstance(self.flag, int) else self.flag))
+            checks.append(lambda _m, flags, _c: flags & mask == mask)
+        all_checks = tuple(checks)
+
+        def matches(msg: SipMessage, flags: int = 0, code: int = 0) -> bool:
+            for check in all_checks:
+                if not check(msg, flags, code):
+                    return False
+            return True
+        return matches
+
+
 @dataclass(frozen=True, slots=True)
 class CompiledRule:
     """A rule as plain data for the per-transaction walk (pydantic attribute access is slow)."""
@@ -507,17 +579,19 @@ class CompiledRule:
 def compile_rule(rule: Rule) -> CompiledRule:
     cond = rule.if_
     simple = cond.model_dump(exclude_defaults=True, by_alias=True).keys() <= {"method", "in_dialog"}
+    matches: Callable[[SipMessage, int, int], bool]
     if simple:  # the common case, inlined: method and in-dialog only
         methods = None if cond.method is None else frozenset(
             m.upper() for m in ([cond.method] if isinstance(cond.method, str) else cond.method))
         in_dialog = cond.in_dialog
 
-        def matches(msg: SipMessage, flags: int, code: int) -> bool:
+        def matches_simple(msg: SipMessage, flags: int, code: int) -> bool:
             if methods is not None and (msg.method or msg.cseq_method).upper() not in methods:
                 return False
             return in_dialog is None or in_dialog == bool(msg.to_tag)
+        matches = matches_simple
     else:
-        matches = cond.matches
+        matches = cond.compiled()
     set_mask = sum(1 << f for f in set(rule.flags_set))
     reset_mask = sum(1 << f for f in set(rule.flags_reset))
     calls = tuple((tuple(b.split("+")), c.comment, c.table) for b, c in rule.acc_calls())

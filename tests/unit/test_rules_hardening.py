@@ -240,3 +240,31 @@ def test_bundled_rules_yaml_loads_and_its_limits_example_too() -> None:
     uncommented = head + "\nlimits:\n" + "".join(line[1:] + "\n" for line in example.splitlines())
     limits = parse_rules(uncommented, "rules.yaml").limits
     assert limits.max_transactions == 50_000
+
+
+CONDITIONS = [
+    "{method: INVITE}", "{method: [bye, Invite], in_dialog: true}", "{in_dialog: false, ruri: '^sip:\\+40'}",
+    "{from: '@example\\.com', to: '^<sip:bob'}", "{to: 'nobody'}", "{src: '10.0.0.0/24', dst: '10.0.0.10:5060'}",
+    "{src: '10.0.0.1:5061'}", "{dst: '::1'}", "{src_port: 5060, dst_port: 5060}", "{dst_port: 5080}",
+    "{transport: [udp, TCP]}", "{transport: TLS}", "{header: {User-Agent: '(?i)^PHONE/', X-A: true}}",
+    "{header: {X-A: false}}", "{header: {X-Missing: false, x-a: 'b'}}", "{code: [486, 4xx]}", "{code: 5xx}",
+    "{flag: [1, 3]}", "{flag: 2}", "{ruri: '^sip:(a+)+$'}",
+]
+
+
+@pytest.mark.parametrize("cond", CONDITIONS)
+def test_compiled_condition_decides_as_matches(cond: str) -> None:
+    """compile_rule's closure (the per-transaction path) gives the same answer as Condition.matches."""
+    rule = parse_rules(f"failure_route:\n  - if: {cond}\n    setflag: [1]\n").failure_route[0]
+    compiled = compile_rule(rule).matches
+    msgs = [Call(ruri=u, headers=h).request(m, 1.0, UAC, PROXY, [C], to_tag=t)
+            for u in ("sip:+40721@gw", "sip:" + "a" * 30, "sip:bob@example.com")
+            for h in ("", "User-Agent: phone/1.0\nX-A: a\nX-A: b\n")
+            for m, t in (("INVITE", None), ("BYE", "tt"))]
+    other = Call().request("INVITE", 1.0, "10.0.0.1", PROXY, [C])
+    other.sport, other.transport = 5061, "TCP"
+    msgs.append(other)
+    for msg in msgs:
+        for flags in (0, 0b1010, 0b0100):
+            for code in (0, 404, 486, 503):
+                assert compiled(msg, flags, code) == rule.if_.matches(msg, flags, code), (cond, msg.ruri, flags, code)
