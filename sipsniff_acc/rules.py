@@ -628,6 +628,9 @@ class AccCall(_Strict):
 AccArg = str | AccCall
 
 
+MAX_AVP_VALUE = 1024  #: characters of a set_avp value: 80 KB of "$fU(" took 1.6 s per interpolation
+
+
 class Rule(_Strict):
     if_: Condition = Field(default_factory=Condition, alias="if")
     setflag: Flag | list[Flag] = []
@@ -646,6 +649,8 @@ class Rule(_Strict):
     def _avps(cls, v: dict[str, str]) -> dict[str, str]:
         for name, value in v.items():
             _ident(name, "AVP name")
+            if len(str(value)) > MAX_AVP_VALUE:  # pseudo-variable scans of a value are quadratic in its length
+                raise ValueError(f"set_avp {name}: at most {MAX_AVP_VALUE} characters, not {len(str(value))}")
             for m in re.finditer(r"\$\(?\w+(?:\([^)]*\))?(?:\[[^\]]*\])?\)?", str(value)):
                 try:
                     parse_pv(m.group(0))
