@@ -25,7 +25,8 @@ from typing import Annotated, Any, Literal
 
 import re2  # type: ignore[import-untyped]
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, PrivateAttr, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, PrivateAttr, ValidationError,
+                      field_validator)
 
 from sipsniff_acc.limits import Limits
 from sipsniff_acc.pv import PvError, PvSpec, parse_extra, parse_pv
@@ -139,6 +140,10 @@ class UserRegex:
 
     def __repr__(self) -> str:
         return f"UserRegex({self.pattern!r})"
+
+    def __reduce__(self) -> tuple[type[UserRegex], tuple[str]]:
+        """Pickled as its pattern (RE2 objects and the search closure are not picklable)."""
+        return UserRegex, (self.pattern,)
 
 
 def _raw_anchor() -> Any:
@@ -730,8 +735,8 @@ class RulesFile(_Strict):
     acc: AccParams = Field(default_factory=AccParams)
     route: list[Rule] = []
     failure_route: list[Rule] = []
-    limits: Annotated[Limits, PlainValidator(lambda v: v if isinstance(v, Limits) else limits_from(v))] = Field(
-        default_factory=Limits)
+    limits: Annotated[Limits, PlainValidator(lambda v: v if isinstance(v, Limits) else limits_from(v)),
+                      PlainSerializer(dataclasses.asdict)] = Field(default_factory=Limits)
 
     def semantic_problems(self) -> list[tuple[tuple[Any, ...], str]]:
         """What is well-typed but means nothing, with where it is."""

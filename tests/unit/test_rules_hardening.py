@@ -276,3 +276,13 @@ def test_set_avp_value_is_bounded() -> None:
     assert len(ok.route[0].set_avp["x"]) == 1024
     p = one_problem("route:\n  - set_avp: {x: \"" + "$fU(" * 20000 + "\"}\n")
     assert p == "r.yaml:2: route.0.set_avp: set_avp x: at most 1024 characters, not 80000"
+
+
+def test_rules_pickle_and_dump_with_regexes_and_limits() -> None:
+    """A RulesFile crosses a process boundary (pickle) and serialises (model_dump) as before RE2 and limits:."""
+    import pickle
+    rules = parse_rules("limits: {max_dialogs: 7}\nroute:\n  - if: {ruri: '^sip:x'}\n    setflag: 1\n")
+    again = pickle.loads(pickle.dumps(rules))
+    msg = Call(ruri="sip:x@y").request("INVITE", 1.0, UAC, PROXY, [C])
+    assert compile_rule(again.route[0]).matches(msg, 0, 0) and again.limits.max_dialogs == 7
+    assert rules.model_dump()["limits"]["max_dialogs"] == 7
