@@ -23,6 +23,7 @@ from sipsniff_acc.events import Datagram
 from sipsniff_acc.sources import (
     CapturePathError, CaptureReader, SourceError, check_capture, expand_paths, open_captures,
 )
+from sipsniff_acc.sources.pcapfile import is_capture_magic
 from sipsniff_acc.sources.live import LiveCapture
 from sipsniff_acc.sources.pcapfile import FrameSource
 from sipsniff_acc.sources.tlskeys import TlsEngineError, decrypted_sip
@@ -302,7 +303,13 @@ EXIT_BACKEND_ERROR = 3  #: a backend refused records; they were saved to an unse
 
 def _rules_or_exit(path: Path | None) -> RulesFile:
     """The rules, or every problem as one line `error: FILE:LINE: key: why` (a quoted value
-    is escaped: a rules file is not trusted to drive the terminal) and exit 2."""
+    is escaped: a rules file is not trusted to drive the terminal) and exit 2. A capture
+    given where rules go (-m capture.pcap) is named as such."""
+    if path is not None and path.is_file():
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if is_capture_magic(head):
+            raise usage_error(f"{path} is a capture, not rules.yaml: read it with -r {path} (or give it as FILE)")
     try:
         return load_rules(path)
     except RulesError as e:

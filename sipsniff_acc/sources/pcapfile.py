@@ -300,10 +300,15 @@ RULES_SUFFIXES: Final = (".yaml", ".yml")
 _RULES_KEYS: Final = re.compile(rb"^(acc|route|failure_route|profile|proxy|tm|limits)\s*:", re.MULTILINE)
 
 
+def is_capture_magic(head: bytes) -> bool:
+    """The first bytes are those of a pcap, a pcapng or a gzip file."""
+    return head[:4] in PCAP_MAGICS or head[:4] == PCAPNG_SHB or head[:2] == GZIP_MAGIC
+
+
 def looks_like_rules(path: str, head: bytes) -> bool:
     """A YAML file where a capture was expected: ``-r rules.yaml`` by someone used to ``-r``
     meaning rules here before (tshark's ``-r`` reads a capture)."""
-    if head[:4] in PCAP_MAGICS or head[:4] == PCAPNG_SHB or head[:2] == GZIP_MAGIC:
+    if is_capture_magic(head):
         return False
     return path.lower().endswith(RULES_SUFFIXES) or _RULES_KEYS.search(head) is not None
 

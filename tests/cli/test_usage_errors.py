@@ -57,6 +57,7 @@ def test_rules_have_their_own_flag_and_a_yaml_given_to_r_gets_a_hint(tmp_path: P
     odd = tmp_path / "my-rules.txt"  # not named .yaml: recognised by its keys
     odd.write_text("acc:\n  log_flag: 1\n")
     one_line_error(run("messages", "-r", str(odd), cwd=tmp_path), 2, "looks like rules.yaml")
+    one_line_error(run("process", "-m", SAMPLE, cwd=tmp_path), 2, f"{SAMPLE} is a capture, not rules.yaml: read it with -r")
     assert not list(tmp_path.glob("*.db")) and not list(tmp_path.glob("*.spool"))
 
 
