@@ -800,7 +800,9 @@ class _Loader(_FastSafeLoader):  # type: ignore[valid-type,misc]
         """An int of 5000 digits or a date 2001-13-45 raises ValueError in PyYAML: say where instead."""
         try:
             return super().construct_object(node, deep)
-        except (ValueError, OverflowError, TypeError) as e:
+        except yaml.YAMLError:
+            raise
+        except Exception as e:  # PyYAML's constructors raise what they meet (!!timestamp x: AttributeError)
             why = str(e).split(";")[0].split(": value has")[0]
             raise yaml.constructor.ConstructorError(None, None, f"cannot read this value: {_clip(why, 100)}",
                                                     node.start_mark) from None

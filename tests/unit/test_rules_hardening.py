@@ -181,6 +181,7 @@ def test_file_over_1_mib_is_refused_without_reading_it_all(tmp_path: Path) -> No
     ("just text\n", "r.yaml:1: the file must be a mapping"),
     ("acc:\n  log_flag: " + "1" * 5000 + "\n", "r.yaml:2: not valid YAML: cannot read this value: Exceeds the limit"),
     ("acc:\n  log_flag: 2001-13-45\n", "r.yaml:2: not valid YAML: cannot read this value: month must be in 1..12"),
+    ("acc:\n  log_flag: !!timestamp x\n", "r.yaml:2: not valid YAML: cannot read this value: "),
     ("acc:\n  log_extra: \x1b[31m\n", "r.yaml:2: not valid YAML: character '\\x1b' is not allowed"),
     ("? [a]\n: 1\n", "r.yaml:1: not valid YAML: found unhashable key"),
     ("a: 1\n---\nb: 2\n", "r.yaml:2: not valid YAML: but found another document"),
@@ -286,3 +287,35 @@ def test_rules_pickle_and_dump_with_regexes_and_limits() -> None:
     msg = Call(ruri="sip:x@y").request("INVITE", 1.0, UAC, PROXY, [C])
     assert compile_rule(again.route[0]).matches(msg, 0, 0) and again.limits.max_dialogs == 7
     assert rules.model_dump()["limits"]["max_dialogs"] == 7
+
+
+def test_mutated_rules_files_give_rules_or_one_line_errors() -> None:
+    """Seeded byte mutations of the README's rules (flips, inserts of YAML syntax, cuts): a RulesFile or a
+    RulesError of one-line problems, never another exception."""
+    import random
+
+    from sipsniff_acc.rules import decode_rules
+    readme = (ROOT / "README.md").read_text()
+    base = readme.split("### rules.yaml", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0].encode()
+    tokens = [b"&a ", b"*a", b"[", b"]", b"{", b"}", b": ", b"- ", b"\n  ", b"\t", b"'", b'"', b"\\", b"!!int ",
+              b"<<: *a", b"\xe9", b"\x00", b"? ", b"---\n", b"9" * 50, b"(a)\\1", b"%TAG ! x\n", b"|\n", b"$"]
+    rnd = random.Random(10)
+    outcomes = {"ok": 0, "error": 0}
+    for _ in range(600):
+        data = bytearray(base)
+        for _ in range(rnd.randint(1, 4)):
+            pos = rnd.randrange(len(data) + 1)
+            op = rnd.random()
+            if op < 0.4:
+                data[pos:pos] = rnd.choice(tokens)
+            elif op < 0.7 and pos < len(data):
+                data[pos] = rnd.randrange(256)
+            else:
+                del data[pos : pos + rnd.randint(1, 20)]
+        try:
+            parse_rules(decode_rules(bytes(data), "r.yaml"), "r.yaml")
+            outcomes["ok"] += 1
+        except RulesError as e:
+            assert e.problems and all(p.startswith("r.yaml") and "\n" not in p for p in e.problems), e.problems
+            outcomes["error"] += 1
+    assert outcomes["ok"] > 10 and outcomes["error"] > 300, outcomes
