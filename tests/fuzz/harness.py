@@ -7,9 +7,11 @@ Packet time advances by the steps, so the timers (TCP gaps, fragment timeouts, t
 fr_timer) fire too. ``encode`` turns real captures into such inputs (the seed corpus).
 
 ``run_one`` raises whatever a stage raises: past a stage boundary every exception is a
-bug (the stages turn bad input into anomalies). It checks two invariants besides:
-records only come from parsed messages (a record never outlives its input), and every
-formatted line is one line.
+bug (the stages turn bad input into anomalies). It checks invariants besides: records
+only come from parsed messages; every record can be written (JSON line, ACC line: a
+record that can't be written is lost) and is one line; and no record is lost or added
+when a SPAN port mirrors every frame twice (the copies must be recognised: UDP duplicate
+filter, TCP retransmission, SCTP TSN, exact IP fragment).
 """
 
 from __future__ import annotations
@@ -87,15 +89,26 @@ def _one_line(line: bytes | str, what: str) -> None:
         raise AssertionError(f"{what} is not one line: {body[:200]!r}")
 
 
-def run_one(data: bytes) -> int:
-    """Feed one input through everything; return the number of records (raises on a bug)."""
-    frames = list(frames_of(data))
-    counters = Counters()
-    mp = MessagePipeline(counters)
+def _messages(frames: list[Frame]) -> list[sip.SipMessage]:
+    mp = MessagePipeline(Counters())
     messages: list[sip.SipMessage] = []
     for f in frames:
         messages.extend(m for m in mp.feed(f) if isinstance(m, sip.SipMessage))
     messages.extend(m for m in mp.finish() if isinstance(m, sip.SipMessage))
+    return messages
+
+
+def _record_ids(messages: list[sip.SipMessage], rules: RulesFile) -> list[str]:
+    acc = AccPipeline(rules, open_as_408=True)
+    out = [r for m in messages for r in acc.feed(m)]
+    out.extend(acc.finish())
+    return [r.record_id for r in out]
+
+
+def run_one(data: bytes) -> int:
+    """Feed one input through everything; return the number of records (raises on a bug)."""
+    frames = list(frames_of(data))
+    messages = _messages(frames)
     for m in messages:
         m.headers  # noqa: B018 - the lazy parse must hold too
         m.vias()
@@ -114,4 +127,8 @@ def run_one(data: bytes) -> int:
             _one_line(record_line(r), "JSON record")
             _one_line(payload(r), "ACC line")
         records += len(out)
+    mirrored = [c for f in frames for c in (f, Frame(f.ts, f.linktype, f.data, f.no, f.source))]
+    plain, twice = _record_ids(messages, RULES[0]), _record_ids(_messages(mirrored), RULES[0])
+    if plain != twice:
+        raise AssertionError(f"mirrored frames changed the records: {len(plain)} -> {len(twice)}")
     return records
