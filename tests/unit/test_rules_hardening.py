@@ -319,3 +319,9 @@ def test_mutated_rules_files_give_rules_or_one_line_errors() -> None:
             assert e.problems and all(p.startswith("r.yaml") and "\n" not in p for p in e.problems), e.problems
             outcomes["error"] += 1
     assert outcomes["ok"] > 10 and outcomes["error"] > 300, outcomes
+
+
+def test_text_multiplied_by_aliases_is_bounded() -> None:
+    """Few values but long ones: 200 KB of text named once and aliased 30 times is 6 MB to validate."""
+    text = "s: &s '" + "x" * 200_000 + "'\nroute: [" + ", ".join(["*s"] * 30) + "]\n"
+    assert one_problem(text) == "r.yaml:2: more than 4 MiB of text (an alias counts as all it stands for)"
