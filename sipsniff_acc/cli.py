@@ -77,16 +77,21 @@ def usage_error(message: str, status: int = 2) -> typer.Exit:
     return typer.Exit(status)
 
 
-def _check_outputs(**paths: str | Path | None) -> None:
+def _check_outputs(inputs: list[FrameSource], **paths: str | Path | None) -> None:
     """Every output path of the run, checked before any work (option name -> path; None,
-    '-' and 'none' are not files)."""
+    '-' and 'none' are not files); none of them may be one of the captures being read."""
+    captures = [r.path for r in inputs if isinstance(r, CaptureReader) and r.path != "-"]
     for option, path in paths.items():
         if path is None or str(path) in ("-", "none"):
             continue
+        name = "--" + option.replace("_", "-")
         try:
-            check_output(path, "--" + option.replace("_", "-"))
+            check_output(path, name)
         except OutputPathError as e:
             raise usage_error(str(e)) from None
+        for c in captures:
+            if os.path.exists(path) and os.path.samefile(path, c):
+                raise usage_error(f"{name} {path} is the capture being read: it would be overwritten")
 
 EXIT_INPUT_ERROR = 1  #: a capture was damaged or unreadable; everything before the damage was processed
 PROGRESS_MIN_BYTES = 16 << 20  #: below this a file is read in well under a second: no bar
@@ -213,8 +218,8 @@ def messages(
     Example: sipsniff-acc messages -r capture.pcapng -T table
     """
     _no_capture_filter(capture_filter)
-    _check_outputs(output=output, stats=stats)
     readers = _open_sources([*(read or ()), *(files or ())], interface, count, duration, quiet)
+    _check_outputs(readers, output=output, stats=stats)
     errors: list[SourceError] = []
     counters = Counters()
     workers = _auto_workers(workers)
@@ -353,7 +358,7 @@ def process(
     rules = _rules_or_exit(rules_file)
     files = [*(read or ()), *(files or ())]
     sources = _open_sources(files, interface, count, duration, quiet)
-    _check_outputs(log=log, jsonl=jsonl_file, stats=stats, spool=None if no_db else spool_path)
+    _check_outputs(sources, log=log, jsonl=jsonl_file, stats=stats, spool=None if no_db else spool_path)
     if tls_keylog is not None:
         _check_tls(sources, tls_keylog)
     if stats is not None:

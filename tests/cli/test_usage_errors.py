@@ -73,6 +73,11 @@ def test_output_paths_are_checked_before_the_work(tmp_path: Path) -> None:
         assert res.stdout == "", f"work was done before the check: {args}"
         assert ("does not exist" in err) or ("is a directory" in err)
     assert not (tmp_path / "acc.db").exists() and not (tmp_path / "sipsniff-acc.spool").exists()
+    cap = tmp_path / "cap.pcap"  # an output that is the capture being read would destroy it
+    cap.write_bytes((PCAPS / "sample.pcap").read_bytes())
+    for args in (("messages", str(cap), "-o", str(cap)), ("process", "-r", str(cap), "--no-db", "--jsonl", str(cap))):
+        one_line_error(run(*args, cwd=tmp_path), 2, "is the capture being read")
+    assert cap.read_bytes() == (PCAPS / "sample.pcap").read_bytes()
 
 
 def test_capture_mistakes(tmp_path: Path) -> None:
