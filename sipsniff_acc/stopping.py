@@ -29,7 +29,6 @@ import _thread
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -67,7 +66,6 @@ class StopState:
     closing: bool = False  #: closing the outputs: never raise, exit early only when forced
     forced: bool = False
     raised: bool = False  #: Stopped was raised by the handler (it may have been swallowed)
-    since: float = 0.0
     drain_timeout: float = 0.0
     spooled: Sequence[Buffering] = ()
     flush: list[Callable[[], None]] = field(default_factory=list)  #: best effort before a forced exit
@@ -140,7 +138,6 @@ def _handler(signum: int, _frame: object) -> None:
         _force()
         return
     st.signum = signum
-    st.since = time.monotonic()
     threading.Thread(target=_watchdog, args=(st.done,), name="stop-watchdog", daemon=True).start()
     if not st.guarded and not st.locked and not st.closing:
         st.raised = True
