@@ -6,6 +6,7 @@ import pytest
 
 from sipsniff_acc.pv import PvContext, PvError, evaluate, evaluate_legs, parse_extra, parse_pv
 from sipsniff_acc.rules import RulesError, load_rules, parse_rules
+from tests.conftest import ROOT
 from tests.flows import PROXY, UAC, C, Call
 
 
@@ -88,7 +89,7 @@ def test_each_kind_of_mistake_is_located(text: str, where: str) -> None:
 def test_defaults_and_repo_rules_file_load() -> None:
     d = load_rules(None)
     assert d.acc.log_flag == 1 and d.route[0].flags_set == [1, 2]
-    repo = load_rules("rules.yaml")
+    repo = load_rules(ROOT / "rules.yaml")
     assert repo.profile == "kamailio-5.6"
     with pytest.raises(RulesError, match="cannot read"):
         load_rules("/nonexistent/rules.yaml")
