@@ -56,7 +56,7 @@ INTERESTING = [b"0", b"4294967295", b"2147483648", b"18446744073709551616", b"9"
 def mutate(data: bytes, rnd: random.Random, seeds: list[bytes]) -> bytes:
     buf = bytearray(data)
     for _ in range(rnd.randint(1, 8)):
-        op = rnd.randrange(7)
+        op = rnd.randrange(8)
         at = rnd.randrange(len(buf) + 1)
         if op == 0 and buf:  # flip bits
             i = min(at, len(buf) - 1)
@@ -77,6 +77,8 @@ def mutate(data: bytes, rnd: random.Random, seeds: list[bytes]) -> bytes:
         elif op == 6 and buf:  # duplicate a run (repeated headers, chunks, segments)
             run = buf[at : at + rnd.randint(1, 64)]
             buf[at:at] = run * rnd.randint(1, 16)
+        elif op == 7:  # a long run of one byte: what makes a backtracking regex or a rescanning loop slow
+            buf[at:at] = rnd.choice(b" \t;,:0a\r\n") .to_bytes(1, "big") * rnd.randint(1000, 30000)
     return bytes(buf[:MAX_LEN])
 
 

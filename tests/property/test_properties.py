@@ -237,3 +237,12 @@ def test_any_digit_string_is_a_bounded_number_or_a_defect(digits: str, header: s
         ok = len(significant) <= sip.MAX_DIGITS
         assert (m.content_length == int(significant)) if ok else (
             m.content_length is None and "sip_bad_content_length" in m.defects)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=60).map(lambda b: bytes(b" \t\r\na:"[x % 6] for x in b)))
+def test_linear_unfold_equals_the_old_regex(block: bytes) -> None:
+    """sip.unfold (linear, issue 10) does what re.sub(rb"[ \\t]*\\r?\\n[ \\t]+", b" ") did."""
+    import re
+
+    assert sip.unfold(block) == re.sub(rb"[ \t]*\r?\n[ \t]+", b" ", block)
