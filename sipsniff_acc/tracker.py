@@ -203,6 +203,19 @@ def _prio(code: int) -> int:
     return base + xx
 
 
+_UPPER: dict[str, str] = {}
+
+
+def _upper(method: str) -> str:
+    """The method upper-cased, one shared string per spelling (each key holds one per transaction)."""
+    up = _UPPER.get(method)
+    if up is None:
+        up = method.upper()
+        if len(_UPPER) < 256:
+            _UPPER[method] = up
+    return up
+
+
 def _via_id(via: str) -> str:
     """The transaction id a Via gives: its branch if RFC 3261, else the whole Via (RFC 2543)."""
     m = _BRANCH.search(via)
@@ -235,6 +248,7 @@ class TransactionTracker:
         self.dialogs: OrderedDict[tuple[str, str], Dialog] = OrderedDict()
         self.by_cseq: dict[tuple[str, int, str], list[Transaction]] = {}  #: for replies without a Via
         self._deadlines: list[tuple[float, int, Key]] = []
+        self._heap_cap = 4096
         self._n = 0
         self._dialog_limit = 4096
         self.stats = TrackerStats()
@@ -273,7 +287,7 @@ class TransactionTracker:
         return self._key(msg, vias[0] if vias else "", method)
 
     def _request(self, msg: SipMessage, out: list[Event]) -> None:
-        method = msg.cseq_method.upper() or msg.method.upper()
+        method = _upper(msg.cseq_method or msg.method)
         if msg.method.upper() == "ACK":
             self._ack(msg, out)
             return
@@ -363,7 +377,7 @@ class TransactionTracker:
         out.append(AckIn(msg, invite, first))
 
     def _reply(self, msg: SipMessage, out: list[Event]) -> None:
-        method = msg.cseq_method.upper()
+        method = _upper(msg.cseq_method)
         txn = self.txns.get(self._top_key(msg, method))
         if txn is None and msg.branch is None:
             txn = self._without_via(msg, method)
@@ -539,11 +553,13 @@ class TransactionTracker:
         self._n += 1
         heap = self._deadlines
         heapq.heappush(heap, (at, self._n, key))
-        if len(heap) > 3 * len(self.txns) + 4096:
-            # evicted transactions leave their entries behind: drop them (O(n), once per n pushes)
+        if len(heap) > self._heap_cap:
+            # evicted transactions leave their entries (and keys) behind: drop them, O(n) once
+            # per n/2 pushes, so stale entries stay under half the live ones (+4096)
             txns = self.txns
             self._deadlines = heap = [e for e in heap if e[2] in txns]
             heapq.heapify(heap)
+            self._heap_cap = len(heap) + len(heap) // 2 + 4096
 
     def _evict(self) -> None:
         """Over a bound: forget the oldest completed transactions, then the oldest open ones,
