@@ -154,7 +154,7 @@ class TcpReassembler:
         return out
 
     def _new(self, key: Key, seg: Datagram, out: list[Datagram | Anomaly]) -> _Direction:
-        while len(self.streams) >= MAX_STREAMS or self._held > MAX_TOTAL_BUFFER:
+        while self.streams and (len(self.streams) >= MAX_STREAMS or self._held > MAX_TOTAL_BUFFER):
             old_key = next(iter(self.streams))
             self._drop(old_key, self.streams[old_key], seg, out, "evicted", name="tcp_stream_evicted")
         st = self.streams[key] = _Direction()

@@ -294,3 +294,21 @@ def test_unfold_is_the_rfc3261_rule(block: bytes) -> None:
 
     old = re.compile(rb"[ \t]*\r?\n[ \t]+")
     assert sip.unfold(block) == old.sub(b" ", block)
+
+
+def test_tcp_byte_accounting_is_exact_under_random_segments() -> None:
+    """held must equal the bytes really buffered, whatever arrives (eviction relies on it)."""
+    import random
+
+    rnd = random.Random(3)
+    stream = b"".join(sip_request(call_id=f"c{i}", body=b"x" * rnd.randint(0, 300)) for i in range(40))
+    r = TcpReassembler()
+    r.feed(_tcp(99, b"", flags=0x02))
+    for _ in range(3000):
+        a = rnd.randrange(len(stream))
+        b = min(len(stream), a + rnd.randint(0, 200))
+        flags = rnd.choice([0x18] * 30 + [0x11, 0x04, 0x02])
+        r.feed(_tcp(100 + a, stream[a:b], flags=flags))
+        real = sum(len(st.buf) + sum(len(v[0]) for v in st.ooo.values()) for st in r.streams.values())
+        assert r.held == real
+        assert all(st.ooo_bytes == sum(len(v[0]) for v in st.ooo.values()) for st in r.streams.values())
