@@ -22,6 +22,7 @@ ANOMALIES: Final[dict[str, str]] = {
     "ip_frag_too_big": "fragments claim a datagram larger than 65535 bytes",
     "ip_frag_too_many_pieces": "more than 256 fragments for one datagram (the datagram is dropped)",
     "udp_truncated": "UDP header or payload shorter than its length field says",
+    "udp_dedup_overflow": "more SIP datagrams within the duplicate window than the filter holds (a flood); it started over",
     "tunnel_truncated": "tunnel header (GRE, ERSPAN, VXLAN, MPLS) shorter than it should be",
     # TCP, WebSocket, SCTP
     "tcp_truncated": "TCP header shorter than its data offset says",

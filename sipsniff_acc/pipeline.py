@@ -29,6 +29,10 @@ looks_like_sip = sip.looks_like_sip
 
 DUP_WINDOW = 0.02  #: seconds; mirror copies arrive within microseconds, SIP retransmissions >= 250 ms apart
 ADDR_CACHE = 1 << 16  #: distinct addresses remembered as text before the cache is reset
+#: SIP datagrams the duplicate filter remembers. It is trimmed once a second of packet time, so
+#: it holds a second's worth of traffic: 65536 is several times a busy SBC's rate, and caps what
+#: a flood can make it keep (each entry keeps its payload alive).
+MAX_DEDUP = 1 << 16
 
 #: Fire timers at most this often (packet time): a walk of the timer table per frame is wasted work.
 ADVANCE_EVERY = 1.0
@@ -63,8 +67,10 @@ class Deduplicator:
     compares on hash collision), never a lossy digest.
     """
 
-    def __init__(self, window: float = DUP_WINDOW) -> None:
+    def __init__(self, window: float = DUP_WINDOW, max_entries: int = MAX_DEDUP) -> None:
         self.window = window
+        self.max_entries = max_entries
+        self.overflows = 0  #: times the table was full and started over (counted as udp_dedup_overflow)
         # keyed cheaply by flow and length; the payload itself is compared on a hit (hashing
         # every ~500-byte payload cost more than the rest of the check)
         self._seen: dict[tuple[bytes, int, bytes, int, int], tuple[float, bytes]] = {}
@@ -77,6 +83,11 @@ class Deduplicator:
         seen = self._seen.get(key)
         if seen is not None and d.ts - seen[0] <= self.window and seen[1] == payload:
             return True
+        if len(self._seen) >= self.max_entries:
+            self.advance(d.ts)
+            if len(self._seen) >= self.max_entries:  # all within the window: a flood; start over
+                self._seen.clear()
+                self.overflows += 1
         self._seen[key] = (d.ts, payload)
         return False
 
@@ -149,10 +160,15 @@ class CaptureStage:
             return
         payload = d.payload
         if looks_like_sip(payload):
-            if self.dedup.duplicate(d):
+            dedup = self.dedup
+            overflows = dedup.overflows
+            if dedup.duplicate(d):
                 c.duplicates += 1
             else:
                 out.append(d)
+            if dedup.overflows != overflows:
+                self._note(out, (Anomaly("udp_dedup_overflow", d.ts, d.no, f"{dedup.max_entries} datagrams in "
+                                         f"{dedup.window * 1000:g} ms", d.source),))
         elif sip.is_keepalive(payload):
             c.keepalives += 1
         else:

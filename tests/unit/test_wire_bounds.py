@@ -312,3 +312,24 @@ def test_tcp_byte_accounting_is_exact_under_random_segments() -> None:
         real = sum(len(st.buf) + sum(len(v[0]) for v in st.ooo.values()) for st in r.streams.values())
         assert r.held == real
         assert all(st.ooo_bytes == sum(len(v[0]) for v in st.ooo.values()) for st in r.streams.values())
+
+
+def test_duplicate_filter_is_bounded_under_a_flood_and_counts_it() -> None:
+    from sipsniff_acc.pipeline import CaptureStage
+
+    stage = CaptureStage()
+    stage.dedup.max_entries = 1000
+    out = []
+    for i in range(3000):  # 3000 distinct SIP datagrams within 20 ms
+        d = Datagram(1.0 + i * 1e-6, i, Transport.UDP, b"\x01" * 4, 1024 + i, b"\x02" * 4, 5060,
+                     sip_request(call_id=f"flood-{i}"), ())
+        out += _feed_udp(stage, d)
+    assert len(stage.dedup._seen) <= 1000
+    assert stage.counters.anomalies["udp_dedup_overflow"] >= 2
+    assert sum(isinstance(x, Datagram) for x in out) == 3000  # nothing lost, only the memory of copies
+
+
+def _feed_udp(stage: object, d: Datagram) -> list[Datagram | Anomaly]:
+    out: list[Datagram | Anomaly] = []
+    stage._datagram(d, out)  # type: ignore[attr-defined]
+    return out
