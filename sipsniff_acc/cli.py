@@ -419,7 +419,10 @@ def process(
             raise typer.Exit(0) from None
         except (KeyboardInterrupt, stopping.Stopped) as e:  # clean shutdown: what was produced is flushed below
             stopped_by = e.signum if isinstance(e, stopping.Stopped) else signal.SIGINT
-            print(f"stopping on {signal.Signals(stopped_by).name}: flushing", file=sys.stderr)
+            name = signal.Signals(stopped_by).name
+            more = (f" (the backends get up to {drain_timeout:g} s; {name} again: stop now, the spool keeps the rest)"
+                    if spooled else "")
+            print(f"stopping on {name}: flushing{more}", file=sys.stderr)
         except SpoolFull as e:
             print(f"error: {e}", file=sys.stderr)
             stopped_by = -1

@@ -66,6 +66,7 @@ class StopState:
     closing: bool = False  #: closing the outputs: never raise, exit early only when forced
     forced: bool = False
     raised: bool = False  #: Stopped was raised by the handler (it may have been swallowed)
+    overdue: bool = False  #: the watchdog forced the stop (not a second signal)
     drain_timeout: float = 0.0
     spooled: Sequence[Buffering] = ()
     flush: list[Callable[[], None]] = field(default_factory=list)  #: best effort before a forced exit
@@ -112,7 +113,9 @@ def _forced_exit_or_raise() -> None:
     records are still in the buffers, spooled at close) so the close comes sooner."""
     st = STATE
     if not st.locked and unspooled() == 0:
-        _exit_now(f"stop forced ({signal.Signals(st.signum).name} again or too slow)")
+        name = signal.Signals(st.signum).name
+        _exit_now(f"{f'stopping on {name} is overdue' if st.overdue else f'{name} again'}: not waiting for the "
+                  "backends any longer (what they did not get is in the spool)")
     if not st.closing and not st.locked and not st.raised:
         st.raised = True
         raise Stopped(st.signum)
@@ -139,6 +142,10 @@ def _handler(signum: int, _frame: object) -> None:
         return
     st.signum = signum
     threading.Thread(target=_watchdog, args=(st.done,), name="stop-watchdog", daemon=True).start()
+    if st.closing:  # the run had ended: the backends are being drained
+        name = signal.Signals(signum).name
+        _say(f"stopping on {name}: the outputs are being closed; the backends get up to {st.drain_timeout:g} s "
+             f"more ({name} again: stop now, the spool keeps the rest)\n")
     if not st.guarded and not st.locked and not st.closing:
         st.raised = True
         raise Stopped(signum)
@@ -150,6 +157,7 @@ def _watchdog(done: threading.Event) -> None:
     if done.wait(st.drain_timeout + FORCE_AFTER):
         return
     _say(f"stopping on {signal.Signals(st.signum).name} takes too long: forcing\n")
+    st.overdue = True
     _thread.interrupt_main(signal.Signals(st.signum))  # runs _handler in the main thread: the forced path
     if done.wait(HARD_AFTER):
         return
