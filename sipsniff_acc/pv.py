@@ -138,8 +138,8 @@ def _param_of(value: str, name: str) -> str | None:
     return None
 
 
-def _credentials(msg: SipMessage) -> str | None:
-    return msg.header("authorization") or msg.header("proxy-authorization")
+def _credentials(ctx: PvContext) -> str | None:
+    return _header(ctx, "authorization") or _header(ctx, "proxy-authorization")
 
 
 # --- evaluation --------------------------------------------------------------------------
@@ -157,8 +157,9 @@ def _uri_value(uri: str, part: str) -> str | None:
     raise AssertionError(part)
 
 
-def _from_to(msg: SipMessage, which: str, part: str) -> str | None:
-    value = msg.header(which)
+def _from_to(ctx: PvContext, which: str, part: str) -> str | None:
+    msg = ctx.msg
+    value = _header(ctx, which)
     if value is None:
         return None
     if part == "t":
@@ -205,12 +206,24 @@ def _decode(b: bytes) -> str:
         return b.decode("utf-8", "replace")
 
 
+def _header(ctx: PvContext, name: str) -> str | None:
+    """The first value of a header (as ``SipMessage.header``), by the same bounded scan."""
+    values = _headers(ctx, name)
+    return values[0] if values else None
+
+
 def _headers(ctx: PvContext, name: str) -> list[str]:
     """Values of every line of a header among the first ctx.hdr_limit header lines."""
     msg = ctx.msg
     key = name.lower()
     key = COMPACT_FORMS.get(key, key)
     limit = ctx.hdr_limit
+    parsed = msg._headers  # already parsed (a rule looked at a header): cheaper to read
+    if parsed is not None:
+        if len(parsed) > limit:
+            ctx.hdr_cut += 1
+            parsed = parsed[:limit]
+        return [v for k, v in parsed if k == key]
     raw = msg.raw
     start, end = msg._hdr_start, msg._hdr_end
     if start <= 0:
@@ -228,12 +241,12 @@ def _headers(ctx: PvContext, name: str) -> list[str]:
 
 
 _SIMPLE: Final[dict[str, Callable[[PvContext], str | None]]] = {
-    "fu": lambda c: _from_to(c.msg, "from", "u"), "fU": lambda c: _from_to(c.msg, "from", "U"),
-    "fd": lambda c: _from_to(c.msg, "from", "d"), "fn": lambda c: _from_to(c.msg, "from", "n"),
-    "ft": lambda c: _from_to(c.msg, "from", "t"),
-    "tu": lambda c: _from_to(c.msg, "to", "u"), "tU": lambda c: _from_to(c.msg, "to", "U"),
-    "td": lambda c: _from_to(c.msg, "to", "d"), "tn": lambda c: _from_to(c.msg, "to", "n"),
-    "tt": lambda c: _from_to(c.msg, "to", "t"),
+    "fu": lambda c: _from_to(c, "from", "u"), "fU": lambda c: _from_to(c, "from", "U"),
+    "fd": lambda c: _from_to(c, "from", "d"), "fn": lambda c: _from_to(c, "from", "n"),
+    "ft": lambda c: _from_to(c, "from", "t"),
+    "tu": lambda c: _from_to(c, "to", "u"), "tU": lambda c: _from_to(c, "to", "U"),
+    "td": lambda c: _from_to(c, "to", "d"), "tn": lambda c: _from_to(c, "to", "n"),
+    "tt": lambda c: _from_to(c, "to", "t"),
     "ru": lambda c: _uri_value(c.new_uri or c.msg.ruri, "u"), "rU": lambda c: _uri_value(c.new_uri or c.msg.ruri, "U"),
     "rd": lambda c: _uri_value(c.new_uri or c.msg.ruri, "d"), "rp": lambda c: _uri_value(c.new_uri or c.msg.ruri, "p"),
     "ou": lambda c: c.msg.ruri or None, "oU": lambda c: _uri_value(c.msg.ruri, "U"),
@@ -244,13 +257,13 @@ _SIMPLE: Final[dict[str, Callable[[PvContext], str | None]]] = {
     "si": lambda c: c.msg.src or None, "sp": lambda c: str(c.msg.sport),
     "Ri": lambda c: c.msg.dst or None, "Rp": lambda c: str(c.msg.dport),
     "pr": lambda c: (c.msg.transport or "udp").lower(), "proto": lambda c: (c.msg.transport or "udp").lower(),
-    "ua": lambda c: c.msg.header("user-agent"),
+    "ua": lambda c: _header(c, "user-agent"),
     "TS": lambda c: str(int(c.start)), "Ts": lambda c: str(int(c.now)),
 }
 
 
 def _auth(ctx: PvContext, what: str) -> str | None:
-    cred = _credentials(ctx.msg)
+    cred = _credentials(ctx)
     if cred is None:
         return None
     username = _param_of(cred, "username")
