@@ -6,7 +6,8 @@ Each flood is generated into a temporary directory (removed after its run), then
     sipsniff-acc process -j 0 --no-db --log none --quiet --no-progress --rules R FLOOD.pcap
 
 and the child's own peak RSS (``os.wait4``'s ``ru_maxrss``) is printed beside the figure
-issue 10 measured before the state was bounded. The record-id flood has no capture: a small
+issue 10 measured before the state was bounded, with the peak of the whole process tree
+(sampled with psutil: with ``-j N`` each worker holds the calls of its shard). The record-id flood has no capture: a small
 driver (this file, ``--ids-driver``) numbers N records through ``RecordIds`` in a child.
 
     invites    500k unanswered INVITEs, 5,000/s (all inside fr_inv_timer: none times out)
@@ -14,7 +15,7 @@ driver (this file, ``--ids-driver``) numbers N records through ``RecordIds`` in 
     headers    1000 answered INVITEs of 10k header lines, rules with $hdr(X-Foo) in log_extra
     ids        10M records' ids, 1,000 records a second of packet time
 
-usage: bench_floods.py [--only invites big headers ids] [--scale 1.0] [--tree DIR] [--workdir DIR]
+usage: bench_floods.py [--only invites big headers ids] [--scale 1.0] [-j N] [--tree DIR] [--workdir DIR]
 
 ``--scale 0.1`` runs every flood at a tenth of its size (a quick check); ``--tree DIR`` runs
 another checkout (e.g. a ``git worktree`` of the commit before the bounds) to see the old figures.
@@ -34,6 +35,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+import psutil  # type: ignore[import-untyped]
 
 HERE = Path(__file__).resolve().parent
 EPOCH0 = 1709629200.0
@@ -140,11 +143,22 @@ def ids_driver(n: int) -> None:
     print(f"{n} ids in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
 
-def run(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[float, int, int]:
-    """Wall seconds, peak RSS in MB (the child's own ru_maxrss) and exit status."""
+def tree_rss(pid: int) -> int:
+    """Bytes of RSS of a process and its children now (with -j N the workers hold the calls)."""
+    try:
+        p = psutil.Process(pid)
+        return sum(q.memory_info().rss for q in [p, *p.children(recursive=True)])
+    except psutil.Error:
+        return 0
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[float, int, int, int]:
+    """Wall seconds, peak RSS in MB (the child's own ru_maxrss), peak RSS of the process tree
+    in MB (sampled every 0.2 s) and exit status."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = t0 + timeout
+    tree = 0
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
@@ -153,12 +167,13 @@ def run(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[float, int
             proc.kill()
             pid, status, usage = os.wait4(proc.pid, 0)
             break
+        tree = max(tree, tree_rss(proc.pid))
         time.sleep(0.2)
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     code = os.waitstatus_to_exitcode(status)
     if code not in (0,):
         print(f"  exit {code}: {err.strip()[-400:]}", file=sys.stderr)
-    return time.perf_counter() - t0, usage.ru_maxrss // 1024, code
+    return time.perf_counter() - t0, usage.ru_maxrss // 1024, tree >> 20, code
 
 
 def main() -> None:
@@ -169,6 +184,7 @@ def main() -> None:
     ap.add_argument("--tree", default=str(HERE.parent), help="the checkout to run (PYTHONPATH)")
     ap.add_argument("--workdir", default=None, help="where to generate (default: a new temporary directory)")
     ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("-j", "--workers", type=int, default=0, help="process -j (default 0: one process)")
     ap.add_argument("--ids-driver", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.ids_driver:
@@ -186,17 +202,18 @@ def main() -> None:
                 pcap, rules = Path(tmp) / f"{name}.pcap", Path(tmp) / f"{name}.yaml"
                 rules.write_text(GENERATORS[name](pcap, a.scale))
                 what = f"{name} ({pcap.stat().st_size / 1e6:.0f} MB capture)"
-                cmd = [sys.executable, "-m", "sipsniff_acc", "process", "-j", "0", "--no-db", "--log", "none",
+                cmd = [sys.executable, "-m", "sipsniff_acc", "process", "-j", str(a.workers), "--no-db", "--log", "none",
                        "--quiet", "--no-progress", "--rules", str(rules), str(pcap)]
-            wall, mb, code = run(cmd, env, a.timeout)
+            wall, mb, tree, code = run(cmd, env, a.timeout)
             for leftover in Path(tmp).iterdir():
                 leftover.unlink()
-            rows.append((name, what, wall, mb, code))
-            print(f"{name}: {mb} MB peak RSS, {wall:.1f} s, exit {code}", file=sys.stderr, flush=True)
-    print(f"{'flood':<9} {'what':<34} {'seconds':>8} {'peak RSS MB':>11} {'before (issue 10)':>17} {'exit':>4}")
-    for name, what, wall, mb, code in rows:
+            rows.append((name, what, wall, mb, tree, code))
+            print(f"{name}: {mb} MB peak RSS, {tree} MB tree, {wall:.1f} s, exit {code}", file=sys.stderr, flush=True)
+    print(f"{'flood':<9} {'what':<34} {'seconds':>8} {'peak RSS MB':>11} {'tree MB':>8} {'before (issue 10)':>17} "
+          f"{'exit':>4}")
+    for name, what, wall, mb, tree, code in rows:
         old = str(OLD_MB[name]) if a.scale == 1.0 else "-"
-        print(f"{name:<9} {what:<34} {wall:>8.1f} {mb:>11} {old:>17} {code:>4}")
+        print(f"{name:<9} {what:<34} {wall:>8.1f} {mb:>11} {tree:>8} {old:>17} {code:>4}")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import pytest
+
 from sipsniff_acc import sip
 from sipsniff_acc.acc import AccEngine
 from sipsniff_acc.limits import Limits
 from sipsniff_acc.processrun import AccPipeline
+from sipsniff_acc.pv import PvContext, evaluate, parse_pv
 from sipsniff_acc.records import ANSWERED, AccRecord, RecordIds
 from sipsniff_acc.rules import parse_rules
 from sipsniff_acc.sip import SipMessage
@@ -206,8 +209,6 @@ def test_hdr_scan_is_bounded_at_the_defaults() -> None:
 def test_hdr_values_match_the_full_parse() -> None:
     """The bounded scan finds what the full header parse finds: compact forms, any case,
     folded lines, several lines of one header, indexes."""
-    from sipsniff_acc.pv import PvContext, evaluate, parse_pv
-
     raw = (b"INVITE sip:b@x SIP/2.0\r\nv: SIP/2.0/UDP a;branch=z9hG4bK-1\r\nVIA: SIP/2.0/UDP b\r\n"
            b"Subject: one\r\n two\r\nX-Foo:  a \r\nx-foo:b\r\ns: three\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n\r\n")
     for spec in ("$hdr(Via)", "$(hdr(via)[-1])", "$(hdr(Via)[*])", "$hdr(Subject)", "$(hdr(subject)[*])",
@@ -285,8 +286,6 @@ def test_stats_merge_adds_the_eviction_counters() -> None:
 
 
 def test_limits_must_be_positive() -> None:
-    import pytest
-
     for bad in ({"max_transactions": 0}, {"max_hdr_scan": -1}, {"record_id_window": True}):
         with pytest.raises(ValueError, match="must be a positive number"):
-            Limits(**bad)  # type: ignore[arg-type]
+            Limits(**bad)
