@@ -5,16 +5,18 @@ size matters, by bytes), and what is evicted when a bound is reached is counted.
 ``limits:`` section sets any of these fields; the defaults keep peak RSS under 300 MB under
 each flood of benchmarks/bench_floods.py (measured: see docs/architecture.md, "Bounds").
 
-Sizing, measured on CPython 3.11: an open INVITE transaction costs ~2.3 KB besides its header
-bytes (message object, transaction, dialog, indexes), so 50,000 of them are ~120 MB with
-~500-byte header blocks; 64 MB of held header bytes is ~100,000 ordinary requests. A busy
-proxy (500 calls/s) keeps ~35,000 transactions (32 s of completed ones absorbing
-retransmissions, plus the ringing ones); completed ones are evicted before open ones.
+Sizing, measured on CPython 3.11 (tracemalloc): an open INVITE transaction costs ~2.4 KB
+besides its header bytes (message object, transaction, dialog, indexes, deadline), so 50,000
+of them are ~135 MB with ~300-byte header blocks; 64 MB of held header bytes is ~100,000
+ordinary requests. A busy proxy (500 calls/s) keeps ~35,000 transactions (32 s of completed
+ones absorbing retransmissions, plus the ringing ones); completed ones are evicted first.
+The bounds are for the whole run: with ``-j N`` each worker gets 1/N of them (``shard``),
+as it sees 1/N of the calls.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,15 @@ class Limits:
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"limits.{f.name} must be a positive number, not {value!r}")
+
+    def shard(self, n: int) -> Limits:
+        """The bounds of one of n workers (calls are spread evenly by Call-ID): counts and
+        bytes divided by n, the time window and the per-message scan unchanged."""
+        if n <= 1:
+            return self
+        return replace(self, max_transactions=max(1, self.max_transactions // n),
+                       max_transaction_bytes=max(1, self.max_transaction_bytes // n),
+                       max_dialogs=max(1, self.max_dialogs // n), max_record_ids=max(2, self.max_record_ids // n))
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

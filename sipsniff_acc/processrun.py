@@ -30,10 +30,11 @@ from sipsniff_acc.tracker import TrackerStats, TransactionTracker
 class AccPipeline:
     """SIP messages in capture order → acc records. Pure."""
 
-    def __init__(self, rules: RulesFile, open_as_408: bool = False) -> None:
+    def __init__(self, rules: RulesFile, open_as_408: bool = False, shards: int = 1) -> None:
+        """``shards``: the number of workers sharing the calls (-j N); each keeps 1/N of the limits."""
         self.rules = rules
         self.open_as_408 = open_as_408
-        limits = getattr(rules, "limits", None) or Limits()  # rules.yaml's limits: section, if it has one
+        limits = (getattr(rules, "limits", None) or Limits()).shard(shards)  # rules.yaml's limits:, if any
         self.tracker = TransactionTracker(
             [parse_address(a) for a in rules.proxy.addresses], rules.tm.wait_timer, rules.tm.fr_timer,
             rules.tm.fr_inv_timer, limits)

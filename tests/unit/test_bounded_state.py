@@ -289,3 +289,16 @@ def test_limits_must_be_positive() -> None:
     for bad in ({"max_transactions": 0}, {"max_hdr_scan": -1}, {"record_id_window": True}):
         with pytest.raises(ValueError, match="must be a positive number"):
             Limits(**bad)
+
+
+def test_workers_share_the_limits() -> None:
+    """With -j N each worker sees 1/N of the calls and keeps 1/N of the bounds: the run as a
+    whole stays inside what rules.yaml says."""
+    lim = Limits()
+    assert lim.shard(1) is lim
+    two = lim.shard(2)
+    assert (two.max_transactions, two.max_transaction_bytes, two.max_dialogs, two.max_record_ids) == (
+        lim.max_transactions // 2, lim.max_transaction_bytes // 2, lim.max_dialogs // 2, lim.max_record_ids // 2)
+    assert (two.record_id_window, two.max_hdr_scan) == (lim.record_id_window, lim.max_hdr_scan)
+    acc = AccPipeline(parse_rules(RULES % ""), shards=2)
+    assert acc.tracker.limits == two and acc.engine.limits == two
