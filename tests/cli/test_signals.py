@@ -87,7 +87,7 @@ def group_gone(pgid: int, timeout: float = 5.0) -> bool:
     return False
 
 
-def wait_opened(proc: subprocess.Popen[bytes], path: Path, timeout: float = 60.0) -> None:
+def wait_opened(proc: subprocess.Popen[bytes], path: Path, timeout: float = 60.0, err: Path | None = None) -> None:
     """Until the process has the capture open: `process` has started (the interpreter's own
     start-up, before any code of ours runs, is not what is tested)."""
     deadline = time.monotonic() + timeout
@@ -99,7 +99,8 @@ def wait_opened(proc: subprocess.Popen[bytes], path: Path, timeout: float = 60.0
         except OSError:  # an fd closed while listing
             pass
         time.sleep(0.01)
-    raise AssertionError(f"{path} not opened within {timeout:g} s")
+    why = f"exited with {proc.returncode}" if proc.poll() is not None else f"not within {timeout:g} s"
+    raise AssertionError(f"{path} never opened: {why}; stderr: {err.read_text()[-2000:] if err else ''}")
 
 
 def kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -121,7 +122,7 @@ def workload(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[str], 
         proc = subprocess.Popen(cmd("process", str(pcap), "-j", "2", "--log", "none", "-q", "--db-url",
                                     f"sqlite:///{d / 'clean.db'}", "--spool", str(d / "clean.spool")),
                                 stdout=subprocess.DEVNULL, stderr=err, env=env(), cwd=d)
-    wait_opened(proc, pcap)
+    wait_opened(proc, pcap, err=d / "stderr")
     t0 = time.monotonic()
     status = proc.wait(300)
     wall = time.monotonic() - t0  # from the capture's opening: the part a stop can land in
@@ -143,7 +144,7 @@ def stopped_run(pcap: Path, work: Path, delay: float, sig: int, to_group: bool,
                                     "--drain-timeout", str(DRAIN), *extra),
                                 stdout=subprocess.DEVNULL, stderr=err, env=env(), cwd=work, start_new_session=True)
     try:
-        wait_opened(proc, pcap)
+        wait_opened(proc, pcap, err=err_path)
         time.sleep(delay)
         if proc.poll() is not None:
             return None, err_path.read_text(), 0.0
@@ -248,7 +249,7 @@ def test_database_down_stop_is_bounded_with_everything_spooled(
                                     str(tmp_path / "spool"), "--drain-timeout", str(drain), "--jsonl", str(jsonl)),
                                 stdout=subprocess.DEVNULL, stderr=err, env=env(), cwd=tmp_path, start_new_session=True)
     try:
-        wait_opened(proc, pcap)
+        wait_opened(proc, pcap, err=tmp_path / "stderr")
         time.sleep(0.3 * wall)
         assert proc.poll() is None, (tmp_path / "stderr").read_text()
         t0 = time.monotonic()
