@@ -8,6 +8,12 @@ stacks do, and RFC 5722 forbids overlap for IPv6 anyway); each overlap is an ano
 
 Memory is bounded by a count of datagrams and a byte budget; the oldest incomplete
 datagram is evicted first. Incomplete datagrams time out on packet time.
+
+A SPAN port mirrors every fragment twice; the copy of the fragment that *completed* a
+datagram arrives after the datagram was rebuilt. Such copies are recognised for
+``DUP_WINDOW`` against the pieces of recently rebuilt datagrams, so they neither start a new
+reassembly that times out nor, with a later fragment reusing the IP ID, build a second
+datagram (found by the fuzzer's mirrored-frames invariant).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ MAX_DATAGRAM: Final = 65535  #: no IPv4 datagram, and no non-jumbo IPv6 payload,
 #: one walking all the others (20k of them cost 33 s). A 64 KB datagram over a 576-byte path is
 #: ~120 pieces; exact duplicates are not held.
 MAX_PIECES: Final = 256
+DUP_WINDOW: Final = 0.02  #: seconds a rebuilt datagram's pieces are remembered (pipeline.DUP_WINDOW: mirror copies)
 
 
 class _Pending:
@@ -66,6 +73,8 @@ class FragmentReassembler:
         self.max_datagrams = max_datagrams
         self.max_bytes = max_bytes
         self._pending: dict[tuple[bytes, bytes, int, int], _Pending] = {}  # insertion order = age
+        #: recently rebuilt datagrams: key -> (time, pieces), insertion order = age; at most max_datagrams
+        self._done: dict[tuple[bytes, bytes, int, int], tuple[float, list[tuple[int, bytes]]]] = {}
         self._held = 0
         self.completed = 0
 
@@ -73,6 +82,12 @@ class FragmentReassembler:
         out: list[Reassembled | Anomaly] = []
         key = frag.key
         pend = self._pending.get(key)
+        if pend is None and self._done:
+            done = self._done.get(key)
+            if done is not None:
+                if frag.ts - done[0] <= DUP_WINDOW and (frag.offset, frag.payload) in done[1]:
+                    return out  # a mirror copy of a piece of a datagram already rebuilt
+                del self._done[key]
         if pend is None:
             out.extend(self._make_room(frag))
             pend = self._pending[key] = _Pending(frag.ts)
@@ -108,8 +123,20 @@ class FragmentReassembler:
                 del self._pending[key]
                 self._held -= pend.held
                 self.completed += 1
+                self._remember(key, frag.ts, pend.pieces)
                 out.append(Reassembled(frag, pend.first, whole, len(pend.pieces)))
         return out
+
+    def _remember(self, key: tuple[bytes, bytes, int, int], ts: float, pieces: list[tuple[int, bytes]]) -> None:
+        """Keep a rebuilt datagram's pieces for DUP_WINDOW; older ones (and beyond the count bound,
+        the oldest) are forgotten: only copies arriving later than that could start a new reassembly."""
+        done = self._done
+        while done:
+            first = next(iter(done))
+            if ts - done[first][0] <= DUP_WINDOW and len(done) < self.max_datagrams:
+                break
+            del done[first]
+        done[key] = (ts, pieces)
 
     def _make_room(self, frag: Fragment) -> list[Anomaly]:
         out: list[Anomaly] = []
@@ -141,6 +168,7 @@ class FragmentReassembler:
             for p in self._pending.values()
         ]
         self._pending.clear()
+        self._done.clear()
         self._held = 0
         return out
 

@@ -333,3 +333,28 @@ def _feed_udp(stage: object, d: Datagram) -> list[Datagram | Anomaly]:
     out: list[Datagram | Anomaly] = []
     stage._datagram(d, out)  # type: ignore[attr-defined]
     return out
+
+
+def _mirrored_fragments() -> list[Frame]:
+    """A SIP datagram in two IPv4 fragments, every frame mirrored twice (a SPAN port)."""
+    whole = ip4_udp(sip_request(call_id="frag-mirror", extra_headers=("X-Pad: " + "p" * 1500,)))
+    hdr, payload = whole[:20], whole[20:]
+    cut = 1480
+    first = hdr[:2] + struct.pack("!H", 20 + cut) + hdr[4:6] + struct.pack("!H", 0x2000) + hdr[8:] + payload[:cut]
+    last = hdr[:2] + struct.pack("!H", 20 + len(payload) - cut) + hdr[4:6] + struct.pack("!H", cut // 8) + hdr[8:] \
+        + payload[cut:]
+    return [Frame(1.0 + i * 1e-4, 1, ether(p), i + 1) for i, p in enumerate((first, first, last, last))]
+
+
+def test_mirror_copy_of_the_completing_fragment_is_not_a_new_datagram() -> None:
+    """Found by the fuzzer's mirror invariant: the copy of the fragment that completed a datagram
+    started a new reassembly, which timed out (a spurious ip_frag_timeout per mirrored datagram)
+    or, with a later fragment of the same IP ID, built a second datagram (a second record)."""
+    frames = _mirrored_fragments()
+    msgs, anomalies = _messages(frames)
+    assert [m.call_id for m in msgs] == ["frag-mirror"]
+    assert not [a.name for a in anomalies if a.name.startswith("ip_frag")]
+    # a later, different datagram reusing the IP ID is still rebuilt
+    again = [Frame(f.ts + 5.0, f.linktype, f.data.replace(b"frag-mirror", b"frag-mirrod"), f.no + 10) for f in frames]
+    msgs, anomalies = _messages(frames + again)
+    assert [m.call_id for m in msgs] == ["frag-mirror", "frag-mirrod"]
