@@ -37,6 +37,7 @@ from sipsniff_acc.emitters.syslog import LogEmitter, SyslogTargetError
 from sipsniff_acc.outfiles import OutputPathError, check_output, open_private, write_private
 from sipsniff_acc import stopping
 from sipsniff_acc.processrun import RunResult, run
+from sipsniff_acc.shard import WorkerDied
 from sipsniff_acc.sysloglines import escape
 from sipsniff_acc.rules import RulesError, RulesFile, load_rules
 
@@ -429,6 +430,12 @@ def process(
         except OSError as e:  # an output file or stream failed (disk full, ...): stop, keep what is spooled
             print(f"error: writing the output: {e}", file=sys.stderr)
             stopped_by = -1
+        except WorkerDied as e:  # the OOM killer, or a bug (its traceback is above): what was produced is kept
+            print(f"error: {e}; the records produced before are delivered or spooled", file=sys.stderr)
+            stopped_by = -EXIT_WORKER_DIED
+        except BaseException:  # anything else still closes every output (records to the spool) first
+            _close_outputs(emitters, opened, paths)
+            raise
         if _close_outputs(emitters, opened, paths) and stopped_by == 0:
             stopped_by = -1
         if stop.signum:  # also when it arrived while closing (the close was not cut short)
@@ -453,6 +460,8 @@ def _finish_process(result: RunResult, counters: Counters, errors: list[SourceEr
         _acc_summary(result, rules, spooled, sys.stderr, [e for e in emitters if isinstance(e, LogEmitter)])
     if stopped_by > 0:
         raise typer.Exit(128 + stopped_by)
+    if stopped_by == -EXIT_WORKER_DIED:
+        raise typer.Exit(EXIT_WORKER_DIED)
     stuck = [sp for sp in spooled if sp.pending]
     for sp in stuck:
         print(f"error: {sp.backend.name} {sp.backend.where}: {sp.last_error or 'not reachable'}; {sp.pending} "
@@ -467,6 +476,9 @@ def _finish_process(result: RunResult, counters: Counters, errors: list[SourceEr
             for err in errors:
                 print(f"error: {err}", file=sys.stderr)
         raise typer.Exit(EXIT_INPUT_ERROR)
+
+
+EXIT_WORKER_DIED = 70  #: sysexits' EX_SOFTWARE: a worker process died (-j); what was produced before is kept
 
 
 def _close_outputs(emitters: list[Emitter], opened: list[IO[Any]], paths: dict[int, str]) -> bool:

@@ -233,6 +233,32 @@ def test_workers_do_not_outlive_a_killed_front(workload: tuple[Path, set[str], f
         kill_group(proc)
 
 
+def test_a_worker_killed_by_the_oom_killer_ends_the_run_cleanly(
+        workload: tuple[Path, set[str], float], tmp_path: Path) -> None:
+    """A worker dies (SIGKILL, as from the OOM killer): the front says so in one line, closes
+    every output (what was produced is in the database or the spool), exit 70."""
+    pcap, clean, wall = workload
+    db, spool = tmp_path / "acc.db", tmp_path / "spool"
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.Popen(cmd("process", str(pcap), "-j", "2", "--log", "none", "--db-url", f"sqlite:///{db}",
+                                    "--spool", str(spool)),
+                                stdout=subprocess.DEVNULL, stderr=err, env=env(), cwd=tmp_path, start_new_session=True)
+    try:
+        wait_opened(proc, pcap, err=tmp_path / "stderr")
+        time.sleep(0.3 * wall)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert children, "no worker to kill"
+        os.kill(int(children[0]), signal.SIGKILL)
+        status = proc.wait(BOUND + SLACK)
+    finally:
+        kill_group(proc)
+    err_text = (tmp_path / "stderr").read_text()
+    assert status == 70, err_text
+    assert "Traceback" not in err_text and "error: worker " in err_text, err_text
+    got = ids(db)
+    assert len(got) == len(set(got)) and set(got) <= clean and len(got) + spooled(spool) > 0
+
+
 @pytest.mark.parametrize("second", [True, False], ids=["second-signal", "drain-bound"])
 def test_database_down_stop_is_bounded_with_everything_spooled(
         workload: tuple[Path, set[str], float], tmp_path: Path, second: bool) -> None:
