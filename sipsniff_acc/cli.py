@@ -453,8 +453,9 @@ def _finish_process(result: RunResult, counters: Counters, errors: list[SourceEr
         doc = counters.as_dict() | {"errors": [str(e) for e in errors], "records": dict(result.records),
                                     "records_by_backend": dict(result.by_backend), "tracker": tstats.as_dict(),
                                     "delivered": {sp.backend.name: sp.delivered for sp in spooled},
-                                    "pending_in_spool": {sp.backend.name: sp.pending for sp in spooled}}
-        stats.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+                                    "pending_in_spool": {sp.backend.name: sp.pending for sp in spooled},
+                                    "backends": {sp.backend.name: sp.stats() for sp in spooled}}
+        write_private(stats, json.dumps(doc, indent=1) + "\n")
     if not quiet:
         _summary(counters, errors, sys.stderr)
         _acc_summary(result, rules, spooled, sys.stderr, [e for e in emitters if isinstance(e, LogEmitter)])
@@ -464,7 +465,7 @@ def _finish_process(result: RunResult, counters: Counters, errors: list[SourceEr
         raise typer.Exit(EXIT_WORKER_DIED)
     stuck = [sp for sp in spooled if sp.pending]
     for sp in stuck:
-        print(f"error: {sp.backend.name} {sp.backend.where}: {sp.last_error or 'not reachable'}; {sp.pending} "
+        print(f"error: {sp.label} {sp.backend.where}: {sp.last_error or 'not reachable'}; {sp.pending} "
               f"record(s) kept in the spool {spool_path}: they are delivered first by the next run "
               f"(or `sipsniff-acc deliver --spool {spool_path}`)", file=sys.stderr)
     if stuck:
@@ -561,8 +562,11 @@ def _acc_summary(result: RunResult, rules: RulesFile, spooled: list[SpooledEmitt
     for sp in spooled:
         recovered = f", {sp.recovered} of them left in the spool by an earlier run" if sp.recovered else ""
         outages = f"; {sp.outages} outage(s), last error: {sp.last_error}" if sp.outages else ""
-        print(f"  {sp.backend.name}: {sp.delivered} records delivered to {sp.backend.where}{recovered}; "
-              f"{sp.pending} pending in the spool{outages}", file=out)
+        dead = (f"; {sp.dead_lettered} set aside as dead letters (sipsniff-acc spool status)"
+                if sp.dead_lettered else "")
+        lost = f"; {sp.lost} LOST (the spool's disk was full)" if sp.lost else ""
+        print(f"  {sp.label}: {sp.delivered} records delivered to {sp.backend.where}{recovered}; "
+              f"{sp.pending} pending in the spool{dead}{lost}{outages}", file=out)
     roles = ", ".join(f"{n} {r}" for r, n in sorted(t.transactions.items()))
     print(f"  transactions: {roles or 'none'}; {t.retransmissions} retransmissions absorbed; "
           f"{t.replies_without_request} replies without a request in the capture", file=out)
@@ -622,7 +626,11 @@ def deliver(
                             db_password_file)
         if queued.get(sql_destination(url)):
             backends.append(SqlEmitter(url, rules, connect="try", on_overlong=on_overlong))
-        backends += [b for b in _backends(rules, True, None, None) if queued.get(b.name) or b.close()]
+        for b in _backends(rules, True, None, None):
+            if queued.get(b.name):
+                backends.append(b)
+            else:
+                b.close()
     except (SqlError, OSError, RadiusConfigError, DiameterConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(EXIT_BACKEND_ERROR) from None

@@ -283,8 +283,8 @@ def fitted_avp(fitted: Counter[str], code: int, value: str, mandatory: bool = Tr
 
 def _each(records: list[AccRecord], wants: Callable[[AccRecord], bool], send: Callable[[AccRecord], None],
           rejected: Callable[[AccRecord, str], str]) -> None:
-    """spool.deliver_each, plus the translation of a refusal of record i into
-    ``RecordRejected(index=i)`` (records before it were delivered)."""
+    """Send a batch record by record: a failure says how many got through, and a refusal of
+    record i becomes ``RecordRejected(index=i)`` (records before it were delivered)."""
     for i, r in enumerate(records):
         if not wants(r):
             continue

@@ -59,19 +59,6 @@ class BackendDown(RuntimeError):
         self.delivered = delivered
 
 
-def deliver_each(records: list[AccRecord], wants: Callable[[AccRecord], bool],
-                 send: Callable[[AccRecord], None]) -> None:
-    """Send a batch record by record (RADIUS, Diameter); a failure says how many got through."""
-    for i, r in enumerate(records):
-        if wants(r):
-            try:
-                send(r)
-            except BackendDown as e:
-                raise BackendDown(str(e), delivered=i) from None
-            except RecordRejected as e:
-                raise RecordRejected(e.reason, index=i) from None
-
-
 class RecordRejected(RuntimeError):
     """The backend refused a record for what it holds (data too long, NUL, encoding,
     constraint, Diameter 5xxx, RADIUS attribute too long): retrying cannot help.
