@@ -18,6 +18,8 @@ import orjson
 import typer
 
 from sipsniff_acc.emitters.spool import DEFAULT_SPOOL, DurableSpool, SpoolError, how_to_deliver, loads
+from sipsniff_acc.outfiles import open_private
+from sipsniff_acc.sysloglines import escape, json_safe
 
 EXIT_USAGE = 2  #: a missing, corrupt or foreign spool file, or a bad option
 
@@ -50,9 +52,11 @@ def status(spool_path: SpoolOption = Path(DEFAULT_SPOOL)) -> None:
         print(f"{spool_path}: empty")
     for dest in sorted(set(pending) | set(dead)):
         reasons = dead.get(dest)
-        print(f"{dest}: {pending.get(dest, 0)} pending, {sum(reasons.values()) if reasons else 0} dead-lettered")
+        # a backend's reason may quote the refused value (a NUL, an escape sequence): escaped for the terminal
+        print(escape(f"{dest}: {pending.get(dest, 0)} pending, "
+                     f"{sum(reasons.values()) if reasons else 0} dead-lettered"))
         for reason, n in (reasons.most_common() if reasons else []):
-            print(f"  {n} x {reason}")
+            print(f"  {n} x {escape(reason)}")
         if pending.get(dest):
             print(f"  deliver: {how_to_deliver(dest, str(spool_path))}")
         if reasons:
@@ -86,7 +90,7 @@ def export(
     spool = _open(spool_path)
     tables = ["dead"] if dead else ["queue"] if pending else ["queue", "dead"]
     try:
-        out: IO[bytes] = open(output, "wb") if output else sys.stdout.buffer  # noqa: SIM115
+        out: IO[bytes] = open_private(output, "wb") if output else sys.stdout.buffer  # noqa: SIM115
     except OSError as e:
         print(f"error: --output {output}: {e.strerror}", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE) from None
@@ -96,7 +100,7 @@ def export(
             for seq, dest, blob, queued, reason, at in spool.rows(table, destination):
                 line = {"state": "dead" if table == "dead" else "pending", "seq": seq, "destination": dest,
                         "queued": _when(queued), "reason": reason, "at": _when(at), "entry": _doc(blob)}
-                out.write(orjson.dumps(line) + b"\n")
+                out.write(json_safe(orjson.dumps(line)) + b"\n")
                 n += 1
         out.flush()
     finally:

@@ -192,3 +192,26 @@ def test_a_full_disk_stops_intake_in_one_line_and_loses_nothing(tmp_path: Path, 
                    cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert count(locked.path) == produced  # every record the run produced before it stopped
+
+
+def test_spool_status_and_export_never_print_raw_control_characters(tmp_path: Path) -> None:
+    """A backend's reason can quote the refused value: a CR or an escape sequence from a packet
+    must not forge a line or drive the operator's terminal; the export file is private."""
+    from sipsniff_acc.emitters.spool import DurableSpool
+
+    spool_path = tmp_path / "s.spool"
+    spool = DurableSpool(spool_path)
+    spool.append_docs("sql:sqlite:///x.db", [b'{"rows": [["acc", {"callid": "a\\u001b[2Jb"}]]}'])
+    spool.bury("sql:sqlite:///x.db", [1], "value 'x\r\x1b[2J\nACC: transaction answered' refused")
+    spool.close()
+    status = sipsniff("spool", "status", "--spool", str(spool_path), cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert "\x1b" not in status.stdout and "\r" not in status.stdout
+    assert "\\x1b[2J" in status.stdout and "\\r" in status.stdout
+    assert not any(line.startswith("ACC:") for line in status.stdout.splitlines())
+    out = tmp_path / "dead.jsonl"
+    export = sipsniff("spool", "export", "--dead", "--spool", str(spool_path), "-o", str(out), cwd=tmp_path)
+    assert export.returncode == 0, export.stderr
+    assert (out.stat().st_mode & 0o777) == 0o600
+    text = out.read_text()
+    assert len(text.splitlines()) == 1 and "\x1b" not in text and "\r" not in text
