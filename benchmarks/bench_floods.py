@@ -6,8 +6,8 @@ Each flood is generated into a temporary directory (removed after its run), then
     sipsniff-acc process -j 0 --no-db --log none --quiet --no-progress --rules R FLOOD.pcap
 
 and the child's own peak RSS (``os.wait4``'s ``ru_maxrss``) is printed beside the figure
-issue 10 measured before the state was bounded, with the peak of the whole process tree
-(sampled with psutil: with ``-j N`` each worker holds the calls of its shard). The record-id flood has no capture: a small
+issue 10 measured before the state was bounded, with the peak PSS of the whole process
+tree (sampled with psutil: with ``-j N`` each worker holds the calls of its shard). The record-id flood has no capture: a small
 driver (this file, ``--ids-driver``) numbers N records through ``RecordIds`` in a child.
 
     invites    500k unanswered INVITEs, 5,000/s (all inside fr_inv_timer: none times out)
@@ -144,19 +144,20 @@ def ids_driver(n: int) -> None:
 
 
 def tree_rss(pid: int) -> int:
-    """Bytes of RSS of a process and its children now (with -j N the workers hold the calls)."""
+    """Bytes of PSS of a process and its children now (with -j N the workers hold the calls;
+    PSS shares the pages forked workers still have in common with the front, RSS counts them twice)."""
     try:
         p = psutil.Process(pid)
-        return sum(q.memory_info().rss for q in [p, *p.children(recursive=True)])
+        return sum(q.memory_full_info().pss for q in [p, *p.children(recursive=True)])
     except psutil.Error:
         return 0
 
 
-def run(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[float, int, int, int]:
+def run(cmd: list[str], env: dict[str, str], timeout: float, cwd: str) -> tuple[float, int, int, int]:
     """Wall seconds, peak RSS in MB (the child's own ru_maxrss), peak RSS of the process tree
-    in MB (sampled every 0.2 s) and exit status."""
+    in MB (PSS, sampled every 0.2 s) and exit status."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
     deadline = t0 + timeout
     tree = 0
     while True:
@@ -204,12 +205,12 @@ def main() -> None:
                 what = f"{name} ({pcap.stat().st_size / 1e6:.0f} MB capture)"
                 cmd = [sys.executable, "-m", "sipsniff_acc", "process", "-j", str(a.workers), "--no-db", "--log", "none",
                        "--quiet", "--no-progress", "--rules", str(rules), str(pcap)]
-            wall, mb, tree, code = run(cmd, env, a.timeout)
+            wall, mb, tree, code = run(cmd, env, a.timeout, a.tree)  # cwd too: -m puts it first on sys.path
             for leftover in Path(tmp).iterdir():
                 leftover.unlink()
             rows.append((name, what, wall, mb, tree, code))
             print(f"{name}: {mb} MB peak RSS, {tree} MB tree, {wall:.1f} s, exit {code}", file=sys.stderr, flush=True)
-    print(f"{'flood':<9} {'what':<34} {'seconds':>8} {'peak RSS MB':>11} {'tree MB':>8} {'before (issue 10)':>17} "
+    print(f"{'flood':<9} {'what':<34} {'seconds':>8} {'peak RSS MB':>11} {'tree PSS':>8} {'before (issue 10)':>17} "
           f"{'exit':>4}")
     for name, what, wall, mb, tree, code in rows:
         old = str(OLD_MB[name]) if a.scale == 1.0 else "-"
