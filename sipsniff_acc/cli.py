@@ -588,6 +588,8 @@ def _acc_summary(result: RunResult, rules: RulesFile, spooled: list[SpooledEmitt
         print(f"  stateless replies of the proxy (never accounted): {t.stateless_replies}", file=out)
     if t.dialogs:
         print(f"  dialogs: {', '.join(f'{n} {s}' for s, n in sorted(t.dialogs.items()))}", file=out)
+    if line := t.evictions():
+        print(f"  {line}", file=out)
 
 
 @app.command()

@@ -165,11 +165,12 @@ def shard_of(payload: bytes, shards: int) -> int:
     return zlib.crc32(m.group(1).strip() if m else b"") % shards
 
 
-def acc_worker(rules: RulesFile, open_as_408: bool) -> Callable[[Part], PartResult]:
-    """A worker's state: a parser and an AccPipeline for the calls of its shard."""
+def acc_worker(rules: RulesFile, open_as_408: bool, shards: int = 1) -> Callable[[Part], PartResult]:
+    """A worker's state: a parser and an AccPipeline for the calls of its shard (1/shards of
+    the memory limits, so N workers together hold what one process would)."""
     counters = Counters()
     parser = SipParser(counters)
-    acc = AccPipeline(rules, open_as_408)
+    acc = AccPipeline(rules, open_as_408, shards)
 
     def work(part: Part) -> PartResult:
         out: list[tuple[int, AccRecord]] = []
@@ -193,15 +194,7 @@ def acc_worker(rules: RulesFile, open_as_408: bool) -> Callable[[Part], PartResu
 
 
 def merge_stats(into: TrackerStats, other: TrackerStats) -> None:
-    into.transactions.update(other.transactions)
-    into.retransmissions += other.retransmissions
-    into.replies_without_request += other.replies_without_request
-    into.acks_without_invite += other.acks_without_invite
-    into.open_at_end.update(other.open_at_end)
-    into.timed_out.update(other.timed_out)
-    into.stateless_replies += other.stateless_replies
-    into.dialogs.update(other.dialogs)
-    into.inferred_proxies |= other.inferred_proxies
+    into.merge(other)
 
 
 def _run_sharded(frames: Iterable[Frame], rules: RulesFile, deliver: Callable[[list[AccRecord]], None],
@@ -231,7 +224,7 @@ def _run_sharded(frames: Iterable[Frame], rules: RulesFile, deliver: Callable[[l
             yield [(first, p) for p in parts]
         yield [None] * workers
 
-    results_of = sharded_map(rounds(), acc_worker(rules, open_as_408), workers)
+    results_of = sharded_map(rounds(), acc_worker(rules, open_as_408, workers), workers)
     try:
         _deliver_rounds(results_of, deliver, counters, result, stop)
     finally:
