@@ -175,7 +175,10 @@ class SipMessage:
                 if not colon:
                     continue
                 key = _decode(name.strip()).lower()
-                out.append((COMPACT_FORMS.get(key, key), _decode(value.strip())))
+                value = value.strip()
+                if b"\r" in value:  # a bare CR ends the value, as in the eager scan and vias()
+                    value = value[: value.index(b"\r")].rstrip()
+                out.append((COMPACT_FORMS.get(key, key), _decode(value)))
             self._headers = out
         return self._headers
 

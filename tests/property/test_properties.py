@@ -246,3 +246,25 @@ def test_linear_unfold_equals_the_old_regex(block: bytes) -> None:
     import re
 
     assert sip.unfold(block) == re.sub(rb"[ \t]*\r?\n[ \t]+", b" ", block)
+
+
+_HEADER_PIECES = st.sampled_from([
+    b"Via: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK-a", b"v: SIP/2.0/TCP h;branch=z9hG4bK-b, SIP/2.0/UDP x",
+    b"Via : SIP/2.0/UDP 1\xff\r:5060;branch=z9hG4bK-c", b"VIA:\tSIP/2.0/UDP [::1]:5060", b" folded;rport",
+    b"From: <sip:a@x>;tag=1", b"X-Junk: \r\r\x00", b"Via: \"q,u\" <sip:x>, SIP/2.0/UDP y", b"\r", b"",
+])
+
+
+@given(st.lists(_HEADER_PIECES, max_size=12), st.lists(st.sampled_from([b"\r\n", b"\n"]), min_size=12, max_size=12))
+@settings(max_examples=300, deadline=None)
+def test_vias_are_the_same_whether_or_not_the_headers_were_parsed(pieces: list[bytes], ends: list[bytes]) -> None:
+    """The tracker reads Vias by a regex, pseudo-variables by the full header list: a hostile
+    header (a bare CR, a fold) must give both the same Vias, or a record would depend on
+    which ran first (found by the fuzzer: a bare CR inside a Via)."""
+    block = b"".join(p + e for p, e in zip(pieces, ends))
+    raw = b"INVITE sip:b@x SIP/2.0\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n" + block + b"Content-Length: 0\r\n\r\n"
+    fast, full = sip.parse(raw), sip.parse(raw)
+    assume(isinstance(fast, sip.SipMessage) and isinstance(full, sip.SipMessage))
+    assert isinstance(fast, sip.SipMessage) and isinstance(full, sip.SipMessage)
+    full.headers  # noqa: B018 - parse every header first
+    assert fast.vias() == full.vias()
