@@ -167,6 +167,53 @@ def stopped_run(pcap: Path, work: Path, delay: float, sig: int, to_group: bool,
             kill_group(proc)
 
 
+class Piped:
+    """`process - -j 2` fed through a pipe the test holds: the run cannot end before the test
+    lets it (the three tests below act on a run in progress, whatever the machine's speed)."""
+
+    def __init__(self, pcap: Path, work: Path, *args: str) -> None:
+        self.data = pcap.read_bytes()
+        self.err_path = work / "stderr"
+        with open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(cmd("process", "-", "-j", "2", *args), stdin=subprocess.PIPE,
+                                         stdout=subprocess.DEVNULL, stderr=err, env=env(), cwd=work,
+                                         start_new_session=True)
+        assert self.proc.stdin is not None
+        self.stdin = self.proc.stdin
+        half = len(self.data) // 2
+        self.stdin.write(self.data[:half])
+        self.stdin.flush()
+        self.rest = self.data[half:]
+
+    def workers(self, timeout: float = 60.0) -> list[int]:
+        """The worker PIDs, once both are forked and have been handed calls."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            if len(kids) >= 2:
+                time.sleep(0.5)  # rounds of the first half reach them
+                return [int(k) for k in kids]
+            time.sleep(0.02)
+        raise AssertionError(f"no workers within {timeout:g} s; stderr: {self.err()[-2000:]}")
+
+    def finish_input(self) -> None:
+        try:
+            self.stdin.write(self.rest)
+            self.stdin.close()
+        except BrokenPipeError:  # it stopped reading: what the test wanted to see
+            pass
+
+    def err(self) -> str:
+        return self.err_path.read_text()
+
+    def close(self) -> None:
+        try:
+            self.stdin.close()
+        except BrokenPipeError:
+            pass
+        kill_group(self.proc)
+
+
 def test_random_stops_lose_and_duplicate_nothing(workload: tuple[Path, set[str], float], tmp_path: Path) -> None:
     """RUNS runs stopped by SIGTERM or SIGINT at random moments, then one complete run: the
     database holds exactly the clean run's rows. Every stop: 128 + signal, within the bound,
@@ -208,9 +255,20 @@ def test_random_stops_lose_and_duplicate_nothing(workload: tuple[Path, set[str],
 def test_stop_to_the_whole_group_reaches_only_the_front(workload: tuple[Path, set[str], float], tmp_path: Path) -> None:
     """Ctrl-C / a service manager signal every process of the group: workers leave the stop to
     the front (no traceback from a worker interrupted in a queue), and the run ends 143."""
-    pcap, _clean, wall = workload
+    pcap, _clean, _wall = workload
     for sig in (signal.SIGTERM, signal.SIGINT):
-        status, err, took = stopped_run(pcap, tmp_path, 0.3 * wall, sig, to_group=True)
+        run = Piped(pcap, tmp_path, "--log", "none", "--db-url", f"sqlite:///{tmp_path / 'acc.db'}",
+                    "--spool", str(tmp_path / "spool"), "--drain-timeout", str(DRAIN))
+        try:
+            run.workers()
+            t0 = time.monotonic()
+            os.killpg(run.proc.pid, sig)
+            status = run.proc.wait(BOUND + SLACK)
+            took = time.monotonic() - t0
+            assert group_gone(run.proc.pid), "a worker outlived the stopped run"
+        finally:
+            run.close()
+        err = run.err()
         assert status == 128 + sig, err
         assert "Traceback" not in err and f"stopping on {signal.Signals(sig).name}: flushing" in err, err
         assert took <= BOUND
@@ -218,41 +276,31 @@ def test_stop_to_the_whole_group_reaches_only_the_front(workload: tuple[Path, se
 
 def test_workers_do_not_outlive_a_killed_front(workload: tuple[Path, set[str], float], tmp_path: Path) -> None:
     """SIGKILL of the front (OOM killer, kill -9): its workers notice and exit, not linger for ever."""
-    pcap, _clean, wall = workload
-    proc = subprocess.Popen(cmd("process", str(pcap), "-j", "2", "--log", "none", "--no-db", "-q"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), cwd=tmp_path,
-                            start_new_session=True)
+    pcap, _clean, _wall = workload
+    run = Piped(pcap, tmp_path, "--log", "none", "--no-db", "-q")
     try:
-        wait_opened(proc, pcap)
-        time.sleep(0.3 * wall)
-        assert proc.poll() is None, "finished before the kill: make the capture bigger"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        assert group_gone(proc.pid, timeout=10.0), "workers still running 10 s after their front was killed"
+        run.workers()
+        os.kill(run.proc.pid, signal.SIGKILL)
+        run.proc.wait(10)
+        assert group_gone(run.proc.pid, timeout=10.0), "workers still running 10 s after their front was killed"
     finally:
-        kill_group(proc)
+        run.close()
 
 
 def test_a_worker_killed_by_the_oom_killer_ends_the_run_cleanly(
         workload: tuple[Path, set[str], float], tmp_path: Path) -> None:
     """A worker dies (SIGKILL, as from the OOM killer): the front says so in one line, closes
     every output (what was produced is in the database or the spool), exit 70."""
-    pcap, clean, wall = workload
+    pcap, clean, _wall = workload
     db, spool = tmp_path / "acc.db", tmp_path / "spool"
-    with open(tmp_path / "stderr", "wb") as err:
-        proc = subprocess.Popen(cmd("process", str(pcap), "-j", "2", "--log", "none", "--db-url", f"sqlite:///{db}",
-                                    "--spool", str(spool)),
-                                stdout=subprocess.DEVNULL, stderr=err, env=env(), cwd=tmp_path, start_new_session=True)
+    run = Piped(pcap, tmp_path, "--log", "none", "--db-url", f"sqlite:///{db}", "--spool", str(spool))
     try:
-        wait_opened(proc, pcap, err=tmp_path / "stderr")
-        time.sleep(0.3 * wall)
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        assert children, "no worker to kill"
-        os.kill(int(children[0]), signal.SIGKILL)
-        status = proc.wait(BOUND + SLACK)
+        os.kill(run.workers()[0], signal.SIGKILL)
+        run.finish_input()  # the front meets the dead worker when it hands on the next calls
+        status = run.proc.wait(BOUND + SLACK)
     finally:
-        kill_group(proc)
-    err_text = (tmp_path / "stderr").read_text()
+        run.close()
+    err_text = run.err()
     assert status == 70, err_text
     assert "Traceback" not in err_text and "error: worker " in err_text, err_text
     got = ids(db)
@@ -266,29 +314,26 @@ def test_database_down_stop_is_bounded_with_everything_spooled(
     --drain-timeout, exit 143 within the drain timeout plus 10 s. A second SIGTERM while
     draining (--drain-timeout 60): exit at once. Either way every record handed on (the JSON
     lines say which) is in the spool."""
-    pcap, _clean, wall = workload
+    pcap, _clean, _wall = workload
     url = f"postgresql+psycopg://acc@127.0.0.1:{free_port()}/acc"  # nothing listens there
     jsonl = tmp_path / "r.jsonl"
     drain = 60.0 if second else 3.0
-    with open(tmp_path / "stderr", "wb") as err:
-        proc = subprocess.Popen(cmd("process", str(pcap), "-j", "2", "--log", "none", "--db-url", url, "--spool",
-                                    str(tmp_path / "spool"), "--drain-timeout", str(drain), "--jsonl", str(jsonl)),
-                                stdout=subprocess.DEVNULL, stderr=err, env=env(), cwd=tmp_path, start_new_session=True)
+    run = Piped(pcap, tmp_path, "--log", "none", "--db-url", url, "--spool", str(tmp_path / "spool"),
+                "--drain-timeout", str(drain), "--jsonl", str(jsonl))
+    proc = run.proc
     try:
-        wait_opened(proc, pcap, err=tmp_path / "stderr")
-        time.sleep(0.3 * wall)
-        assert proc.poll() is None, (tmp_path / "stderr").read_text()
+        run.workers()
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         if second:
             time.sleep(2.0)  # flushing, then draining towards a database that is not there
-            assert proc.poll() is None, (tmp_path / "stderr").read_text()
+            assert proc.poll() is None, run.err()
             t0 = time.monotonic()
             proc.send_signal(signal.SIGTERM)
         status = proc.wait(drain + 10 + SLACK)
         took = time.monotonic() - t0
     finally:
-        kill_group(proc)
+        run.close()
     err_text = (tmp_path / "stderr").read_text()
     assert status == 128 + signal.SIGTERM, err_text
     assert took < (3.0 if second else drain + 10), f"{took:.1f} s to exit"
