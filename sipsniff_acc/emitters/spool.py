@@ -30,7 +30,7 @@ import sqlite3
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -220,16 +220,21 @@ class DurableSpool:
         """Spool records as themselves (for backends that render at delivery: RADIUS, Diameter)."""
         self.append_docs(backend, [dumps({"record": r.as_dict()}) for r in records])
 
-    def append_docs(self, backend: str, docs: list[bytes]) -> None:
-        """One transaction; SpoolDiskFull when the filesystem is full (nothing of it was stored)."""
+    def append_docs(self, backend: str, docs: list[bytes], dead: Sequence[tuple[bytes, str]] = ()) -> None:
+        """One transaction; SpoolDiskFull when the filesystem is full (nothing of it was stored).
+        ``dead``: (document, reason) of records refused before they could be queued (they could
+        not be rendered): straight to the dead letters, in the same transaction."""
         now = time.time()
         try:
             with self._tx():
                 self.db.executemany("INSERT INTO queue (backend, record, queued) VALUES (?, ?, ?)",
                                     [(backend, d, now) for d in docs])
+                if dead:
+                    self.db.executemany("INSERT INTO dead (backend, record, queued, reason, at) VALUES (?, ?, ?, ?, ?)",
+                                        [(backend, d, now, reason, now) for d, reason in dead])
         except (sqlite3.Error, OSError) as e:
             if _is_disk_full(e):
-                raise SpoolDiskFull(f"spool {self.path}: the disk is full; intake stopped ({len(docs)} record(s) "
+                raise SpoolDiskFull(f"spool {self.path}: the disk is full; intake stopped ({len(docs) + len(dead)} record(s) "
                                     "not accepted; everything accepted before is safe in the spool)") from None
             raise
 
@@ -439,18 +444,33 @@ class SpooledEmitter:
         self.deliver()
 
     def _append(self, records: list[AccRecord]) -> None:
-        render = self._render
-        if render is None:
-            docs = [dumps({"record": r.as_dict()}) for r in records]
-        else:
-            docs = [dumps(render(r)) for r in records]
+        """Spool the records, each rendered on its own: one that cannot be rendered for this
+        backend (a time outside what a DATETIME holds, ...) goes to the dead letters with its
+        reason, in the same transaction, and takes no other record down."""
+        docs, dead = self._documents(records)
         try:
-            self.spool.append_docs(self.backend.name, docs)
+            self.spool.append_docs(self.backend.name, docs, [(d, reason) for _rid, d, reason in dead])
         except SpoolDiskFull as e:
             self.spool_error = str(e)
             raise
-        self._queued += len(records)
-        self.spooled += len(records)
+        self._queued += len(docs)
+        self.spooled += len(docs)
+        for rid, _d, reason in dead:
+            self._counted_dead(rid, reason, queued=False)
+
+    def _documents(self, records: list[AccRecord]) -> tuple[list[bytes], list[tuple[str, bytes, str]]]:
+        """The spool's documents, and (id, document, reason) of the records that cannot be rendered."""
+        render = self._render
+        docs: list[bytes] = []
+        dead: list[tuple[str, bytes, str]] = []
+        for r in records:
+            try:
+                docs.append(dumps({"record": r.as_dict()} if render is None else render(r)))
+            except Exception as e:  # noqa: BLE001 - one record's problem, whatever it is, is that record's
+                reason = e.reason if isinstance(e, RecordRejected) else \
+                    f"cannot be rendered ({type(e).__name__}: {str(e)[:200]})"
+                dead.append((r.record_id, _unrendered(r, reason), reason))
+        return docs, dead
 
     def _check(self, doc: dict[str, Any]) -> object:
         check = getattr(self.backend, "check_entry", None)
@@ -544,8 +564,9 @@ class SpooledEmitter:
     def _unreadable(self, seq: int, reason: str) -> None:
         self._counted_dead(f"#{seq}", reason)
 
-    def _counted_dead(self, rid: object, reason: str) -> None:
-        self._queued -= 1
+    def _counted_dead(self, rid: object, reason: str, queued: bool = True) -> None:
+        if queued:
+            self._queued -= 1
         self.dead_lettered += 1
         self.dead_reasons[reason] += 1
         if self.dead_lettered <= ALARM_LINES:
@@ -580,6 +601,9 @@ class SpooledEmitter:
                     self.buffer = []
                 except SpoolDiskFull:
                     pass
+                except (sqlite3.Error, OSError) as e:  # the spool cannot take them: straight to the backend
+                    self.spool_error = f"spool {self.spool.path}: {e}"
+                    self.last_error = self.spool_error
             deadline = self.clock() + self.drain_timeout
             while not self.deliver() and self.clock() < deadline and not self.spool_error:
                 self.sleep(max(0.01, min(self.retry_interval, self.next_try - self.clock())))
@@ -597,24 +621,48 @@ class SpooledEmitter:
             self.spool_error = self.spool_error or f"spool {self.spool.path}: {e}"
             self.last_error = self.spool_error
         finally:
-            self.backend.close()
+            try:
+                if self.buffer:  # never reported as kept in the spool when it is not there
+                    self._deliver_unspooled()
+            finally:
+                self.backend.close()
 
     def _deliver_unspooled(self) -> None:
-        """The disk is full: hand the buffer to the backend directly, or count it lost."""
+        """The spool cannot take the buffer (disk full, spool broken): hand it to the backend
+        directly, or count it lost with an alarm; a record that cannot be rendered is lost with its reason."""
         records, self.buffer = self.buffer, []
+        why = "disk full" if isinstance(self.spool_error, str) and "full" in self.spool_error else \
+            (self.spool_error or "the spool failed")
+        if self._render is not None:
+            docs: list[dict[str, Any]] = []
+            kept: list[AccRecord] = []
+            for r in records:
+                try:
+                    docs.append(self._render(r))
+                    kept.append(r)
+                except Exception as e:  # noqa: BLE001 - that record's own problem: lost, with its reason
+                    reason = e.reason if isinstance(e, RecordRejected) else f"{type(e).__name__}: {str(e)[:200]}"
+                    self._lose(1, f"could not be rendered ({reason}) nor spooled ({why})")
+            records = kept
+        if not records:
+            return
         if self._queued == 0:
             try:
                 if self._render is not None:
-                    self.backend.deliver_entries([self._render(r) for r in records])  # type: ignore[attr-defined]
+                    self.backend.deliver_entries(docs)  # type: ignore[attr-defined]
                 else:
                     self.backend.deliver(records)
                 self.delivered += len(records)
                 return
             except (BackendDown, RecordRejected) as e:
                 self.last_error = str(e)
-        self.lost += len(records)
-        print(f"alarm: {self.label} {self.backend.where}: {len(records)} record(s) could be neither spooled "
-              f"(disk full) nor delivered: lost", file=self.alarms)
+            except Exception as e:  # noqa: BLE001 - never raises from close: counted below
+                self.last_error = f"{type(e).__name__}: {str(e)[:200]}"
+        self._lose(len(records), f"could be neither spooled ({why}) nor delivered")
+
+    def _lose(self, n: int, why: str) -> None:
+        self.lost += n
+        print(f"alarm: {self.label} {self.backend.where}: {n} record(s) {why}: lost", file=self.alarms)
 
     def stats(self) -> dict[str, object]:
         """For --stats: what this destination got, keeps and set aside."""
@@ -625,6 +673,15 @@ class SpooledEmitter:
         if fitted:
             out["fitted"] = dict(fitted)
         return out
+
+
+def _unrendered(r: AccRecord, reason: str) -> bytes:
+    """The dead letter of a record that could not be rendered: the record itself and the reason
+    (`spool retry` renders it again at delivery)."""
+    try:
+        return dumps({"id": r.record_id, "record": r.as_dict(), "unrendered": reason})
+    except Exception:  # noqa: BLE001 - even the record cannot be written out: its id and the reason
+        return dumps({"id": str(r.record_id), "unrendered": reason})
 
 
 class _Again(Exception):

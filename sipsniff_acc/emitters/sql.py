@@ -11,6 +11,7 @@ UTC DATETIME.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import re
 import time
@@ -34,6 +35,51 @@ class SqlError(RuntimeError):
     """The database refused or could not be reached; the message never holds the password."""
 
 
+class SqlUsageError(SqlError):
+    """A database URL that can never work (unparseable, unknown dialect, driver not installed,
+    port out of range, an in-memory SQLite database): a usage mistake (exit 2), found before
+    the work, not an outage to retry for the whole drain time."""
+
+
+def check_url(url: str) -> None:
+    """Raise SqlUsageError (one line, no password) when ``url`` can never be a database we write to.
+
+    An in-memory SQLite database is refused: its rows vanish when the run ends, while the run
+    would report them as delivered."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+    try:
+        u = make_url(url)
+        port = u.port
+    except (ArgumentError, ValueError, TypeError):
+        redacted = re.sub(r"(?<=://)[^@/]*@", "***@", url)  # an unparseable URL may still hold a password
+        raise SqlUsageError(f"{redacted!r} is not a database URL: use dialect+driver://user@host[:port]/name, "
+                            "e.g. sqlite:///acc.db or postgresql+psycopg://acc@db/acc") from None
+    shown = safe_url(url)
+    try:
+        u.get_dialect().import_dbapi()  # the driver module: not installed is a usage mistake, found now
+    except ImportError as e:
+        raise SqlUsageError(f"{shown}: the database driver is not installed ({e.name or e}); "
+                            "pip install 'sipsniff-acc[postgresql]' or '[mysql]'") from None
+    except (ArgumentError, ValueError, TypeError) as e:
+        raise SqlUsageError(f"{shown}: unknown database dialect or driver {u.drivername!r} ({e})") from None
+    if port is not None and not 1 <= port <= 65535:
+        raise SqlUsageError(f"{shown}: port {port} is out of range (1-65535)")
+    if u.get_backend_name() == "sqlite" and _sqlite_in_memory(u.database, u.query):
+        raise SqlUsageError(f"{shown}: an in-memory SQLite database loses every row when the run ends: "
+                            "give a file, e.g. sqlite:///acc.db")
+
+
+def _sqlite_in_memory(database: str | None, query: Any) -> bool:
+    """sqlite://, sqlite:///, sqlite:///:memory:, and file: URIs that name a memory database."""
+    if not database or database == ":memory:":
+        return True
+    if database.startswith("file:"):
+        return database.startswith("file::memory:") or "mode=memory" in database or \
+            str(dict(query or {}).get("mode", "")) == "memory"
+    return False
+
+
 def safe_url(url: str) -> str:
     try:
         from sqlalchemy.engine import make_url
@@ -45,6 +91,35 @@ def safe_url(url: str) -> str:
 def julian(ts: float) -> float:
     """db_sqlite's timet_to_sqlite: ((t - 0.5) / 86400) + 2440587.5 on whole seconds."""
     return ((int(ts) - 0.5) / 86400.0) + 2440587.5
+
+
+#: what a DATETIME can hold: 0001-01-01 .. 9999-12-31 23:59:59 UTC (Python's datetime range)
+MIN_TIME = -62135596800
+MAX_TIME = 253402300799
+#: a local-time DATETIME may shift by up to a day more
+_ZONE_MARGIN = 86400
+
+
+def record_second(ts: float) -> int:
+    """The record's whole second; RecordRejected (that record only) when it is not a finite number."""
+    if not isinstance(ts, (int, float)) or not math.isfinite(ts):
+        raise RecordRejected(f"time {ts!r} is not a finite number")
+    return int(ts)
+
+
+def to_datetime(sec: int, local: bool = False) -> dt.datetime:
+    """A DATETIME value for a record's second. A time outside years 1-9999 (a capture with a broken
+    clock or pcapng if_tsresol/if_tsoffset) is refused for that record alone: RecordRejected."""
+    low, high = (MIN_TIME + _ZONE_MARGIN, MAX_TIME - _ZONE_MARGIN) if local else (MIN_TIME, MAX_TIME)
+    if not low <= sec <= high:
+        raise RecordRejected(f"time {sec} is outside what a DATETIME column holds "
+                             f"(years 1-9999: {MIN_TIME}..{MAX_TIME} s since 1970)")
+    try:
+        if local:
+            return dt.datetime.fromtimestamp(sec)
+        return dt.datetime.fromtimestamp(sec, dt.timezone.utc).replace(tzinfo=None)
+    except (ValueError, OverflowError, OSError) as e:
+        raise RecordRejected(f"time {sec} cannot be converted to a DATETIME ({type(e).__name__}: {e})") from None
 
 
 def table_names(rules: RulesFile) -> list[str]:
@@ -168,6 +243,7 @@ class SqlEmitter:
         self.create = create
         self.local_time = timezone == "local"
         self.on_overlong = on_overlong
+        check_url(url)
         path = sqlite_file(url)
         if path is not None and connect:
             _check_sqlite_path(path, self.safe_url, create)
@@ -238,6 +314,8 @@ class SqlEmitter:
     @staticmethod
     def check_entry(doc: dict[str, Any]) -> None:
         """Raise (ValueError/KeyError/TypeError) when a spooled document is not one of our entries."""
+        if "rows" not in doc and isinstance(doc.get("record"), dict):
+            return  # a record set aside before it could be rendered (then retried): rendered at delivery
         if not isinstance(doc["table"], str) or not isinstance(doc["rows"], list) or \
                 not all(isinstance(row, dict) for row in doc["rows"]):
             raise ValueError("not an SQL entry")
@@ -272,7 +350,7 @@ class SqlEmitter:
         except (DataError, IntegrityError) as e:
             raise RecordRejected(f"{type(e).__name__}: {_short(e)}") from None
         except StatementError as e:
-            if isinstance(getattr(e, "orig", None), (ValueError, UnicodeError, TypeError)):
+            if isinstance(getattr(e, "orig", None), (ValueError, UnicodeError, TypeError, OverflowError)):
                 raise RecordRejected(f"{type(e.orig).__name__}: {_short(e)}") from None
             raise BackendDown(f"{self.safe_url}: {type(e).__name__}: {_short(e)}") from None
         except SQLAlchemyError as e:
@@ -283,6 +361,8 @@ class SqlEmitter:
 
     def _fitted(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
         """The entry's rows as the table can hold them (RecordRejected when it cannot)."""
+        if "rows" not in doc and isinstance(doc.get("record"), dict):
+            doc = self._render_dead(doc["record"])
         name = doc["table"]
         try:
             shape = self._shape(name)
@@ -316,16 +396,24 @@ class SqlEmitter:
             out.append(row)
         return out
 
+    def _render_dead(self, stored: dict[str, Any]) -> dict[str, Any]:
+        """A record the spool set aside unrendered, retried (`spool retry`): rendered now or refused again."""
+        from sipsniff_acc.emitters.spool import record_from_dict
+        try:
+            return self.render(record_from_dict(stored))
+        except RecordRejected:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever makes it unrenderable is that record's reason
+            raise RecordRejected(f"cannot be rendered ({type(e).__name__}: {str(e)[:200]})") from None
+
     def rows(self, r: AccRecord) -> list[dict[str, Any]]:
         a = self.acc
         empty = None if self.sqlite or a.acc_extra_nullable else ""
-        sec = int(r.ts)
+        sec = record_second(r.ts)
         if self.sqlite:
-            when: Any = julian(r.ts)
-        elif self.local_time:
-            when = dt.datetime.fromtimestamp(sec)
+            when: Any = julian(sec)
         else:
-            when = dt.datetime.fromtimestamp(sec, dt.timezone.utc).replace(tzinfo=None)
+            when = to_datetime(sec, self.local_time)
         base: dict[str, Any] = {
             a.acc_method_column: r.method, a.acc_from_tag_column: r.from_tag or "",
             a.acc_to_tag_column: r.to_tag or "", a.acc_callid_column: r.call_id or "",
@@ -336,7 +424,11 @@ class SqlEmitter:
         elif a.time_mode == 2:
             base[a.time_attr] = round(r.ts, 3)
         elif a.time_mode in (3, 4):
-            base[a.time_attr] = time.strftime(a.time_format, time.localtime(sec) if a.time_mode == 3 else time.gmtime(sec))
+            try:
+                base[a.time_attr] = time.strftime(a.time_format, time.localtime(sec) if a.time_mode == 3
+                                                  else time.gmtime(sec))
+            except (ValueError, OverflowError, OSError) as e:
+                raise RecordRejected(f"time {sec} cannot be formatted ({type(e).__name__}: {e})") from None
         for name, value in r.extras.get("db", ()):
             base[name] = value if value else empty
         legs = r.legs or [[]]
