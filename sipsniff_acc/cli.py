@@ -31,8 +31,8 @@ from sipsniff_acc.emitters import Emitter
 from sipsniff_acc.emitters.jsonl import JsonlEmitter
 from sipsniff_acc.emitters.diameter import DiameterConfigError, DiameterEmitter, DiscEmitter
 from sipsniff_acc.emitters.radius import RadiusConfigError, RadiusEmitter
-from sipsniff_acc.emitters.spool import DEFAULT_SPOOL, Backend, DurableSpool, SpooledEmitter, SpoolFull
-from sipsniff_acc.emitters.sql import SqlEmitter, SqlError, missing_columns, safe_url
+from sipsniff_acc.emitters.spool import DEFAULT_SPOOL, Backend, DurableSpool, SpooledEmitter, SpoolFull, create_private
+from sipsniff_acc.emitters.sql import SqlEmitter, SqlError, SqlUsageError, check_url, missing_columns, safe_url, sqlite_file
 from sipsniff_acc.emitters.syslog import LogEmitter, SyslogTargetError
 from sipsniff_acc.outfiles import OutputPathError, check_output, open_private, write_private
 from sipsniff_acc import stopping
@@ -537,9 +537,12 @@ def _backends(rules: RulesFile, no_db: bool, db_url: str | None, password_file: 
     rules.yaml sets their flags or calls acc_rad_request / acc_diam_request."""
     out: list[Backend] = []
     if not no_db:
-        url = with_password(db_url or os.environ.get("SIPSNIFF_DB_URL") or rules.acc.db_url or DEFAULT_DB_URL,
-                            password_file)
-        out.append(SqlEmitter(url, rules, connect="try", timezone=timezone))
+        plain = db_url or os.environ.get("SIPSNIFF_DB_URL") or rules.acc.db_url or DEFAULT_DB_URL
+        try:  # a URL that can never work is a usage mistake (exit 2) before the work, not an outage to retry
+            check_url(plain)
+            out.append(SqlEmitter(with_password(plain, password_file), rules, connect="try", timezone=timezone))
+        except SqlUsageError as e:
+            raise usage_error(str(e)) from None
     used = {b for r in (*rules.route, *rules.failure_route) for b, _c in r.acc_calls()}
     a = rules.acc
     if a.radius_flag is not None or a.radius_missed_flag is not None or "radius" in used:
@@ -756,6 +759,13 @@ def init_db(
     error; 3 the database cannot be reached or refused us, or --check found something missing.
     """
     rules = _rules_or_exit(rules_file)
+    try:  # the same URL checks as process and deliver: exit 2 for a URL that can never work
+        check_url(url)
+    except SqlUsageError as e:
+        raise usage_error(str(e)) from None
+    lite = sqlite_file(url)
+    if lite is not None and not check and os.path.isdir(os.path.dirname(os.path.abspath(lite))):
+        create_private(lite)  # 0600 as process makes it: billing data (connecting would make it 0644)
     url = _reach_database(url, db_password_file)
     if check:
         try:
