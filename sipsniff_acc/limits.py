@@ -22,7 +22,8 @@ from dataclasses import dataclass, fields, replace
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_transactions: int = 50_000  #: transactions held (open + completed), and ACKs remembered; oldest evicted first
-    max_transaction_bytes: int = 64 << 20  #: bytes of SIP header blocks held by those transactions
+    #: bytes those transactions hold: header blocks, Call-IDs and the objects around them
+    max_transaction_bytes: int = 96 << 20
     max_dialogs: int = 50_000  #: dialogs held
     #: packet-time seconds a record id is remembered, to number exact twins; must exceed the
     #: spread of record times among records made close together (the engine raises it to

@@ -44,6 +44,25 @@ _LOCAL_TAG = re.compile(r"[0-9a-f]{32}-[0-9a-f]{1,8}\Z")  #: tm's local To-tag s
 _SL_TAG = re.compile(r"[0-9a-f]{32}\.[0-9a-f]{1,8}\Z")  #: sl's (separator '.')
 RETAIN = 32.0  #: seconds a completed transaction is kept to absorb retransmissions (RFC 3261 Timer J/H scale)
 SWEEP_EVERY = 1.0
+#: What a held message costs besides its header block and (a request) its Call-ID, so that
+#: max_transaction_bytes bounds the real bytes (measured with tracemalloc, CPython 3.11; see
+#: tests/unit/test_bounded_state.py): a request is the message object and its dict (~310),
+#: its decoded fields (~300), the transaction, its acc state, key, heap and index entries
+#: (~700); a final reply is its object and fields, its heap entry, To-tag tuples (~700)
+REQUEST_OVERHEAD = 1300
+REPLY_OVERHEAD = 700
+_SHAREABLE = ("method", "cseq_method", "reason", "src", "dst", "transport")
+
+
+Tags = tuple[str, ...] | frozenset[str]
+
+
+def _add_tag(tags: Tags, tag: str) -> Tags:
+    """tags plus tag: a tuple while short, a frozenset past 8 (forks flooding new To-tags
+    must not make each addition and lookup linear)."""
+    if len(tags) < 8 and isinstance(tags, tuple):
+        return (*tags, tag)
+    return frozenset(tags) | {tag}
 
 
 @dataclass(eq=False, slots=True)
@@ -52,14 +71,15 @@ class Transaction:
     request: SipMessage
     role: str  #: "server" (the proxy's, accounted), "branch" (the proxy's forward), "other"
     parent: Transaction | None = None  #: a branch's server transaction
-    branches: list[Transaction] = field(default_factory=list)
+    #: its branches; the shared empty tuple until the first (an empty list each was 56 bytes)
+    branches: list[Transaction] | tuple[()] = ()
     final: SipMessage | None = None  #: the first final reply (sent upstream for a server transaction)
     final_ts: float = 0.0
     final_local: bool = False
-    #: To-tags of the 2xx sent upstream; frozensets, replaced on change: two empty sets per
-    #: transaction were 430 of its ~3,000 bytes, and tags are added once or twice per call
-    to_tags_2xx: frozenset[str] = frozenset()
-    acked: frozenset[str] = frozenset()  #: To-tags whose first ACK has been seen
+    #: To-tags of the 2xx sent upstream; tuples (frozensets past a few tags), replaced on
+    #: change: a one-tag frozenset is 216 bytes, a tuple 48, and there are one or two per call
+    to_tags_2xx: Tags = ()
+    acked: Tags = ()  #: To-tags whose first ACK has been seen
     cancelled: bool = False
     stateless: bool = False  #: the final came from sl (no transaction at the proxy: never accounted)
     retransmissions: int = 0
@@ -216,6 +236,21 @@ def _upper(method: str) -> str:
     return up
 
 
+_SHARED: dict[str, str] = {}
+
+
+def _shared(s: str) -> str:
+    """One shared copy of a short, often repeated string (addresses, methods, reasons) for the
+    messages transactions hold: each held message had its own ~55-byte copies. Bounded: past
+    4096 distinct strings new ones are kept as they are."""
+    got = _SHARED.get(s)
+    if got is None:
+        if len(_SHARED) >= 4096 or len(s) > 64:
+            return s
+        _SHARED[s] = got = s
+    return got
+
+
 def _via_id(via: str) -> str:
     """The transaction id a Via gives: its branch if RFC 3261, else the whole Via (RFC 2543)."""
     m = _BRANCH.search(via)
@@ -244,12 +279,16 @@ class TransactionTracker:
         self._done: OrderedDict[Key, Transaction] = OrderedDict()  #: final reply seen, by its time
         self.held_bytes = 0  #: bytes of SIP messages the transactions hold
         self.invites: dict[tuple[str, int, str], Transaction] = {}  #: (call-id, cseq, from-tag) -> server INVITE
-        self.acks: OrderedDict[Key, float] = OrderedDict()  #: e2e ACKs seen (retransmission / forward detection)
+        #: e2e ACKs seen (retransmission / forward detection), by the hash of their key: the key
+        #: tuple held the ACK's own Call-ID (~350 bytes with a 200-byte one) for 32 s; a false
+        #: match needs a 64-bit hash collision (~n / 2**64 per ACK)
+        self.acks: OrderedDict[int, float] = OrderedDict()
         self.dialogs: OrderedDict[tuple[str, str], Dialog] = OrderedDict()
-        self.by_cseq: dict[tuple[str, int, str], list[Transaction]] = {}  #: for replies without a Via
-        self._deadlines: list[tuple[float, int, Key]] = []
+        #: for replies without a Via: the transaction, or a list when several share the key
+        self.by_cseq: dict[tuple[str, int, str], Transaction | list[Transaction]] = {}
+        #: (time, key): ties compare the keys (str/int tuples), no counter needed (72 bytes a transaction)
+        self._deadlines: list[tuple[float, Key]] = []
         self._heap_cap = 4096
-        self._n = 0
         self._dialog_limit = 4096
         self.stats = TrackerStats()
         self._next_sweep = 0.0
@@ -301,11 +340,21 @@ class TransactionTracker:
         txn = Transaction(key, msg, role, parent, size=self._hold(msg))
         self.txns[key] = txn
         self._open[key] = txn
-        self.by_cseq.setdefault((key[2], key[3], method), []).append(txn)
+        ckey = (key[2], key[3], method)
+        same = self.by_cseq.get(ckey)
+        if same is None:
+            self.by_cseq[ckey] = txn
+        elif isinstance(same, list):
+            same.append(txn)
+        else:
+            self.by_cseq[ckey] = [same, txn]
         self._deadline(msg.ts + self._timeout(txn) + RETAIN, key)
         self.stats.transactions[role] += 1
         if parent is not None:
-            parent.branches.append(txn)
+            if isinstance(parent.branches, list):
+                parent.branches.append(txn)
+            else:
+                parent.branches = [txn]
         if method == "CANCEL":
             invite = self.txns.get((key[0], "INVITE", key[2], key[3]))
             if invite is not None:
@@ -348,7 +397,7 @@ class TransactionTracker:
         invite = self.txns.get(key)
         if invite is not None:  # hop-by-hop ACK of a negative reply: part of the INVITE transaction
             return
-        akey = (key[0], "ACK", key[2], key[3])
+        akey = hash((key[0], "ACK", key[2], key[3]))
         acks = self.acks
         if akey in acks:
             self.stats.retransmissions += 1
@@ -358,7 +407,7 @@ class TransactionTracker:
             acks.popitem(last=False)
             self.stats.evicted_acks += 1
         vias = msg.vias()
-        if len(vias) >= 2 and (self._key(msg, vias[1], "ACK")[0], "ACK", key[2], key[3]) in self.acks:
+        if len(vias) >= 2 and hash((self._key(msg, vias[1], "ACK")[0], "ACK", key[2], key[3])) in acks:
             return  # the proxy forwarding the ACK downstream
         if self.proxies and not self._is_proxy(msg.dst, msg.dport):
             return
@@ -373,7 +422,7 @@ class TransactionTracker:
             and tag not in invite.acked and msg.ts - invite.final_ts <= self.wait_timer
         )
         if first:
-            invite.acked = invite.acked | {tag}
+            invite.acked = _add_tag(invite.acked, tag)
         out.append(AckIn(msg, invite, first))
 
     def _reply(self, msg: SipMessage, out: list[Event]) -> None:
@@ -398,12 +447,12 @@ class TransactionTracker:
             return
         if txn.final is not None:
             if 200 <= code < 300 and txn.method == "INVITE" and msg.to_tag and msg.to_tag not in txn.to_tags_2xx:
-                txn.to_tags_2xx = txn.to_tags_2xx | {msg.to_tag}
+                txn.to_tags_2xx = _add_tag(txn.to_tags_2xx, msg.to_tag)
                 out.append(ReplyOut(txn, msg, code, msg.ts, False, late=True, branch=self._branch_of(txn, msg)))
             return
         self._final(txn, msg)
         if 200 <= code < 300 and msg.to_tag:
-            txn.to_tags_2xx = txn.to_tags_2xx | {msg.to_tag}
+            txn.to_tags_2xx = _add_tag(txn.to_tags_2xx, msg.to_tag)
         branch = self._branch_of(txn, msg)
         local = branch is None and self._looks_local(txn, msg)
         txn.final_local = local
@@ -419,6 +468,12 @@ class TransactionTracker:
     def _final(self, txn: Transaction, msg: SipMessage) -> None:
         """The first final reply: held with the transaction, which moves to the completed ones."""
         txn.final, txn.final_ts = msg, msg.ts
+        req, d = txn.request, msg.__dict__
+        # the reply repeats the request's Call-ID, From-tag, CSeq method, branch: hold one copy
+        for name, value in (("call_id", txn.key[2]), ("from_tag", req.from_tag), ("cseq_method", req.cseq_method),
+                            ("branch", req.branch)):
+            if value is not None and d.get(name) == value:
+                d[name] = value
         n = self._hold(msg)
         txn.size += n
         key = txn.key
@@ -428,11 +483,21 @@ class TransactionTracker:
 
     def _hold(self, msg: SipMessage) -> int:
         """Keep only the header block of a message a transaction holds (nothing reads a held
-        message's body; an SDP is most of an INVITE), and add its bytes to the total held."""
+        message's body; an SDP is most of an INVITE), share its short strings, drop its Via
+        cache (only a new message's Vias are read), and add its bytes to the total held:
+        the header block plus what the message object, its fields and the transaction around
+        it cost (REQUEST_OVERHEAD, REPLY_OVERHEAD)."""
         raw = msg.raw
         if len(raw) > msg.body_start > 0:
             msg.raw = raw = raw[: msg.body_start]
-        n = len(raw)
+        d = msg.__dict__
+        for name in _SHAREABLE:
+            value = d.get(name)
+            if value is not None:
+                d[name] = _shared(value)
+        if d.get("_vias") is not None:
+            d["_vias"] = None
+        n = len(raw) + (len(msg.call_id or "") + REQUEST_OVERHEAD if msg.is_request else REPLY_OVERHEAD)
         self.held_bytes += n
         return n
 
@@ -440,7 +505,8 @@ class TransactionTracker:
         """A reply with no Via (a UA that forgot to copy them; the proxy relays it anyway):
         the transaction of the same Call-ID/CSeq whose request came from where the reply goes,
         or went to where it comes from."""
-        cands = self.by_cseq.get((msg.call_id or "", msg.cseq_num or 0, method), [])
+        found = self.by_cseq.get((msg.call_id or "", msg.cseq_num or 0, method))
+        cands = [] if found is None else found if isinstance(found, list) else [found]
         for t in cands:
             r = t.request
             if r.src == msg.dst and r.sport == msg.dport:
@@ -526,7 +592,7 @@ class TransactionTracker:
         count the server transactions that never got a final reply."""
         heap = self._deadlines
         while heap and heap[0][0] <= now:
-            _deadline, _n, key = heapq.heappop(heap)
+            _deadline, key = heapq.heappop(heap)
             t = self.txns.get(key)
             if t is None:
                 continue
@@ -550,14 +616,13 @@ class TransactionTracker:
             self._dialog_limit = max(4096, 2 * len(self.dialogs))
 
     def _deadline(self, at: float, key: Key) -> None:
-        self._n += 1
         heap = self._deadlines
-        heapq.heappush(heap, (at, self._n, key))
+        heapq.heappush(heap, (at, key))
         if len(heap) > self._heap_cap:
             # evicted transactions leave their entries (and keys) behind: drop them, O(n) once
             # per n/2 pushes, so stale entries stay under half the live ones (+4096)
             txns = self.txns
-            self._deadlines = heap = [e for e in heap if e[2] in txns]
+            self._deadlines = heap = [e for e in heap if e[1] in txns]
             heapq.heapify(heap)
             self._heap_cap = len(heap) + len(heap) // 2 + 4096
 
@@ -586,11 +651,14 @@ class TransactionTracker:
         if self._open.pop(key, None) is None:
             self._done.pop(key, None)
         self.held_bytes -= t.size
-        same = self.by_cseq.get((key[2], key[3], key[1]))
-        if same is not None:
+        ckey = (key[2], key[3], key[1])
+        same = self.by_cseq.get(ckey)
+        if same is t:
+            del self.by_cseq[ckey]
+        elif isinstance(same, list):
             same.remove(t)
-            if not same:
-                del self.by_cseq[(key[2], key[3], key[1])]
+            if len(same) == 1:
+                self.by_cseq[ckey] = same[0]
         if t.role == "server" and t.method == "INVITE" and t.request.from_tag:
             ikey = (key[2], key[3], t.request.from_tag)
             if self.invites.get(ikey) is t:
