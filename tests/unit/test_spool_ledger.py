@@ -308,3 +308,55 @@ def test_record_rejected_with_an_index_acks_what_came_before(tmp_path: Path) -> 
     sp.emit(recs(5))
     sp.close()
     assert Picky.got == ["c0", "c1", "c3", "c4"] and sp.dead_lettered == 1 and sp.delivered == 4
+
+
+#: a formatted UTC time column: gmtime() must take the time
+RULES_T4 = 'acc: {db_flag: 1, time_mode: 4, db_extra: "xx=$hdr(X-Extra)"}\n'
+IMPOSSIBLE = float(2 ** 62)  #: seconds: gmtime() cannot format it (a pcapng with if_tsresol=0 can carry it)
+
+
+def test_a_record_that_cannot_be_rendered_is_dead_lettered_alone_when_spooled(tmp_path: Path) -> None:
+    """Red team: one record's time broke the whole batch (traceback, nothing spooled, nothing delivered)."""
+    db = tmp_path / "acc.db"
+    batch = recs(5)
+    batch[2].ts = IMPOSSIBLE
+    alarms = io.StringIO()
+    now, fake = fake_clock()
+    sp = SpooledEmitter(SqlEmitter(f"sqlite:///{db}", rules(RULES_T4)), DurableSpool(tmp_path / "spool"), batch=3,
+                        drain_timeout=0, alarms=alarms, **fake)  # type: ignore[arg-type]
+    sp.emit(batch)
+    sp.close()
+    assert rows(db) == ["c0", "c1", "c3", "c4"]
+    assert (sp.delivered, sp.dead_lettered, sp.pending, sp.lost) == (4, 1, 0, 0)
+    [(reason, n)] = sp.dead_reasons.items()
+    assert n == 1 and reason.startswith(f"time {int(IMPOSSIBLE)} cannot be formatted")
+    assert f"record {batch[2].record_id} refused (time " in alarms.getvalue()
+    spool = DurableSpool(tmp_path / "spool")
+    [(_seq, _dest, doc, _q, stored_reason, _at)] = list(spool.rows("dead"))
+    assert stored_reason == reason and b'"unrendered"' in doc  # the record itself is kept, to retry
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+def test_close_never_says_kept_in_the_spool_what_the_spool_refused(tmp_path: Path, reachable: bool) -> None:
+    """Red team: "21 record(s) kept in the spool" while the spool was empty. When the spool cannot
+    take the buffer at close (here: a read-only spool), the records go straight to the database, or
+    are counted lost with an alarm; one that cannot be rendered is lost with its own reason."""
+    db = tmp_path / ("acc.db" if reachable else "missing/acc.db")
+    spool = DurableSpool(tmp_path / "spool")
+    alarms = io.StringIO()
+    now, fake = fake_clock()
+    sp = SpooledEmitter(SqlEmitter(f"sqlite:///{db}", rules(RULES_T4), connect=reachable), spool, batch=100,
+                        drain_timeout=0, alarms=alarms, **fake)  # type: ignore[arg-type]
+    batch = recs(6)
+    batch[4].ts = IMPOSSIBLE
+    sp.emit(batch)  # buffered (below the batch size)
+    spool.db.execute("PRAGMA query_only = 1")  # the spool now refuses every write
+    sp.close()
+    assert sp.pending == 0 and not sp.buffer
+    text = alarms.getvalue()
+    assert "could not be rendered (time " in text and "nor spooled" in text
+    if reachable:
+        assert (sp.delivered, sp.lost) == (5, 1) and rows(db) == ["c0", "c1", "c2", "c3", "c5"]
+    else:
+        assert (sp.delivered, sp.lost) == (0, 6)
+        assert "5 record(s) could be neither spooled (spool " in text and "nor delivered: lost" in text
