@@ -333,9 +333,9 @@ def traced(feed: Callable[[], object]) -> tuple[int, int]:
 
 def test_an_answered_call_holds_little_and_its_bytes_are_counted() -> None:
     """Issue 10 red team: 100k answered calls with 200-byte Call-IDs peaked at 425 MB at the
-    defaults (5.2 KB each, while max_transaction_bytes counted only ~900 of them). A call now
-    holds under 4.3 KB (3.9 measured), and held_bytes counts at least 70 % of it (78 %), so the byte bound is a
-    bound on memory."""
+    defaults (5.6 KB each here, while max_transaction_bytes counted only ~900 of them). A call
+    now holds under 4.3 KB (3.9 measured), and held_bytes counts at least 70 % of it (78 %), so
+    the byte bound is a bound on memory."""
     n = 3000
     acc = AccPipeline(parse_rules(RULES % ""))
 
