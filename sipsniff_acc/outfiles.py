@@ -9,10 +9,12 @@ found before a single packet is read, and reported as one line naming what to fi
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import IO, Final
 
 PRIVATE_MODE: Final = 0o600
+EXIT_OUTPUT_ERROR: Final = 3  #: an output could not be written (disk full, I/O error): said in one line
 
 
 class OutputPathError(ValueError):
@@ -54,3 +56,35 @@ def write_private(path: str | Path, text: str) -> None:
     """Replace the file's content with ``text`` (UTF-8); created 0600 when new."""
     with open_private(path, "w") as f:
         f.write(text)
+
+
+def write_failed(what: str, exc: OSError) -> str:
+    """The one line for an output that failed: what the user named, and the system's reason."""
+    return f"error: writing {what}: {exc.strerror or exc}"
+
+
+def release_stdout() -> None:
+    """After stdout failed (a full disk, a closed pipe): fd 1 now points at /dev/null, so the
+    interpreter's flush at exit has nowhere to fail and prints no second error or traceback."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def close_output(out: IO, what: str) -> str | None:  # type: ignore[type-arg]
+    """Close a file we opened; the failure line (a full disk shows at the last flush), or None."""
+    try:
+        out.close()
+    except OSError as e:
+        return write_failed(what, e)
+    return None
+
+
+def write_private_or_say(path: str | Path, text: str, what: str) -> bool:
+    """``write_private``, but a failure is one line on stderr naming ``what``; False then."""
+    try:
+        write_private(path, text)
+    except OSError as e:
+        print(write_failed(what, e), file=sys.stderr)
+        return False
+    return True

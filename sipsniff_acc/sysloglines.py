@@ -22,9 +22,12 @@ LEVELS: Final[dict[int, tuple[int, str]]] = {
 
 #: What a reader could take for a line break or a terminal command: C0 controls (CR, LF, TAB,
 #: ESC...), DEL, C1 controls (NEL, CSI...) and the Unicode line/paragraph separators that
-#: ``str.splitlines`` honours. Nothing else is touched: ``;``, ``=`` and a backslash stay raw, as
+#: ``str.splitlines`` honours; and the bidirectional controls (U+061C, U+200E/F, U+202A-E,
+#: U+2066-9: marks, embeddings, overrides, isolates), with which a terminal or an editor shows a
+#: value in another order than it has (a U+202E right-to-left override in a Call-ID spoofs the
+#: rest of the line). Nothing else is touched: ``;``, ``=`` and a backslash stay raw, as
 #: Kamailio writes them, so a clean value is byte-identical to Kamailio's line.
-UNSAFE: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+UNSAFE: Final = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2028\u2029\u2066-\u2069]")
 _NAMED: Final = {"\r": "\\r", "\n": "\\n", "\t": "\\t"}
 
 
@@ -36,16 +39,21 @@ def _escape_char(m: re.Match[str]) -> str:
 def escape(text: str) -> str:
     """``text`` with every control character written as ``\\r``, ``\\n``, ``\\t``, ``\\xHH``
     (other C0, DEL, C1) or ``\\u2028``/``\\u2029``, so one value can never end a line or
-    drive a terminal. A clean text (the usual case) is returned as is after ``str.isprintable``
-    (C, ~2x faster than the regex search; false for every character above, so it only lets the
-    regex look when one of them, or a harmless non-printable such as U+00A0, is present)."""
+    drive a terminal; the bidi controls as ``\\u202e`` etc., so none can reorder what is shown.
+    A clean text (the usual case) is returned as is after ``str.isprintable`` (C, ~2x faster
+    than the regex search; false for every character above, the bidi controls included: they
+    are category Cf; so it only lets the regex look when one of them, or a harmless
+    non-printable such as U+00A0, is present)."""
     return text if text.isprintable() else UNSAFE.sub(_escape_char, text)
 
 
-#: The same characters as JSON output leaves them (orjson escapes C0 but not DEL, C1 or
-#: U+2028/9, which are valid JSON): inside a JSON text they can only be within a string.
+#: The same characters as JSON output leaves them (orjson escapes C0 but not DEL, C1,
+#: U+2028/9 or the bidi controls, which are valid JSON): inside a JSON text they can only be
+#: within a string. In UTF-8: U+061C d8 9c, U+200E/F e2 80 8e/8f, U+202A-E e2 80 aa-ae,
+#: U+2028/9 e2 80 a8/a9, U+2066-9 e2 81 a6-a9.
 _DEL: Final = b"\x7f"
-_JSON_UNSAFE: Final = re.compile(b"\x7f|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
+_JSON_UNSAFE: Final = re.compile(
+    b"\x7f|\xc2[\x80-\x9f]|\xd8\x9c|\xe2\x80[\x8e\x8f\xa8-\xae]|\xe2\x81[\xa6-\xa9]")
 
 
 def _json_char(m: re.Match[bytes]) -> bytes:
@@ -53,7 +61,7 @@ def _json_char(m: re.Match[bytes]) -> bytes:
 
 
 def json_safe(line: bytes) -> bytes:
-    """A UTF-8 JSON text with DEL, C1 controls and U+2028/9 written as ``\\u00XX`` escapes: the
+    """A UTF-8 JSON text with DEL, C1 controls, U+2028/9 and the bidi controls written as ``\\uXXXX`` escapes: the
     same JSON value, but nothing a terminal or ``splitlines()`` would act on."""
     if line.isascii() and _DEL not in line:  # the usual case: two C scans, no regex
         return line

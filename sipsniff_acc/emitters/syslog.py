@@ -97,10 +97,14 @@ def _open_target(target: str) -> tuple[socket.socket, bool]:
             s.close()
             raise SyslogTargetError(f"syslog socket {path}: {e.strerror}") from None
         return s, False
-    u = urlsplit(target)
+    form = "use local, unix:///path, udp://host:port or tcp://host:port"
+    try:  # urlsplit and .port raise ValueError for '[::1' (no ']') and a port not in 0..65535
+        u = urlsplit(target)
+        port = u.port or 514
+    except ValueError as e:
+        raise SyslogTargetError(f"--syslog {target!r}: {e} ({form}, port 1-65535)") from None
     if u.scheme not in ("udp", "tcp") or not u.hostname:
-        raise SyslogTargetError(f"{target!r}: use local, unix:///path, udp://host:port or tcp://host:port")
-    port = u.port or 514
+        raise SyslogTargetError(f"--syslog {target!r}: {form}")
     kind = socket.SOCK_DGRAM if u.scheme == "udp" else socket.SOCK_STREAM
     try:
         info = socket.getaddrinfo(u.hostname, port, type=kind)[0]

@@ -144,3 +144,37 @@ def test_jsonl_emitter_line_is_safe_and_takes_any_integer() -> None:
     assert raw.count(b"\n") == 1
     doc = json.loads(raw)
     assert doc["cseq"] == 2**70 and doc["reason"] == "OK\r\x85" and doc["call_id"] == "c\u2028x"
+
+
+BIDI = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+
+
+def test_bidi_controls_are_escaped_in_lines_table_and_json(tmp_path: Path) -> None:
+    """Red team: U+202E (right-to-left override) in a Call-ID or reason was printed raw in ACC
+    lines and `-T table`, so the terminal showed the rest of the line reversed (spoofing);
+    JSON output carried it raw too. Every bidi control is now a ``\\uXXXX`` escape."""
+    from sipsniff_acc.sysloglines import escape, json_safe
+    assert not any(c.isprintable() for c in BIDI)  # so the isprintable() fast path lets the regex look
+    assert escape(f"a{BIDI}b") == "a" + "".join(f"\\u{ord(c):04x}" for c in BIDI) + "b"
+    line = json.dumps({"a": f"x{BIDI}"}, ensure_ascii=False).encode()
+    assert json.loads(json_safe(line)) == json.loads(line)
+    assert json_safe(line).isascii() and b"\\u202e" in json_safe(line)
+    assert escape("A\u2020\u2030\u202f\u2065\u2070é") == "A\u2020\u2030\u202f\u2065\u2070é"  # neighbours untouched
+
+    call = {"call_id": "spoof\u202egnp.exe@test"}
+    inv = sip_request(**call)
+    ok = sip_response(200, "OK\u2066x\u2069", to_tag="tt1", **call)
+    cap = tmp_path / "bidi.pcap"
+    cap.write_bytes(pcap_bytes([(1000.0, ether(ip4_udp(inv))),
+                                (1000.5, ether(ip4_udp(ok, src="192.0.2.2", dst="192.0.2.1")))]))
+    outputs = [
+        _run("process", str(cap), "--no-db", "-q", cwd=tmp_path).stdout,
+        _run("messages", "-T", "table", "-q", "-j", "0", str(cap), cwd=tmp_path).stdout,
+        _run("messages", "-q", "-j", "0", str(cap), cwd=tmp_path).stdout,
+    ]
+    for out in outputs:
+        text = out.decode()
+        assert text and not set(text) & set(BIDI), text
+        assert "spoof\\u202egnp.exe@test" in text
+    assert "OK\\u2066x\\u2069" in outputs[0].decode()
+    assert json.loads(outputs[2].decode().splitlines()[0])["call_id"] == call["call_id"]
