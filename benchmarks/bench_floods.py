@@ -14,8 +14,10 @@ driver (this file, ``--ids-driver``) numbers N records through ``RecordIds`` in 
     big        20k unanswered INVITEs of 30 KB (the bulk in header lines, so no body trim helps)
     headers    1000 answered INVITEs of 10k header lines, rules with $hdr(X-Foo) in log_extra
     ids        10M records' ids, 1,000 records a second of packet time
+    answered   100k answered INVITEs never hung up (200 OK, ACK, no BYE), 200-byte Call-IDs,
+               10,000 calls a second: dialogs, completed transactions, ACKs and record ids
 
-usage: bench_floods.py [--only invites big headers ids] [--scale 1.0] [-j N] [--tree DIR] [--workdir DIR]
+usage: bench_floods.py [--only invites big headers ids answered] [--scale 1.0] [-j N] [--tree DIR] [--workdir DIR]
 
 ``--scale 0.1`` runs every flood at a tenth of its size (a quick check); ``--tree DIR`` runs
 another checkout (e.g. a ``git worktree`` of the commit before the bounds) to see the old figures.
@@ -43,7 +45,7 @@ EPOCH0 = 1709629200.0
 UAC, PROXY = "10.1.0.1", "10.0.0.10"
 
 #: What issue 10 measured before the bounds (MB of peak RSS).
-OLD_MB = {"invites": 1500, "big": 707, "headers": 602, "ids": 910}
+OLD_MB = {"invites": 1500, "big": 707, "headers": 602, "ids": 910, "answered": 425}
 
 RULES = """profile: kamailio-5.6
 proxy: {addresses: []}
@@ -122,7 +124,25 @@ def gen_headers(path: Path, scale: float) -> str:
     return RULES % ', log_extra: "foo=$hdr(X-Foo)"'
 
 
-GENERATORS: dict[str, Callable[[Path, float], str]] = {"invites": gen_invites, "big": gen_big, "headers": gen_headers}
+def gen_answered(path: Path, scale: float) -> str:
+    n = int(100_000 * scale)
+    pad = "X" * 200
+    with path.open("wb") as f:
+        w = Pcap(f)
+        for i in range(n):
+            ts = EPOCH0 + i / 10_000
+            req = invite(i).replace(f"Call-ID: flood-{i:08x}@".encode(), f"Call-ID: flood-{i:08x}-{pad}@".encode())
+            w.udp(ts, UAC, PROXY, req)
+            w.udp(ts + 0.00002, PROXY, UAC, ok(req, i))
+            ack = req.replace(b"INVITE sip:", b"ACK sip:", 1).replace(b"CSeq: 1 INVITE", b"CSeq: 1 ACK") \
+                .replace(b"-flood\r\n", b"-ack\r\n", 1).replace(b"\r\nTo: <sip:+49301%07d@sip.example.net>" % i,
+                                                                b"\r\nTo: <sip:+49301%07d@sip.example.net>;tag=t%08x" % (i, i))
+            w.udp(ts + 0.00004, UAC, PROXY, ack)
+    return RULES % ""
+
+
+GENERATORS: dict[str, Callable[[Path, float], str]] = {"invites": gen_invites, "big": gen_big, "headers": gen_headers,
+                                                       "answered": gen_answered}
 
 
 def ids_driver(n: int) -> None:
@@ -179,8 +199,8 @@ def run(cmd: list[str], env: dict[str, str], timeout: float, cwd: str) -> tuple[
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", nargs="+", default=["invites", "big", "headers", "ids"],
-                    choices=["invites", "big", "headers", "ids"])
+    ap.add_argument("--only", nargs="+", default=["invites", "big", "headers", "ids", "answered"],
+                    choices=["invites", "big", "headers", "ids", "answered"])
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--tree", default=str(HERE.parent), help="the checkout to run (PYTHONPATH)")
     ap.add_argument("--workdir", default=None, help="where to generate (default: a new temporary directory)")
