@@ -34,7 +34,10 @@ from sipsniff_acc.emitters.radius import RadiusConfigError, RadiusEmitter
 from sipsniff_acc.emitters.spool import DEFAULT_SPOOL, Backend, DurableSpool, SpooledEmitter, SpoolFull, create_private
 from sipsniff_acc.emitters.sql import SqlEmitter, SqlError, SqlUsageError, check_url, missing_columns, safe_url, sqlite_file
 from sipsniff_acc.emitters.syslog import LogEmitter, SyslogTargetError
-from sipsniff_acc.outfiles import OutputPathError, check_output, open_private, write_private
+from sipsniff_acc.outfiles import (
+    EXIT_OUTPUT_ERROR, OutputPathError, check_output, close_output, open_private, release_stdout, write_failed,
+    write_private_or_say,
+)
 from sipsniff_acc import stopping
 from sipsniff_acc.processrun import RunResult, run
 from sipsniff_acc.shard import WorkerDied
@@ -102,6 +105,21 @@ MAX_AUTO_WORKERS = 4  #: the reading process saturates near 4 parsers (it costs 
 class MessageFormat(str, Enum):
     jsonl = "jsonl"
     table = "table"
+
+
+def max_workers() -> int:
+    """The largest -j accepted: max(8, 4 x CPUs). Each worker is a forked process holding its
+    share of the state plus its queues; far beyond the CPUs they only compete for the cores and
+    memory (-j 5000 forked ~750 processes on 2 cores and woke the OOM killer)."""
+    return max(8, 4 * (os.cpu_count() or 1))
+
+
+def _check_workers(workers: int) -> None:
+    """-j's mistakes, found before the work: below -1, or above ``max_workers()``."""
+    top = max_workers()
+    if workers < -1 or workers > top:
+        raise usage_error(f"-j/--workers {workers}: use -1 (one per CPU), 0 (no worker process) "
+                          f"or 1 to {top} (the most this machine takes: 4 per CPU, at least 8)")
 
 
 def _auto_workers(workers: int) -> int:
@@ -219,6 +237,7 @@ def messages(
     Example: sipsniff-acc messages -r capture.pcapng -T table
     """
     _no_capture_filter(capture_filter)
+    _check_workers(workers)
     readers = _open_sources([*(read or ()), *(files or ())], interface, count, duration, quiet)
     _check_outputs(readers, output=output, stats=stats)
     errors: list[SourceError] = []
@@ -227,36 +246,47 @@ def messages(
     decrypted = _decrypt_tls(readers, tls_keylog) if tls_keylog is not None else []
     out: IO[bytes] = open_private(output, "wb") if output else sys.stdout.buffer
     write = out.write
-    if fmt is MessageFormat.table:
-        write(TABLE_HEADER)
     frames = open_captures(readers, errors)
     total = sum(r.size for r in readers)
     show = progress if progress is not None else (sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES)
+    where = f"--output {output}" if output else "stdout"
+    failed: str | None = None  #: the output failed (disk full...): the run stops there, exit 3
     try:
+        if fmt is MessageFormat.table:
+            write(TABLE_HEADER)
         if show:
             frames = _with_progress(frames, readers, total)
         for text in message_lines(frames, fmt.value, workers, counters, decrypted):
             write(text)
         out.flush()
     except BrokenPipeError:  # `| head`: the reader left; not an error of ours
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        release_stdout()
         raise typer.Exit(0) from None
+    except OSError as e:
+        failed = write_failed(where, e)
+        if not output:
+            release_stdout()
     finally:
         if output:
-            out.close()
+            closed = close_output(out, where)  # a full disk often shows only here, at the last flush
+            failed = failed or closed
     counters.tls_decrypted = len(decrypted)
     readable = len({(d.src, d.sport, d.dst, d.dport) for d in decrypted})
     counters.tls_unreadable = max(0, counters.streams["tls"] - readable)
+    stats_ok = True
     if stats:
         doc = counters.as_dict() | {"errors": [str(e) for e in errors]}
-        write_private(stats, json.dumps(doc, indent=1) + "\n")
+        stats_ok = write_private_or_say(stats, json.dumps(doc, indent=1) + "\n", f"--stats {stats}")
     if not quiet:
         _summary(counters, errors, sys.stderr)
+    if failed:
+        print(escape(failed), file=sys.stderr)
+    if quiet:
+        for err in errors:
+            print(f"error: {escape(str(err))}", file=sys.stderr)
+    if failed or not stats_ok:
+        raise typer.Exit(EXIT_OUTPUT_ERROR)
     if errors:
-        if quiet:
-            for err in errors:
-                print(f"error: {escape(str(err))}", file=sys.stderr)
         raise typer.Exit(EXIT_INPUT_ERROR)
 
 
@@ -356,6 +386,7 @@ def process(
     Example: sipsniff-acc process -r capture.pcap -m rules.yaml --db-url sqlite:///acc.db
     """
     stopping.before_run()  # a stop during the setup: exit 128 + signal at once, no traceback
+    _check_workers(workers)
     rules = _rules_or_exit(rules_file)
     files = [*(read or ()), *(files or ())]
     sources = _open_sources(files, interface, count, duration, quiet)
@@ -384,7 +415,9 @@ def process(
         for backend in _backends(rules, no_db, db_url, db_password_file, db_timezone):
             spool = spool or DurableSpool(spool_path)
             spooled.append(SpooledEmitter(backend, spool, drain_timeout=drain_timeout))
-        emitters.extend(spooled)
+        # The spooled backends first: a batch is in the spool before a copy output (log, JSON
+        # lines, stdout) can fail on it (a full disk), so the failure stops the run without a loss.
+        emitters[:0] = spooled
     except (SyslogTargetError, SqlError, OSError, sqlite3.Error, RadiusConfigError, DiameterConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE if isinstance(e, SyslogTargetError) else EXIT_BACKEND_ERROR) from None
@@ -398,10 +431,13 @@ def process(
         frames = _with_progress(frames, sources, total)
     stopped_by = 0
     result = RunResult()
+    copies: list[CopyOutput] = []
     # SIGTERM/SIGINT: the run stops at a safe point, every output is closed (the spool gets what
     # is buffered, backends are drained for --drain-timeout), exit 128 + signal; bounded by a
     # watchdog; a second signal exits as soon as nothing is left outside the spool (stopping.py).
-    with stopping.Watch(spooled, drain_timeout) as stop:
+    # Nothing spooled, nothing to drain: the watchdog's bound (and the time its message states)
+    # is then FORCE_AFTER + HARD_AFTER, not the unused --drain-timeout on top of it.
+    with stopping.Watch(spooled, drain_timeout if spooled else 0.0) as stop:
         stop.flush = [em.close for em in emitters if em not in spooled] + [f.flush for f in opened]
         paths = {id(em.stream): "stdout" if log == "-" else str(log) for em in emitters if isinstance(em, LogEmitter)}
         paths |= {id(em.out): str(jsonl_file) for em in emitters if isinstance(em, JsonlEmitter)}
@@ -409,8 +445,9 @@ def process(
             try:
                 if workers < 0 and (interface is not None or "-" in (files or [])):
                     workers = 0  # live or a pipe: every record goes out at once, not a round later
-                result = run(frames, rules, emitters, counters, open_as_408, result, _auto_workers(workers),
-                             decrypted)
+                copies = [CopyOutput(em, _output_name(em, paths)) for em in emitters if em not in spooled]
+                result = run(frames, rules, [*spooled, *copies], counters, open_as_408, result,
+                             _auto_workers(workers), decrypted)
             finally:
                 stop.closing = True  # from here on a signal only marks the stop: the close is not cut
         except BrokenPipeError:
@@ -436,8 +473,18 @@ def process(
         except BaseException:  # anything else still closes every output (records to the spool) first
             _close_outputs(emitters, opened, paths)
             raise
-        if _close_outputs(emitters, opened, paths) and stopped_by == 0:
+        broken = [c for c in copies if c.failed]
+        for c in broken:  # said once already: closed quietly (their buffers cannot be written either)
+            c.discard(opened)
+        if broken and stopped_by == 0:
             stopped_by = -1
+        live = [em for em in emitters if not any(c.em is em for c in broken)]
+        if _close_outputs(live, opened, paths) and stopped_by == 0:
+            stopped_by = -1
+        if not quiet:
+            for c in broken:
+                print(f"  {escape(c.what)}: {c.lost} record(s) not written after it failed "
+                      "(the database/spool got every record)", file=sys.stderr)
         if stop.signum:  # also when it arrived while closing (the close was not cut short)
             stopped_by = stop.signum
         _finish_process(result, counters, errors, rules, spooled, emitters, stats, quiet, stopped_by, spool_path)
@@ -455,7 +502,8 @@ def _finish_process(result: RunResult, counters: Counters, errors: list[SourceEr
                                     "delivered": {sp.backend.name: sp.delivered for sp in spooled},
                                     "pending_in_spool": {sp.backend.name: sp.pending for sp in spooled},
                                     "backends": {sp.backend.name: sp.stats() for sp in spooled}}
-        write_private(stats, json.dumps(doc, indent=1) + "\n")
+        if not write_private_or_say(stats, json.dumps(doc, indent=1) + "\n", f"--stats {stats}") and stopped_by == 0:
+            stopped_by = -1  # an output failed: exit 3 (the records are in the database/spool all the same)
     if not quiet:
         _summary(counters, errors, sys.stderr)
         _acc_summary(result, rules, spooled, sys.stderr, [e for e in emitters if isinstance(e, LogEmitter)])
@@ -507,6 +555,49 @@ def _close_outputs(emitters: list[Emitter], opened: list[IO[Any]], paths: dict[i
     return bool(failed)
 
 
+class CopyOutput:
+    """A copy output of ``process`` (log lines, JSON lines, syslog; not the spooled backends):
+    a write that fails (a full disk) is one line naming the output, then the output is left out
+    and the records it misses are counted, while the run goes on: every record still reaches
+    the spool and the database. A closed pipe (``| head``) still ends the run, as in tshark."""
+
+    def __init__(self, em: Emitter, what: str) -> None:
+        self.em, self.what = em, what
+        self.failed = False
+        self.lost = 0
+
+    def emit(self, records: list[Any]) -> None:
+        if self.failed:
+            self.lost += len(records)
+            return
+        try:
+            self.em.emit(records)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            self.failed = True
+            self.lost += len(records)
+            print(escape(write_failed(self.what, e)) + "; the run goes on for the database/spool", file=sys.stderr)
+            if getattr(self.em, "stream", None) is sys.stdout or getattr(self.em, "out", None) is sys.stdout.buffer:
+                release_stdout()
+
+    def close(self) -> None:
+        self.em.close()
+
+    def discard(self, opened: list[IO[Any]]) -> None:
+        """Close the failed output without a second error line (its buffer cannot be written)."""
+        for f in (getattr(self.em, "stream", None), getattr(self.em, "out", None)):
+            if f is not None and f in opened:
+                opened.remove(f)
+                try:
+                    f.close()
+                except OSError:
+                    pass
+        sock = getattr(self.em, "sock", None)
+        if sock is not None:
+            sock.close()
+
+
 def _output_name(em: Emitter, paths: dict[int, str]) -> str:
     if isinstance(em, SpooledEmitter):
         return f"the {em.backend.name} backend {em.backend.where}"
@@ -552,13 +643,28 @@ def _backends(rules: RulesFile, no_db: bool, db_url: str | None, password_file: 
     return out
 
 
+def _backend_kind(b: Backend) -> str:
+    """The name the rules' flags give this backend (by_backend's keys): db, radius, diameter."""
+    if isinstance(b, SqlEmitter):
+        return "db"
+    if isinstance(b, RadiusEmitter):
+        return "radius"
+    return "diameter" if isinstance(b, (DiameterEmitter, DiscEmitter)) else b.name
+
+
 def _acc_summary(result: RunResult, rules: RulesFile, spooled: list[SpooledEmitter], out: TextIO,
                  logs: list[LogEmitter]) -> None:
     out = TerminalSafe(out)  # type: ignore[assignment]
     t = result.tracker
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(result.records.items())) or "none"
-    print(f"acc: {sum(result.records.values())} records ({kinds}); by backend: "
-          f"{', '.join(f'{b} {n}' for b, n in sorted(result.by_backend.items())) or 'none'}", file=out)
+    # by_backend counts the records the rules flagged for each backend; only the outputs this
+    # run really had are listed as such (--no-db, --log none: the flag is there, the output not)
+    used = {"log"} if logs else set()
+    used |= {_backend_kind(sp.backend) for sp in spooled}
+    shown = ", ".join(f"{b} {n}" for b, n in sorted(result.by_backend.items()) if b in used) or "none"
+    unused = ", ".join(f"{b} {n}" for b, n in sorted(result.by_backend.items()) if b not in used)
+    print(f"acc: {sum(result.records.values())} records ({kinds}); by backend: {shown}"
+          f"{f' (flagged for outputs this run did not have: {unused})' if unused else ''}", file=out)
     for em in logs:
         if em.send_failures:
             print(f"  syslog: {em.send_failures} line(s) could not be sent to {em.target}", file=out)
