@@ -40,7 +40,7 @@ from sipsniff_acc.outfiles import (
 )
 from sipsniff_acc import stopping
 from sipsniff_acc.processrun import RunResult, run
-from sipsniff_acc.shard import WorkerDied
+from sipsniff_acc.shard import WorkerDied, max_workers
 from sipsniff_acc.sysloglines import escape
 from sipsniff_acc.rules import RulesError, RulesFile, load_rules
 
@@ -105,13 +105,6 @@ MAX_AUTO_WORKERS = 4  #: the reading process saturates near 4 parsers (it costs 
 class MessageFormat(str, Enum):
     jsonl = "jsonl"
     table = "table"
-
-
-def max_workers() -> int:
-    """The largest -j accepted: max(8, 4 x CPUs). Each worker is a forked process holding its
-    share of the state plus its queues; far beyond the CPUs they only compete for the cores and
-    memory (-j 5000 forked ~750 processes on 2 cores and woke the OOM killer)."""
-    return max(8, 4 * (os.cpu_count() or 1))
 
 
 def _check_workers(workers: int) -> None:
@@ -226,7 +219,7 @@ def messages(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no summary on stderr")] = False,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bar (default: on a terminal, for big inputs)")] = None,
     stats: Annotated[Path | None, typer.Option("--stats", help="write the run's counters as JSON to this file (created 0600)")] = None,
-    workers: Annotated[int, typer.Option("--workers", "-j", help="parser processes; 0 parses in the reading process; -1: one per CPU (at most 4)")] = -1,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="parser processes; 0 parses in the reading process; -1: one per CPU (at most 4); at most max(8, 4 x CPUs)")] = -1,
     tls_keylog: Annotated[Path | None, typer.Option("--tls-keylog", help="SSLKEYLOGFILE-format key log: SIP over TLS is decrypted by tshark")] = None,
     interface: Annotated[str | None, typer.Option("--interface", "-i", help="capture live from this interface (Linux, root) instead of files")] = None,
     count: Annotated[int | None, typer.Option("--count", "-c", help="live: stop after this many packets")] = None,
@@ -378,7 +371,7 @@ def process(
     drain_timeout: Annotated[float, typer.Option("--drain-timeout", help="seconds to keep retrying an unreachable database at the end")] = 60.0,
     db_password_file: Annotated[Path | None, typer.Option("--db-password-file", help="read the database password from this file (or set SIPSNIFF_DB_PASSWORD)")] = None,
     db_timezone: Annotated[str, typer.Option("--db-timezone", help="utc (default) or local: how DATETIME columns are written (not SQLite)")] = "utc",
-    workers: Annotated[int, typer.Option("--workers", "-j", help="processes that parse and account, calls sharded by Call-ID; 0: all in one process; -1: one per CPU (at most 4) for files, 0 for a live capture or stdin")] = -1,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="processes that parse and account, calls sharded by Call-ID; 0: all in one process; -1: one per CPU (at most 4) for files, 0 for a live capture or stdin; at most max(8, 4 x CPUs)")] = -1,
     tls_keylog: Annotated[Path | None, typer.Option("--tls-keylog", help="SSLKEYLOGFILE-format key log: SIP over TLS is decrypted by tshark")] = None,
 ) -> None:
     """The main job: the acc records a Kamailio proxy would write for the traffic in the captures.

@@ -131,3 +131,15 @@ def test_by_backend_lists_only_the_outputs_of_the_run(tmp_path: Path) -> None:
     res = run("process", SAMPLE, "--no-db", cwd=tmp_path)
     line = next(ln for ln in res.stderr.splitlines() if ln.startswith("acc: "))
     assert line.endswith("by backend: log 20 (flagged for outputs this run did not have: db 20)"), line
+
+
+def test_a_pool_refuses_more_workers_than_the_bound() -> None:
+    """The library keeps the bound too: a caller other than the CLI cannot fork thousands."""
+    import multiprocessing
+
+    from sipsniff_acc.shard import max_workers, ordered_map
+    before = len(multiprocessing.active_children())
+    with pytest.raises(ValueError, match=f"1 to {max_workers()}"):
+        next(ordered_map([1], abs, max_workers() + 1))
+    assert len(multiprocessing.active_children()) == before
+    assert list(ordered_map([[1], [-2]], lambda b: [abs(x) for x in b], 2)) == [[1], [2]]
