@@ -468,12 +468,13 @@ class TransactionTracker:
     def _final(self, txn: Transaction, msg: SipMessage) -> None:
         """The first final reply: held with the transaction, which moves to the completed ones."""
         txn.final, txn.final_ts = msg, msg.ts
-        req, d = txn.request, msg.__dict__
+        req = txn.request
         # the reply repeats the request's Call-ID, From-tag, CSeq method, branch: hold one copy
         for name, value in (("call_id", txn.key[2]), ("from_tag", req.from_tag), ("cseq_method", req.cseq_method),
                             ("branch", req.branch)):
-            if value is not None and d.get(name) == value:
-                d[name] = value
+            mine = getattr(msg, name)
+            if value is not None and mine is not value and mine == value:
+                setattr(msg, name, value)
         n = self._hold(msg)
         txn.size += n
         key = txn.key
@@ -490,13 +491,12 @@ class TransactionTracker:
         raw = msg.raw
         if len(raw) > msg.body_start > 0:
             msg.raw = raw = raw[: msg.body_start]
-        d = msg.__dict__
         for name in _SHAREABLE:
-            value = d.get(name)
-            if value is not None:
-                d[name] = _shared(value)
-        if d.get("_vias") is not None:
-            d["_vias"] = None
+            value = getattr(msg, name)
+            if value and _shared(value) is not value:  # set only what changes (defaults stay on the class)
+                setattr(msg, name, _SHARED[value])
+        if msg._vias is not None:
+            msg._vias = None
         n = len(raw) + (len(msg.call_id or "") + REQUEST_OVERHEAD if msg.is_request else REPLY_OVERHEAD)
         self.held_bytes += n
         return n
