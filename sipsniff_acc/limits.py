@@ -5,11 +5,16 @@ size matters, by bytes), and what is evicted when a bound is reached is counted.
 ``limits:`` section sets any of these fields; the defaults keep peak RSS under 300 MB under
 each flood of benchmarks/bench_floods.py (measured: see docs/architecture.md, "Bounds").
 
-Sizing, measured on CPython 3.11 (tracemalloc): an open INVITE transaction costs ~2.4 KB
-besides its header bytes (message object, transaction, dialog, indexes, deadline), so 50,000
-of them are ~135 MB with ~300-byte header blocks; 64 MB of held header bytes is ~100,000
-ordinary requests. A busy proxy (500 calls/s) keeps ~35,000 transactions (32 s of completed
-ones absorbing retransmissions, plus the ringing ones); completed ones are evicted first.
+Sizing, measured on CPython 3.11 (tracemalloc): an open INVITE transaction costs ~1.3 KB
+besides its header block and Call-ID (message object and fields, transaction, indexes,
+deadline), its final reply ~0.7 KB besides its header block; max_transaction_bytes counts
+all of that (tracker.REQUEST_OVERHEAD, REPLY_OVERHEAD), so 96 MB is ~30,000 answered calls
+with ordinary headers (~3.3 KB each) or ~50,000 ringing ones. A call never hung up also
+keeps a dialog (~250 bytes plus its Call-ID once its transaction is gone), an ACK entry
+(~150) and a record id (~95). A busy proxy (500 calls/s) keeps ~35,000 transactions (32 s
+of completed ones absorbing retransmissions, plus the ringing ones); completed ones are
+evicted first (at 500 calls/s with BYEs the 96 MB hold ~30 s of them, not 32).
+
 The bounds are for the whole run: with ``-j N`` each worker gets 1/N of them (``shard``),
 as it sees 1/N of the calls.
 """
