@@ -107,13 +107,19 @@ def record_second(ts: float) -> int:
     return int(ts)
 
 
-def to_datetime(sec: int, local: bool = False) -> dt.datetime:
-    """A DATETIME value for a record's second. A time outside years 1-9999 (a capture with a broken
-    clock or pcapng if_tsresol/if_tsoffset) is refused for that record alone: RecordRejected."""
+def bounded(sec: int, local: bool = False) -> int:
+    """The second itself when a time column can hold it. A time outside years 1-9999 (a capture
+    with a broken clock, pcapng if_tsresol/if_tsoffset) is refused for that record alone: RecordRejected."""
     low, high = (MIN_TIME + _ZONE_MARGIN, MAX_TIME - _ZONE_MARGIN) if local else (MIN_TIME, MAX_TIME)
     if not low <= sec <= high:
         raise RecordRejected(f"time {sec} is outside what a DATETIME column holds "
                              f"(years 1-9999: {MIN_TIME}..{MAX_TIME} s since 1970)")
+    return sec
+
+
+def to_datetime(sec: int, local: bool = False) -> dt.datetime:
+    """A DATETIME value for a record's second (RecordRejected when it cannot be one)."""
+    bounded(sec, local)
     try:
         if local:
             return dt.datetime.fromtimestamp(sec)
@@ -410,8 +416,8 @@ class SqlEmitter:
         a = self.acc
         empty = None if self.sqlite or a.acc_extra_nullable else ""
         sec = record_second(r.ts)
-        if self.sqlite:
-            when: Any = julian(sec)
+        if self.sqlite:  # SQLite's own date functions, like a DATETIME, stop at year 9999
+            when: Any = julian(bounded(sec))
         else:
             when = to_datetime(sec, self.local_time)
         base: dict[str, Any] = {

@@ -126,12 +126,15 @@ def test_with_the_database_down_the_spool_keeps_exactly_what_it_says(tmp_path: P
     assert "refused (time " in res.stderr and "set aside in the spool's dead letters" in res.stderr
 
 
-def test_sqlite_time_mode_4_refuses_only_the_record_gmtime_cannot_format(tmp_path: Path) -> None:
-    """SQLite (time_mode 4: a formatted UTC time column): one impossible time, the others written."""
+@pytest.mark.parametrize("time_mode", [0, 4])
+def test_sqlite_refuses_only_the_record_whose_time_no_time_column_holds(tmp_path: Path, time_mode: int) -> None:
+    """SQLite (time_mode 0: a Julian day; 4: a formatted UTC time): the same record is refused as on
+    PostgreSQL (SQLite's date functions stop at year 9999 too), the others are written."""
     rules = tmp_path / "rules.yaml"
-    rules.write_text("acc:\n  db_flag: 1\n  time_mode: 4\nroute:\n  - if: {method: INVITE}\n    setflag: [1]\n")
+    rules.write_text(f"acc:\n  db_flag: 1\n  time_mode: {time_mode}\nroute:\n  - if: {{method: INVITE}}\n"
+                     "    setflag: [1]\n")
     cap = tmp_path / "t.pcapng"
-    cap.write_bytes(pcapng_seconds(calls(30, poison=3, poison_time=2 ** 62)))
+    cap.write_bytes(pcapng_seconds(calls(30, poison=3, poison_time=2 ** 40)))
     url = f"sqlite:///{tmp_path / 'acc.db'}"
     res = sipsniff("process", "-j", "0", str(cap), "--rules", str(rules), "--db-url", url, "--log", "none",
                    "--drain-timeout", "5", "--spool", str(tmp_path / "spool"), cwd=tmp_path)
@@ -139,8 +142,8 @@ def test_sqlite_time_mode_4_refuses_only_the_record_gmtime_cannot_format(tmp_pat
     assert res.returncode == 0, res.stderr
     assert acc_count(url) == 29
     queued, dead, reasons = spool_counts(tmp_path / "spool")
-    assert (queued, dead) == (0, 1) and reasons[0].startswith("time 46116860184273879") \
-        and "cannot be formatted" in reasons[0], reasons
+    assert (queued, dead) == (0, 1) and reasons[0].startswith(f"time {2 ** 40 + 1} is outside what a DATETIME"), \
+        reasons
 
 
 def test_a_retried_unrenderable_record_is_refused_again_with_its_reason(tmp_path: Path, postgres: Postgres) -> None:
