@@ -715,6 +715,11 @@ def deliver(
     rules = _rules_or_exit(rules_file)
     if on_overlong is not None and on_overlong not in OVERLONG_POLICIES:
         raise typer.BadParameter(f"{on_overlong!r}: use {' or '.join(OVERLONG_POLICIES)}", param_hint="--on-overlong")
+    plain_url = db_url or os.environ.get("SIPSNIFF_DB_URL") or rules.acc.db_url or DEFAULT_DB_URL
+    try:
+        check_url(plain_url)  # a URL that can never work is a mistake, not "nothing pending"
+    except SqlUsageError as e:
+        raise usage_error(str(e)) from None
     if not spool_path.exists():
         print(f"{spool_path}: no spool, nothing to deliver")
         return
@@ -726,8 +731,7 @@ def deliver(
     queued = spool.pending()
     backends: list[Backend] = []
     try:
-        url = with_password(db_url or os.environ.get("SIPSNIFF_DB_URL") or rules.acc.db_url or DEFAULT_DB_URL,
-                            db_password_file)
+        url = with_password(plain_url, db_password_file)
         if queued.get(sql_destination(url)):
             backends.append(SqlEmitter(url, rules, connect="try", on_overlong=on_overlong))
         for b in _backends(rules, True, None, None):

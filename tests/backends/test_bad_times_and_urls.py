@@ -176,14 +176,19 @@ BAD_URLS = {
 
 
 @pytest.mark.parametrize("url", list(BAD_URLS))
-@pytest.mark.parametrize("command", ["process", "init-db"])
+@pytest.mark.parametrize("command", ["process", "init-db", "deliver"])
 def test_a_url_that_can_never_work_is_a_usage_error_before_the_work(tmp_path: Path, url: str,
                                                                      command: str) -> None:
     """Was: in-memory SQLite "20 records delivered", exit 0, rows gone; `process --db-url foo://x`
-    exit 3 (init-db 2); a port out of range retried for the whole drain time."""
-    args = [command, url] if command == "init-db" else \
-        [command, str(SAMPLE), "--db-url", url, "--log", "none", "--drain-timeout", "30",
-         "--spool", str(tmp_path / "spool")]
+    exit 3 (init-db 2); a port out of range retried for the whole drain time; `deliver` said
+    "nothing pending"."""
+    if command == "init-db":
+        args = [command, url]
+    elif command == "deliver":
+        args = [command, "--db-url", url, "--spool", str(tmp_path / "spool")]
+    else:
+        args = [command, str(SAMPLE), "--db-url", url, "--log", "none", "--drain-timeout", "30",
+                "--spool", str(tmp_path / "spool")]
     start = time.monotonic()
     res = sipsniff(*args, cwd=tmp_path)
     assert time.monotonic() - start < 15
