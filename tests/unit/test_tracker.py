@@ -168,3 +168,39 @@ def test_dialog_states() -> None:
     t, _ = events([*answered_call(), *rejected_call(call=Call(call_id="call-2"))], True)
     t.finish()
     assert t.stats.dialogs == {"terminated": 1, "failed": 1}
+
+
+def test_many_late_2xx_to_tags_each_reported_once() -> None:
+    """To-tags are held in a short tuple, a frozenset past 8 (issue 10: a one-tag frozenset was
+    216 bytes a call): 20 forks answering still give one late 2xx each, retransmissions none."""
+    c = Call()
+    msgs = [c.request("INVITE", 1000.0, UAC, PROXY, [C])]
+    for k in range(20):
+        msgs.append(c.reply(200, "OK", 1001.0 + k / 100, PROXY, UAC, [C], to_tag=f"t{k}"))
+        msgs.append(c.reply(200, "OK", 1001.005 + k / 100, PROXY, UAC, [C], to_tag=f"t{k // 2}"))
+    msgs += [c.request("ACK", 1002.0 + k / 100, UAC, PROXY, [("10.1.0.1", f"z9hG4bK-ack{k}")], to_tag=f"t{k}")
+             for k in range(20)]
+    t, evs = events(msgs, True)
+    out = [(e.late, e.reply.to_tag if e.reply else None) for e in evs if isinstance(e, ReplyOut)]
+    assert out == [(k > 0, f"t{k}") for k in range(20)]
+    txn = next(iter(t.txns.values()))
+    assert isinstance(txn.to_tags_2xx, frozenset) and len(txn.to_tags_2xx) == 20
+    acks = [e for e in evs if isinstance(e, AckIn)]
+    assert len(acks) == 20 and all(a.first for a in acks) and len(txn.acked) == 20
+
+
+def test_replies_without_via_among_transactions_sharing_call_id_and_cseq() -> None:
+    """by_cseq holds one transaction as itself, several as a list (issue 10: a list each was
+    ~64 bytes a transaction): a reply without a Via still finds the one it answers."""
+    c = Call()
+    a, b = ("10.1.0.1", "z9hG4bK-a"), ("10.1.0.1", "z9hG4bK-b")
+    first = c.request("INVITE", 1000.0, UAC, PROXY, [a])
+    other = c.request("INVITE", 1000.1, "10.1.0.9", PROXY, [b])  # same Call-ID/CSeq, another sender
+    reply = c.reply(486, "Busy Here", 1001.0, PROXY, "10.1.0.9", [], to_tag="t1")
+    t, evs = events([first, other, reply], True)
+    failed = [e for e in evs if isinstance(e, BranchesFailed)]
+    assert len(failed) == 1 and failed[0].txn.request is other
+    key = ("call-1", 1, "INVITE") if ("call-1", 1, "INVITE") in t.by_cseq else next(iter(t.by_cseq))
+    assert isinstance(t.by_cseq[key], list) and len(t.by_cseq[key]) == 2
+    t._forget(failed[0].txn.key, failed[0].txn)
+    assert t.by_cseq[key] is t.txns[next(iter(t.txns))]
