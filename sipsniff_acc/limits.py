@@ -8,12 +8,12 @@ each flood of benchmarks/bench_floods.py (measured: see docs/architecture.md, "B
 Sizing, measured on CPython 3.11 (tracemalloc): an open INVITE transaction costs ~1.3 KB
 besides its header block and Call-ID (message object and fields, transaction, indexes,
 deadline), its final reply ~0.7 KB besides its header block; max_transaction_bytes counts
-all of that (tracker.REQUEST_OVERHEAD, REPLY_OVERHEAD), so 96 MB is ~30,000 answered calls
-with ordinary headers (~3.3 KB each) or ~50,000 ringing ones. A call never hung up also
+all of that (tracker.REQUEST_OVERHEAD, REPLY_OVERHEAD), so 80 MB is ~25,000 answered calls
+with ordinary headers (~3.3 KB each) or ~40,000 ringing ones. A call never hung up also
 keeps a dialog (~250 bytes plus its Call-ID once its transaction is gone), an ACK entry
 (~150) and a record id (~95). A busy proxy (500 calls/s) keeps ~35,000 transactions (32 s
 of completed ones absorbing retransmissions, plus the ringing ones); completed ones are
-evicted first (at 500 calls/s with BYEs the 96 MB hold ~30 s of them, not 32).
+evicted first (at 500 calls/s with BYEs the 80 MB hold ~25 s of them, not 32).
 
 The bounds are for the whole run: with ``-j N`` each worker gets 1/N of them (``shard``),
 as it sees 1/N of the calls.
@@ -28,7 +28,7 @@ from dataclasses import dataclass, fields, replace
 class Limits:
     max_transactions: int = 50_000  #: transactions held (open + completed), and ACKs remembered; oldest evicted first
     #: bytes those transactions hold: header blocks, Call-IDs and the objects around them
-    max_transaction_bytes: int = 96 << 20
+    max_transaction_bytes: int = 80 << 20
     max_dialogs: int = 50_000  #: dialogs held
     #: packet-time seconds a record id is remembered, to number exact twins; must exceed the
     #: spread of record times among records made close together (the engine raises it to
