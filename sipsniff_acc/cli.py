@@ -35,7 +35,7 @@ from sipsniff_acc.emitters.spool import DEFAULT_SPOOL, Backend, DurableSpool, Sp
 from sipsniff_acc.emitters.sql import SqlEmitter, SqlError, SqlUsageError, check_url, missing_columns, safe_url, sqlite_file
 from sipsniff_acc.emitters.syslog import LogEmitter, SyslogTargetError
 from sipsniff_acc.outfiles import (
-    EXIT_OUTPUT_ERROR, OutputPathError, check_output, close_output, open_private, release_stdout, write_failed,
+    EXIT_OUTPUT_ERROR, OutputPathError, Writing, check_output, open_private, release_stdout, write_failed,
     write_private_or_say,
 )
 from sipsniff_acc import stopping
@@ -242,9 +242,8 @@ def messages(
     frames = open_captures(readers, errors)
     total = sum(r.size for r in readers)
     show = progress if progress is not None else (sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES)
-    where = f"--output {output}" if output else "stdout"
-    failed: str | None = None  #: the output failed (disk full...): the run stops there, exit 3
-    try:
+    # the output failed (disk full...): the run stops there, one line, exit 3
+    with Writing(out, f"--output {output}" if output else "stdout", owned=bool(output)) as writing:
         if fmt is MessageFormat.table:
             write(TABLE_HEADER)
         if show:
@@ -252,17 +251,9 @@ def messages(
         for text in message_lines(frames, fmt.value, workers, counters, decrypted):
             write(text)
         out.flush()
-    except BrokenPipeError:  # `| head`: the reader left; not an error of ours
-        release_stdout()
-        raise typer.Exit(0) from None
-    except OSError as e:
-        failed = write_failed(where, e)
-        if not output:
-            release_stdout()
-    finally:
-        if output:
-            closed = close_output(out, where)  # a full disk often shows only here, at the last flush
-            failed = failed or closed
+    if writing.reader_left:  # `| head`: the reader left; not an error of ours
+        raise typer.Exit(0)
+    failed = writing.failed
     counters.tls_decrypted = len(decrypted)
     readable = len({(d.src, d.sport, d.dst, d.dport) for d in decrypted})
     counters.tls_unreadable = max(0, counters.streams["tls"] - readable)

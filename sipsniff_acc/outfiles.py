@@ -71,6 +71,35 @@ def release_stdout() -> None:
     os.close(devnull)
 
 
+class Writing:
+    """Writing one output (a file we opened, or stdout), for ``messages`` and ``spool export``:
+    a reader that left (``| head``) ends it quietly (``reader_left``); any other write error
+    becomes one line (``failed``) instead of a traceback; a file we opened is closed, and a
+    failure at its last flush (where a full disk often shows) counts too."""
+
+    def __init__(self, out: IO, where: str, owned: bool) -> None:  # type: ignore[type-arg]
+        self.out, self.where, self.owned = out, where, owned
+        self.failed: str | None = None
+        self.reader_left = False
+
+    def __enter__(self) -> Writing:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, _tb: object) -> bool:
+        handled = False
+        if exc_type is not None and issubclass(exc_type, BrokenPipeError):
+            release_stdout()
+            self.reader_left = handled = True
+        elif isinstance(exc, OSError):
+            self.failed = write_failed(self.where, exc)
+            if not self.owned:
+                release_stdout()
+            handled = True
+        if self.owned:
+            self.failed = self.failed or close_output(self.out, self.where)
+        return handled
+
+
 def close_output(out: IO, what: str) -> str | None:  # type: ignore[type-arg]
     """Close a file we opened; the failure line (a full disk shows at the last flush), or None."""
     try:

@@ -18,7 +18,7 @@ import orjson
 import typer
 
 from sipsniff_acc.emitters.spool import DEFAULT_SPOOL, DurableSpool, SpoolError, how_to_deliver, loads
-from sipsniff_acc.outfiles import EXIT_OUTPUT_ERROR, close_output, open_private, release_stdout, write_failed
+from sipsniff_acc.outfiles import EXIT_OUTPUT_ERROR, Writing, open_private
 from sipsniff_acc.sysloglines import escape, json_safe
 
 EXIT_USAGE = 2  #: a missing, corrupt or foreign spool file, or a bad option
@@ -95,9 +95,8 @@ def export(
         print(f"error: --output {output}: {e.strerror}", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE) from None
     n = 0
-    where = f"--output {output}" if output else "stdout"
-    failed: str | None = None  #: a full disk: one line naming the output, exit 3 (the spool is only read)
-    try:
+    # a full disk: one line naming the output, exit 3 (the spool is only read)
+    with Writing(out, f"--output {output}" if output else "stdout", owned=bool(output)) as writing:
         for table in tables:
             for seq, dest, blob, queued, reason, at in spool.rows(table, destination):
                 line = {"state": "dead" if table == "dead" else "pending", "seq": seq, "destination": dest,
@@ -105,21 +104,11 @@ def export(
                 out.write(json_safe(orjson.dumps(line)) + b"\n")
                 n += 1
         out.flush()
-    except BrokenPipeError:  # `| head`: the reader left; not an error of ours (no count: it took fewer)
-        release_stdout()
-        spool.close()
-        raise typer.Exit(0) from None
-    except OSError as e:
-        failed = write_failed(where, e)
-        if not output:
-            release_stdout()
-    finally:
-        if output:
-            closed = close_output(out, where)  # a full disk often shows only here, at the last flush
-            failed = failed or closed
     spool.close()
-    if failed:
-        print(escape(failed), file=sys.stderr)
+    if writing.reader_left:  # `| head`: the reader left; not an error of ours (no count: it took fewer)
+        raise typer.Exit(0)
+    if writing.failed:
+        print(escape(writing.failed), file=sys.stderr)
         raise typer.Exit(EXIT_OUTPUT_ERROR)
     print(f"{n} record(s) exported", file=sys.stderr)
 
