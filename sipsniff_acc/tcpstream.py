@@ -86,6 +86,15 @@ class _Direction:
         self.scanned = 0
         self.need = 0
 
+    def restart_at(self, seq: int) -> None:
+        """After bytes were given up: an empty buffer, framing resyncs on the next start line at ``seq``."""
+        self.buf.clear()
+        self.cut()
+        self.next_seq = seq
+        self.resync = True
+        if self.ws is not None:
+            self.ws.reset()
+
 
 Key = tuple[bytes, int, bytes, int]
 
@@ -223,12 +232,7 @@ class TcpReassembler:
         if st.buf:
             self._skip("tcp_gap_discarded_bytes", len(st.buf))
         self._held -= len(st.buf)
-        st.buf.clear()
-        st.cut()
-        st.next_seq = first
-        st.resync = True
-        if st.ws is not None:
-            st.ws.reset()
+        st.restart_at(first)
         self._drain_ooo(st, out)
 
     def _discard_ooo(self, st: _Direction, seg: Datagram, out: list[Datagram | Anomaly]) -> None:
@@ -242,12 +246,7 @@ class TcpReassembler:
         self._held -= st.ooo_bytes + len(st.buf)
         st.ooo.clear()
         st.ooo_bytes = 0
-        st.buf.clear()
-        st.cut()
-        st.next_seq = end
-        st.resync = True
-        if st.ws is not None:
-            st.ws.reset()
+        st.restart_at(end)
 
     def _frame(self, st: _Direction, seg: Datagram, out: list[Datagram | Anomaly]) -> None:
         buf = st.buf
