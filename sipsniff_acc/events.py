@@ -32,6 +32,32 @@ class Frame:
 
 
 @dataclass(slots=True)
+class Idle:
+    """A live source's heartbeat when no packet came for a while (at most every 100 ms).
+
+    ``ts`` is the wall clock, which is the kernel's packet clock in a live capture: timers
+    (transaction timeouts, 408s, dialog expiry) fire and outputs flush in silence, so a record
+    never waits for the next packet. Files never yield it.
+    """
+
+    ts: float
+
+
+@dataclass(slots=True)
+class CaptureGap:
+    """The kernel (or our own queue) dropped packets: what follows may miss messages.
+
+    Yielded by a live source in the frame stream as soon as it sees drops; records of calls
+    open at that moment are marked ``capture_gaps`` so an auditor knows they may be incomplete.
+    """
+
+    ts: float  #: when the drops were seen (wall clock = packet clock)
+    interface: str
+    dropped: int  #: packets lost since the previous report (kernel + ring + ours)
+    where: str = "kernel"  #: "kernel" (socket/ring drops) or "queue" (our own hand-off)
+
+
+@dataclass(slots=True)
 class Datagram:
     """A transport payload with its addresses: what decode hands to the SIP stage.
 
