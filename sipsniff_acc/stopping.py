@@ -17,6 +17,8 @@ spool's commit and the emitter's bookkeeping it duplicates a batch. So:
   a guarded section is interrupted (its buffer is still in memory and goes to the spool at
   close), and once nothing is left in memory that is not in the spool the process exits at
   once with 128 + the first signal's number.
+* SIGHUP never stops anything: its handler only counts (``hups()``), and the run acts on it
+  at a safe point (``service.ServiceControl``: reload rules.yaml, reopen the log files).
 * A watchdog thread bounds the whole stop: ``drain_timeout + FORCE_AFTER`` seconds after the
   first signal it forces, and ``HARD_AFTER`` seconds later it ends the process with
   ``os._exit`` (the spool is SQLite in WAL mode: an interrupted transaction is rolled back
@@ -39,6 +41,19 @@ FORCE_AFTER = 6.0  #: seconds past the drain timeout before a stop is forced
 HARD_AFTER = 3.0  #: seconds past the forced stop before the process simply exits
 RECHECK = 0.05  #: seconds between checks, once forced, that everything in memory is spooled
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_hups = 0  #: SIGHUPs received by this process (module-level: a run's reset must not lose one)
+
+
+def hups() -> int:
+    """How many SIGHUPs arrived so far: a reader compares with the count it last acted on
+    (an int read: cheap enough for a per-packet safe point)."""
+    return _hups
+
+
+def _hup(_signum: int, _frame: object) -> None:
+    """SIGHUP: counted, acted on at the next safe point; never raises (it is not a stop)."""
+    global _hups
+    _hups += 1
 
 
 class Stopped(BaseException):
@@ -210,6 +225,7 @@ def before_run() -> None:
     quietly (no traceback from wherever the setup was), since nothing was produced yet."""
     for s in SIGNALS:
         signal.signal(s, _before_run)
+    signal.signal(signal.SIGHUP, _hup)  # from now on a HUP (logrotate) never kills the process
 
 
 class Watch:
@@ -227,6 +243,7 @@ class Watch:
         for s in SIGNALS:
             self.previous[s] = signal.signal(s, _handler)
         self.previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, _recheck)
+        self.previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _hup)
         return st
 
     def __exit__(self, *_: object) -> None:
