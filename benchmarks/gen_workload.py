@@ -11,11 +11,23 @@ UACs with compact headers; REGISTER/401/REGISTER/200 and OPTIONS background traf
 ``--tcp-share`` puts that share of calls on TCP on leg A (several messages per segment,
 messages split across segments).
 
+``--rtp`` adds the media a SPAN port beside a media-anchoring proxy (rtpengine-style) sees:
+G.711 PCMU RTP, 20 ms packets (12-byte header + 160 bytes = 172-byte UDP payload), both
+directions on both legs (UAC<->proxy and proxy<->UAS), from the 200 OK to the BYE, on the
+ports of each side's SDP. Because the proxy anchors media, with ``--rtp`` the SDP the proxy
+relays carries its own address and a port it allocated (INVITE on leg B, 200 OK on leg A);
+the SIP dialogue (messages, tags, timing) is otherwise the same as without ``--rtp``. RTP
+streams are generated lazily (a heap of open streams), so memory stays constant in the
+number of calls; the ground truth gains ``rtp_packets`` and ``rtp_streams``.
+``--talk-mean``/``--max-talk`` shape the talk time (default 90 s mean, capped at 900 s) and
+so the RTP volume per call.
+
 Written in time order with constant memory (a heap of the packets still to come), so a
 50k-call file costs no more RAM than a 1k-call one. A ``.meta.json`` sidecar holds the
 ground truth: frames and SIP messages written, calls by outcome.
 
 usage: gen_workload.py OUT.pcap --calls 50000 [--window 3600] [--seed 1] [--tcp-share 0.1]
+                       [--rtp] [--talk-mean 90] [--max-talk 900]
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import argparse
 import heapq
 import json
 import random
+import re
 import struct
 from collections import Counter
 from typing import BinaryIO
@@ -47,6 +60,47 @@ def mac(a: str) -> bytes:
     return b"\x02\x00" + ipb(a)
 
 
+_PCAP_REC = struct.Struct("<IIII")
+_RTP_VAR = struct.Struct("!HII")
+RTP_PTIME = 0.020  #: G.711 at 20 ms: 160 samples a packet
+RTP_PAYLOAD = 160
+
+
+class RtpStream:
+    """One direction of a G.711 PCMU stream: a packet every 20 ms from ``t`` until ``end``.
+
+    The frame is built from two constant parts and the fields that change (IP ID, RTP
+    sequence number and timestamp), so a packet costs one join.
+    """
+
+    __slots__ = ("t", "t0", "k", "end", "head", "mid", "seq", "rts", "ssrc", "payload")
+
+    def __init__(self, t: float, end: float, src: str, sport: int, dst: str, dport: int, rng: random.Random) -> None:
+        self.t0 = self.t = t
+        self.k = 0
+        self.end = end
+        ulen = 8 + 12 + RTP_PAYLOAD
+        ip = struct.pack("!BBH", 0x45, 0xB8, 20 + ulen)  # DSCP EF, as phones mark voice
+        self.head = mac(dst) + mac(src) + b"\x08\x00" + ip
+        self.mid = (struct.pack("!HBBH4s4s", 0x4000, 64, 17, 0, ipb(src), ipb(dst))
+                    + struct.pack("!HHHH", sport, dport, ulen, 0))
+        self.seq = rng.getrandbits(16)
+        self.rts = rng.getrandbits(32)
+        self.ssrc = rng.getrandbits(32)
+        self.payload = rng.randbytes(RTP_PAYLOAD)
+
+    def packet(self, ipid: int) -> bytes:
+        """This packet's frame; moves the stream on by one packet time."""
+        first = self.k == 0
+        frame = b"".join((self.head, ipid.to_bytes(2, "big"), self.mid, b"\x80\x80" if first else b"\x80\x00",
+                          _RTP_VAR.pack(self.seq, self.rts, self.ssrc), self.payload))
+        self.seq = (self.seq + 1) & 0xFFFF
+        self.rts = (self.rts + RTP_PAYLOAD) & 0xFFFFFFFF
+        self.k += 1
+        self.t = self.t0 + self.k * RTP_PTIME
+        return frame
+
+
 class Writer:
     """Pcap writer fed out of order within a horizon; emits in timestamp order."""
 
@@ -58,17 +112,44 @@ class Writer:
         f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
         self.ipid = 0
         self.tcp_seq: dict[tuple[str, int, str, int], int] = {}
+        self.streams: list[tuple[float, int, RtpStream]] = []  #: open RTP streams by next packet time
+        self.rtp_packets = 0
+        self.rtp_streams = 0
 
     def push(self, t: float, frame: bytes) -> None:
         self.n += 1
         heapq.heappush(self.heap, (t, self.n, frame))
 
+    def rtp(self, stream: RtpStream) -> None:
+        """Schedule a stream; its packets are made one by one as the output reaches them."""
+        if stream.t < stream.end:
+            self.n += 1
+            self.rtp_streams += 1
+            heapq.heappush(self.streams, (stream.t, self.n, stream))
+
     def flush_until(self, t: float) -> None:
-        heap, f = self.heap, self.f
-        while heap and heap[0][0] < t:
-            ts, _, frame = heapq.heappop(heap)
+        heap, streams, f, pack = self.heap, self.streams, self.f, _PCAP_REC.pack
+        inf = float("inf")
+        while True:
+            ht = heap[0][0] if heap else inf
+            st = streams[0][0] if streams else inf
+            if ht <= st:
+                if ht >= t:
+                    return
+                ts, _, frame = heapq.heappop(heap)
+            else:
+                if st >= t:
+                    return
+                ts, k, s = streams[0]
+                self.ipid = (self.ipid + 1) & 0xFFFF
+                frame = s.packet(self.ipid)
+                if s.t < s.end:
+                    heapq.heapreplace(streams, (s.t, k, s))
+                else:
+                    heapq.heappop(streams)
+                self.rtp_packets += 1
             sec = int(ts)
-            f.write(struct.pack("<IIII", sec, int((ts - sec) * 1e6), len(frame), len(frame)))
+            f.write(pack(sec, int((ts - sec) * 1e6), len(frame), len(frame)))
             f.write(frame)
             self.frames += 1
 
@@ -89,10 +170,16 @@ class Writer:
 
 
 class Workload:
-    def __init__(self, w: Writer, seed: int, tcp_share: float) -> None:
+    def __init__(self, w: Writer, seed: int, tcp_share: float, rtp: bool = False,
+                 talk_mean: float = 90.0, max_talk: float = 900.0) -> None:
         self.w = w
         self.r = random.Random(seed)
         self.tcp_share = tcp_share
+        self.rtp = rtp
+        self.rtp_rng = random.Random(seed + 7)  # its own stream: SIP draws are the same with or without --rtp
+        self.next_port = 0
+        self.talk_mean = talk_mean
+        self.max_talk = max_talk
         self.stats: Counter[str] = Counter()
         self.uacs = [(f"10.1.{i // 250}.{i % 250 + 1}", f"+4930{2000000 + i * 37:07d}", self.r.random() < 0.03,
                       self.r.choice(AGENTS)) for i in range(2000)]
@@ -108,6 +195,11 @@ class Workload:
         lines = [first] + [f"{COMPACT.get(n, n) if compact else n}: {v}" for n, v in headers]
         self.stats["sip_messages"] += 1
         return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
+
+    def proxy_port(self) -> int:
+        """The next RTP port of the anchoring proxy (even ports 20000-59998, round robin)."""
+        self.next_port = (self.next_port + 1) % 20000
+        return 20000 + 2 * self.next_port
 
     def sdp(self, ip: str) -> str:
         s = self.r.randrange(10**9)
@@ -196,8 +288,11 @@ class Workload:
                 ("CSeq", f"{cseq} ACK")], compact=compact))
             return
         hb = [("Via", via_p + br_b), ("Via", vias_a)]
+        port_pa = port_pb = 0
+        if self.rtp:  # the proxy anchors media: it offers its own address and port on leg B
+            port_pa, port_pb = self.proxy_port(), self.proxy_port()
         inv_b = self.msg(f"INVITE sip:{callee}@{uas_ip} SIP/2.0", hb + [("Record-Route", f"<sip:{PROXY};lr>")]
-                         + inv_hdrs[1:], sdp_a)
+                         + inv_hdrs[1:], anchor(sdp_a, PROXY, port_pb) if self.rtp else sdp_a)
         b_out(t + 0.001, inv_b)
         rep_b = lambda code, reason, tt=None, body="", m="INVITE", cs=cseq: self.msg(  # noqa: E731
             f"SIP/2.0 {code} {reason}", hb + [("From", frm), ("To", to + (f";tag={tt}" if tt else "")),
@@ -235,16 +330,25 @@ class Workload:
             a_out(end + 0.04, ack_a())
             return
         ans = ring + 1 + r.random() * 8
-        ok_b = rep_b(200, "OK", ttag, self.sdp(uas_ip))
+        sdp_b = self.sdp(uas_ip)
+        ok_b = rep_b(200, "OK", ttag, sdp_b)
         b_in(ans, ok_b)
-        ok_a = rep_a(200, "OK", ttag, self.sdp(uas_ip))
+        sdp_ans_a = self.sdp(uas_ip)
+        ok_a = rep_a(200, "OK", ttag, anchor(sdp_ans_a, PROXY, port_pa) if self.rtp else sdp_ans_a)
         a_in(ans + 0.0005, ok_a)
         if not tcp and r.random() < 0.03:  # 200 retransmission (Timer G)
             a_in(ans + 0.5005, ok_a)
             self.stats["sip_messages"] += 1
         b_out(ans + 0.06, ack_b())
         a_out(ans + 0.05, ack_a())
-        bye = ans + 5 + min(r.expovariate(1 / 90), MAX_TALK)
+        bye = ans + 5 + min(r.expovariate(1 / self.talk_mean), self.max_talk)
+        if self.rtp:  # media from the answer to the BYE, both directions of both legs
+            port_a, port_b = sdp_port(sdp_a), sdp_port(sdp_b)
+            rng, w = self.rtp_rng, self.w
+            w.rtp(RtpStream(ans + 0.0008, bye, uac_ip, port_a, PROXY, port_pa, rng))
+            w.rtp(RtpStream(ans + 0.0011, bye + 0.0005, PROXY, port_pa, uac_ip, port_a, rng))
+            w.rtp(RtpStream(ans + 0.0003, bye + 0.001, uas_ip, port_b, PROXY, port_pb, rng))
+            w.rtp(RtpStream(ans + 0.0006, bye + 0.0015, PROXY, port_pb, uas_ip, port_b, rng))
         br_bye_a, br_bye_b = "z9hG4bK" + self.hexid(64), "z9hG4bK" + self.hexid(64)
         bye_a = self.msg(f"BYE sip:{callee}@{uas_ip} SIP/2.0", [
             ("Via", via_a + br_bye_a), ("Route", f"<sip:{PROXY};lr>"), ("From", frm), ("To", to + f";tag={ttag}"),
@@ -298,25 +402,43 @@ class Workload:
 
 
 MAX_TALK = 900.0  #: talk time is exponential (mean 90 s), capped here
-HORIZON = MAX_TALK + 60.0  #: no call's packets come later than this after its INVITE
+SETUP = 60.0  #: no call's last packet comes later than this plus its talk time after its INVITE
 
 
-def generate(out: str, calls: int, window: float, seed: int, tcp_share: float) -> dict[str, object]:
-    with open(out, "wb") as f:
+def anchor(sdp: str, ip: str, port: int) -> str:
+    """The SDP as a media-anchoring proxy relays it: its own address and port."""
+    sdp = re.sub(r"c=IN IP4 [0-9.]+", f"c=IN IP4 {ip}", sdp)
+    return re.sub(r"m=audio \d+", f"m=audio {port}", sdp)
+
+
+def sdp_port(sdp: str) -> int:
+    m = re.search(r"m=audio (\d+)", sdp)
+    assert m
+    return int(m.group(1))
+
+
+def generate(out: str, calls: int, window: float, seed: int, tcp_share: float, rtp: bool = False,
+             talk_mean: float = 90.0, max_talk: float = MAX_TALK) -> dict[str, object]:
+    horizon = max_talk + SETUP
+    with open(out, "wb", buffering=1 << 20) as f:
         w = Writer(f)
-        wl = Workload(w, seed, tcp_share)
+        wl = Workload(w, seed, tcp_share, rtp, talk_mean, max_talk)
         rng = random.Random(seed + 1)
         t = EPOCH0
         rate = calls / window
         for _ in range(calls):
             t += rng.expovariate(rate)
-            w.flush_until(t - HORIZON)
+            w.flush_until(t - horizon)
             wl.call(t)
             if rng.random() < 0.3:
                 wl.background(t + rng.random())
         w.flush_until(float("inf"))
-    meta = {"calls": calls, "seed": seed, "window": window, "tcp_share": tcp_share, "frames": w.frames,
-            **dict(sorted(wl.stats.items()))}
+    meta: dict[str, object] = {"calls": calls, "seed": seed, "window": window, "tcp_share": tcp_share,
+                               "frames": w.frames, **dict(sorted(wl.stats.items()))}
+    if rtp:
+        meta.update(rtp=True, media="anchored by the proxy: UAC<->proxy and proxy<->UAS",
+                    rtp_packets=w.rtp_packets, rtp_streams=w.rtp_streams,
+                    talk_mean=talk_mean, max_talk=max_talk)
     with open(out + ".meta.json", "w") as f:
         json.dump(meta, f, indent=1)
     return meta
@@ -329,8 +451,15 @@ def main() -> None:
     ap.add_argument("--window", type=float, default=None, help="seconds the calls start over (default calls/14)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--tcp-share", type=float, default=0.0)
+    ap.add_argument("--rtp", action="store_true",
+                    help="add G.711 RTP (20 ms, both directions, both legs of the anchoring proxy)")
+    ap.add_argument("--talk-mean", type=float, default=90.0, help="mean talk time in seconds (exponential)")
+    ap.add_argument("--max-talk", type=float, default=MAX_TALK, help="talk time cap in seconds")
     a = ap.parse_args()
-    print(json.dumps(generate(a.out, a.calls, a.window or a.calls / 14, a.seed, a.tcp_share)))
+    if a.talk_mean <= 0 or a.max_talk < 0:
+        ap.error("--talk-mean must be > 0 and --max-talk >= 0")
+    print(json.dumps(generate(a.out, a.calls, a.window or a.calls / 14, a.seed, a.tcp_share,
+                              a.rtp, a.talk_mean, a.max_talk)))
 
 
 if __name__ == "__main__":
