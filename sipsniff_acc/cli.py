@@ -69,10 +69,18 @@ def _version_option(value: bool) -> None:
 
 @app.callback()
 def _top(
+    ctx: typer.Context,
     version: Annotated[bool, typer.Option("--version", help="print the version and exit", is_eager=True,
                                           callback=_version_option)] = False,
+    config: Annotated[Path | None, typer.Option("--config", envvar="SIPSNIFF_CONFIG", help="YAML file of options by command (process: {interface: [eth0], rules: ...}); options on the command line win")] = None,
 ) -> None:
     """Passive SIP accounting sniffer: Kamailio acc records from the wire or from pcaps."""
+    if config is not None and str(config):
+        from sipsniff_acc.config import ConfigError, load_config
+        try:  # checked whole before the command runs: FILE:LINE: command.key: why, exit 2
+            ctx.default_map = load_config(config, ctx.command, ctx)
+        except ConfigError as e:
+            raise usage_error(str(e)) from None
 
 
 def usage_error(message: str, status: int = 2) -> typer.Exit:
