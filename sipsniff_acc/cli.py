@@ -899,6 +899,10 @@ from sipsniff_acc.commands import spool as _spool_command  # noqa: E402  (regist
 
 _spool_command.register(app)
 
+from sipsniff_acc.commands import audit as _audit_command  # noqa: E402
+
+_audit_command.register(app)
+
 
 def main() -> None:
     """The console entry point: a usage mistake (unknown option, missing argument, bad value)

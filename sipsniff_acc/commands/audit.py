@@ -1,0 +1,187 @@
+"""`sipsniff-acc audit`: what the billing database holds against what happened on the wire.
+
+The captures are accounted in memory exactly as `process` would (same rules, nothing
+written anywhere); the billing side's tables (names and columns from rules.yaml) are read
+for the capture's time span only; rows are paired and every difference is one discrepancy
+(``missing``, ``phantom``, ``mismatch``, ``duplicate``). Exit status like diff(1): 0 the
+books agree, 1 discrepancies found, 2 trouble (usage, an unreadable capture or database, a
+missing table), always one line found before the work where it can be.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import IO, Annotated
+
+import typer
+
+from sipsniff_acc.audit.billing import BillingError, CsvBilling, Span, SqlBilling, parse_map
+from sipsniff_acc.audit.model import TableSpec
+from sipsniff_acc.audit.pairing import pair
+from sipsniff_acc.audit.report import summary, write_jsonl
+from sipsniff_acc.audit.wire import account, acc_specs, cdr_specs
+from sipsniff_acc.outfiles import OutputPathError, check_output, open_private
+from sipsniff_acc.rules import RulesError, RulesFile, load_rules
+from sipsniff_acc.sources import CapturePathError, CaptureReader, check_capture, expand_paths
+from sipsniff_acc.sysloglines import escape
+
+EXIT_AGREE, EXIT_DISCREPANCIES, EXIT_TROUBLE = 0, 1, 2
+
+
+def _trouble(message: str) -> typer.Exit:
+    print(f"error: {escape(message)}", file=sys.stderr)
+    return typer.Exit(EXIT_TROUBLE)
+
+
+def _rules(path: Path | None) -> RulesFile:
+    try:
+        return load_rules(path)
+    except RulesError as e:
+        for p in e.problems:
+            print(f"error: {escape(str(p))}", file=sys.stderr)
+        raise typer.Exit(EXIT_TROUBLE) from None
+
+
+def _readers(files: list[str]) -> list[CaptureReader]:
+    if not files:
+        raise _trouble("give the capture(s) to audit: sipsniff-acc audit CAPTURE... --against DB_URL")
+    for f in files:
+        if f == "-":
+            raise _trouble("audit reads capture files, not stdin (the billing side is read for their time span)")
+        try:
+            check_capture(f)
+        except CapturePathError as e:
+            raise _trouble(str(e)) from None
+    paths = expand_paths(files)
+    if not paths:
+        raise _trouble("no capture files found in the directories given")
+    return [CaptureReader(p) for p in paths]
+
+
+def _is_csv(against: str) -> bool:
+    return "://" not in against
+
+
+def audit(
+    files: Annotated[list[str] | None, typer.Argument(help="pcap/pcapng files (.gz too) or directories")] = None,
+    read: Annotated[list[str] | None, typer.Option("--read-file", "-r", help="a capture to read (repeatable; beside FILE...)")] = None,
+    rules_file: Annotated[Path | None, typer.Option("--rules", "-m", help="rules.yaml: the proxy's accounting (tables and columns too)")] = None,
+    against: Annotated[str | None, typer.Option("--against", help="the billing side: an SQLAlchemy URL (sqlite:///acc.db, postgresql+psycopg://..., mysql+pymysql://...) or a CSV export")] = None,
+    mapping: Annotated[list[str] | None, typer.Option("--map", help="CSV: FIELD=COLUMN pairs, comma-separated (callid=call_id,code=status,time=ts); table==NAME for a constant")] = None,
+    time_tolerance: Annotated[float, typer.Option("--time-tolerance", help="seconds a row's time may differ from the wire's")] = 1.0,
+    duration_tolerance: Annotated[float, typer.Option("--duration-tolerance", help="seconds a CDR's end/duration may differ")] = 1.0,
+    margin: Annotated[float | None, typer.Option("--margin", help="seconds around the capture's span read from billing (default: the time tolerance)")] = None,
+    db_timezone: Annotated[str, typer.Option("--db-timezone", help="utc (default) or local: how DATETIME columns were written (not SQLite)")] = "utc",
+    db_password_file: Annotated[Path | None, typer.Option("--db-password-file", help="the database password (or set SIPSNIFF_DB_PASSWORD)")] = None,
+    jsonl_file: Annotated[Path | None, typer.Option("--jsonl", help="every discrepancy as a JSON line here (- for stdout; created 0600)")] = None,
+    html_file: Annotated[Path | None, typer.Option("--html", help="a self-contained HTML report here (created 0600)")] = None,
+    open_as_408: Annotated[bool, typer.Option("--open-as-408", help="as process: transactions open at the end are the proxy's 408")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no summary (the exit status says it)")] = False,
+) -> None:
+    """Audit a billing database (acc, missed_calls, acc_cdrs) against the captures.
+
+    Example: sipsniff-acc audit day.pcap -m rules.yaml --against postgresql+psycopg://acc@db/acc --jsonl diff.jsonl
+    """
+    if against is None:
+        raise _trouble("--against is required: the billing database URL or a CSV export")
+    if db_timezone not in ("utc", "local"):
+        raise _trouble(f"--db-timezone {db_timezone!r}: use utc or local")
+    for name, v in (("--time-tolerance", time_tolerance), ("--duration-tolerance", duration_tolerance),
+                    ("--margin", margin)):
+        if v is not None and not 0 <= v < 1e9:
+            raise _trouble(f"{name} {v}: give a number of seconds >= 0")
+    if mapping and not _is_csv(against):
+        raise _trouble("--map goes with a CSV export (--against FILE.csv), not a database URL")
+    rules = _rules(rules_file)
+    readers = _readers([*(read or ()), *(files or ())])
+    for option, path in (("--jsonl", jsonl_file), ("--html", html_file)):
+        if path is not None and str(path) != "-":
+            try:
+                check_output(path, option)
+            except OutputPathError as e:
+                raise _trouble(str(e)) from None
+    specs: list[TableSpec] = acc_specs(rules) + cdr_specs(rules)
+    if not specs:
+        raise _trouble("the rules write no database rows (db_flag, db_missed_flag, acc_db_request, cdrs_table): "
+                       "nothing to audit")
+    try:
+        if _is_csv(against):
+            billing: SqlBilling | CsvBilling = CsvBilling(against, specs, parse_map(mapping), db_timezone)
+        else:
+            billing = SqlBilling(_with_password(against, db_password_file), specs, db_timezone)
+    except BillingError as e:
+        raise _trouble(str(e)) from None
+
+    wire = account(readers, rules, open_as_408)
+    if wire.errors:
+        for err in wire.errors:
+            print(f"error: {err}", file=sys.stderr)
+        raise _trouble("a capture could not be read to its end: the audit would report its calls as "
+                       "phantoms; repair or drop it (sipsniff-acc messages shows where it breaks)")
+    if wire.first is None:
+        raise _trouble("the captures hold no packets: no time span to audit")
+    pad = time_tolerance if margin is None else margin
+    span = Span(int(wire.first) - pad, wire.last + pad)  # type: ignore[operator]
+    try:
+        rows = billing.rows(span)
+    except BillingError as e:
+        raise _trouble(str(e)) from None
+    finally:
+        billing.close()
+    audited = {s.name for s in specs}
+    wire_rows = [r for r in wire.rows if r.table in audited]
+    res = pair(wire_rows, rows, time_tolerance, duration_tolerance)
+    tables = [s.name for s in specs]
+    if jsonl_file is not None:
+        out: IO[bytes] = sys.stdout.buffer if str(jsonl_file) == "-" else open_private(jsonl_file, "wb")
+        try:
+            write_jsonl(out, res.discrepancies)
+        finally:
+            if out is not sys.stdout.buffer:
+                out.close()
+            else:
+                out.flush()
+    if html_file is not None:
+        from sipsniff_acc.audit.html import render
+        page = render(res, wire, wire_rows, rows, tables, against_label(against))
+        with open_private(html_file, "wb") as f:
+            f.write(page.encode())
+    if not quiet:
+        summary(res, wire_rows, rows, tables, wire.first, wire.last,
+                sys.stderr if str(jsonl_file) == "-" else sys.stdout)
+    raise typer.Exit(EXIT_DISCREPANCIES if res.discrepancies else EXIT_AGREE)
+
+
+def against_label(against: str) -> str:
+    """The billing side as shown in the report: a URL without its password."""
+    if _is_csv(against):
+        return against
+    from sipsniff_acc.emitters.sql import safe_url
+    return safe_url(against)
+
+
+def _with_password(url: str, password_file: Path | None) -> str:
+    """The URL with the password from --db-password-file or SIPSNIFF_DB_PASSWORD, if any."""
+    import os
+
+    from sqlalchemy.engine import make_url
+    password = None
+    if password_file is not None:
+        try:
+            password = password_file.read_text().strip()
+        except OSError as e:
+            raise _trouble(f"--db-password-file {password_file}: {e.strerror}") from None
+    elif os.environ.get("SIPSNIFF_DB_PASSWORD"):
+        password = os.environ["SIPSNIFF_DB_PASSWORD"]
+    if password is None:
+        return url
+    try:
+        return make_url(url).set(password=password).render_as_string(hide_password=False)
+    except Exception:  # noqa: BLE001 - an unparseable URL is reported by the reader
+        return url
+
+
+def register(app: typer.Typer) -> None:
+    """Add `audit` to the CLI."""
+    app.command("audit")(audit)
