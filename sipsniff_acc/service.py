@@ -18,11 +18,12 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from sipsniff_acc import stopping
+from sipsniff_acc.events import CaptureGap
 from sipsniff_acc.outfiles import open_private
 from sipsniff_acc.rules import RulesError, RulesFile, load_rules
 from sipsniff_acc.sysloglines import escape
@@ -229,3 +230,49 @@ class ServiceControl:
     def _refused(self, why: str, loaded: str) -> None:
         self.reloads["refused"] += 1
         self.say(f"rules reload refused: {why}; keeping the rules loaded at {loaded}", kind="reload", limited=False)
+
+
+GAPS_QUIET = 10.0  #: seconds without a drop report before drops on an interface are said to have stopped
+
+
+class GapWatch:
+    """Drop reports (``CaptureGap``) in a live frame stream: counted for the metrics, and an
+    alarm when drops start on an interface and when they have stopped (none for GAPS_QUIET
+    seconds of packet time), with the total lost between. The stream passes through as is."""
+
+    def __init__(self, say: Alarms | None = None, quiet: float = GAPS_QUIET) -> None:
+        self.say = say or alarm
+        self.quiet = quiet
+        self.gaps: Counter[str] = Counter()  #: reports, by interface
+        self.dropped: Counter[tuple[str, str]] = Counter()  #: packets, by (interface, where)
+        self.losing: dict[str, tuple[float, float, int]] = {}  #: interface -> (first, last report time, lost since)
+
+    def watch(self, frames: Iterable[Any]) -> Iterator[Any]:
+        losing = self.losing
+        for f in frames:
+            if f.__class__ is CaptureGap:
+                self._gap(f)
+            elif losing and f.ts - min(last for _first, last, _n in losing.values()) >= self.quiet:
+                self._stopped(f.ts)
+            yield f
+
+    def _gap(self, g: CaptureGap) -> None:
+        self.gaps[g.interface] += 1
+        self.dropped[(g.interface, g.where)] += g.dropped
+        first, _last, lost = self.losing.get(g.interface, (g.ts, g.ts, 0))
+        if not lost:
+            self.say(f"capture drops on {g.interface}: {g.dropped} packet(s) lost ({g.where}); records of calls "
+                     "open now are marked capture_gaps", kind=f"drops {g.interface}", limited=False)
+        self.losing[g.interface] = (first, g.ts, lost + g.dropped)
+
+    def _stopped(self, now: float) -> None:
+        for iface, (first, last, lost) in list(self.losing.items()):
+            if now - last >= self.quiet:
+                del self.losing[iface]
+                span = f"{_clock(first)} to {_clock(last)}"
+                self.say(f"capture drops on {iface} stopped: {lost} packet(s) lost from {span}",
+                         kind=f"drops {iface}", level=NOTICE, limited=False)
+
+
+def _clock(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts))
