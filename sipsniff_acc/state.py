@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 from sipsniff_acc.acc import _NO_AVPS, TxnAcc
 from sipsniff_acc.sip import SipMessage
+from sipsniff_acc import tracker as tracker_module
 from sipsniff_acc.tracker import RETAIN, Dialog, Transaction, TransactionTracker
 
 if TYPE_CHECKING:
@@ -618,6 +619,14 @@ def _apply(plan: _Plan, acc: AccPipeline, now: float | None, res: LoadResult) ->
     tr._dialog_limit = max(4096, 2 * len(plan.dialogs))
     tr.acks = plan.acks
     tr._next_sweep = 0.0
+    if getattr(tr, "open_as_408", False) and isinstance(getattr(tr, "_timers", None), list):
+        # --open-as-408 during the run (the proxy's timer 408): the open server transactions' timers
+        grace = float(getattr(tracker_module, "TIMER_GRACE", 0.0))
+        timers = [(t.created + tr._timeout(t) + grace, k) for k, t in plan.txns.items()
+                  if t.role == "server" and t.final is None and not getattr(t, "timer_408", False)
+                  and t.method not in ("ACK", "CANCEL")]
+        heapq.heapify(timers)
+        tr._timers = timers
     for t in plan.timed_out:  # past its timer while we were down: counted as the sweep would
         if t.role == "server":
             tr.stats.timed_out[t.method] += 1
@@ -637,3 +646,60 @@ def _apply(plan: _Plan, acc: AccPipeline, now: float | None, res: LoadResult) ->
             res.unknown_sections.append(name)
             continue
         res.sections[name] = entry[1](acc, data, now)
+
+
+# --- dialog CDRs (cdr.py), when the rules enable them ----------------------------------------
+
+
+def _dump_cdr(acc: AccPipeline) -> object:
+    cdr = getattr(acc, "cdr", None)
+    if cdr is None:
+        return None
+    return {"dialogs": cdr.dialogs, "by_txn": cdr.by_txn, "timers": cdr._timers}
+
+
+def _restore_cdr(acc: AccPipeline, data: object, now: float | None) -> tuple[int, int]:
+    """The CDR engine's dialogs (they hold their INVITE/BYE transactions, shared with the
+    tracker's in the same file). Dropped at load: dialogs never answered past fr_inv_timer +
+    32 s (tm gave up: no CDR either way), confirmed ones past their lifetime when
+    ``cdr_expired_dlg_enable`` is off (no CDR either way). With it on, an expired dialog is
+    kept: the first tick fires its CDR, dated at its expiry, as the proxy wrote it."""
+    cdr = getattr(acc, "cdr", None)
+    if cdr is None or _cdr is None:
+        return (0, 0)  # saved with CDRs on, loaded with them off: nothing to put them in
+    d = _dict(data, "CDR state")
+    dialogs, by_txn, timers = d.get("dialogs"), d.get("by_txn"), d.get("timers")
+    if not isinstance(dialogs, OrderedDict) or not isinstance(by_txn, dict) or not isinstance(timers, list):
+        return (0, 0)
+    seen: set[int] = set()
+    kept: OrderedDict[Any, Any] = OrderedDict()
+    expired = 0
+    for k, dlg in dialogs.items():
+        try:
+            _complete(dlg, _cdr.Dialog)
+            _check_txn(dlg.invite, seen)
+            if dlg.bye is not None:
+                _check_txn(dlg.bye, seen)
+        except StateFileError:
+            expired += 1
+            continue
+        if now is not None and (
+                (dlg.state == _cdr.EARLY and now >= dlg.invite.created + cdr.unanswered_life)
+                or (dlg.state != _cdr.EARLY and dlg.expires <= now and not cdr.expired_enable)):
+            expired += 1
+            continue
+        kept[k] = dlg
+    cdr.dialogs = kept
+    live = {id(v) for v in kept.values()}
+    cdr.by_txn = {k: v for k, v in by_txn.items() if id(v) in live}
+    cdr._timers = [t for t in timers if isinstance(t, tuple) and len(t) == 3 and (t[1], t[2]) in kept]
+    heapq.heapify(cdr._timers)
+    return (len(kept), expired)
+
+
+try:
+    from sipsniff_acc import cdr as _cdr
+except ImportError:  # a build without dialog CDRs
+    _cdr = None  # type: ignore[assignment]
+else:
+    register_section("cdr dialogs", _dump_cdr, _restore_cdr, (_cdr.Dialog,))

@@ -311,3 +311,26 @@ def test_sharded_round_trip(rules: RulesFile, workload: list[SipMessage], tmp_pa
         return rows([r for _i, _n, r in sorted(out, key=lambda x: (x[0], x[1]))])
 
     assert run(True) == run(False)
+
+
+CDR_RULES = RULES.replace("  report_ack: true\n", "  report_ack: true\n  cdr_enable: true\n  cdr_extra: \"src=$fU;dst=$rU\"\n"
+                          ).replace("    set_avp: {leg: \"$rU\"}\n", "    set_avp: {leg: \"$rU\"}\n    dlg_manage: true\n")
+
+
+def test_cdr_dialogs_survive(workload: list[SipMessage], tmp_path: Path) -> None:
+    """With dialog CDRs on (cdr.py): a call answered before the cut and hung up after it gets
+    its CDR, with the start time of its INVITE; without the state it gets none."""
+    pytest.importorskip("sipsniff_acc.cdr")
+    rules = parse_rules(CDR_RULES)
+    whole = rows(run_all(rules, workload))
+    cdrs = [r for r in whole if r["kind"] == "cdr"]
+    assert len(cdrs) > 100
+    at = len(workload) // 2
+    got, res = run_split(rules, workload, at, tmp_path / "st")
+    assert res.sections.get("cdr dialogs", (0, 0))[0] > 20, res.summary()
+    assert "cdr dialogs" in res.summary()
+    assert rows(got) == whole
+    msgs = fresh(workload)
+    first, second = AccPipeline(rules), AccPipeline(rules)
+    lost = [r for m in msgs[:at] for r in first.feed(m)] + [r for m in msgs[at:] for r in second.feed(m)]
+    assert len([r for r in lost if r.kind == "cdr"]) < len(cdrs)
