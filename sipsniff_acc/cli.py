@@ -40,6 +40,8 @@ from sipsniff_acc.outfiles import (
 )
 from sipsniff_acc import stopping
 from sipsniff_acc.processrun import RunResult, run
+from sipsniff_acc.metrics import MetricsAddressError, MetricsServer, RunView
+from sipsniff_acc.service import GapWatch, ReopenableFile, ServiceControl
 from sipsniff_acc.shard import WorkerDied, max_workers
 from sipsniff_acc.sysloglines import escape
 from sipsniff_acc.rules import RulesError, RulesFile, load_rules
@@ -347,6 +349,8 @@ def _rules_or_exit(path: Path | None) -> RulesFile:
 
 
 EXIT_USAGE = 2
+#: processrun.run acts on SIGHUP (swaps the rules ServiceControl hands it) once it takes ``control=``
+_RUN_TAKES_CONTROL = "control" in __import__("inspect").signature(run).parameters
 
 
 @app.command()
@@ -372,8 +376,12 @@ def process(
     db_timezone: Annotated[str, typer.Option("--db-timezone", help="utc (default) or local: how DATETIME columns are written (not SQLite)")] = "utc",
     workers: Annotated[int, typer.Option("--workers", "-j", help="processes that parse and account, calls sharded by Call-ID; 0: all in one process; -1: one per CPU (at most 4) for files, 0 for a live capture or stdin; at most max(8, 4 x CPUs)")] = -1,
     tls_keylog: Annotated[Path | None, typer.Option("--tls-keylog", help="SSLKEYLOGFILE-format key log: SIP over TLS is decrypted by tshark")] = None,
+    metrics: Annotated[str | None, typer.Option("--metrics", help="serve Prometheus metrics on HOST:PORT (e.g. 127.0.0.1:9466) while running")] = None,
 ) -> None:
     """The main job: the acc records a Kamailio proxy would write for the traffic in the captures.
+
+    SIGHUP re-reads --rules (an invalid file is refused, the old rules stay) and reopens
+    --log/--jsonl files (logrotate).
 
     Example: sipsniff-acc process -r capture.pcap -m rules.yaml --db-url sqlite:///acc.db
     """
@@ -385,20 +393,27 @@ def process(
     _check_outputs(sources, log=log, jsonl=jsonl_file, stats=stats, spool=None if no_db else spool_path)
     if tls_keylog is not None:
         _check_tls(sources, tls_keylog)
+    view = RunView(Counters())
+    server = None
+    if metrics is not None:  # listening before any output is opened: a port taken is one line, exit 2
+        try:
+            server = MetricsServer(metrics, view)
+        except MetricsAddressError as e:
+            raise usage_error(str(e)) from None
     if stats is not None:
         open_private(stats, "a").close()  # created 0600 now; the run's end rewrites it in place
     emitters: list[Emitter] = []
     opened: list[IO[Any]] = []
     try:
         if log and log != "none":
-            stream: IO[str] = sys.stdout if log == "-" else open_private(log, "a")
+            stream: IO[str] = sys.stdout if log == "-" else ReopenableFile(log, "a")  # type: ignore[assignment]
             if log != "-":
                 opened.append(stream)
             emitters.append(LogEmitter(rules, stream, syslog_target))
         elif syslog_target:
             emitters.append(LogEmitter(rules, None, syslog_target))
         if jsonl_file is not None:
-            jout: IO[bytes] = sys.stdout.buffer if str(jsonl_file) == "-" else open_private(jsonl_file, "wb")
+            jout: IO[bytes] = sys.stdout.buffer if str(jsonl_file) == "-" else ReopenableFile(jsonl_file, "wb")  # type: ignore[assignment]
             if str(jsonl_file) != "-":
                 opened.append(jout)
             emitters.append(JsonlEmitter(jout))
@@ -423,6 +438,13 @@ def process(
         frames = _with_progress(frames, sources, total)
     stopped_by = 0
     result = RunResult()
+    # SIGHUP: rules reloaded and files reopened at the run's safe points (service.py)
+    control = ServiceControl(rules_file, rules, [f for f in opened if isinstance(f, ReopenableFile)])
+    gaps = GapWatch()
+    if any(isinstance(s, LiveCapture) for s in sources):
+        frames = gaps.watch(frames)  # drops: counted for the metrics, alarmed when they start and stop
+    view.counters, view.result, view.spooled, view.sources = counters, result, spooled, list(sources)
+    view.control, view.gaps, view.logs = control, gaps, [em for em in emitters if isinstance(em, LogEmitter)]
     copies: list[CopyOutput] = []
     # SIGTERM/SIGINT: the run stops at a safe point, every output is closed (the spool gets what
     # is buffered, backends are drained for --drain-timeout), exit 128 + signal; bounded by a
@@ -438,10 +460,13 @@ def process(
                 if workers < 0 and (interface is not None or "-" in (files or [])):
                     workers = 0  # live or a pipe: every record goes out at once, not a round later
                 copies = [CopyOutput(em, _output_name(em, paths)) for em in emitters if em not in spooled]
+                hooks: dict[str, Any] = {"control": control} if _RUN_TAKES_CONTROL else {}
                 result = run(frames, rules, [*spooled, *copies], counters, open_as_408, result,
-                             _auto_workers(workers), decrypted)
+                             _auto_workers(workers), decrypted, **hooks)
             finally:
                 stop.closing = True  # from here on a signal only marks the stop: the close is not cut
+                if server is not None:
+                    server.close()
         except BrokenPipeError:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
