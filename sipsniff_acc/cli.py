@@ -598,6 +598,21 @@ class CopyOutput:
             if getattr(self.em, "stream", None) is sys.stdout or getattr(self.em, "out", None) is sys.stdout.buffer:
                 release_stdout()
 
+    def tick(self) -> None:
+        """The run's clock (processrun.Outputs): the output's flush, failing as ``emit`` does."""
+        tick = getattr(self.em, "tick", None)
+        if self.failed or tick is None:
+            return
+        try:
+            tick()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            self.failed = True
+            print(escape(write_failed(self.what, e)) + "; the run goes on for the database/spool", file=sys.stderr)
+            if getattr(self.em, "stream", None) is sys.stdout or getattr(self.em, "out", None) is sys.stdout.buffer:
+                release_stdout()
+
     def close(self) -> None:
         self.em.close()
 
