@@ -101,6 +101,11 @@ def audit(
                 check_output(path, option)
             except OutputPathError as e:
                 raise _trouble(str(e)) from None
+    if html_file is not None:
+        try:
+            import matplotlib  # noqa: F401 - the report's plots; checked before the work
+        except ImportError:
+            raise _trouble("--html needs matplotlib: pip install matplotlib (or 'sipsniff-acc[audit]')") from None
     specs: list[TableSpec] = acc_specs(rules) + cdr_specs(rules)
     if not specs:
         raise _trouble("the rules write no database rows (db_flag, db_missed_flag, acc_db_request, cdrs_table): "
