@@ -10,6 +10,7 @@ reached the capturing interface. Everything is named ``s6-<pid>-<n>`` and remove
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -146,7 +147,7 @@ class Sniffer:
         cmd = [PYTHON, "-m", "sipsniff_acc", *args]
         if netns is not None:
             cmd = ["ip", "netns", "exec", netns, *cmd]  # ip execs the command: the PID is sipsniff-acc's
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=full_env,
                                      start_new_session=True)
         self.out: list[tuple[float, str]] = []
@@ -267,3 +268,12 @@ def _ints(node: object) -> list[int]:
     if isinstance(node, dict):
         return [x for v in node.values() for x in _ints(v)]
     return []
+
+
+@functools.lru_cache(maxsize=None)
+def cli_options(command: str) -> frozenset[str]:
+    """The options ``sipsniff-acc COMMAND --help`` lists (features land at different times:
+    a test uses ``-f`` once the command has it)."""
+    res = subprocess.run([PYTHON, "-m", "sipsniff_acc", command, "--help"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+    return frozenset(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", res.stdout))
