@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 from sipsniff_acc.acc import _NO_AVPS, TxnAcc
 from sipsniff_acc.sip import SipMessage
 from sipsniff_acc import tracker as tracker_module
-from sipsniff_acc.tracker import RETAIN, Dialog, Transaction, TransactionTracker
+from sipsniff_acc.tracker import RETAIN, SWEEP_EVERY, Dialog, Transaction, TransactionTracker
 
 if TYPE_CHECKING:
     from sipsniff_acc.processrun import AccPipeline
@@ -75,6 +75,25 @@ MAX_HEADER = 4096  #: bytes of the header line
 MAX_STATE_BYTES = 256 << 20
 DIALOG_EXPIRY = 43200.0  #: seconds a dialog is kept without news (the tracker's 12 h)
 _HASH_PROBE = ("sipsniff-acc", "ack-hash-probe")
+
+
+#: where load_state/save_state say what they did, one line each (the CLI sets it to stderr
+#: with --state; None in library use). Set before -j N forks, so the workers say it too.
+REPORT: Callable[[str], None] | None = None
+#: A saved clock this far from the wall clock of its save means the state came from a capture
+#: file (packet time is not the wall clock): its expiry is left to the packet time that follows
+LIVE_SKEW = 600.0
+
+
+def report_to(say: Callable[[str], None] | None) -> None:
+    """Have every load and save say its line (restored/saved counts, or why not) to ``say``."""
+    global REPORT
+    REPORT = say
+
+
+def _say(line: str) -> None:
+    if REPORT is not None:
+        REPORT(line)
 
 
 class StateUsageError(Exception):
@@ -201,17 +220,26 @@ def check_state_path(path: str | os.PathLike[str], shards: int = 1) -> None:
             if head is not None and not head.startswith(MAGIC[: len(head)]):
                 raise StateUsageError(f"--state {p}: {f} is not a sipsniff-acc state file "
                                       "(it would be overwritten at exit); give another path")
-            if head is not None and head.startswith(MAGIC):
-                saved = _header_shards(f)
-                if saved is not None and saved != shards:
-                    raise StateUsageError(_shards_mismatch(p, saved, shards))
-    # the other layout's files: saved by a run with another -j
-    others = [p] if shards > 1 else [shard_path(p, 0, 2)]
-    for f in others:
-        if f.is_file() and (_peek(f) or b"").startswith(MAGIC):
-            saved = _header_shards(f)
-            if saved is not None and saved != shards:
-                raise StateUsageError(_shards_mismatch(p, saved, shards))
+    saved = saved_shards(p)
+    if saved is not None and saved != shards:
+        raise StateUsageError(_shards_mismatch(p, saved, shards))
+
+
+def _ours(f: Path) -> bool:
+    return f.is_file() and (_peek(f) or b"").startswith(MAGIC)
+
+
+def saved_shards(path: str | os.PathLike[str]) -> int | None:
+    """How many shards the state files at ``path`` were saved by (1: FILE, N: FILE.0 ...
+    FILE.{N-1}), or None when there are none. From the files present (a run saves all its
+    shards at once), so it does not depend on who wrote the headers."""
+    p = Path(path)
+    n = 0
+    while n < 1024 and _ours(shard_path(p, n, 2)):
+        n += 1
+    if n:
+        return n
+    return 1 if _ours(p) else None
 
 
 def _shards_mismatch(p: Path, saved: int, shards: int) -> str:
@@ -226,15 +254,6 @@ def _peek(f: Path) -> bytes | None:
         with open(f, "rb") as fh:
             return fh.read(len(MAGIC))
     except OSError:
-        return None
-
-
-def _header_shards(f: Path) -> int | None:
-    try:
-        with open(f, "rb") as fh:
-            header = _read_header(fh)
-        return int(header["shards"])
-    except (OSError, StateFileError, KeyError, TypeError, ValueError):
         return None
 
 
@@ -279,11 +298,34 @@ def _clock(acc: AccPipeline) -> float:
         newest = max(newest, t.final_ts, t.request.ts)
     if tr.acks:
         newest = max(newest, next(reversed(tr.acks.values())))
-    return newest
+    # a live run's timers advance the sweep from the wall clock (Idle) when no SIP comes
+    return max(newest, tr._next_sweep - SWEEP_EVERY)
 
 
 def save_state(path: str | os.PathLike[str], acc: AccPipeline, now: float | None = None,
                shard: int = 0, shards: int = 1) -> int:
+    """Write ``acc``'s state to ``path`` (see ``write_state``). With a reporter set (the CLI's
+    --state), it says "state FILE: saved ..." and a failure is one line and 0, not an
+    exception: the stop it is part of must go on (outputs flushed, exit status)."""
+    if REPORT is None:
+        return write_state(path, acc, now, shard, shards)
+    try:
+        n = write_state(path, acc, now, shard, shards)
+    except StateFileError as e:
+        _say(f"error: state {path}: not saved: {e}")
+        return 0
+    except OSError as e:
+        _say(f"error: state {path}: not saved: {e.strerror or e}")
+        return 0
+    cdr = getattr(acc, "cdr", None)
+    extra = f", {len(cdr.dialogs)} cdr dialogs" if cdr is not None else ""
+    _say(f"state {path}: saved {len(acc.tracker.txns)} transactions, {len(acc.tracker.dialogs)} dialogs{extra} "
+         f"({n} bytes)")
+    return n
+
+
+def write_state(path: str | os.PathLike[str], acc: AccPipeline, now: float | None = None,
+                shard: int = 0, shards: int = 1) -> int:
     """Write ``acc``'s state to ``path`` atomically (temp file, fsync, rename; 0600). ``now``:
     the clock of the save (wall clock for a live capture; None: the newest packet time held).
     Returns the bytes written. Raises ``StateFileError`` (one line) when it cannot be written
@@ -299,7 +341,7 @@ def save_state(path: str | os.PathLike[str], acc: AccPipeline, now: float | None
         raise StateFileError(f"state of {len(payload)} bytes is over the {MAX_STATE_BYTES}-byte bound: not saved")
     header = {
         "version": VERSION, "shard": shard, "shards": shards, "saved_at": time.time(),
-        "clock": now if now is not None else _clock(acc), "hash_probe": hash(_HASH_PROBE),
+        "clock": now if now is not None else _clock(acc), "live": now is not None, "hash_probe": hash(_HASH_PROBE),
         "length": len(payload), "blake2b": hashlib.blake2b(payload, digest_size=32).hexdigest(),
         "sections": sorted(_snapshot_names(acc)),
     }
@@ -473,11 +515,14 @@ def load_state(path: str | os.PathLike[str], acc: AccPipeline, now: float | None
     if tr.txns or tr.dialogs or acc.engine.ids._seen:
         raise ValueError("load_state into a pipeline that already holds state")
     if not p.exists():
+        _say(res.summary())
         return res
     try:
         header, data = _read(p)
-        if header.get("shards", 1) != shards:
-            raise StateFileError(_shards_mismatch(p, int(header.get("shards", 1)), shards))
+        clock, saved_at = header.get("clock"), header.get("saved_at")
+        if (now is not None and header.get("live") is not True and isinstance(clock, (int, float))
+                and isinstance(saved_at, (int, float)) and abs(saved_at - clock) > LIVE_SKEW):
+            now = None  # saved from a capture file: its clock is packet time, the next packets expire it
         plan = _plan(data, header, now, res, tr)
     except StateFileError as e:
         res.status, res.problem = "unusable", str(e)
@@ -487,13 +532,16 @@ def load_state(path: str | os.PathLike[str], acc: AccPipeline, now: float | None
                 res.problem += f" (kept as {p.name}.bad)"
             except OSError:
                 pass
+        _say(res.summary())
         return res
     except OSError as e:
         res.status, res.problem = "unusable", f"cannot read ({e.strerror or e})"
+        _say(res.summary())
         return res
     _apply(plan, acc, now, res)
     res.status = "restored"
     res.saved_at = float(header.get("saved_at", 0.0) or 0.0)
+    _say(res.summary())
     return res
 
 

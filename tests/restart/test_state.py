@@ -173,7 +173,7 @@ def test_expired_dropped_with_count(rules: RulesFile, tmp_path: Path) -> None:
     for m in [*old[:-2], *ringing]:  # the old call: up to the ACK (confirmed, no BYE)
         acc.feed(m)
     p = tmp_path / "st"
-    save_state(p, acc)
+    save_state(p, acc, now=t0 + 101)  # a live run's save: its clock is the wall clock
     # 60 s after the ringing INVITE: the old call's transactions (completed at ~t0) are past
     # 32 s, the ringing INVITE (fr_inv_timer 120 s) is not; both dialogs are within 12 h
     res = load_state(p, b := AccPipeline(rules), now=t0 + 160)
@@ -322,6 +322,8 @@ def test_cdr_dialogs_survive(workload: list[SipMessage], tmp_path: Path) -> None
     its CDR, with the start time of its INVITE; without the state it gets none."""
     pytest.importorskip("sipsniff_acc.cdr")
     rules = parse_rules(CDR_RULES)
+    if getattr(AccPipeline(rules), "cdr", None) is None:
+        pytest.skip("AccPipeline has no CDR engine in this build")
     whole = rows(run_all(rules, workload))
     cdrs = [r for r in whole if r["kind"] == "cdr"]
     assert len(cdrs) > 100
