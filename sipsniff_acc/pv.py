@@ -36,6 +36,7 @@ class PvContext:
     start: float = 0.0  #: first packet of the run: what Kamailio's $TS (startup time) becomes here
     hdr_limit: int = 512  #: header lines a $hdr() lookup looks through (Limits.max_hdr_scan)
     hdr_cut: int = 0  #: lookups that stopped at hdr_limit (the engine adds them to its counters)
+    dlg_vars: dict[str, str] | None = None  #: the dialog's variables ($dlg_var), when a dialog is in context
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +55,7 @@ _URI = re.compile(r"^(?:(?P<scheme>sips?|tel):)?(?:(?P<user>[^@;?]*)@)?(?P<host>
 
 #: The PVs we know; the value is True if it takes an argument.
 KNOWN: Final[dict[str, bool]] = {
-    "hdr": True, "avp": True,
+    "hdr": True, "avp": True, "dlg_var": True,
     "fu": False, "fU": False, "fd": False, "fn": False, "ft": False,
     "tu": False, "tU": False, "td": False, "tn": False, "tt": False,
     "ru": False, "rU": False, "rd": False, "rp": False, "ou": False, "oU": False,
@@ -240,6 +241,14 @@ def _headers(ctx: PvContext, name: str) -> list[str]:
     return [_decode(v.strip()) for v in _header_line(key).findall(block)]
 
 
+def _ruri(ctx: PvContext, part: str) -> str | None:
+    """$ru/$rU/$rd/$rp: the branch's URI, else the request line's; null on a reply (Kamailio's
+    pv_get_ruri), which a failed dialog's CDR extras are evaluated on."""
+    if not ctx.msg.is_request:
+        return None
+    return _uri_value(ctx.new_uri or ctx.msg.ruri, part)
+
+
 _SIMPLE: Final[dict[str, Callable[[PvContext], str | None]]] = {
     "fu": lambda c: _from_to(c, "from", "u"), "fU": lambda c: _from_to(c, "from", "U"),
     "fd": lambda c: _from_to(c, "from", "d"), "fn": lambda c: _from_to(c, "from", "n"),
@@ -247,8 +256,8 @@ _SIMPLE: Final[dict[str, Callable[[PvContext], str | None]]] = {
     "tu": lambda c: _from_to(c, "to", "u"), "tU": lambda c: _from_to(c, "to", "U"),
     "td": lambda c: _from_to(c, "to", "d"), "tn": lambda c: _from_to(c, "to", "n"),
     "tt": lambda c: _from_to(c, "to", "t"),
-    "ru": lambda c: _uri_value(c.new_uri or c.msg.ruri, "u"), "rU": lambda c: _uri_value(c.new_uri or c.msg.ruri, "U"),
-    "rd": lambda c: _uri_value(c.new_uri or c.msg.ruri, "d"), "rp": lambda c: _uri_value(c.new_uri or c.msg.ruri, "p"),
+    "ru": lambda c: _ruri(c, "u"), "rU": lambda c: _ruri(c, "U"), "rd": lambda c: _ruri(c, "d"),
+    "rp": lambda c: _ruri(c, "p"),
     "ou": lambda c: c.msg.ruri or None, "oU": lambda c: _uri_value(c.msg.ruri, "U"),
     "ci": lambda c: c.msg.call_id, "cs": lambda c: None if c.msg.cseq_num is None else str(c.msg.cseq_num),
     "rm": lambda c: c.msg.method or c.msg.cseq_method or None,
@@ -284,6 +293,8 @@ def evaluate(spec: PvSpec, ctx: PvContext) -> str | None:
         return _many(_headers(ctx, spec.arg), spec, ",")
     if name == "avp":
         return _many(ctx.avps.get(spec.arg, []), spec, ", ")
+    if name == "dlg_var":  # one value per name; null outside a dialog or when never set
+        return None if ctx.dlg_vars is None else ctx.dlg_vars.get(spec.arg)
     if name in ("au", "ad", "ar"):
         return _auth(ctx, name)
     return _SIMPLE[name](ctx)

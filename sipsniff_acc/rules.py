@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 import re2  # type: ignore[import-untyped]
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, PrivateAttr, ValidationError,
-                      field_validator)
+                      ValidationInfo, field_validator)
 
 from sipsniff_acc.limits import Limits
 from sipsniff_acc.pv import PvError, PvSpec, parse_extra, parse_pv
@@ -288,15 +288,30 @@ class AccParams(_Strict):
     diameter_mode: Literal["rfc6733", "disc"] = "rfc6733"  #: disc: acc_diameter's legacy DISC wire format
     #: a value longer than its SQL column: cut to fit (and counted), or the record set aside in the spool's dead letters
     on_overlong: Literal["truncate", "dead-letter"] = "truncate"
+    # dialog CDRs (acc_cdr.c, acc-spec §7): written when a dialog the rules manage ends
+    cdr_enable: bool = False
+    cdr_on_failed: bool = True  #: a CDR for a dialog that failed (negative final reply, timer 408 included)
+    cdr_log_enable: bool = True  #: the log_write_cdr() line
+    cdrs_table: str = ""  #: "" = no CDR rows (Kamailio's default); usually acc_cdrs
+    cdr_extra: str = ""  #: name=$pv;... evaluated on the BYE, on the failed reply, or (FAKED) the INVITE
+    cdr_extra_nullable: bool = False
+    cdr_start_id: str = "start_time"
+    cdr_end_id: str = "end_time"
+    cdr_duration_id: str = "duration"
+    cdr_expired_dlg_enable: bool = False  #: a CDR for a dialog whose lifetime ran out (dialog.default_timeout)
+    cdr_start_on_confirmed: bool = False  #: start at the ACK of the 2xx, not at the INVITE
+    cdr_facility: str = "LOG_DAEMON"
+    cdr_skip: str = ""  #: no CDR for a dialog that has this $dlg_var set
 
     _log_extra: list[tuple[str, PvSpec]] = PrivateAttr(default_factory=list)
     _db_extra: list[tuple[str, PvSpec]] = PrivateAttr(default_factory=list)
     _radius_extra: list[tuple[str, PvSpec]] = PrivateAttr(default_factory=list)
     _diameter_extra: list[tuple[str, PvSpec]] = PrivateAttr(default_factory=list)
     _legs: list[tuple[str, PvSpec]] = PrivateAttr(default_factory=list)
+    _cdr_extra: list[tuple[str, PvSpec]] = PrivateAttr(default_factory=list)
     _failed_filter: frozenset[int] = PrivateAttr(default=frozenset())
 
-    @field_validator("log_extra", "db_extra", "radius_extra", "diameter_extra", "multi_leg_info")
+    @field_validator("log_extra", "db_extra", "radius_extra", "diameter_extra", "multi_leg_info", "cdr_extra")
     @classmethod
     def _extras(cls, v: str) -> str:
         try:
@@ -338,13 +353,23 @@ class AccParams(_Strict):
             raise ValueError(f"log_level {v!r}: use an integer (-5..3) or one of {', '.join(LOG_LEVELS)}")
         return v
 
-    @field_validator("log_facility")
+    @field_validator("log_facility", "cdr_facility")
     @classmethod
     def _facility(cls, v: str) -> str:
         from sipsniff_acc.sysloglines import FACILITIES
         if v.upper() not in FACILITIES:
-            raise ValueError(f"log_facility {v!r}: one of {', '.join(sorted(FACILITIES))}")
+            raise ValueError(f"{v!r}: one of {', '.join(sorted(FACILITIES))}")
         return v.upper()
+
+    @field_validator("cdrs_table")
+    @classmethod
+    def _cdrs_table(cls, v: str) -> str:
+        return v if v == "" else _ident(v, "table name")
+
+    @field_validator("cdr_start_id", "cdr_end_id", "cdr_duration_id")
+    @classmethod
+    def _cdr_id(cls, v: str) -> str:
+        return _ident(v, "dialog variable / column name")
 
     @field_validator("db_table_acc", "db_table_missed_calls", "acc_method_column", "acc_from_tag_column",
                      "acc_to_tag_column", "acc_callid_column", "acc_sip_code_column", "acc_sip_reason_column",
@@ -359,6 +384,7 @@ class AccParams(_Strict):
         self._radius_extra = parse_extra(self.radius_extra)
         self._diameter_extra = parse_extra(self.diameter_extra)
         self._legs = parse_extra(self.multi_leg_info)
+        self._cdr_extra = parse_extra(self.cdr_extra)
         for name, _s in self._db_extra + self._legs:
             _ident(name, "db_extra/multi_leg_info column name")
         self._failed_filter = frozenset(int(c) for c in self.failed_filter.split(",") if c.strip())
@@ -370,6 +396,17 @@ class AccParams(_Strict):
     def extras(self, backend: str) -> list[tuple[str, PvSpec]]:
         return {"log": self._log_extra, "db": self._db_extra, "radius": self._radius_extra,
                 "diameter": self._diameter_extra}[backend]
+
+    @property
+    def cdr_extras(self) -> list[tuple[str, PvSpec]]:
+        return self._cdr_extra
+
+    @property
+    def cdr_backends(self) -> tuple[str, ...]:
+        """Where a CDR goes: the log line (cdr_log_enable) and/or rows in cdrs_table."""
+        if not self.cdr_enable:
+            return ()
+        return (("log",) if self.cdr_log_enable else ()) + (("db",) if self.cdrs_table else ())
 
     @property
     def legs(self) -> list[tuple[str, PvSpec]]:
@@ -579,6 +616,8 @@ class CompiledRule:
     calls: tuple[tuple[tuple[str, ...], str, str | None], ...]  #: (backends, comment, table)
     drop: bool
     stop: bool
+    dlg_manage: bool = False
+    dlg_vars: tuple[tuple[str, str], ...] = ()  #: set_dlg_var (cdr.py runs them; the acc engine does not)
 
 
 def compile_rule(rule: Rule) -> CompiledRule:
@@ -600,7 +639,8 @@ def compile_rule(rule: Rule) -> CompiledRule:
     set_mask = sum(1 << f for f in set(rule.flags_set))
     reset_mask = sum(1 << f for f in set(rule.flags_reset))
     calls = tuple((tuple(b.split("+")), c.comment, c.table) for b, c in rule.acc_calls())
-    return CompiledRule(matches, set_mask, reset_mask, tuple(rule.set_avp.items()), calls, rule.drop, rule.stop)
+    return CompiledRule(matches, set_mask, reset_mask, tuple(rule.set_avp.items()), calls, rule.drop, rule.stop,
+                        rule.dlg_manage, tuple(rule.set_dlg_var.items()))
 
 
 def _network(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None]:
@@ -648,19 +688,22 @@ class Rule(_Strict):
     acc_diam_request: AccArg | None = None
     drop: bool = False  #: no accounting at all for this transaction
     stop: bool = False  #: like exit: later rules do not run
+    dlg_manage: bool = False  #: the script's dlg_manage(): the dialog module tracks the call (CDRs)
+    set_dlg_var: dict[str, str] = {}  #: $dlg_var(name) = value (pseudo-variables allowed), on the request's dialog
 
-    @field_validator("set_avp")
+    @field_validator("set_avp", "set_dlg_var")
     @classmethod
-    def _avps(cls, v: dict[str, str]) -> dict[str, str]:
+    def _avps(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        what = info.field_name
         for name, value in v.items():
-            _ident(name, "AVP name")
+            _ident(name, "AVP name" if what == "set_avp" else "dialog variable name")
             if len(str(value)) > MAX_AVP_VALUE:  # pseudo-variable scans of a value are quadratic in its length
-                raise ValueError(f"set_avp {name}: at most {MAX_AVP_VALUE} characters, not {len(str(value))}")
+                raise ValueError(f"{what} {name}: at most {MAX_AVP_VALUE} characters, not {len(str(value))}")
             for m in re.finditer(r"\$\(?\w+(?:\([^)]*\))?(?:\[[^\]]*\])?\)?", str(value)):
                 try:
                     parse_pv(m.group(0))
                 except PvError as e:
-                    raise ValueError(f"set_avp {name}: {e}") from None
+                    raise ValueError(f"{what} {name}: {e}") from None
         return v
 
     @property
@@ -728,11 +771,19 @@ def limits_from(raw: Any) -> Limits:
     return Limits(**values)
 
 
+class DialogParams(_Strict):
+    """The dialog module's parameters that change CDRs."""
+
+    default_timeout: float = Field(43200.0, gt=0)  #: seconds a confirmed dialog lives without in-dialog traffic
+    dlg_flag: Flag | None = None  #: a flag set on the initial INVITE makes the dialog tracked (as dlg_manage)
+
+
 class RulesFile(_Strict):
     profile: Literal["kamailio-5.6", "openser-1.2"] = "kamailio-5.6"
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     tm: TmParams = Field(default_factory=TmParams)
     acc: AccParams = Field(default_factory=AccParams)
+    dialog: DialogParams = Field(default_factory=DialogParams)
     route: list[Rule] = []
     failure_route: list[Rule] = []
     limits: Annotated[Limits, PlainValidator(lambda v: v if isinstance(v, Limits) else limits_from(v)),
@@ -747,6 +798,32 @@ class RulesFile(_Strict):
         for i, r in enumerate(self.route):
             if r.if_.code is not None:
                 out.append((("route", i, "if", "code"), "'code' is a failure_route condition (a request has no status code)"))
+        out += self._cdr_problems()
+        return out
+
+    def _cdr_problems(self) -> list[tuple[tuple[Any, ...], str]]:
+        """Dialog CDR settings that are well-typed but cannot work."""
+        out: list[tuple[tuple[Any, ...], str]] = []
+        a = self.acc
+        for i, r in enumerate(self.failure_route):
+            for key in ("dlg_manage", "set_dlg_var"):
+                if getattr(r, key):
+                    out.append((("failure_route", i, key), f"{key} is a route (request_route) action here"))
+        for key in ("log_extra", "db_extra", "radius_extra", "diameter_extra"):
+            if any(spec.name == "dlg_var" for _n, spec in a.extras(key.split("_")[0])):
+                out.append((("acc", key), "$dlg_var() is read in cdr_extra only (acc records have no dialog here)"))
+        if not a.cdr_enable:
+            return out
+        if self.profile == "openser-1.2":
+            out.append((("acc", "cdr_enable"), "OpenSER 1.2 has no dialog CDRs (use profile: kamailio-5.6)"))
+        if not any(r.dlg_manage for r in self.route) and self.dialog.dlg_flag is None:
+            out.append((("acc", "cdr_enable"), "no route rule has dlg_manage: true and dialog.dlg_flag is not set: "
+                        "no dialog would be tracked, so no CDR written"))
+        if a.cdrs_table:
+            for name, _spec in a.cdr_extras:
+                if not IDENT.fullmatch(name):
+                    out.append((("acc", "cdr_extra"), f"{name!r} is not a valid column name for {a.cdrs_table} "
+                                "(letters, digits, _; at most 64)"))
         return out
 
     @property

@@ -24,6 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DataError, IntegrityError, NoSuchTableError, SQLAlchemyError, StatementError
 
+from sipsniff_acc.cdr import CDR, cdr_pairs
 from sipsniff_acc.emitters.spool import BackendDown, RecordRejected, create_private
 from sipsniff_acc.records import AccRecord
 from sipsniff_acc.rules import AccParams, RulesFile
@@ -129,12 +130,42 @@ def to_datetime(sec: int, local: bool = False) -> dt.datetime:
 
 
 def table_names(rules: RulesFile) -> list[str]:
+    """The transaction tables (acc, missed_calls, acc_*_request ones); the CDR table is cdr_table()'s."""
     names = [rules.acc.db_table_acc, rules.acc.db_table_missed_calls]
     for rule in (*rules.route, *rules.failure_route):
         for backends, call in rule.acc_calls():
             if "db" in backends.split("+") and call.table and call.table not in names:
                 names.append(call.table)
     return names
+
+
+def cdr_table(rules: RulesFile) -> str | None:
+    """The dialog CDR table when CDRs go to the database (acc cdr_enable + cdrs_table)."""
+    return rules.acc.cdrs_table if "db" in rules.acc.cdr_backends else None
+
+
+def build_cdr_table(meta: MetaData, name: str, acc: AccParams, dialect: str) -> Table:
+    """acc_cdrs as Kamailio 5.6 creates it (acc-create.sql) plus the cdr_extra columns and our id.
+
+    start/end are DATETIME (SQLite: db_sqlite's Julian REAL, as for acc), strings with
+    time_mode 4 (acc_cdr.c writes them as gmtime text then); duration is a DOUBLE."""
+    if acc.time_mode == 4:
+        when: Any = String(26)
+    else:
+        when = Float if dialect == "sqlite" else DateTime
+    default = None if dialect == "sqlite" or acc.time_mode == 4 else "2000-01-01 00:00:00"
+    cols: list[Column[Any]] = [
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column(acc.cdr_start_id, when, nullable=False, server_default=default),
+        Column(acc.cdr_end_id, when, nullable=False, server_default=default),
+        Column(acc.cdr_duration_id, Float, nullable=False, server_default="0"),
+    ]
+    for extra, _spec in acc.cdr_extras:
+        cols.append(Column(extra, String(128), nullable=True))
+    cols.append(Column(ID_COLUMN, String(32), nullable=True, unique=True))
+    t = Table(name, meta, *cols, mysql_charset="utf8mb4")
+    Index(f"{name}_start_time_idx", t.c[acc.cdr_start_id])
+    return t
 
 
 #: column widths (tags, Call-ID, reason): Kamailio 5.6's schema, OpenSER 1.2's (acc-spec §4.1, §4.2)
@@ -413,6 +444,8 @@ class SqlEmitter:
             raise RecordRejected(f"cannot be rendered ({type(e).__name__}: {str(e)[:200]})") from None
 
     def rows(self, r: AccRecord) -> list[dict[str, Any]]:
+        if r.kind == CDR:
+            return [self.cdr_row(r)]
         a = self.acc
         empty = None if self.sqlite or a.acc_extra_nullable else ""
         sec = record_second(r.ts)
@@ -446,6 +479,35 @@ class SqlEmitter:
             row[ID_COLUMN] = r.record_id if len(legs) == 1 else f"{r.record_id[:29]}.{i:02d}"
             out.append(row)
         return out
+
+    def cdr_row(self, r: AccRecord) -> dict[str, Any]:
+        """db_write_cdr(): start/end as DATETIME of their whole seconds, duration a DOUBLE (strtod),
+        cdr_extra as strings (null: NULL with cdr_extra_nullable or on SQLite, else '')."""
+        a = self.acc
+        empty = None if self.sqlite or a.cdr_extra_nullable else ""
+        pairs = cdr_pairs(r)
+        row: dict[str, Any] = {}
+        for i, (name, value) in enumerate(pairs):
+            if i < 2:  # start, end: "sec.mmm"
+                try:
+                    sec = int((value or "").split(".", 1)[0])
+                except ValueError:
+                    raise RecordRejected(f"CDR {name} {value!r} is not a time") from None
+                if a.time_mode == 4:
+                    row[name] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(bounded(sec)))
+                elif self.sqlite:
+                    row[name] = julian(bounded(sec))
+                else:
+                    row[name] = to_datetime(sec, self.local_time)
+            elif i == 2:
+                try:
+                    row[name] = float(value or "0")
+                except ValueError:
+                    raise RecordRejected(f"CDR {name} {value!r} is not a number") from None
+            else:
+                row[name] = value if value else empty
+        row[ID_COLUMN] = r.record_id
+        return row
 
     def close(self) -> None:
         self.engine.dispose()
@@ -492,6 +554,9 @@ def prepare(engine: Engine, rules: RulesFile, create: bool = True, dialect: str 
     meta = MetaData()
     tables = {name: build_table(meta, name, acc, dialect or engine.dialect.name, rules.profile)
               for name in table_names(rules)}
+    cdrs = cdr_table(rules)
+    if cdrs is not None and cdrs not in tables:
+        tables[cdrs] = build_cdr_table(meta, cdrs, acc, dialect or engine.dialect.name)
     insp = inspect(engine)
     existing = set(insp.get_table_names())
     problems = []
@@ -520,7 +585,7 @@ def _version_rows(engine: Engine, tables: dict[str, Table], versions: tuple[int,
                     Column("table_name", String(32), nullable=False, unique=True),
                     Column("table_version", Integer, nullable=False, server_default="0"))
     meta.create_all(engine)
-    wanted = {"acc": versions[0], "missed_calls": versions[1]}
+    wanted = {"acc": versions[0], "missed_calls": versions[1], "acc_cdrs": 2}
     with engine.begin() as con:
         have = {row[0] for row in con.execute(select(version.c.table_name))}
         for name in tables:

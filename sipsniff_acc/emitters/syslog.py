@@ -13,6 +13,7 @@ import sys
 from typing import IO
 from urllib.parse import urlsplit
 
+from sipsniff_acc.cdr import CDR, LOG_PREFIX as CDR_PREFIX, cdr_line
 from sipsniff_acc.records import AccRecord
 from sipsniff_acc.rules import RulesFile
 from sipsniff_acc.sysloglines import level_of, payload, rfc3164
@@ -31,6 +32,7 @@ class LogEmitter:
         level = self.acc.log_level_number
         prefix = rules.profile_info.log_prefix
         self.prefix = prefix.replace("NOTICE", level_of(level)[1], 1) if prefix else ""
+        self.cdr_prefix = CDR_PREFIX.replace("NOTICE", level_of(level)[1], 1)  #: dialog CDR lines (cdr.py)
         self.stream = stream
         self.ident = ident
         self.level = level
@@ -39,11 +41,14 @@ class LogEmitter:
         self.written = 0
         self.target = target
         self.send_failures = 0  #: lines a syslog socket refused even after a reconnection (counted, alarmed)
+        self._unflushed = False
         if target:
             self.sock, self.stream_sock = _open_target(target)
 
     def line(self, r: AccRecord) -> str:
         a = self.acc
+        if r.kind == CDR:  # log_write_cdr(): start_time=...; end_time=...; duration=...; <cdr_extra>
+            return self.cdr_prefix + cdr_line(r)
         return self.prefix + payload(r, a.time_mode, a.time_attr, a.time_exten, a.time_format)
 
     def emit(self, records: list[AccRecord]) -> None:
@@ -53,9 +58,19 @@ class LogEmitter:
             text = self.line(r)
             if self.stream is not None:
                 self.stream.write(text + "\n")
+                self._unflushed = True
             if self.sock is not None:
-                self._send(rfc3164(text, r.ts, self.acc.log_facility, self.level, self.ident, os.getpid()))
+                facility = self.acc.cdr_facility if r.kind == CDR else self.acc.log_facility
+                self._send(rfc3164(text, r.ts, facility, self.level, self.ident, os.getpid()))
             self.written += 1
+
+    def tick(self) -> None:
+        """The run's clock (records out within 1 s): the lines written since go to the file or
+        pipe now, not when a block buffer fills."""
+        if self._unflushed:
+            self._unflushed = False
+            assert self.stream is not None
+            self.stream.flush()
 
     def _send(self, data: bytes) -> None:
         """Send one datagram/line; on an error reconnect once, then count the loss and say so."""

@@ -28,7 +28,7 @@ def our_messages_of(pcap: Path) -> list[dict[str, object]]:
 
 def rules_for(case: str, proxy_addresses: bool = True) -> str:
     """The rules.yaml equivalent of kamailio.cfg.in filled in for one case."""
-    from tests.conformance.record_kamailio import CASES, PROXY
+    from tests.conformance.record_kamailio import CASES, CDR_EXTRA, PROXY
 
     c = CASES[case]
     params = {"log_flag": 1, "log_missed_flag": 2, "db_flag": 1, "db_missed_flag": 2, "failed_transaction_flag": 3,
@@ -37,18 +37,25 @@ def rules_for(case: str, proxy_addresses: bool = True) -> str:
     for key, value in (("log_extra", c.extras), ("db_extra", c.extras), ("multi_leg_info", c.legs)):
         if value:
             params[key] = value
+    dialog = dlg = ""
+    if c.cdr:  # the dialog module, dlg_manage() on initial INVITEs, $dlg_var(v) = "dv1", acc cdr_* modparams
+        params.update({"cdr_enable": 1, "cdr_on_failed": 1, "cdrs_table": "acc_cdrs", "cdr_extra": CDR_EXTRA})
+        params.update(dict(c.cdr_params))
+        dialog = f"dialog:\n  default_timeout: {c.dlg_timeout}\n" if c.dlg_timeout else ""
+        dlg = "  - if: {method: INVITE, in_dialog: false}\n    dlg_manage: true\n    set_dlg_var: {v: dv1}\n"
     acc = "".join(f"  {k}: {json.dumps(v)}\n" for k, v in params.items())
     methods = json.dumps(c.flag_methods.split("|"))
     addresses = f'["{PROXY}:5060"]' if proxy_addresses else "[]"
     return (
         f"profile: kamailio-5.6\nproxy:\n  addresses: {addresses}\ntm:\n  fr_inv_timer: {c.fr_inv_timer / 1000}\n"
-        f"acc:\n{acc}"
+        f"acc:\n{acc}{dialog}"
         "route:\n"
         "  - if: {in_dialog: true, method: BYE}\n    setflag: [1, 3]\n"
         + (f"  - if: {{in_dialog: true, method: INVITE}}\n    setflag: {json.dumps(list(c.reinvite_flags))}\n"
            if c.reinvite_flags else "")
         + "  - if: {in_dialog: true}\n    stop: true\n"
-        f"  - if: {{method: {methods}}}\n    setflag: {json.dumps(list(c.invite_flags))}\n"
+        + dlg
+        + f"  - if: {{method: {methods}}}\n    setflag: {json.dumps(list(c.invite_flags))}\n"
         + "".join(f"  - if: {{method: {methods}}}\n    set_avp: {{{k}: {json.dumps(v)}}}\n" for k, v in c.avps)
     )
 
@@ -67,7 +74,7 @@ def run_process(pcap: Path, rules_text: str, work: Path) -> tuple[list[str], dic
     for p in (db, log):
         p.unlink(missing_ok=True)
     subprocess.run([sys.executable, "-m", "sipsniff_acc", "process", str(pcap), "--rules", str(rules),
-                    "--db-url", f"sqlite:///{db}", "--log", str(log), "-q"],
+                    "--db-url", f"sqlite:///{db}", "--log", str(log), "-q", "--spool", str(work / "acc.spool")],
                    capture_output=True, text=True, timeout=300, check=True)
     con = sqlite3.connect(db)
     con.row_factory = sqlite3.Row

@@ -46,7 +46,17 @@ class Case(NamedTuple):
     transport: str = "udp"  #: the caller's transport to the proxy ("tcp": Kamailio listens on TCP too)
     rate: int = 2  #: calls per second
     expect_rows: bool = True  #: False: Kamailio must write nothing (e.g. a stateless reply)
+    #: dialog CDRs (issue 12): load `dialog`, dlg_manage() initial INVITEs and in-dialog requests, set
+    #: $dlg_var(v), acc cdr_enable=1, cdr_on_failed=1, cdrs_table="acc_cdrs", cdr_extra=CDR_EXTRA
+    cdr: bool = False
+    cdr_params: tuple[tuple[str, int], ...] = ()  #: more acc cdr_* modparams (cdr_start_on_confirmed, ...)
+    dlg_timeout: int = 0  #: dialog default_timeout, s (0: the module's 43200)
+    pause_ms: int = 500  #: how long SIPp's built-in caller waits before its BYE
 
+
+#: the cdr_extra of the CDR cases: PVs evaluated on the BYE, the failed reply or (FAKED) the INVITE
+CDR_EXTRA = ("c_callid=$ci;c_from=$fu;c_to=$tu;c_ft=$ft;c_tt=$tt;c_rs=$rs;c_rr=$rr;c_rm=$rm;c_si=$si;"
+             "c_ru=$ru;c_ua=$hdr(User-Agent);c_v=$dlg_var(v);c_nov=$dlg_var(none)")
 
 CASES: dict[str, Case] = {
     "answered_bye_from_caller": Case("uac", "uas", calls=2),
@@ -86,6 +96,18 @@ CASES: dict[str, Case] = {
     # a few hundred mixed calls (answered + BYE, 486, 404), at 30 calls/s
     "volume_mixed": Case("uac_mixed.xml", "uas_mixed.xml", calls=300, rate=30, invite_flags=(1, 2, 3),
                          extras="src_user=$fU;ua=$hdr(User-Agent);acct=$hdr(X-Account)"),
+    # dialog CDRs (acc cdr_enable with the dialog module), with the acc records beside them
+    "cdr_answered": Case("uac", "uas", calls=2, invite_flags=(1, 2, 3), cdr=True),
+    "cdr_callee_bye": Case("uac_wait_bye.xml", "uas_bye.xml", invite_flags=(1, 2, 3), cdr=True),
+    "cdr_busy": Case("uac_rejected.xml", "uas_busy.xml", invite_flags=(1, 2, 3), cdr=True),
+    "cdr_cancelled": Case("uac_cancel.xml", "uas_ring_cancel.xml", invite_flags=(1, 2, 3), cdr=True),
+    "cdr_no_answer": Case("uac_rejected.xml", "uas_ring_cancel.xml", invite_flags=(1, 2, 3), fr_inv_timer=2000,
+                          cdr=True),
+    "cdr_parallel_fork": Case("uac", "uas", uas2="uas_ring_cancel.xml", invite_flags=(1, 2, 3), cdr=True),
+    "cdr_reinvite": Case("uac_reinvite.xml", "uas_reinvite.xml", reinvite_flags=(1, 3), cdr=True),
+    "cdr_proxy_404": Case("uac_local_reject.xml", "uas", service="nobody", invite_flags=(1, 2, 3), cdr=True),
+    "cdr_start_on_confirmed": Case("uac", "uas", calls=2, cdr=True, cdr_params=(("cdr_start_on_confirmed", 1),),
+                                   pause_ms=1200),
 }
 
 
@@ -116,6 +138,9 @@ def record(case: str, cases_dir: Path = CASES_DIR) -> Path:
         for name in [p.split("=")[0] for p in (c.extras + ";" + c.legs).split(";") if p]:
             for table in ("acc", "missed_calls"):
                 con.execute(f"ALTER TABLE {table} ADD COLUMN {name} VARCHAR(128) DEFAULT NULL")
+        if c.cdr:
+            for name in [p.split("=")[0] for p in CDR_EXTRA.split(";") if p]:
+                con.execute(f"ALTER TABLE acc_cdrs ADD COLUMN {name} VARCHAR(128) DEFAULT NULL")
         con.commit()
         con.close()
         cfg = work / "kamailio.cfg"
@@ -130,9 +155,20 @@ def record(case: str, cases_dir: Path = CASES_DIR) -> Path:
                         + "\t\t}\n")
         avps = "\n".join(f'\t\t$avp({k}) = "{v}";' for k, v in c.avps)
         tcp = f"listen=tcp:{PROXY}:5060" if c.transport == "tcp" else "disable_tcp=yes"
+        dialog_load = dlg_initial = dlg_indialog = ""
+        if c.cdr:
+            dialog_load = 'loadmodule "dialog.so"\n' + (
+                f'modparam("dialog", "default_timeout", {c.dlg_timeout})\n' if c.dlg_timeout else "")
+            params += ('\nmodparam("acc", "cdr_enable", 1)\nmodparam("acc", "cdr_on_failed", 1)'
+                       '\nmodparam("acc", "cdrs_table", "acc_cdrs")'
+                       f'\nmodparam("acc", "cdr_extra", "{CDR_EXTRA}")')
+            params += "".join(f'\nmodparam("acc", "{k}", {v})' for k, v in c.cdr_params)
+            dlg_initial = '\t\tdlg_manage();\n\t\t$dlg_var(v) = "dv1";\n'
+            dlg_indialog = "\t\tdlg_manage();\n"
         cfg.write_text((HERE / "kamailio.cfg.in").read_text().format(
             proxy=PROXY, db=db, invite_flags=flags, fr_inv_timer=c.fr_inv_timer, modparams=params,
-            flag_methods=c.flag_methods, uas2=UAS2, reinvite=reinvite, avps=avps, tcp=tcp))
+            flag_methods=c.flag_methods, uas2=UAS2, reinvite=reinvite, avps=avps, tcp=tcp,
+            dialog_load=dialog_load, dlg_initial=dlg_initial, dlg_indialog=dlg_indialog))
         pcap = work / "capture.pcap"
         dump = subprocess.Popen(["tcpdump", "-i", "lo", "-s", "0", "-U", "-w", str(pcap), "net 127.0.9.0/24"],
                                 stderr=subprocess.DEVNULL)
@@ -154,7 +190,7 @@ def record(case: str, cases_dir: Path = CASES_DIR) -> Path:
             service = ["-s", "fork"] if c.uas2 else ["-s", c.service] if c.service else []
             transport = ["-t", "t1"] if c.transport == "tcp" else []
             subprocess.run(["sipp", *_scenario(c.uac), *service, *transport, f"{UAS}:5080", "-rsa", f"{PROXY}:5060",
-                            "-i", UAC, "-p", "5070", "-m", str(c.calls), "-r", str(c.rate), "-d", "500", "-nostdin",
+                            "-i", UAC, "-p", "5070", "-m", str(c.calls), "-r", str(c.rate), "-d", str(c.pause_ms), "-nostdin",
                             "-timeout", "40"],
                            cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=90, check=False)
             try:
@@ -172,12 +208,17 @@ def record(case: str, cases_dir: Path = CASES_DIR) -> Path:
             _stop(dump)
         con = sqlite3.connect(db)
         con.row_factory = sqlite3.Row
-        for table in ("acc", "missed_calls"):
+        for table in ("acc", "missed_calls", *(("acc_cdrs",) if c.cdr else ())):
             rows = [dict(r) for r in con.execute(f"SELECT * FROM {table} ORDER BY id")]  # noqa: S608 - fixed names
             (out / f"{table}.json").write_text(json.dumps(rows, indent=1) + "\n")
         con.close()
-        lines = [line for line in (work / "kamailio.log").read_text(errors="replace").splitlines() if "ACC:" in line]
+        text = (work / "kamailio.log").read_text(errors="replace").splitlines()
+        lines = [line for line in text if "ACC:" in line]
         (out / "acc.log").write_text("".join(line + "\n" for line in lines))
+        if c.cdr:  # the CDR lines, and every acc/CDR line in the order Kamailio wrote them
+            (out / "cdr.log").write_text("".join(line + "\n" for line in text if "log_write_cdr" in line))
+            (out / "order.log").write_text("".join(line + "\n" for line in text
+                                                   if "log_write_cdr" in line or "ACC:" in line))
         shutil.copy(pcap, out / "capture.pcap")
     print(f"{case}: {len(json.loads((out / 'acc.json').read_text()))} acc rows, "
           f"{len(json.loads((out / 'missed_calls.json').read_text()))} missed_calls rows, {len(lines)} ACC lines")
