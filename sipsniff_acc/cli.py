@@ -353,6 +353,30 @@ EXIT_USAGE = 2
 _RUN_TAKES_CONTROL = "control" in __import__("inspect").signature(run).parameters
 
 
+_RUN_TAKES_STATE = "state" in __import__("inspect").signature(run).parameters
+
+
+def _check_state(path: Path, workers: int, live_or_pipe: bool, quiet: bool) -> None:
+    """--state: a path that can never work (a directory, someone else's file, a state saved
+    with another -j) is one line, exit 2, before any packet; then every load and save of the
+    run says its line on stderr (errors even with -q)."""
+    from sipsniff_acc import state as state_mod  # noqa: PLC0415 - only with --state
+
+    if not _RUN_TAKES_STATE:
+        raise usage_error("--state: this build's run loop cannot restore state")
+    effective = 0 if workers < 0 and live_or_pipe else workers
+    try:
+        state_mod.check_state_path(path, max(1, _auto_workers(effective)))
+    except state_mod.StateUsageError as e:
+        raise usage_error(str(e)) from None
+
+    def say(line: str) -> None:
+        if not quiet or line.startswith("error"):
+            print(escape(line), file=sys.stderr, flush=True)
+
+    state_mod.report_to(say)
+
+
 @app.command()
 def process(
     files: Annotated[list[str] | None, typer.Argument(help="pcap/pcapng files (.gz too), directories, or - for stdin")] = None,
@@ -377,6 +401,7 @@ def process(
     workers: Annotated[int, typer.Option("--workers", "-j", help="processes that parse and account, calls sharded by Call-ID; 0: all in one process; -1: one per CPU (at most 4) for files, 0 for a live capture or stdin; at most max(8, 4 x CPUs)")] = -1,
     tls_keylog: Annotated[Path | None, typer.Option("--tls-keylog", help="SSLKEYLOGFILE-format key log: SIP over TLS is decrypted by tshark")] = None,
     metrics: Annotated[str | None, typer.Option("--metrics", help="serve Prometheus metrics on HOST:PORT (e.g. 127.0.0.1:9466) while running")] = None,
+    state_file: Annotated[Path | None, typer.Option("--state", help="keep open calls across restarts: restored from this file at start, saved to it at the end and on SIGTERM/SIGINT (-j N: FILE.0 ... FILE.N-1; created 0600)")] = None,
 ) -> None:
     """The main job: the acc records a Kamailio proxy would write for the traffic in the captures.
 
@@ -391,6 +416,8 @@ def process(
     files = [*(read or ()), *(files or ())]
     sources = _open_sources(files, interface, count, duration, quiet)
     _check_outputs(sources, log=log, jsonl=jsonl_file, stats=stats, spool=None if no_db else spool_path)
+    if state_file is not None:
+        _check_state(state_file, workers, interface is not None or "-" in files, quiet)
     if tls_keylog is not None:
         _check_tls(sources, tls_keylog)
     view = RunView(Counters())
@@ -461,6 +488,8 @@ def process(
                     workers = 0  # live or a pipe: every record goes out at once, not a round later
                 copies = [CopyOutput(em, _output_name(em, paths)) for em in emitters if em not in spooled]
                 hooks: dict[str, Any] = {"control": control} if _RUN_TAKES_CONTROL else {}
+                if state_file is not None:
+                    hooks["state"] = str(state_file)
                 result = run(frames, rules, [*spooled, *copies], counters, open_as_408, result,
                              _auto_workers(workers), decrypted, **hooks)
             finally:

@@ -212,7 +212,7 @@ def check_state_path(path: str | os.PathLike[str], shards: int = 1) -> None:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise StateUsageError(f"--state {p}: directory {parent} is not writable (the state is saved there at exit)")
     mine = [shard_path(p, i, shards) for i in range(shards)]
-    for f in mine:
+    for f in dict.fromkeys([p, *mine]):  # FILE itself too: a state path naming someone's file is a mistake
         if f.is_dir():
             raise StateUsageError(f"--state {p}: {f} is a directory")
         if f.exists():
