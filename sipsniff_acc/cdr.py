@@ -20,7 +20,7 @@ The CDR's place among the acc records of the same event is Kamailio's (acc-spec 
 before the INVITE's negative reply's records, after the BYE's.
 
 Pure: no I/O, the packet timestamp is the clock. Bounded: dialogs by ``Limits.max_dialogs``
-(the oldest forgotten first, counted in ``TrackerStats.evicted_dialogs``); dialogs never
+(the oldest forgotten first, counted in ``CdrStats.evicted``); dialogs never
 answered are forgotten fr_inv_timer + 32 s after their INVITE.
 """
 
@@ -88,6 +88,10 @@ class CdrStats:
     expired: int = 0  #: dialogs whose lifetime ran out (a CDR only with cdr_expired_dlg_enable)
     skipped: int = 0  #: not written: cdr_skip's dialog variable was set
     open_at_end: int = 0  #: dialogs still going when the input ended (no CDR: Kamailio writes none yet)
+    evicted: int = 0  #: dialogs forgotten early to stay within Limits.max_dialogs: no CDR for them
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
 
 
 class CdrEngine:
@@ -247,20 +251,20 @@ class CdrEngine:
             heapq.heappush(self._timers, (txn.created + self.unanswered_life, call_id, msg.from_tag))
             if len(self.dialogs) > self.max_dialogs:
                 self._forget(self.dialogs[next(iter(self.dialogs))])
-                self.engine.stats.evicted_dialogs += 1
+                self.stats.evicted += 1
             return
-        d = self._match(call_id, msg.from_tag, msg.to_tag)
-        if d is None or d.state not in (CONFIRMED_NA, CONFIRMED):
+        found = self._match(call_id, msg.from_tag, msg.to_tag)
+        if found is None or found.state not in (CONFIRMED_NA, CONFIRMED):
             return
         _managed, sets = self._walk(msg)
-        self._set_vars(d, sets, txn, msg)
+        self._set_vars(found, sets, txn, msg)
         if txn.method == "BYE":  # DLGCB_TERMINATED: the end is the BYE's arrival
-            d.end = msg.ts
-            d.state = ENDING
-            d.bye = txn
-            self.by_txn[txn.key] = d
+            found.end = msg.ts
+            found.state = ENDING
+            found.bye = txn
+            self.by_txn[txn.key] = found
         else:  # an in-dialog request refreshes the dialog's lifetime
-            self._refresh(d, msg.ts)
+            self._refresh(found, msg.ts)
 
     def _ack(self, ev: AckIn) -> None:
         msg = ev.msg
