@@ -19,7 +19,9 @@ import difflib
 from pathlib import Path
 from typing import Any, get_args
 
-from sipsniff_acc.rules import MAX_RULES_BYTES, RulesError, _lines, _load_yaml
+import yaml
+
+from sipsniff_acc.rules import MAX_RULES_BYTES, RulesError, _load_yaml
 
 MAX_CONFIG_BYTES = MAX_RULES_BYTES  #: a config file is a few hundred bytes
 
@@ -59,8 +61,22 @@ def read_config(path: str | Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
         raise ConfigError(e.problems[0]) from None
     lines: dict[tuple[Any, ...], int] = {}
     if node is not None:
-        _lines(node, (), lines)
+        _key_lines(node, (), lines, str(p))
     return doc, lines
+
+
+def _key_lines(node: yaml.Node, where: tuple[Any, ...], out: dict[tuple[Any, ...], int], path: str) -> None:
+    """The line of each key (not of its value); a key given twice in a mapping is an error
+    (YAML would silently keep the last one: a setting the user believes in would vanish)."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for k, v in node.value:
+        key = (*where, k.value if isinstance(k, yaml.ScalarNode) else repr(k.value))
+        line = k.start_mark.line + 1
+        if key in out:
+            raise ConfigError(f"{path}:{line}: {'.'.join(map(str, key))}: given twice (line {out[key]} too)")
+        out[key] = line
+        _key_lines(v, key, out, path)
 
 
 def load_config(path: str | Path, group: Any, ctx: Any) -> dict[str, Any]:
@@ -166,4 +182,4 @@ def _check_one(v: Any, base: Any, desc: Any, at: str) -> None:
 def _shown(v: Any) -> str:
     if isinstance(v, (list, dict)):
         return "a list" if isinstance(v, list) else "a mapping"
-    return f"{type(v).__name__} {str(v)[:60]!r}"
+    return f"str {v[:60]!r}" if isinstance(v, str) else f"{type(v).__name__} {str(v)[:60]}"
