@@ -49,7 +49,9 @@ def account(sources: list[FrameSource], rules: RulesFile, open_as_408: bool = Fa
     side = WireSide()
     frames = _spanned(open_captures(sources, side.errors), side)
     side.records = records_of(_messages(frames, side), rules, open_as_408)
-    side.rows = [row for r in side.records for row in rows_of(r, side.parties)]
+    cdr = cdr_specs(rules)
+    columns = cdr[0].columns if cdr else {}
+    side.rows = [row for r in side.records for row in rows_of(r, side.parties, columns)]
     return side
 
 
@@ -86,28 +88,38 @@ def _messages(frames: Iterable[Frame], side: WireSide) -> Iterator[SipMessage]:
         yield from note(item)
 
 
-def rows_of(r: AccRecord, parties: dict[str, tuple[str, str]] | None = None) -> list[Row]:
+def rows_of(r: AccRecord, parties: dict[str, tuple[str, str]] | None = None,
+            cdr_columns: dict[str, str] | None = None) -> list[Row]:
     """The database rows a record makes (one per multi-leg set, as emitters/sql.py writes them);
-    none when the record goes to no database. A dialog CDR (issue 12's cdr.py) gives its row
-    when it goes to the database: anything with start/end/duration and a Call-ID."""
-    if "db" not in getattr(r, "backends", ()):
+    none when the record goes to no database. A dialog CDR (kind ``cdr``, cdr.py) makes the
+    row of the CDR table: its keys are read from the cdr_extra columns that hold them, as
+    they are on the billing side (``cdr_columns``: our field -> column, from ``cdr_specs``)."""
+    if "db" not in r.backends:
         return []
     caller, callee = (parties or {}).get(r.call_id or "", ("", ""))
-    if isinstance(r, AccRecord):
-        row = Row(r.table, r.call_id or "", r.method, r.from_tag or "", r.to_tag or "", r.code, r.reason,
-                  float(int(r.ts)), caller=caller, callee=callee, in_dialog=r.in_dialog)
-        return [row] * max(1, len(r.legs))
-    return [cdr_row(r, caller, callee)]
+    if r.kind == "cdr":
+        return [cdr_row(r, cdr_columns or {}, caller, callee)]
+    row = Row(r.table, r.call_id or "", r.method, r.from_tag or "", r.to_tag or "", r.code, r.reason,
+              float(int(r.ts)), caller=caller, callee=callee, in_dialog=r.in_dialog)
+    return [row] * max(1, len(r.legs))
 
 
-def cdr_row(r: Any, caller: str = "", callee: str = "") -> Row:
-    """A wire CDR as a row of the CDR table (duck-typed on cdr.py's record: start, end, duration)."""
-    start = float(getattr(r, "start_time", getattr(r, "start", 0.0)) or 0.0)
-    end = float(getattr(r, "end_time", getattr(r, "end", start)) or start)
-    duration = float(getattr(r, "duration", end - start) or 0.0)
-    call_id = getattr(r, "call_id", None) or getattr(r, "callid", "") or ""
-    return Row(getattr(r, "table", "acc_cdrs"), call_id, "INVITE", getattr(r, "from_tag", "") or "",
-               getattr(r, "to_tag", "") or "", "", "", float(int(start)), end=float(int(end)), duration=duration,
+def _seconds(text: str | None) -> float:
+    try:
+        return float(text) if text else 0.0
+    except ValueError:
+        return 0.0
+
+
+def cdr_row(r: AccRecord, columns: dict[str, str], caller: str = "", callee: str = "") -> Row:
+    """A wire CDR as its acc_cdrs row: start and end as whole seconds (Kamailio's DATETIME of
+    the integer seconds), the duration as written ("1.509"), keys from the extras' columns."""
+    pairs = r.extras.get("cdr", [])
+    values = dict(pairs)
+    (_s, start), (_e, end), (_d, duration) = (pairs + [("", None)] * 3)[:3]
+    key = {f: values.get(c) or "" for f, c in columns.items() if f in ("callid", "from_tag", "to_tag")}
+    return Row(r.table, key.get("callid", ""), "INVITE", key.get("from_tag", ""), key.get("to_tag", ""),
+               time=float(int(_seconds(start))), end=float(int(_seconds(end))), duration=_seconds(duration),
                caller=caller, callee=callee)
 
 
@@ -151,7 +163,8 @@ def cdr_specs(rules: RulesFile) -> list[TableSpec]:
     if not table or not getattr(a, "cdr_enable", False):
         return []
     cols = {"time": a.cdr_start_id, "end": a.cdr_end_id, "duration": a.cdr_duration_id}
-    for name, spec in a.cdr_extras():
+    extras = a.cdr_extras
+    for name, spec in (extras() if callable(extras) else extras):
         key = _CDR_KEYS.get((spec.name, spec.arg))
         if key and key not in cols:
             cols[key] = name

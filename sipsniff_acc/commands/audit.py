@@ -119,11 +119,11 @@ def audit(
         raise _trouble(str(e)) from None
 
     wire = account(readers, rules, open_as_408)
-    if wire.errors:
+    if wire.errors:  # the rest of a damaged file's calls would all look like phantoms: no verdict
         for err in wire.errors:
-            print(f"error: {err}", file=sys.stderr)
-        raise _trouble("a capture could not be read to its end: the audit would report its calls as "
-                       "phantoms; repair or drop it (sipsniff-acc messages shows where it breaks)")
+            print(f"error: {err}: the audit needs whole captures (its later calls would show as phantoms); "
+                  "repair or leave out this file", file=sys.stderr)
+        raise typer.Exit(EXIT_TROUBLE)
     if wire.first is None:
         raise _trouble("the captures hold no packets: no time span to audit")
     pad = time_tolerance if margin is None else margin

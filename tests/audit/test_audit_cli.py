@@ -1,0 +1,161 @@
+"""`sipsniff-acc audit` on the command line: trouble is one line and exit 2, found before the
+work (bad URL, unreachable server, missing table, missing capture, bad output path, options
+that do not go together); a damaged capture is exit 2 too; a CSV export with a column
+mapping; only the capture's time span is read; --db-timezone local."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sipsniff_acc.audit.billing import from_julian, to_julian
+from tests.audit.books import VOLUME, kamailio_rows, load
+from tests.conformance.goldens import rules_for
+from tests.servers import free_port
+
+PCAP = VOLUME / "capture.pcap"
+
+
+def audit(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sipsniff_acc", "audit", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120, env=env)
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    (tmp_path / "rules.yaml").write_text(rules_for("volume_mixed"))
+    load(f"sqlite:///{tmp_path / 'audit_books.db'}", kamailio_rows())
+    return tmp_path
+
+
+def one_error_line(res: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == ""
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_the_books_agree_exit_0(work: Path) -> None:
+    res = audit(str(PCAP), "-m", "rules.yaml", "--against", "sqlite:///audit_books.db", cwd=work)
+    assert res.returncode == 0, res.stderr
+    assert "the books agree: 0 discrepancies" in res.stdout
+
+
+def test_trouble_before_the_work(work: Path) -> None:
+    db = "sqlite:///audit_books.db"
+    one_error_line(audit(str(PCAP), "-m", "rules.yaml", cwd=work), "--against")
+    one_error_line(audit(str(PCAP), "-m", "rules.yaml", "--against", "nosuch+x://a/b", cwd=work), "nosuch")
+    one_error_line(audit(str(PCAP), "-m", "rules.yaml", "--against", "sqlite:///no/such.db", cwd=work), "no such")
+    one_error_line(audit("missing.pcap", "-m", "rules.yaml", "--against", db, cwd=work), "missing.pcap")
+    one_error_line(audit(str(PCAP), "-m", "rules.yaml", "--against", db, "--jsonl", "no/dir/x.jsonl", cwd=work),
+                   "--jsonl")
+    one_error_line(audit(str(PCAP), "-m", "rules.yaml", "--against", db, "--map", "callid=c", cwd=work), "--map")
+    one_error_line(audit(str(PCAP), "-m", "rules.yaml", "--against", db, "--time-tolerance", "-1", cwd=work),
+                   "--time-tolerance")
+    one_error_line(audit(str(PCAP), "-m", "rules.yaml", "--against", db, "--db-timezone", "mars", cwd=work),
+                   "--db-timezone")
+    (work / "nodb.yaml").write_text("acc: {log_flag: 1}\nroute: [{if: {method: INVITE}, setflag: [1]}]\n")
+    one_error_line(audit(str(PCAP), "-m", "nodb.yaml", "--against", db, cwd=work), "nothing to audit")
+
+
+def test_missing_table_names_it(work: Path) -> None:
+    con = sqlite3.connect(work / "audit_books.db")
+    con.execute("DROP TABLE missed_calls")
+    con.commit()
+    con.close()
+    one_error_line(audit(str(PCAP), "-m", "rules.yaml", "--against", "sqlite:///audit_books.db", cwd=work),
+                   "no table missed_calls")
+
+
+def test_unreachable_server_is_one_line(work: Path) -> None:
+    port = free_port()  # nothing listens there
+    started = time.monotonic()
+    res = audit(str(PCAP), "-m", "rules.yaml", "--against", f"postgresql+psycopg://audit:secret@127.0.0.1:{port}/audit_x",
+                cwd=work)
+    one_error_line(res, str(port))
+    assert "secret" not in res.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_damaged_capture_is_trouble(work: Path) -> None:
+    cut = work / "cut.pcap"
+    data = PCAP.read_bytes()
+    cut.write_bytes(data[: len(data) // 2 + 7])  # a record cut in the middle
+    res = audit(str(cut), "-m", "rules.yaml", "--against", "sqlite:///audit_books.db", cwd=work)
+    one_error_line(res, "cut.pcap", "truncated")
+
+
+def _csv(path: Path, rows: dict[str, list[dict[str, Any]]], skip: int = 0) -> None:
+    """An export as a billing system might write it: its own column names, ISO times."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["tbl", "call_id", "method", "from_tag", "to_tag", "status", "phrase", "ts"])
+        n = 0
+        for table, rs in rows.items():
+            for r in rs:
+                n += 1
+                if n == skip:
+                    continue
+                t = from_julian(r["time"])
+                when = dt.datetime.fromtimestamp(t, dt.timezone.utc).replace(tzinfo=None)
+                w.writerow([table, r["callid"], r["method"], r["from_tag"], r["to_tag"], r["sip_code"], r["sip_reason"],
+                            when.isoformat(sep=" ")])
+
+
+MAP = "table=tbl,callid=call_id,code=status,reason=phrase,time=ts"
+
+
+def test_csv_export_with_a_mapping(work: Path) -> None:
+    _csv(work / "export.csv", kamailio_rows())
+    res = audit(str(PCAP), "-m", "rules.yaml", "--against", "export.csv", "--map", MAP, cwd=work)
+    assert res.returncode == 0, res.stdout + res.stderr
+    _csv(work / "short.csv", kamailio_rows(), skip=10)
+    res = audit(str(PCAP), "-m", "rules.yaml", "--against", "short.csv", "--map", MAP, "--jsonl", "d.jsonl", cwd=work)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert '"kind":"missing","table":"acc"' in (work / "d.jsonl").read_text()
+    assert len((work / "d.jsonl").read_text().splitlines()) == 1
+    # unmapped: the export's names are not the database's
+    one_error_line(audit(str(PCAP), "-m", "rules.yaml", "--against", "export.csv", cwd=work), "callid", "--map")
+    one_error_line(audit(str(PCAP), "-m", "rules.yaml", "--against", "export.csv", "--map", "colour=x", cwd=work),
+                   "colour")
+
+
+def test_db_timezone_local(work: Path) -> None:
+    env = dict(os.environ, TZ="Asia/Kolkata")  # UTC+5:30: local DATETIMEs read as UTC miss the span entirely
+    code = subprocess.run([sys.executable, "-c", "import time; print(time.timezone)"], env=env, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert code == "-19800"
+    # rows written in Kolkata local time
+    rows = kamailio_rows()
+    for rs in rows.values():
+        for r in rs:
+            r["time"] = to_julian(from_julian(r["time"]) + 19800)  # so that the "UTC" text is the local clock
+    _csv(work / "local.csv", rows)
+    res = audit(str(PCAP), "-m", "rules.yaml", "--against", "local.csv", "--map", MAP, "--db-timezone", "local",
+                cwd=work, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = audit(str(PCAP), "-m", "rules.yaml", "--against", "local.csv", "--map", MAP, cwd=work, env=env)
+    assert res.returncode == 1 and "600 missing" in res.stdout
+
+
+def test_only_the_capture_span_is_read(work: Path) -> None:
+    con = sqlite3.connect(work / "audit_books.db")
+    row = con.execute("SELECT method, from_tag, to_tag, callid, sip_code, sip_reason, time FROM acc LIMIT 1").fetchone()
+    for shift in (-86400.0, 3600.0):  # a day before, an hour after: other captures' business
+        con.execute("INSERT INTO acc (method, from_tag, to_tag, callid, sip_code, sip_reason, time) VALUES (?,?,?,?,?,?,?)",
+                    (*row[:3], f"elsewhere-{shift}", *row[4:6], row[6] + shift / 86400))
+    con.commit()
+    con.close()
+    res = audit(str(PCAP), "-m", "rules.yaml", "--against", "sqlite:///audit_books.db", cwd=work)
+    assert res.returncode == 0, res.stdout + res.stderr
