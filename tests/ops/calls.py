@@ -106,3 +106,23 @@ def finish(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
 
 def records(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_reading_stdin(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """Until the run has taken everything we sent: its main thread is blocked in read(0, ...)
+    on the empty pipe (seen twice in a row in /proc/PID/syscall), so every frame before
+    was processed."""
+    deadline = time.monotonic() + timeout
+    seen = 0
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run exited ({proc.returncode})")
+        try:
+            call = Path(f"/proc/{proc.pid}/syscall").read_text().split()
+        except OSError:
+            call = []
+        seen = seen + 1 if call[:2] == ["0", "0x0"] else 0
+        if seen >= 3:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not come back to reading its input within {timeout} s")
