@@ -13,12 +13,15 @@ from sqlalchemy import Column, DateTime, Float, Integer, MetaData, String, Table
 
 from sipsniff_acc.audit.billing import from_julian
 
+TIMES = ("time", "start_time", "end_time")  #: Kamailio's DATETIME columns (acc, missed_calls, acc_cdrs)
 CASES = Path(__file__).resolve().parents[1] / "conformance" / "cases"
 VOLUME = CASES / "volume_mixed"
 
 
 def kamailio_rows(folder: Path = VOLUME) -> dict[str, list[dict[str, Any]]]:
-    return {t: json.loads((folder / f"{t}.json").read_text()) for t in ("acc", "missed_calls")}
+    """acc, missed_calls and (when the case has dialog CDRs) acc_cdrs rows as Kamailio wrote them."""
+    names = ("acc", "missed_calls", "acc_cdrs")
+    return {t: json.loads((folder / f"{t}.json").read_text()) for t in names if (folder / f"{t}.json").exists()}
 
 
 def _table(meta: MetaData, name: str, sample: dict[str, Any], sqlite: bool) -> Table:
@@ -26,8 +29,10 @@ def _table(meta: MetaData, name: str, sample: dict[str, Any], sqlite: bool) -> T
     for k in sample:
         if k == "id":
             continue
-        if k == "time":
-            cols.append(Column("time", Float if sqlite else DateTime, nullable=False))
+        if k in TIMES:
+            cols.append(Column(k, Float if sqlite else DateTime, nullable=False))
+        elif k == "duration":
+            cols.append(Column(k, Float, nullable=False))
         else:
             cols.append(Column(k, String(255), nullable=True))
     return Table(name, meta, *cols)
@@ -41,8 +46,8 @@ def to_db_time(julian: float, sqlite: bool) -> Any:
 
 
 def load(url: str, tables: dict[str, list[dict[str, Any]]]) -> None:
-    """Create acc/missed_calls (Kamailio's columns, the extras as VARCHAR) and insert the rows
-    as given (``time`` as the Julian REAL of the recording, converted per database)."""
+    """Create the tables (Kamailio's columns, the extras as VARCHAR) and insert the rows as
+    given (times as the Julian REAL of the recording, converted per database)."""
     engine = create_engine(url)
     sqlite = engine.dialect.name == "sqlite"
     meta = MetaData()
@@ -51,6 +56,6 @@ def load(url: str, tables: dict[str, list[dict[str, Any]]]) -> None:
     with engine.begin() as con:
         for name, rows in tables.items():
             if rows:
-                con.execute(insert(made[name]), [{k: (to_db_time(v, sqlite) if k == "time" else v)
+                con.execute(insert(made[name]), [{k: (to_db_time(v, sqlite) if k in TIMES else v)
                                                   for k, v in r.items() if k != "id"} for r in rows])
     engine.dispose()
