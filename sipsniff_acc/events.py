@@ -75,6 +75,10 @@ class Datagram:
     payload: bytes
     encap: tuple[str, ...]  #: layers outside the transport, outermost first, e.g. ("eth", "vlan", "ip4")
     source: str = ""
+    #: IPv4 Identification of the (innermost) packet, or the fragment header's Identification of a
+    #: reassembled IPv4/IPv6 datagram; -1 when there is none (an unfragmented IPv6 packet). A SPAN
+    #: copy keeps it, a sender's retransmission gets a new one: the duplicate filter tells them apart.
+    ipid: int = -1
 
 
 @dataclass(slots=True)

@@ -49,7 +49,7 @@ class _Pending:
 class Reassembled:
     """A whole IP payload rebuilt from fragments."""
 
-    __slots__ = ("ts", "no", "proto", "src", "dst", "payload", "encap", "source", "fragments")
+    __slots__ = ("ts", "no", "proto", "src", "dst", "payload", "encap", "source", "fragments", "ident")
 
     def __init__(self, last: Fragment, first: Fragment, payload: bytes, fragments: int) -> None:
         self.ts = last.ts  # the datagram exists when its last piece arrives
@@ -61,6 +61,7 @@ class Reassembled:
         self.encap = first.encap + ("frag",)
         self.source = first.source
         self.fragments = fragments
+        self.ident = first.key[2]  #: IP Identification (IPv4 16 bits, IPv6 fragment header 32 bits): a copy keeps it
 
 
 class FragmentReassembler:

@@ -17,11 +17,27 @@ evicted first (at 500 calls/s with BYEs the 80 MB hold ~25 s of them, not 32).
 
 The bounds are for the whole run: with ``-j N`` each worker gets 1/N of them (``shard``),
 as it sees 1/N of the calls.
+
+``max_sip_message`` bounds the capture stage instead (one SIP message framed out of TCP, an
+SCTP user message, a WebSocket message). RFC 3261 sets no size over TCP (§18.3: only UDP is
+bound, by the datagram). Kamailio's and PJSIP's 64 KB buffers are build-time defaults that
+deployments raise: a presence server's RLS NOTIFY (RFC 4662) for a large contact list runs to
+hundreds of KB (SIPp had to grow its buffers for exactly that). 1 MiB holds those with room
+(a ~5,000-entry list) and costs nothing until such a message comes: the TCP stage keeps at
+most 2 x max_sip_message per direction (a message in progress plus the start of the next)
+and 256 MiB over all directions, so the worst case is unchanged and the bytes are the ones
+that arrived. The tracker keeps only a message's header block, counted in
+``max_transaction_bytes``. Settable from 1 KiB to 64 MiB.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Final
+
+DEFAULT_MAX_SIP_MESSAGE: Final = 1 << 20  #: bytes; see the module docstring for the reasoning
+MIN_SIP_MESSAGE: Final = 1 << 10  #: below this even an ordinary INVITE with SDP would be cut
+MAX_SIP_MESSAGE: Final = 1 << 26  #: a setting above 64 MiB is a typo: the TCP total budget is 256 MiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,12 +52,18 @@ class Limits:
     record_id_window: float = 300.0
     max_record_ids: int = 1_000_000  #: ids remembered at most (~95 bytes each); past it the window shrinks, counted
     max_hdr_scan: int = 512  #: header lines $hdr() looks through in one message
+    #: bytes of one SIP message over TCP, SCTP or WebSocket (UDP is bound by the datagram); a
+    #: longer one is counted (tcp_message_too_long, ...) and its stream resyncs
+    max_sip_message: int = DEFAULT_MAX_SIP_MESSAGE
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"limits.{f.name} must be a positive number, not {value!r}")
+        if not MIN_SIP_MESSAGE <= self.max_sip_message <= MAX_SIP_MESSAGE:
+            raise ValueError(f"limits.max_sip_message must be between {MIN_SIP_MESSAGE} and {MAX_SIP_MESSAGE} "
+                             f"bytes (1 KiB - 64 MiB), not {self.max_sip_message!r}")
 
     def shard(self, n: int) -> Limits:
         """The bounds of one of n workers (calls are spread evenly by Call-ID): counts and

@@ -22,6 +22,7 @@ from sipsniff_acc import decode as dec
 from sipsniff_acc import sip
 from sipsniff_acc.events import Anomaly, Counters, Datagram, Fragment, Frame, Transport
 from sipsniff_acc.ipfrag import FragmentReassembler, Reassembled
+from sipsniff_acc.limits import Limits
 from sipsniff_acc.sctp import SctpReassembler
 from sipsniff_acc.tcpstream import TcpReassembler
 
@@ -33,6 +34,7 @@ ADDR_CACHE = 1 << 16  #: distinct addresses remembered as text before the cache 
 #: it holds a second's worth of traffic: 65536 is several times a busy SBC's rate, and caps what
 #: a flood can make it keep (each entry keeps its payload alive).
 MAX_DEDUP = 1 << 16
+MAX_DEDUP_IDS = 8  #: IP IDs remembered per payload in the window (a burst of immediate resends)
 
 #: Fire timers at most this often (packet time): a walk of the timer table per frame is wasted work.
 ADVANCE_EVERY = 1.0
@@ -59,21 +61,31 @@ class AddressText:
 
 
 class Deduplicator:
-    """Drops exact copies of a SIP datagram seen again within ``window`` seconds.
+    """Drops mirror copies of a SIP datagram: the same payload on the same flow with the same
+    IP Identification, seen again within ``window`` seconds.
 
-    A SPAN port that mirrors both ingress and egress delivers every packet twice. SIP's
-    own retransmissions come at least T1/2 = 250 ms apart (RFC 3261 §17.1.1.2), so a short
-    window only ever catches mirror copies. Exact: the key holds the payload itself (a dict
-    compares on hash collision), never a lossy digest.
+    A SPAN port that mirrors both ingress and egress delivers every packet twice, and the copy
+    is the same IP packet: it keeps the IPv4 Identification. A sender's own retransmission is a
+    new packet: SIP's timers space them at least T1/2 = 250 ms apart (RFC 3261 §17.1.1.2), but
+    some phones and SBCs resend a datagram at once (0.3 ms later, in a public capture),
+    and that new packet gets a new Identification from the sender's stack: it is kept. Where
+    no Identification tells them apart the exact-payload rule alone decides (a copy): IPv6
+    without a fragment header has none (``Datagram.ipid`` -1 on both), and Linux sends
+    unconnected UDP with DF set and ID 0 (RFC 6864 atomic datagrams), so both carry 0.
+    Exact: the key holds the payload itself (a dict compares on hash collision), never a
+    lossy digest.
     """
 
     def __init__(self, window: float = DUP_WINDOW, max_entries: int = MAX_DEDUP) -> None:
         self.window = window
         self.max_entries = max_entries
         self.overflows = 0  #: times the table was full and started over (counted as udp_dedup_overflow)
+        self.retransmissions = 0  #: same payload and flow within the window, new IP ID: kept
         # keyed cheaply by flow and length; the payload itself is compared on a hit (hashing
-        # every ~500-byte payload cost more than the rest of the check)
-        self._seen: dict[tuple[bytes, int, bytes, int, int], tuple[float, bytes]] = {}
+        # every ~500-byte payload cost more than the rest of the check). The value holds the
+        # IP IDs of the packets that carried this payload in the window (a copy of any of them
+        # may still come: originals and copies can interleave).
+        self._seen: dict[tuple[bytes, int, bytes, int, int], tuple[float, bytes, int, tuple[int, ...]]] = {}
 
     def duplicate(self, d: Datagram) -> bool:
         if self.window <= 0:
@@ -82,13 +94,19 @@ class Deduplicator:
         key = (d.src, d.sport, d.dst, d.dport, len(payload))
         seen = self._seen.get(key)
         if seen is not None and d.ts - seen[0] <= self.window and seen[1] == payload:
-            return True
+            ipid = d.ipid
+            if ipid == seen[2] or ipid in seen[3]:
+                return True
+            # a new packet with the same payload: the sender resent it; its own copy may follow
+            self.retransmissions += 1
+            self._seen[key] = (d.ts, payload, ipid, (seen[2], *seen[3][:MAX_DEDUP_IDS - 2]))
+            return False
         if len(self._seen) >= self.max_entries:
             self.advance(d.ts)
             if len(self._seen) >= self.max_entries:  # all within the window: a flood; start over
                 self._seen.clear()
                 self.overflows += 1
-        self._seen[key] = (d.ts, payload)
+        self._seen[key] = (d.ts, payload, d.ipid, ())
         return False
 
     def advance(self, now: float) -> None:
@@ -98,13 +116,18 @@ class Deduplicator:
 
 
 class CaptureStage:
-    """Frames in; SIP candidates (``Datagram``s whose payload looks like SIP) and anomalies out."""
+    """Frames in; SIP candidates (``Datagram``s whose payload looks like SIP) and anomalies out.
 
-    def __init__(self, counters: Counters | None = None, dup_window: float = DUP_WINDOW) -> None:
+    ``limits``: rules.yaml's ``limits:`` (only ``max_sip_message`` concerns this stage).
+    """
+
+    def __init__(self, counters: Counters | None = None, dup_window: float = DUP_WINDOW,
+                 limits: Limits | None = None) -> None:
         self.counters = counters or Counters()
+        max_message = (limits or Limits()).max_sip_message
         self.frags = FragmentReassembler()
-        self.tcp = TcpReassembler(self.counters)
-        self.sctp = SctpReassembler()
+        self.tcp = TcpReassembler(self.counters, max_message)
+        self.sctp = SctpReassembler(self.counters, max_message)
         self.dedup = Deduplicator(dup_window)
         self._next_advance = 0.0
 
@@ -135,7 +158,8 @@ class CaptureStage:
     def _reassembled(self, res: Reassembled, out: list[Datagram | Anomaly]) -> None:
         frame = Frame(res.ts, 0, res.payload, res.no, res.source)
         try:
-            item = dec.transport(res.proto, res.src, res.dst, res.payload, 0, len(res.payload), frame, res.encap)
+            item = dec.transport(res.proto, res.src, res.dst, res.payload, 0, len(res.payload), frame, res.encap,
+                                 res.ident)
         except dec.DecodeError as bad:
             item = Anomaly(bad.name, res.ts, res.no, bad.detail, res.source)
         except (struct.error, IndexError) as exc:  # as in decode(): a length check we did not write is not a crash
@@ -264,9 +288,9 @@ class SipParser:
 class MessagePipeline:
     """Capture and parse in one process: feed frames, get SIP messages; ``finish`` at the end."""
 
-    def __init__(self, counters: Counters | None = None) -> None:
+    def __init__(self, counters: Counters | None = None, limits: Limits | None = None) -> None:
         self.counters = counters or Counters()
-        self.capture = CaptureStage(self.counters)
+        self.capture = CaptureStage(self.counters, limits=limits)
         self.parser = SipParser(self.counters)
 
     def feed(self, frame: Frame) -> list[sip.SipMessage | Anomaly]:

@@ -15,6 +15,9 @@ WebSocket streams (RFC 6455/7118: HTTP upgrade, or frames seen mid-stream) are u
 by ``wsframe``; TLS streams are recognised by their record header and only counted.
 
 Every buffer is bounded (per stream and in total); idle streams are dropped on packet time.
+A message is at most ``max_message`` bytes (rules.yaml ``limits: max_sip_message``, 1 MiB by
+default: RFC 3261 sets no limit over TCP); a direction holds at most twice that (a message in
+progress and the start of the next), and never less than ``MAX_STREAM_BUFFER``.
 No number a segment claims sizes a loop or an ``int()``: a Content-Length of more than
 ``MAX_DIGITS`` significant digits is a message too long, and out-of-order segments held
 per direction are bounded in count as well as bytes (issue 10).
@@ -29,10 +32,11 @@ from typing import Final
 
 from sipsniff_acc import wsframe
 from sipsniff_acc.events import Anomaly, Counters, Datagram, Transport
+from sipsniff_acc.limits import DEFAULT_MAX_SIP_MESSAGE
 
 _TCP = struct.Struct("!HHIIBB").unpack_from
 
-MAX_MESSAGE: Final = 65535  #: Kamailio's BUF_SIZE: a SIP message longer than this is not one
+MAX_MESSAGE: Final = DEFAULT_MAX_SIP_MESSAGE  #: default bound on one SIP message (limits.max_sip_message)
 MAX_STREAM_BUFFER: Final = 1 << 20  #: VoIPmonitor's sip_tcp_reassembly_stream_max_length is of this order
 MAX_TOTAL_BUFFER: Final = 256 << 20  #: all streams together; the oldest stream is dropped beyond it
 MAX_STREAMS: Final = 200_000  #: directions tracked at once (a busy SBC has tens of thousands)
@@ -108,8 +112,11 @@ def _after(a: int, b: int) -> int:
 class TcpReassembler:
     """TCP segments (``Datagram`` with the whole TCP header) in; SIP messages out."""
 
-    def __init__(self, counters: Counters | None = None) -> None:
+    def __init__(self, counters: Counters | None = None, max_message: int = MAX_MESSAGE) -> None:
         self.counters = counters or Counters()
+        self.max_message = max_message  #: bytes of one SIP (or WebSocket) message
+        self.max_direction = max(MAX_STREAM_BUFFER, 2 * max_message)  #: bytes held out of order per direction
+        self.max_total = max(MAX_TOTAL_BUFFER, 2 * self.max_direction)  #: bytes held over all directions
         self.streams: dict[Key, _Direction] = {}  # insertion order ~ age
         self._holes: dict[Key, _Direction] = {}  # directions holding out-of-order data
         self._held = 0
@@ -163,7 +170,7 @@ class TcpReassembler:
         return out
 
     def _new(self, key: Key, seg: Datagram, out: list[Datagram | Anomaly]) -> _Direction:
-        while self.streams and (len(self.streams) >= MAX_STREAMS or self._held > MAX_TOTAL_BUFFER):
+        while self.streams and (len(self.streams) >= MAX_STREAMS or self._held > self.max_total):
             old_key = next(iter(self.streams))
             self._drop(old_key, self.streams[old_key], seg, out, "evicted", name="tcp_stream_evicted")
         st = self.streams[key] = _Direction()
@@ -187,7 +194,7 @@ class TcpReassembler:
                 self._held += grow
                 st.ooo_bytes += grow
                 st.ooo[seq] = (payload, seg)
-            if seg.ts - st.ooo_since > GAP_WAIT or st.ooo_bytes > MAX_STREAM_BUFFER or len(st.ooo) > MAX_OOO_SEGMENTS:
+            if seg.ts - st.ooo_since > GAP_WAIT or st.ooo_bytes > self.max_direction or len(st.ooo) > MAX_OOO_SEGMENTS:
                 self._close_gap(st, seg, out)
                 if len(st.ooo) > MAX_OOO_SEGMENTS // 2:  # still riddled with holes: give all of it up
                     self._discard_ooo(st, seg, out)
@@ -276,18 +283,18 @@ class TcpReassembler:
         if _HTTP_START.match(buf):
             end = buf.find(b"\r\n\r\n")
             if end < 0:
-                if len(buf) > MAX_MESSAGE:
+                if len(buf) > self.max_message:
                     self._set_mode(st, Mode.NOT_SIP, "not_sip")
                 return
             if buf[9:12] == b"101" or _HTTP_UPGRADE.search(buf, 0, end):
                 del buf[: end + 4]
-                st.ws = wsframe.WsDecoder()
+                st.ws = wsframe.WsDecoder(self.max_message)
                 self._set_mode(st, Mode.WEBSOCKET, "websocket")
             else:
                 self._set_mode(st, Mode.NOT_SIP, "not_sip")
             return
         if wsframe.looks_like_ws_sip(buf):  # the capture started after the upgrade
-            st.ws = wsframe.WsDecoder()
+            st.ws = wsframe.WsDecoder(self.max_message)
             self._set_mode(st, Mode.WEBSOCKET, "websocket")
             return
         if _is_start(buf):
@@ -312,6 +319,7 @@ class TcpReassembler:
 
     def _frame_sip(self, st: _Direction, seg: Datagram, out: list[Datagram | Anomaly]) -> None:
         buf = st.buf
+        limit = self.max_message
         while buf:
             if st.need and len(buf) < st.need:  # the front message's body is still arriving
                 return
@@ -337,10 +345,11 @@ class TcpReassembler:
                                            seg.source))
                 st.resync = False
                 continue
-            end = buf.find(b"\r\n\r\n", st.scanned, MAX_MESSAGE)
+            end = buf.find(b"\r\n\r\n", st.scanned, limit)
             if end < 0:
-                if len(buf) >= MAX_MESSAGE:
-                    out.append(Anomaly("tcp_message_too_long", seg.ts, seg.no, "no header end in 64 KB", seg.source))
+                if len(buf) >= limit:
+                    out.append(Anomaly("tcp_message_too_long", seg.ts, seg.no, f"no header end in {limit} bytes",
+                                       seg.source))
                     del buf[:1]
                     st.cut()
                     st.resync = True
@@ -355,12 +364,13 @@ class TcpReassembler:
                 digits = m.group(1)
                 if len(digits) > MAX_DIGITS:  # never int() a digit string a packet made long
                     digits = digits.lstrip(b"0") or b"0"
-                clen = int(digits) if len(digits) <= MAX_DIGITS else MAX_MESSAGE + 1
+                clen = int(digits) if len(digits) <= MAX_DIGITS else limit + 1
             total = end + 4 + clen
-            if total > MAX_MESSAGE:
+            if total > limit:
                 shown = m.group(1)[:12].decode() + ("..." if m is not None and len(m.group(1)) > 12 else "") \
                     if m is not None else str(clen)
-                out.append(Anomaly("tcp_message_too_long", seg.ts, seg.no, f"Content-Length {shown}", seg.source))
+                out.append(Anomaly("tcp_message_too_long", seg.ts, seg.no,
+                                   f"Content-Length {shown} (limits.max_sip_message {limit})", seg.source))
                 del buf[:1]
                 st.cut()
                 st.resync = True

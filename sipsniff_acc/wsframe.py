@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Final
 
+from sipsniff_acc.limits import DEFAULT_MAX_SIP_MESSAGE
 from sipsniff_acc.sip import looks_like_sip
 
-MAX_WS_MESSAGE: Final = 65535  #: a SIP message is no longer than this (Kamailio BUF_SIZE)
+MAX_WS_MESSAGE: Final = DEFAULT_MAX_SIP_MESSAGE  #: default bound on one message (limits.max_sip_message)
 
 
 def _header(buf: bytes | bytearray) -> tuple[int, int, int, int, bytes] | None:
@@ -61,7 +62,8 @@ def looks_like_ws_sip(buf: bytes | bytearray) -> bool:
 class WsDecoder:
     """One direction of a WebSocket connection."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_message: int = MAX_WS_MESSAGE) -> None:
+        self.max_message = max_message  #: bytes of one message (frames joined): longer is ws_bad_frame
         self._parts: list[bytes] = []
         self._size = 0
 
@@ -78,7 +80,7 @@ class WsDecoder:
             if h is None:
                 break
             b0, at, n, opcode, mask = h
-            if n > MAX_WS_MESSAGE or b0 & 0x70:  # oversized, or reserved bits we never negotiated
+            if n > self.max_message or b0 & 0x70:  # oversized, or reserved bits we never negotiated
                 problems.append("ws_bad_frame")
                 buf.clear()
                 self.reset()
@@ -98,7 +100,7 @@ class WsDecoder:
                 continue
             self._parts.append(payload)
             self._size += n
-            if self._size > MAX_WS_MESSAGE:
+            if self._size > self.max_message:
                 problems.append("ws_bad_frame")
                 self.reset()
                 continue
