@@ -72,7 +72,7 @@ class Workload:
         extra = ["--rtp", "--talk-mean", "10", "--max-talk", "40"] if rtp else []
         t0 = time.monotonic()
         self.meta = generate(self.path, calls, 1100 + calls, *extra)
-        self.frames = int(self.meta["frames"])  # type: ignore[call-overload]
+        self.frames: int = int(self.meta["frames"])  # type: ignore[call-overload]
         print(f"# workload {name}: {calls} calls, {self.frames} frames ({time.monotonic() - t0:.0f} s to generate)",
               flush=True)
         self._prefixes: dict[int, Prefix] = {}
@@ -97,8 +97,8 @@ class Workload:
     def _round(self, frames: int) -> int:
         """Few distinct prefixes (each costs an offline run): 2 significant digits."""
         if frames >= self.frames:
-            return self.frames
-        mag = 10 ** max(0, len(str(frames)) - 2)
+            return int(self.frames)
+        mag = int(10 ** max(0, len(str(frames)) - 2))
         return max(mag, frames // mag * mag)
 
 
@@ -360,7 +360,7 @@ def print_table(configs: list[str], results: dict[str, list[Trial]], args: argpa
     for c in configs:
         got = results[c]
         rate = med([t.pps_sent for t in got])
-        row = {"config": c, "pps": rate, "rounds": [round(t.pps_sent) for t in got],
+        row: dict[str, object] = {"config": c, "pps": rate, "rounds": [round(t.pps_sent) for t in got],
                "latency_p50": med([t.latency_p50 for t in got]), "latency_p99": med([t.latency_p99 for t in got]),
                "rss_mb": med([t.rss_peak_mb for t in got]), "load": med([t.load for t in got])}
         rows.append(row)

@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.builders import sip_request, sip_response
 from tests.conftest import require_program
 from tests.live.conftest import require_live
 from tests.live.netns import Sniffer, cli_options
@@ -112,3 +114,58 @@ def test_each_record_is_visible_within_a_second_of_its_deciding_packet(tmp_path:
     print(f"-j {workers}: worst latency " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in worst.items()))
     assert not late, "\n".join(late)
 
+
+
+TIMER_RULES = """\
+profile: kamailio-5.6
+tm: {fr_timer: 2, fr_inv_timer: 2}
+acc: {log_flag: 1, log_missed_flag: 2, db_flag: 1, db_missed_flag: 2}
+route:
+  - if: {method: INVITE, in_dialog: false}
+    setflag: [1, 2]
+"""
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_timer_record_comes_out_in_silence(tmp_path: Path, workers: int) -> None:
+    """An INVITE rung (180) and never answered, then nothing at all on the wire: the proxy's
+    fr_inv_timer 408 (2 s here) is accounted from the wall clock, visible on the pipe, in the
+    log file and in SQLite within 1 s of the timer, long before any later packet."""
+    require_live()
+    rules, log, db = tmp_path / "rules.yaml", tmp_path / "acc.log", tmp_path / "acc.db"
+    rules.write_text(TIMER_RULES)
+    capture = ["-f", "net 127.0.6.0/24"] if "-f" in cli_options("process") else []
+    live = Sniffer(["process", "-i", "lo", *capture, "--duration", "120", "-j", str(workers), "--rules", str(rules),
+                    "--open-as-408", "--log", str(log), "--jsonl", "-", "--db-url", f"sqlite:///{db}",
+                    "--spool", str(tmp_path / "spool")], cwd=tmp_path)
+    watch_log = FileWatcher(log)
+    watch_db = SqliteWatcher(db, table="missed_calls")
+    call_id = f"timer-{workers}-{time.time_ns()}@{UAC}"
+    uac = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    uas = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        live.wait_listening()
+        uac.bind((UAC, 0))
+        uas.bind(("127.0.6.3", 0))
+        uac.sendto(sip_request(call_id=call_id, branch="z9hG4bK-t1"), uas.getsockname())
+        time.sleep(0.05)
+        uas.sendto(sip_response(180, "Ringing", call_id=call_id, branch="z9hG4bK-t1"), uac.getsockname())
+        time.sleep(2.0 + BOUND + 0.5)  # the timer fires at +2 s; its record is due within BOUND
+        stopped_at = time.time()
+        rc = live.finish(timeout=60, sig=signal.SIGINT)
+    finally:
+        uac.close()
+        uas.close()
+        live.kill()
+        log_lines = watch_log.stop()
+        db_rows = watch_db.stop()
+    assert rc in (0, 130), live.stderr
+    mine = [(t, json.loads(line)) for t, line in live.out if line.startswith("{") and call_id in line]
+    assert [(r["kind"], r["code"]) for _, r in mine] == [("missed", "408")], live.stdout + live.stderr
+    fired = float(mine[0][1]["ts"])  # the timer's time: the INVITE's + fr_inv_timer
+    seen = {"JSON line pipe": mine[0][0],
+            "ACC line file": next((t for t, line in log_lines if call_id in line), None),
+            "SQLite row": next((t for (c, _m), t in db_rows.items() if c == call_id), None)}
+    late = [f"{name}: {'not visible before the stop' if t is None or t > stopped_at else f'{t - fired:.2f} s'}"
+            for name, t in seen.items() if t is None or t > stopped_at or t - fired > BOUND]
+    assert not late, "\n".join(late)
