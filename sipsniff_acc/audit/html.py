@@ -199,7 +199,7 @@ def render(res: Result, wire: WireSide, wire_rows: list[Row], billing_rows: list
     listed = res.discrepancies[:MAX_TABLE_ROWS]
     more = (f'<p class="muted">{total - len(listed)} more discrepancies are not listed here '
             "(every one is in --jsonl).</p>" if total > len(listed) else "")
-    timed = ("time", "start_time", "end")
+    timed = ("time", "start_time", "end_time", "end")
     rows = [[iso(d.time), d.kind, d.table, d.callid, d.method, d.from_tag, d.to_tag, d.field,
              iso(d.wire) if d.field in timed and isinstance(d.wire, float) else d.wire,
              iso(d.billing) if d.field in timed and isinstance(d.billing, float) else d.billing, d.ref]

@@ -102,7 +102,7 @@ def compare(w: Row, b: Row, time_tolerance: float, duration_tolerance: float) ->
     if w.reason != b.reason and not (w.end is not None or b.end is not None):
         diff("reason", w.reason, b.reason)
     if abs(w.time - b.time) > time_tolerance:
-        diff("start_time" if w.end is not None else "time", w.time, b.time)
+        diff("time", w.time, b.time)
     if w.end is not None and b.end is not None and abs(w.end - b.end) > duration_tolerance:
         diff("end", w.end, b.end)
     if w.duration is not None and b.duration is not None and abs(w.duration - b.duration) > duration_tolerance:

@@ -137,6 +137,10 @@ def audit(
     audited = {s.name for s in specs}
     wire_rows = [r for r in wire.rows if r.table in audited]
     res = pair(wire_rows, rows, time_tolerance, duration_tolerance)
+    columns = {s.name: s.columns for s in specs}
+    for d in res.discrepancies:  # a field is named as the table's column (sip_code, end_time, ...)
+        if d.field:
+            d.field = columns.get(d.table, {}).get(d.field, d.field)
     tables = [s.name for s in specs]
     if jsonl_file is not None:
         out: IO[bytes] = sys.stdout.buffer if str(jsonl_file) == "-" else open_private(jsonl_file, "wb")

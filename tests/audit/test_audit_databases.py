@@ -3,7 +3,8 @@
 0 discrepancies and exit 0; then faults planted in a copy (rows deleted, rows with unseen
 Call-IDs added, a code and a reason changed, a To-tag changed, a row duplicated, a time
 shifted beyond the tolerance): each found with its kind, table and field, nothing else
-reported, exit 1. Real servers on loopback (tests/servers.py), databases named audit_*.
+reported, exit 1. The same with a dialog-CDR case (acc_cdrs beside acc): a CDR stretched by
+30 s is two mismatches (end_time, duration). Real servers on loopback (tests/servers.py), databases named audit_*.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from typing import Any
 import pytest
 
 from sipsniff_acc.audit.billing import from_julian
-from tests.audit.books import VOLUME, kamailio_rows, load
+from tests.audit.books import CASES, VOLUME, kamailio_rows, load
 from tests.conformance.goldens import rules_for
 from tests.servers import MariaDB, Postgres, _pg_bin
 
 PCAP = VOLUME / "capture.pcap"
+CDR_CASE = "cdr_answered"  #: two answered calls through Kamailio with dialog CDRs in acc_cdrs
 UNSEEN = "audit-phantom-{n}@192.0.2.77"  #: Call-IDs that never crossed the wire
 
 
@@ -62,9 +64,9 @@ def plant(rows: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, list[dict[st
         expect.add(("phantom", table, None, ghost["callid"]))
     # a code and a reason changed, a To-tag changed (paired by the loose key)
     busy[0]["sip_code"] = "487"
-    expect.add(("mismatch", "acc", "code", busy[0]["callid"]))
+    expect.add(("mismatch", "acc", "sip_code", busy[0]["callid"]))
     invites[3]["sip_reason"] = "Okay"
-    expect.add(("mismatch", "acc", "reason", invites[3]["callid"]))
+    expect.add(("mismatch", "acc", "sip_reason", invites[3]["callid"]))
     invites[7]["to_tag"] = "rewritten-tag"
     expect.add(("mismatch", "acc", "to_tag", invites[7]["callid"]))
     # billed twice
@@ -76,11 +78,22 @@ def plant(rows: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, list[dict[st
     return rows, expect
 
 
-def check(url: str, work: Path, expect: set[Fault]) -> None:
-    rules = work / "rules.yaml"
-    rules.write_text(rules_for("volume_mixed"))
+def plant_cdr(rows: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, list[dict[str, Any]]], set[Fault]]:
+    """A copy of a CDR case's rows with one call's CDR stretched by 30 s (end and duration)."""
+    rows = copy.deepcopy(rows)
+    cdr = rows["acc_cdrs"][-1]
+    cdr["end_time"] += 30 / 86400
+    cdr["duration"] += 30
+    return rows, {("mismatch", "acc_cdrs", "end_time", cdr["c_callid"]),
+                  ("mismatch", "acc_cdrs", "duration", cdr["c_callid"])}
+
+
+def check(url: str, work: Path, expect: set[Fault], case: str = "volume_mixed") -> None:
+    rules = work / f"{case}.yaml"
+    rules.write_text(rules_for(case))
     out = work / f"{abs(hash(url))}.jsonl"
-    res = audit(str(PCAP), "--rules", str(rules), "--against", url, "--jsonl", str(out), cwd=work)
+    res = audit(str(CASES / case / "capture.pcap"), "--rules", str(rules), "--against", url, "--jsonl", str(out),
+                cwd=work)
     assert res.returncode == (1 if expect else 0), res.stdout + res.stderr
     found = discrepancies(out)
     assert {(d["kind"], d["table"], d["field"], d["callid"]) for d in found} == expect, res.stdout
@@ -102,6 +115,12 @@ def test_books_agree_and_faults_found_on_sqlite(tmp_path: Path) -> None:
     load(f"sqlite:///{faulty}", rows)
     check(f"sqlite:///{clean}", tmp_path, set())
     check(f"sqlite:///{faulty}", tmp_path, expect)
+    cdr_clean, cdr_faulty = tmp_path / "audit_cdr_clean.db", tmp_path / "audit_cdr_faults.db"
+    load(f"sqlite:///{cdr_clean}", kamailio_rows(CASES / CDR_CASE))
+    rows, expect = plant_cdr(kamailio_rows(CASES / CDR_CASE))
+    load(f"sqlite:///{cdr_faulty}", rows)
+    check(f"sqlite:///{cdr_clean}", tmp_path, set(), CDR_CASE)
+    check(f"sqlite:///{cdr_faulty}", tmp_path, expect, CDR_CASE)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +148,7 @@ def maria(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDB]:
 
 
 def test_books_agree_and_faults_found_on_postgresql(pg: Postgres, tmp_path: Path) -> None:
-    for name in ("audit_clean", "audit_faults"):
+    for name in ("audit_clean", "audit_faults", "audit_cdr_clean", "audit_cdr_faults"):
         subprocess.run([_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(pg.port), "-U", "sipsniff", name],
                        check=True, capture_output=True, timeout=60)
     base = f"postgresql+psycopg://sipsniff@127.0.0.1:{pg.port}"
@@ -138,10 +157,15 @@ def test_books_agree_and_faults_found_on_postgresql(pg: Postgres, tmp_path: Path
     load(f"{base}/audit_faults", rows)
     check(f"{base}/audit_clean", tmp_path, set())
     check(f"{base}/audit_faults", tmp_path, expect)
+    load(f"{base}/audit_cdr_clean", kamailio_rows(CASES / CDR_CASE))
+    rows, expect = plant_cdr(kamailio_rows(CASES / CDR_CASE))
+    load(f"{base}/audit_cdr_faults", rows)
+    check(f"{base}/audit_cdr_clean", tmp_path, set(), CDR_CASE)
+    check(f"{base}/audit_cdr_faults", tmp_path, expect, CDR_CASE)
 
 
 def test_books_agree_and_faults_found_on_mariadb(maria: MariaDB, tmp_path: Path) -> None:
-    for name in ("audit_clean", "audit_faults"):
+    for name in ("audit_clean", "audit_faults", "audit_cdr_clean", "audit_cdr_faults"):
         maria.query(f"CREATE DATABASE {name}")
     base = f"mysql+pymysql://root@127.0.0.1:{maria.port}"
     load(f"{base}/audit_clean", kamailio_rows())
@@ -149,3 +173,8 @@ def test_books_agree_and_faults_found_on_mariadb(maria: MariaDB, tmp_path: Path)
     load(f"{base}/audit_faults", rows)
     check(f"{base}/audit_clean", tmp_path, set())
     check(f"{base}/audit_faults", tmp_path, expect)
+    load(f"{base}/audit_cdr_clean", kamailio_rows(CASES / CDR_CASE))
+    rows, expect = plant_cdr(kamailio_rows(CASES / CDR_CASE))
+    load(f"{base}/audit_cdr_faults", rows)
+    check(f"{base}/audit_cdr_clean", tmp_path, set(), CDR_CASE)
+    check(f"{base}/audit_cdr_faults", tmp_path, expect, CDR_CASE)
