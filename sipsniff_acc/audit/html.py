@@ -123,7 +123,7 @@ def _timeline_plot(discrepancies: list[Discrepancy], first: float | None, last: 
                     dt.datetime.fromtimestamp(last + 1, dt.timezone.utc))
     ax.set_yticks(range(len(KINDS)), KINDS)
     ax.set_ylim(-0.7, len(KINDS) - 0.3)
-    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))  # type: ignore[no-untyped-call]
     ax.set_xlabel("time (UTC)")
     ax.set_title("Discrepancies over the capture")
     sample = "" if len(shown) == len(discrepancies) else f" (an even sample of {len(shown)})"

@@ -5,7 +5,7 @@ database should hold."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,7 @@ def _user(text: str) -> str:
     return m.group(1) if m else ""
 
 
-def account(sources: list[FrameSource], rules: RulesFile, open_as_408: bool = False) -> WireSide:
+def account(sources: Sequence[FrameSource], rules: RulesFile, open_as_408: bool = False) -> WireSide:
     """Account the captures in memory: the records `process` would produce, in its order."""
     side = WireSide()
     frames = _spanned(open_captures(sources, side.errors), side)
