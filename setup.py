@@ -1,9 +1,14 @@
-"""Build hook: the optional C scan of SIP headers (see sipsniff_acc/_speedups.c).
+"""Build hook: the optional C extensions (``optional=True``: without a compiler the install
+still succeeds and the pure-Python paths are used).
 
-``optional=True``: without a compiler the install still succeeds and sip.py uses its
-pure-Python path.
+* ``_speedups``: the scan of SIP headers (sipsniff_acc/_speedups.c; sip.py falls back).
+* ``_ring``: the TPACKET_V3 block walk of live capture (sipsniff_acc/_ring.c; sources/live.py
+  falls back to ``_walk_py``).
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("sipsniff_acc._speedups", ["sipsniff_acc/_speedups.c"], optional=True)])
+setup(ext_modules=[
+    Extension("sipsniff_acc._speedups", ["sipsniff_acc/_speedups.c"], optional=True),
+    Extension("sipsniff_acc._ring", ["sipsniff_acc/_ring.c"], optional=True),
+])

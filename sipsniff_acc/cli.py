@@ -24,7 +24,7 @@ from sipsniff_acc.sources import (
     CapturePathError, CaptureReader, SourceError, check_capture, expand_paths, open_captures,
 )
 from sipsniff_acc.sources.pcapfile import is_capture_magic
-from sipsniff_acc.sources.live import LiveCapture
+from sipsniff_acc.sources.live import DEFAULT_RING_MB, CaptureUsageError, LiveCapture
 from sipsniff_acc.sources.pcapfile import FrameSource
 from sipsniff_acc.sources.tlskeys import TlsEngineError, decrypted_sip
 from sipsniff_acc.emitters import Emitter
@@ -57,8 +57,7 @@ app = typer.Typer(
 )
 
 #: Short flags follow tshark/tcpdump where they mean the same thing: -r FILE reads a capture,
-#: -i an interface, -c a count, -T the output format, -j workers; -f stays free for a BPF
-#: capture filter (issue 11). rules.yaml gets -m, the one letter tshark, sngrep and tcpdump's
+#: -i an interface, -c a count, -T the output format, -j workers, -f a BPF capture filter. rules.yaml gets -m, the one letter tshark, sngrep and tcpdump's
 #: usage line leave free (tcpdump's -m loads SMI MIB modules, only in libsmi builds).
 RULES_FLAGS = ("--rules", "-m")
 
@@ -150,32 +149,73 @@ def _open_readers(files: list[str]) -> list[CaptureReader]:
 
 
 def _open_sources(
-    files: list[str] | None, interface: str | None, count: int | None, duration: float | None, quiet: bool = False,
+    files: list[str] | None, interface: list[str] | str | None, count: int | None, duration: float | None,
+    quiet: bool = False, capture_filter: str | None = None, promisc: bool = True, ring_mb: float | None = None,
 ) -> list[FrameSource]:
-    """Capture files (positional and -r, merged in time order) or one live interface."""
-    if interface is None:
+    """Capture files (positional and -r, merged in time order) or live interfaces (-i, repeatable):
+    one LiveCapture over all of them. Every mistake (no such interface, a filter libpcap refuses,
+    a bad ring size) is one line, exit 2, before anything opens. A live capture with neither
+    --count nor --duration runs until it is stopped (SIGTERM/SIGINT)."""
+    interfaces = [interface] if isinstance(interface, str) else list(interface or [])
+    if not interfaces:
         if count is not None or duration is not None:
             raise usage_error("--count and --duration go with --interface")
+        if capture_filter is not None or ring_mb is not None or not promisc:
+            raise usage_error("-f/--filter, --ring-size and --no-promisc go with --interface (capture files are "
+                              "read as they are; the output format is -T/--format)")
         return list(_open_readers(files or []))
     if files:
         raise usage_error("give capture files or --interface, not both")
-    if count is None and duration is None:
-        raise usage_error("a live capture needs --count or --duration (every capture is bounded)")
-    if count is not None and count < 1 or duration is not None and not duration > 0:
-        raise usage_error("--count and --duration must be positive")
-    return [LiveCapture(interface, count, duration, None if quiet else _listening)]
+    try:
+        return [LiveCapture(interfaces, count, duration, capture_filter, promisc,
+                            DEFAULT_RING_MB if ring_mb is None else ring_mb, None if quiet else _listening)]
+    except CaptureUsageError as e:
+        raise usage_error(str(e)) from None
 
 
-def _listening(interface: str) -> None:
-    """tcpdump's start line: the capture socket is bound, packets from now on are seen."""
-    print(f"listening on {interface}", file=sys.stderr, flush=True)
+def _listening(interfaces: str) -> None:
+    """tcpdump's start line: the capture sockets are bound, packets from now on are seen."""
+    print(f"listening on {interfaces}", file=sys.stderr, flush=True)
 
 
-def _no_capture_filter(value: str | None) -> None:
-    """-f is tshark's/tcpdump's BPF capture filter: kept free for it, not reused for something else."""
-    if value is not None:
-        raise usage_error("-f: not yet: capture filters come with the SPAN-port service; "
-                          "the output format is -T/--format")
+HELP_INTERFACE = ("capture live from this interface (Linux; root or CAP_NET_RAW+CAP_NET_ADMIN); repeatable; "
+                  "runs until stopped unless --count/--duration")
+HELP_FILTER = ("live: BPF capture filter as in tcpdump (e.g. 'udp port 5060 or tcp port 5060'), compiled by libpcap, "
+               "run in the kernel; IP fragments always pass; default: everything but RTP/RTCP")
+HELP_RING = f"live: capture ring per interface, in MB (default {DEFAULT_RING_MB}; 1 to 4096)"
+HELP_NO_PROMISC = "live: leave the interfaces out of promiscuous mode (default: on while capturing)"
+
+
+def _live_capture(sources: list[FrameSource]) -> LiveCapture | None:
+    return next((s for s in sources if isinstance(s, LiveCapture)), None)
+
+
+def _capture_doc(capture: LiveCapture | None) -> dict[str, Any]:
+    """--stats' "capture" part: per interface (LiveCapture.stats()) and the totals."""
+    if capture is None:
+        return {}
+    per_if = capture.stats()
+    return {"capture": {"kernel_packets": sum(int(s["packets"]) for s in per_if.values()),
+                        "kernel_drops": sum(int(s["dropped"]) for s in per_if.values()),
+                        "filter": capture.bpf_filter, "interfaces": per_if}}
+
+
+def _capture_summary(capture: LiveCapture | None, out: TextIO) -> None:
+    """The capture lines of the summary: what the kernel passed and dropped, per interface; a
+    drop is a loud line (the records made meanwhile are marked capture_gaps)."""
+    if capture is None:
+        return
+    for iface, st in capture.stats().items():
+        mode = "promiscuous" if st["promisc"] else "not promiscuous"
+        print(f"  capture {iface}: {st['packets']} packets passed the kernel filter, {st['dropped']} dropped, "
+              f"{st['frames']} read ({mode}, ring {int(st['ring_bytes']) >> 20} MB)", file=out)
+    lost = {i: st["dropped"] for i, st in capture.stats().items() if st["dropped"]}
+    if lost:
+        where = ", ".join(f"{n} on {i}" for i, n in lost.items())
+        print(f"WARNING: the kernel DROPPED {sum(lost.values())} packet(s) ({where}): records of calls open then "
+              "may be incomplete (marked capture_gaps); give a larger --ring-size, -j N, or a narrower -f", file=out)
+    if capture.filter_note:
+        print(f"  capture: {capture.filter_note}", file=out)
 
 
 class TerminalSafe:
@@ -224,24 +264,26 @@ def messages(
     files: Annotated[list[str] | None, typer.Argument(help="pcap/pcapng files (.gz too), directories, or - for stdin")] = None,
     read: Annotated[list[str] | None, typer.Option("--read-file", "-r", help="a capture to read, as in tshark/tcpdump (repeatable; beside FILE...)")] = None,
     fmt: Annotated[MessageFormat, typer.Option("--format", "-T", help="jsonl: one JSON object a line; table: columns")] = MessageFormat.jsonl,
-    capture_filter: Annotated[str | None, typer.Option("-f", hidden=True, help="reserved for a BPF capture filter")] = None,
+    capture_filter: Annotated[str | None, typer.Option("--filter", "-f", help=HELP_FILTER)] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="write here instead of stdout (created 0600)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no summary on stderr")] = False,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bar (default: on a terminal, for big inputs)")] = None,
     stats: Annotated[Path | None, typer.Option("--stats", help="write the run's counters as JSON to this file (created 0600)")] = None,
     workers: Annotated[int, typer.Option("--workers", "-j", help="parser processes; 0 parses in the reading process; -1: one per CPU (at most 4); at most max(8, 4 x CPUs)")] = -1,
     tls_keylog: Annotated[Path | None, typer.Option("--tls-keylog", help="SSLKEYLOGFILE-format key log: SIP over TLS is decrypted by tshark")] = None,
-    interface: Annotated[str | None, typer.Option("--interface", "-i", help="capture live from this interface (Linux, root) instead of files")] = None,
+    interface: Annotated[list[str] | None, typer.Option("--interface", "-i", help=HELP_INTERFACE)] = None,
     count: Annotated[int | None, typer.Option("--count", "-c", help="live: stop after this many packets")] = None,
     duration: Annotated[float | None, typer.Option("--duration", help="live: stop after this many seconds")] = None,
+    ring_mb: Annotated[float | None, typer.Option("--ring-size", help=HELP_RING)] = None,
+    no_promisc: Annotated[bool, typer.Option("--no-promisc", help=HELP_NO_PROMISC)] = False,
 ) -> None:
     """Every SIP message found in the captures, one per line (like `tshark -Y sip`).
 
     Example: sipsniff-acc messages -r capture.pcapng -T table
     """
-    _no_capture_filter(capture_filter)
     _check_workers(workers)
-    readers = _open_sources([*(read or ()), *(files or ())], interface, count, duration, quiet)
+    readers = _open_sources([*(read or ()), *(files or ())], interface, count, duration, quiet, capture_filter,
+                            not no_promisc, ring_mb)
     _check_outputs(readers, output=output, stats=stats)
     errors: list[SourceError] = []
     counters = Counters()
@@ -269,10 +311,11 @@ def messages(
     counters.tls_unreadable = max(0, counters.streams["tls"] - readable)
     stats_ok = True
     if stats:
-        doc = counters.as_dict() | {"errors": [str(e) for e in errors]}
+        doc = counters.as_dict() | {"errors": [str(e) for e in errors]} | _capture_doc(_live_capture(readers))
         stats_ok = write_private_or_say(stats, json.dumps(doc, indent=1) + "\n", f"--stats {stats}")
     if not quiet:
         _summary(counters, errors, sys.stderr)
+        _capture_summary(_live_capture(readers), TerminalSafe(sys.stderr))  # type: ignore[arg-type]
     if failed:
         print(escape(failed), file=sys.stderr)
     if quiet:
@@ -391,9 +434,12 @@ def process(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no summary on stderr")] = False,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bar (default: on a terminal, for big inputs)")] = None,
     stats: Annotated[Path | None, typer.Option("--stats", help="write the run's counters as JSON to this file (created 0600)")] = None,
-    interface: Annotated[str | None, typer.Option("--interface", "-i", help="capture live from this interface (Linux, root)")] = None,
+    interface: Annotated[list[str] | None, typer.Option("--interface", "-i", help=HELP_INTERFACE)] = None,
     count: Annotated[int | None, typer.Option("--count", "-c", help="live: stop after this many packets")] = None,
     duration: Annotated[float | None, typer.Option("--duration", help="live: stop after this many seconds")] = None,
+    capture_filter: Annotated[str | None, typer.Option("--filter", "-f", help=HELP_FILTER)] = None,
+    ring_mb: Annotated[float | None, typer.Option("--ring-size", help=HELP_RING)] = None,
+    no_promisc: Annotated[bool, typer.Option("--no-promisc", help=HELP_NO_PROMISC)] = False,
     spool_path: Annotated[Path, typer.Option("--spool", help="durable spool (SQLite file) between the engine and the database")] = Path(DEFAULT_SPOOL),
     drain_timeout: Annotated[float, typer.Option("--drain-timeout", help="seconds to keep retrying an unreachable database at the end")] = 60.0,
     db_password_file: Annotated[Path | None, typer.Option("--db-password-file", help="read the database password from this file (or set SIPSNIFF_DB_PASSWORD)")] = None,
@@ -414,7 +460,8 @@ def process(
     _check_workers(workers)
     rules = _rules_or_exit(rules_file)
     files = [*(read or ()), *(files or ())]
-    sources = _open_sources(files, interface, count, duration, quiet)
+    interface = interface or None  # (typer may give [] for an option never given)
+    sources = _open_sources(files, interface, count, duration, quiet, capture_filter, not no_promisc, ring_mb)
     _check_outputs(sources, log=log, jsonl=jsonl_file, stats=stats, spool=None if no_db else spool_path)
     if state_file is not None:
         _check_state(state_file, workers, interface is not None or "-" in files, quiet)
@@ -533,12 +580,13 @@ def process(
                       "(the database/spool got every record)", file=sys.stderr)
         if stop.signum:  # also when it arrived while closing (the close was not cut short)
             stopped_by = stop.signum
-        _finish_process(result, counters, errors, rules, spooled, emitters, stats, quiet, stopped_by, spool_path)
+        _finish_process(result, counters, errors, rules, spooled, emitters, stats, quiet, stopped_by, spool_path,
+                        _live_capture(sources))
 
 
 def _finish_process(result: RunResult, counters: Counters, errors: list[SourceError], rules: RulesFile,
                     spooled: list[SpooledEmitter], emitters: list[Emitter], stats: Path | None, quiet: bool,
-                    stopped_by: int, spool_path: Path) -> None:
+                    stopped_by: int, spool_path: Path, capture: LiveCapture | None = None) -> None:
     """Stats, summary and the exit status: 128 + signal when stopped by one, 3 when an output
     or a backend failed, 1 when a capture was damaged."""
     tstats = result.tracker
@@ -547,11 +595,12 @@ def _finish_process(result: RunResult, counters: Counters, errors: list[SourceEr
                                     "records_by_backend": dict(result.by_backend), "tracker": tstats.as_dict(),
                                     "delivered": {sp.backend.name: sp.delivered for sp in spooled},
                                     "pending_in_spool": {sp.backend.name: sp.pending for sp in spooled},
-                                    "backends": {sp.backend.name: sp.stats() for sp in spooled}}
+                                    "backends": {sp.backend.name: sp.stats() for sp in spooled}} | _capture_doc(capture)
         if not write_private_or_say(stats, json.dumps(doc, indent=1) + "\n", f"--stats {stats}") and stopped_by == 0:
             stopped_by = -1  # an output failed: exit 3 (the records are in the database/spool all the same)
     if not quiet:
         _summary(counters, errors, sys.stderr)
+        _capture_summary(capture, TerminalSafe(sys.stderr))  # type: ignore[arg-type]
         _acc_summary(result, rules, spooled, sys.stderr, [e for e in emitters if isinstance(e, LogEmitter)])
     if stopped_by > 0:
         raise typer.Exit(128 + stopped_by)

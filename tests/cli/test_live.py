@@ -113,20 +113,16 @@ def test_live_capture_on_loopback_sees_udp_and_tcp_sip(tmp_path: Path) -> None:
     assert json.loads(stats.read_text())["sip_messages"] == len(rows)
 
 
-def test_live_capture_must_be_bounded_and_exclusive_with_files() -> None:
-    res = subprocess.run([sys.executable, "-m", "sipsniff_acc", "messages", "-i", "lo"], capture_output=True,
-                         text=True, timeout=30)
-    assert res.returncode == 2 and "--count or --duration" in res.stderr
+def test_live_capture_is_exclusive_with_files() -> None:
     res = subprocess.run([sys.executable, "-m", "sipsniff_acc", "messages", "-i", "lo", "-c", "1", "x.pcap"],
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 2 and "not both" in res.stderr
 
 
-def test_unknown_interface_is_a_clear_input_error() -> None:
-    _require_capture_rights()
+def test_unknown_interface_is_one_line_before_the_work() -> None:
     res = subprocess.run([sys.executable, "-m", "sipsniff_acc", "messages", "-i", "nosuchif0", "-c", "1"],
                          capture_output=True, text=True, timeout=30)
-    assert res.returncode == 1 and "live:nosuchif0" in res.stderr
+    assert res.returncode == 2 and res.stderr == "error: -i nosuchif0: no such interface (`ip link` lists them)\n"
 
 
 def test_live_process_accounts_a_call_on_loopback(tmp_path: Path) -> None:

@@ -99,9 +99,7 @@ def test_capture_mistakes(tmp_path: Path) -> None:
 def test_usage_mistakes_are_one_line(tmp_path: Path) -> None:
     one_line_error(run("process", "--bogus", SAMPLE, cwd=tmp_path), 2, "--bogus", "-h")
     one_line_error(run("init-db", cwd=tmp_path), 2, "url")
-    one_line_error(run("messages", "-f", "table", SAMPLE, cwd=tmp_path), 2,
-                   "not yet: capture filters come with the SPAN-port service", "-T")
-    one_line_error(run("messages", "-i", "lo", cwd=tmp_path), 2, "--count or --duration")
+    one_line_error(run("messages", "-f", "table", SAMPLE, cwd=tmp_path), 2, "-f/--filter", "--interface", "-T")
     one_line_error(run("process", SAMPLE, "--tls-keylog", str(tmp_path / "keys"), "--no-db", cwd=tmp_path), 2,
                    "--tls-keylog", "no such file")
     table = run("messages", "-T", "table", "-q", SAMPLE, cwd=tmp_path)
