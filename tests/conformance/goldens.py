@@ -78,8 +78,9 @@ def run_process(pcap: Path, rules_text: str, work: Path) -> tuple[list[str], dic
                    capture_output=True, text=True, timeout=300, check=True)
     con = sqlite3.connect(db)
     con.row_factory = sqlite3.Row
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     rows = {t: [dict(r) for r in con.execute(f"SELECT * FROM {t} ORDER BY id")]  # noqa: S608 - fixed names
-            for t in ("acc", "missed_calls")}
+            for t in ("acc", "missed_calls", "acc_cdrs") if t in tables}
     con.close()
     return log.read_text().splitlines(), rows
 
@@ -97,7 +98,7 @@ def assert_same_records(folder: Path, work: Path, rules_text: str) -> tuple[int,
     Log lines are compared from "ACC: " on, timestamp included, so the time must agree to
     the second; rows column by column (extras and legs too), time to the second."""
     lines, rows = run_process(folder / "capture.pcap", rules_text, work)
-    ours = sorted(line.split("ACC: ", 1)[1] for line in lines)
+    ours = sorted(line.split("ACC: ", 1)[1] for line in lines if "ACC: " in line)
     theirs = sorted(line.split("ACC: ", 1)[1] for line in (folder / "acc.log").read_text().splitlines())
     assert ours == theirs
     n = 0
@@ -121,3 +122,90 @@ def require_live() -> None:
         if os.environ.get("SIPSNIFF_REQUIRE_SERVERS") == "1":
             pytest.fail(f"{reason}, and SIPSNIFF_REQUIRE_SERVERS=1 forbids skipping")
         pytest.skip(reason)
+
+
+CDR_MARK = "log_write_cdr(): "
+#: how far a CDR time may be from Kamailio's, in ms. Kamailio reads its clock while it processes
+#: the INVITE/BYE/ACK, 0.1-4 ms after the packet's arrival (measured on the recordings); we take
+#: the proxy's first reaction on the wire (its 100 Trying, its forward), which is after the read:
+#: the millisecond is Kamailio's in most cases and 1 ms later in the others.
+CDR_TOLERANCE_MS = 2
+
+
+def _cdr_pairs(line: str) -> list[tuple[str, str]]:
+    return [tuple(p.split("=", 1)) for p in line.split(CDR_MARK, 1)[1].split("; ")]  # type: ignore[misc]
+
+
+def _ms(value: str) -> int:
+    sec, _, frac = value.partition(".")
+    return int(sec) * 1000 + int((frac + "000")[:3])
+
+
+def _julian_second(v: object) -> int:
+    return round(86400 * (float(v) - 2440587.5) + 0.5)  # type: ignore[arg-type]
+
+
+def assert_same_cdrs(folder: Path, work: Path, rules_text: str) -> dict[str, int]:
+    """Our dialog CDRs against Kamailio's: the log lines (keys in order and extras exact, times
+    within CDR_TOLERANCE_MS) and the acc_cdrs rows (columns and extras exact, start/end seconds
+    as Kamailio's, or off by one only where the tolerance crosses a second; duration within the
+    tolerance), and each CDR's place among the ACC lines of its call (acc-spec §1.13).
+    Returns counts and the largest difference seen (ms)."""
+    lines, rows = run_process(folder / "capture.pcap", rules_text, work)
+    theirs = [line for line in (folder / "cdr.log").read_text().splitlines() if CDR_MARK in line]
+    ours = [line for line in lines if CDR_MARK in line]
+    assert len(ours) == len(theirs), (ours, theirs)
+    worst = exact = 0
+    by_extras = lambda pairs: [p for p in pairs[3:]]  # noqa: E731
+    ours_p = sorted((_cdr_pairs(line) for line in ours), key=by_extras)
+    theirs_p = sorted((_cdr_pairs(line) for line in theirs), key=by_extras)
+    for o, t in zip(ours_p, theirs_p, strict=True):
+        assert [k for k, _v in o] == [k for k, _v in t]  # keys exact, in order
+        assert o[3:] == t[3:]  # cdr_extra values exact
+        for (_k, ov), (_k2, tv) in zip(o[:3], t[:3], strict=True):
+            if tv == "0":  # a failed dialog's duration is the string "0"
+                assert ov == "0"
+                continue
+            diff = abs(_ms(ov) - _ms(tv))
+            worst = max(worst, diff)
+            exact += diff == 0
+            assert diff <= CDR_TOLERANCE_MS, (o, t)
+    kam_rows = json.loads((folder / "acc_cdrs.json").read_text())
+    our_rows = rows.get("acc_cdrs", [])
+    assert len(our_rows) == len(kam_rows)
+    key = lambda r: sorted((k, str(v)) for k, v in r.items() if k.startswith("c_"))  # noqa: E731
+    for o, t in zip(sorted(our_rows, key=key), sorted(kam_rows, key=key), strict=True):
+        assert set(o) - {"sipsniff_id"} == set(t)
+        assert {k: v for k, v in o.items() if k.startswith("c_")} == {k: v for k, v in t.items() if k.startswith("c_")}
+        for col in ("start_time", "end_time"):
+            assert isinstance(o[col], float)
+            assert abs(_julian_second(o[col]) - _julian_second(t[col])) <= 1
+        assert abs(float(o["duration"]) - float(t["duration"])) <= CDR_TOLERANCE_MS / 1000 + 1e-9
+    # seconds off by one only where the millisecond tolerance crosses a second boundary
+    for o, t in zip(ours_p, theirs_p, strict=True):
+        for (_k, ov), (_k2, tv) in list(zip(o[:2], t[:2], strict=True)):
+            if _ms(ov) // 1000 != _ms(tv) // 1000:
+                assert abs(_ms(ov) - _ms(tv)) <= CDR_TOLERANCE_MS
+    # where each CDR goes among the ACC lines of the same call
+    order = (folder / "order.log").read_text().splitlines()
+    assert _call_orders(order) == _call_orders(lines)
+    return {"lines": len(theirs), "rows": len(kam_rows), "times": 3 * len(theirs), "exact_ms": exact, "worst_ms": worst}
+
+
+def _call_orders(lines: list[str]) -> dict[str, list[str]]:
+    """Call-ID -> the kinds of its ACC and CDR lines in output order."""
+    import re
+
+    out: dict[str, list[str]] = {}
+    for line in lines:
+        if CDR_MARK in line:
+            m = re.search(r"c_callid=([^;]*)", line)
+            kind = "cdr"
+        elif "ACC: " in line:
+            m = re.search(r";call_id=([^;]*)", line)
+            kind = line.split("ACC: ", 1)[1].split(":", 1)[0] + " " + line.split(";method=", 1)[1].split(";", 1)[0]
+        else:
+            continue
+        if m:
+            out.setdefault(m.group(1), []).append(kind)
+    return out

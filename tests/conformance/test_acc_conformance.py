@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conformance.goldens import assert_same_records, require_live, rules_for, run_process
+from tests.conformance.goldens import assert_same_cdrs, assert_same_records, require_live, rules_for, run_process
 from tests.conformance.record_kamailio import CASES, record
 
 HERE = Path(__file__).resolve().parent
@@ -28,6 +28,27 @@ def test_records_equal_kamailios(case: str, proxy: str, tmp_path: Path) -> None:
     lines, rows = assert_same_records(HERE / "cases" / case, tmp_path, rules_for(case, proxy == "configured"))
     assert (lines > 0) == CASES[case].expect_rows
     assert (rows > 0) == CASES[case].expect_rows
+
+
+CDR_CASES = [c for c in GOLDEN if CASES[c].cdr]
+
+
+@pytest.mark.parametrize("proxy", ["configured", "inferred"])
+@pytest.mark.parametrize("case", CDR_CASES)
+def test_dialog_cdrs_equal_kamailios(case: str, proxy: str, tmp_path: Path) -> None:
+    """Issue 12: every dialog CDR (log line and acc_cdrs row) of Kamailio 5.6 with dialog + acc
+    cdr_enable, cdr_on_failed and a cdr_extra; keys and extras exact, times to the millisecond
+    within goldens.CDR_TOLERANCE_MS; each in its place among the ACC lines of its call."""
+    got = assert_same_cdrs(HERE / "cases" / case, tmp_path, rules_for(case, proxy == "configured"))
+    assert got["lines"] > 0 and got["rows"] == got["lines"]
+
+
+def test_the_cdr_cases_cover_issue_12() -> None:
+    """answered (caller BYE), callee BYE, busy, cancelled, no-answer timeout, parallel fork, re-INVITE."""
+    assert {"cdr_answered", "cdr_callee_bye", "cdr_busy", "cdr_cancelled", "cdr_no_answer", "cdr_parallel_fork",
+            "cdr_reinvite"} <= set(CDR_CASES)
+    for case in CDR_CASES:
+        assert (HERE / "cases" / case / "acc_cdrs.json").exists() and (HERE / "cases" / case / "cdr.log").exists()
 
 
 def test_a_rerun_adds_no_rows(tmp_path: Path) -> None:
@@ -46,7 +67,7 @@ def test_a_rerun_adds_no_rows(tmp_path: Path) -> None:
 
 
 LIVE = ("answered_bye_from_caller", "busy_486_failed_and_missed", "proxy_404", "reinvite", "extras_and_legs",
-        "tcp_caller")
+        "tcp_caller", "cdr_answered", "cdr_no_answer")
 
 
 @pytest.mark.parametrize("case", LIVE)
@@ -56,3 +77,5 @@ def test_live_kamailio_and_us_agree(case: str, tmp_path: Path) -> None:
     folder = record(case, tmp_path / "recorded")
     lines, rows = assert_same_records(folder, tmp_path / "ours", rules_for(case))
     assert lines > 0 and rows > 0
+    if CASES[case].cdr:
+        assert assert_same_cdrs(folder, tmp_path / "cdrs", rules_for(case))["lines"] > 0
