@@ -440,6 +440,144 @@ def tunnels() -> None:
     simple("tun_4in6", ip6outer, "eth/ip6/ip4")
 
 
+def pptp(name: str, v6: bool) -> None:
+    """Enhanced GRE (version 1, PPTP, RFC 2637) with PPP inside: key (payload length + call ID),
+    sequence and acknowledgement numbers, address/control bytes present or compressed, protocol
+    field 2 bytes or compressed to 1; between the messages an acknowledgement without payload
+    and a PPP LCP echo, which are not IP (counted as skipped)."""
+    c = Case(name)
+    a, b = (A6, B6) if v6 else (A4, B4)
+    seq = {True: 1, False: 1}
+
+    def gre1(to_b: bool, ppp: bytes, ack: bool) -> object:
+        # K (key), S (sequence number) when there is payload, A (acknowledgement), version 1
+        flags = 0x2001 | (0x1000 if ppp else 0) | (0x0080 if ack else 0)
+        hdr = struct.pack("!HHHH", flags, 0x880B, len(ppp), 0x4000 if to_b else 0x8000)
+        if flags & 0x1000:
+            hdr += struct.pack("!I", seq[to_b])
+            seq[to_b] += 1
+        if flags & 0x0080:
+            hdr += struct.pack("!I", seq[not to_b] - 1)
+        src, dst = ("203.0.113.1", "203.0.113.2") if to_b else ("203.0.113.2", "203.0.113.1")
+        return Ether(src=MAC_A, dst=MAC_B) / IP(src=src, dst=dst, proto=47) / Raw(hdr + ppp)
+
+    for raw, facts in call(f"{name}-call@golden"):
+        i = int(facts["i"])
+        to_b = not facts["to_uac"]
+        src, dst = (a, b) if to_b else (b, a)
+        ip = IPv6(src=src, dst=dst) if v6 else IP(src=src, dst=dst, id=200 + i)
+        inner = bytes(ip / UDP(sport=5060, dport=5060) / Raw(raw))
+        proto = 0x0057 if v6 else 0x0021
+        # alternate: full FF 03 + 2-byte protocol; compressed address/control; compressed protocol too
+        head = [b"\xff\x03" + struct.pack("!H", proto), struct.pack("!H", proto), bytes([proto])][i % 3]
+        c.packets.append(gre1(to_b, head + inner, ack=i % 2 == 1))
+        c.expect(facts, a, 5060, b, 5060, "eth/ip4/gre/ppp/" + ("ip6" if v6 else "ip4"))
+        if i == 1:
+            c.packets.append(gre1(False, b"", ack=True))  # a bare acknowledgement
+        if i == 3:  # LCP Echo-Request (protocol C021): PPP control, not IP
+            c.packets.append(gre1(True, b"\xff\x03\xc0\x21\x09\x01\x00\x08\x00\x00\x00\x00", ack=False))
+    c.skipped = {"not_ip_or_unsupported": 2}
+    c.write()
+
+
+def tcp_big() -> None:
+    """A 200 KB NOTIFY (an RLS contact list, RFC 4662) over TCP in 1448-byte segments, then an
+    ordinary call on the same connection: above Kamailio's 64 KB buffer, within
+    limits.max_sip_message (1 MiB by default)."""
+    c = Case("tcp_big")
+    conn = TcpConn(c)
+    c.packets.extend(conn.handshake())
+    entries = "".join(f'<resource uri="sip:user{i:05d}@example.com"><name>User {i:05d}</name>'
+                      f'<instance id="i{i}" state="active" cid="c{i}@example.com"/></resource>\r\n'
+                      for i in range(1700))
+    body = ('<?xml version="1.0" encoding="UTF-8"?>\r\n<list xmlns="urn:ietf:params:xml:ns:rlmi" '
+            'uri="sip:buddies@example.com" version="1" fullState="true">\r\n' + entries + "</list>\r\n").encode()
+    assert len(body) > 200_000
+    call_id = "tcp_big-notify@golden"
+    notify = sip_request("NOTIFY", call_id=call_id, branch="z9hG4bK-ntf", to_tag="ttag1", body=body,
+                         extra_headers=("Event: presence", "Subscription-State: active;expires=3600"))
+    ok = sip_response(200, "OK", call_id=call_id, cseq_method="NOTIFY", branch="z9hG4bK-ntf")
+    for at in range(0, len(notify), 1448):
+        c.packets.append(conn.seg(True, notify[at : at + 1448]))
+    c.packets.append(conn.seg(False, ok))
+    base = dict(call_id=call_id, cseq=1, cseq_method="NOTIFY", from_tag="ftag1", to_tag="ttag1", branch="z9hG4bK-ntf")
+    c.expect({**base, "method": "NOTIFY", "status": None, "to_uac": False, "i": 0}, A4, 40000, B4, 5060, "eth/ip4", "TCP")
+    c.expect({**base, "method": None, "status": 200, "to_uac": True, "i": 1}, A4, 40000, B4, 5060, "eth/ip4", "TCP")
+    for raw, facts in call("tcp_big-call@golden"):
+        c.packets.append(conn.seg(not facts["to_uac"], raw))
+        c.expect(facts, A4, 40000, B4, 5060, "eth/ip4", "TCP")
+    c.write()
+
+
+def dup_ipid() -> None:
+    """A SPAN port mirroring both directions: every datagram twice, the copy 10 µs later with the
+    same IP ID. The phone resends its INVITE 0.3 ms after the first (a new packet: a new IP ID),
+    and that one is mirrored too; the IPv6 BYE's copy has no ID to go by (the exact-payload rule
+    decides: a copy). Kept: the INVITE twice, every other message once; 7 copies dropped."""
+    c = Case("dup_ipid")
+    t = BASE_TIME
+    packets = []
+    ipid = 300
+    for raw, facts in call("dup_ipid-call@golden"):
+        i = int(facts["i"])
+        src, dst = (B4, A4) if facts["to_uac"] else (A4, B4)
+        sends = 2 if i == 0 else 1  # the INVITE goes out twice, 0.3 ms apart
+        for k in range(sends):
+            t += 0.0003 if k else 0.01
+            ipid += 1
+            if i == 4:  # the BYE over IPv6: no Identification outside a fragment header
+                pkt = Ether(src=MAC_A, dst=MAC_B) / IPv6(src=A6, dst=B6) / UDP(sport=5060, dport=5060) / Raw(raw)
+            else:
+                pkt = Ether(src=MAC_A, dst=MAC_B) / IP(src=src, dst=dst, id=ipid) / UDP(sport=5060, dport=5060) / Raw(raw)
+            copy = pkt.copy()
+            pkt.time, copy.time = t, t + 0.00001
+            packets += [pkt, copy]
+            if i == 4:
+                row = {k2: v for k2, v in facts.items() if k2 not in ("to_uac", "i")}
+                row.update(src=A6, sport=5060, dst=B6, dport=5060, encap="eth/ip6", transport="UDP")
+                c.expected.append(row)
+            else:
+                c.expect(facts, A4, 5060, B4, 5060, "eth/ip4")
+    wrpcap(str(HERE / "dup_ipid.pcap"), packets)
+    c.write_expected()
+
+
+def sctp_not_sip() -> None:
+    """An SCTP capture beside a core network: Diameter (PPID 46), S1AP (18) and M3UA (3) DATA
+    chunks, and a Diameter message sent with PPID 0 ("unspecified"), among a SIP call's chunks.
+    The non-SIP chunks are skipped and counted, not taken for SIP that does not parse."""
+    c = Case("sctp_not_sip")
+    msgs = call("sctp_not_sip-call@golden")
+    tsn = {True: 100, False: 900}
+
+    def chunk(to_b: bool, data: bytes, ppid: int = 0) -> object:
+        ch = SCTPChunkData(tsn=tsn[to_b], stream_id=0, stream_seq=0, proto_id=ppid, beginning=True, ending=True,
+                           data=data)
+        tsn[to_b] += 1
+        return ch
+
+    def pkt(to_b: bool, *chunks: object) -> object:
+        src, dst = (A4, B4) if to_b else (B4, A4)
+        p = IP(src=src, dst=dst) / SCTP(sport=5060 if not to_b else 40000, dport=40000 if not to_b else 5060, tag=1)
+        for ch in chunks:
+            p = p / ch
+        return Ether(src=MAC_A, dst=MAC_B) / p
+
+    # Diameter CCR header: version 1, length, flags R, command 272, application 4, hop-by-hop, end-to-end
+    diameter = struct.pack("!I", 0x01000000 | 20) + struct.pack("!I", 0x80000000 | 272) + struct.pack("!III", 4, 1, 2)
+    s1ap = bytes.fromhex("000c4068000006000800020001001a00")
+    m3ua = bytes.fromhex("0100010100000018000600080000000100")
+    for n, (raw, facts) in enumerate(msgs):
+        to_b = not facts["to_uac"]
+        extra = [chunk(to_b, diameter, 46)] if n == 0 else [chunk(to_b, s1ap, 18)] if n == 2 else []
+        c.packets.append(pkt(to_b, *extra, chunk(to_b, raw)))
+        c.expect(facts, A4, 40000, B4, 5060, "eth/ip4", "SCTP")
+        if n == 3:
+            c.packets.append(pkt(to_b, chunk(to_b, m3ua, 3), chunk(to_b, diameter, 0)))
+    c.skipped = {"sctp_not_sip": 1, "sctp_not_sip_ppid": 3}
+    c.write()
+
+
 def main() -> None:
     eth = lambda p: Ether(src=MAC_A, dst=MAC_B) / p  # noqa: E731
     simple("vlan", lambda p: Ether(src=MAC_A, dst=MAC_B) / Dot1Q(vlan=100) / p, "eth/vlan:100/ip4")
@@ -463,6 +601,11 @@ def main() -> None:
     websocket()
     sctp()
     tunnels()
+    pptp("tun_pptp", v6=False)
+    pptp("tun_pptp6", v6=True)
+    tcp_big()
+    dup_ipid()
+    sctp_not_sip()
 
 
 def _v6_ext(p):  # type: ignore[no-untyped-def]
