@@ -7,7 +7,7 @@ file, reopening outputs after logrotate, saying what happened) is here.
 
 A reload is all or nothing: the new file is validated exactly as at start-up (bounded YAML,
 RE2, FILE:LINE problems) and must not change what the running outputs and tables were built
-from (the proxy's addresses, timers, limits, tables and columns, RADIUS/Diameter peers):
+from (profile, limits, dialog/CDR settings, tables and columns, RADIUS/Diameter peers):
 those need a restart, and a file that changes them is refused whole, so the running rules
 are never a mix of two files.
 """
@@ -36,8 +36,12 @@ WARNING, NOTICE = 4, 5  #: syslog priorities (sd-daemon's "<N>" prefix under jou
 LIVE_ACC_KEYS = frozenset({
     "early_media", "failed_transaction_flag", "failed_filter", "report_ack", "report_cancels",
     "detect_direction", "reason_from_hf", "local_reason", "log_flag", "log_missed_flag", "log_extra",
-    "db_flag", "db_missed_flag", "multi_leg_info",
+    "db_flag", "db_missed_flag",
 })
+#: top-level sections fixed at start: the profile (the log prefix, the tracker's relay mode),
+#: dialog settings (CDR timers) and the memory limits (tables sized once). ``proxy`` and ``tm``
+#: may change: the run applies them to transactions created after the reload.
+FIXED_TOP = ("profile", "dialog", "limits")
 
 
 def _journald() -> bool:
@@ -149,8 +153,8 @@ class ReopenableFile:
 def fixed_changes(old: RulesFile, new: RulesFile) -> list[str]:
     """The keys that differ between two rules files and cannot change while running."""
     out: list[str] = []
-    for top in ("profile", "proxy", "tm", "limits"):
-        if getattr(old, top) != getattr(new, top):
+    for top in FIXED_TOP:
+        if getattr(old, top, None) != getattr(new, top, None):
             out.append(top)
     a, b = old.acc.model_dump(), new.acc.model_dump()
     out += [f"acc.{k}" for k in a if k not in LIVE_ACC_KEYS and a[k] != b.get(k)]

@@ -39,7 +39,7 @@ route:
 """
 NEEDS_RESTART = """\
 acc: {log_flag: 1}
-tm: {fr_timer: 10}
+limits: {max_dialogs: 1000}
 route:
   - if: {method: INVITE}
     setflag: [1]
@@ -87,7 +87,7 @@ def test_sighup_reloads_rules(tmp_path: Path) -> None:
     refused = [ln for ln in text.splitlines() if "rules reload refused" in ln]
     assert refused[0].startswith(f"alarm: rules reload refused: {rules}:5: route.0.setflags: ")
     assert "; keeping the rules loaded at " in refused[0]
-    assert refused[1].startswith(f"alarm: rules reload refused: {rules}: tm changed: these need a restart")
+    assert refused[1].startswith(f"alarm: rules reload refused: {rules}: limits changed: these need a restart")
     got = accounted(tmp_path / "records.jsonl")
     assert got == {
         ("A", "INVITE"),  # old rules: INVITEs flagged, BYEs not
