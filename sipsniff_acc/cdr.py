@@ -99,10 +99,20 @@ class CdrEngine:
 
     def __init__(self, rules: RulesFile, engine: AccEngine) -> None:
         """``engine``: the acc engine of the same pipeline (record ids, $TS, counters, limits are shared)."""
+        self.engine = engine
+        self.max_dialogs = engine.limits.max_dialogs
+        self.dialogs: OrderedDict[tuple[str, str], Dialog] = OrderedDict()  #: (Call-ID, caller's From-tag)
+        self.by_txn: dict[tuple[str, str, str, int], Dialog] = {}  #: INVITE / BYE transaction key -> dialog
+        self._timers: list[tuple[float, str, str]] = []  #: (when, Call-ID, tag): expiry or unanswered give-up
+        self.stats = CdrStats()
+        self.replace_rules(rules)
+
+    def replace_rules(self, rules: RulesFile) -> None:
+        """Take rules.yaml's CDR settings (at start, and on a reload): dialogs already tracked go
+        on with their variables and times; new ones follow the new route rules."""
         self.rules = rules
         a = rules.acc
         self.acc = a
-        self.engine = engine
         self.backends = a.cdr_backends
         self.table = a.cdrs_table
         self.names = (a.cdr_start_id, a.cdr_end_id, a.cdr_duration_id)
@@ -114,12 +124,7 @@ class CdrEngine:
         self.timeout = rules.dialog.default_timeout
         self.dlg_flag = rules.dialog.dlg_flag
         self.unanswered_life = rules.tm.fr_inv_timer + RETAIN
-        self.max_dialogs = engine.limits.max_dialogs
         self.route: list[CompiledRule] = [compile_rule(r) for r in rules.route]
-        self.dialogs: OrderedDict[tuple[str, str], Dialog] = OrderedDict()  #: (Call-ID, caller's From-tag)
-        self.by_txn: dict[tuple[str, str, str, int], Dialog] = {}  #: INVITE / BYE transaction key -> dialog
-        self._timers: list[tuple[float, str, str]] = []  #: (when, Call-ID, tag): expiry or unanswered give-up
-        self.stats = CdrStats()
 
     @property
     def enabled(self) -> bool:
@@ -350,6 +355,8 @@ class CdrEngine:
 
     def _cdr(self, d: Dialog, msg: SipMessage | None, ts: float) -> AccRecord | None:
         """write_cdr(): the log line and/or row; ``msg`` None for an expired dialog ($dlg_var only)."""
+        if not self.backends:  # CDRs switched off by a reload
+            return None
         if self.skip and self.skip in d.vars:
             self.stats.skipped += 1
             return None
