@@ -70,10 +70,6 @@ def _unparse(msg: SipMessage | None) -> None:
 
 class AccEngine:
     def __init__(self, rules: RulesFile, limits: Limits | None = None, stats: TrackerStats | None = None) -> None:
-        self.rules = rules
-        self.acc = rules.acc
-        self.profile = rules.profile_info
-        self.relay_mode = rules.reply_relay_mode
         self.limits = limits = limits or Limits()
         self.stats = stats if stats is not None else TrackerStats()  #: hdr_scans_cut, record_ids_cut
         self._hdr_limit = limits.max_hdr_scan
@@ -84,6 +80,20 @@ class AccEngine:
         window = max(limits.record_id_window, 2 * tm.fr_inv_timer + max(RETAIN, tm.wait_timer))
         self.ids = RecordIds(window, limits.max_record_ids, self.stats)
         self.start = 0.0
+        self._configure(rules)
+
+    def replace_rules(self, rules: RulesFile) -> None:
+        """A reloaded rules.yaml (SIGHUP): transactions created from now on follow it; open ones
+        keep the flags and AVPs their request got (Kamailio decides them in request_route, once).
+        Record ids, $TS and the counters go on."""
+        self._configure(rules)
+
+    def _configure(self, rules: RulesFile) -> None:
+        """Everything the engine takes from rules.yaml."""
+        self.rules = rules
+        self.acc = rules.acc
+        self.profile = rules.profile_info
+        self.relay_mode = rules.reply_relay_mode
         self._acc_flags = self.acc.flags(missed=False)
         self._missed_flags = self.acc.flags(missed=True)
         self._watch = 0

@@ -11,11 +11,13 @@ import heapq
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
+from dataclasses import dataclass
+
 from sipsniff_acc import sip
-from sipsniff_acc.events import Counters, Datagram, Frame, Transport
+from sipsniff_acc.events import CaptureGap, Counters, Datagram, Frame, Idle, Transport
 from sipsniff_acc.messagelog import jsonl, table
 from sipsniff_acc.pipeline import AddressText, CaptureStage
-from sipsniff_acc.shard import batched, ordered_map
+from sipsniff_acc.shard import BATCH, batched, ordered_map
 
 #: what crosses the process boundary: a Datagram as a plain tuple (cheaper to pickle)
 Candidate = tuple[float, int, str, bytes, int, bytes, int, bytes, tuple[str, ...], str]
@@ -28,17 +30,81 @@ def as_candidate(d: Datagram) -> Candidate:
     return (d.ts, d.no, _TEXT[d.transport], d.src, d.sport, d.dst, d.dport, d.payload, d.encap, d.source)
 
 
-def candidates(frames: Iterable[Frame], capture: CaptureStage) -> Iterator[Candidate]:
+@dataclass(slots=True)
+class Tick:
+    """Packet time went on by ``TICK`` seconds since the last tick (frames that carried no SIP
+    count too): the accounting's timers fire here, at the same points with -j 0 and -j N."""
+
+    ts: float
+
+
+TICK = 0.05  #: seconds of packet time between Ticks (a live run's timers and rounds: ≤ 200 ms late)
+
+Marker = Idle | CaptureGap | Tick
+
+
+def candidates(frames: Iterable[Frame | Idle | CaptureGap], capture: CaptureStage) -> Iterator[Candidate]:
+    """The SIP candidates of the frames; a live source's Idle and CaptureGap are skipped."""
     feed = capture.feed
     text = _TEXT
     for frame in frames:
-        for d in feed(frame):
+        if frame.__class__ is not Frame:
+            continue  # Idle, CaptureGap: nothing to parse
+        for d in feed(frame):  # type: ignore[arg-type]
             if d.__class__ is Datagram:  # as_candidate, inlined: this loop runs per packet
                 yield (d.ts, d.no, text[d.transport], d.src, d.sport, d.dst, d.dport,
                        d.payload, d.encap, d.source)
     for d in capture.finish():  # messages that only end of input completes (TCP after a gap)
         if d.__class__ is Datagram:
             yield as_candidate(d)
+
+
+def timed_candidates(frames: Iterable[Frame | Idle | CaptureGap], capture: CaptureStage,
+                     tick: float = TICK) -> Iterator[Candidate | Marker]:
+    """``candidates`` with the passing of time: a Tick before the first frame at or past each
+    ``tick`` seconds of packet time, and a live source's Idle and CaptureGap, in stream order."""
+    feed = capture.feed
+    text = _TEXT
+    next_tick = float("-inf")
+    for frame in frames:
+        if frame.__class__ is not Frame:
+            yield frame  # type: ignore[misc]
+            continue
+        ts = frame.ts  # type: ignore[union-attr]
+        if ts >= next_tick:  # before the frame's messages: a timer due fires before a message of its time
+            if next_tick != float("-inf"):
+                yield Tick(ts)
+            next_tick = ts + tick
+        for d in feed(frame):  # type: ignore[arg-type]
+            if d.__class__ is Datagram:
+                yield (d.ts, d.no, text[d.transport], d.src, d.sport, d.dst, d.dport,
+                       d.payload, d.encap, d.source)
+    for d in capture.finish():
+        if d.__class__ is Datagram:
+            yield as_candidate(d)
+
+
+def item_time(c: Candidate | Marker) -> float:
+    """The time of a candidate or a marker (for heapq.merge with decrypted TLS)."""
+    return c[0] if c.__class__ is tuple else c.ts  # type: ignore[union-attr,index]
+
+
+def batched_until_idle(frames: Iterable[Frame | Idle | CaptureGap], capture: CaptureStage,
+                       size: int = BATCH) -> Iterator[list[Candidate]]:
+    """Batches of candidates, also closed at a live source's Idle: ``messages -i`` prints a
+    message ≤ 100 ms after silence falls, not when 1000 more have come."""
+    batch: list[Candidate] = []
+    for item in timed_candidates(frames, capture):
+        if item.__class__ is tuple:
+            batch.append(item)  # type: ignore[arg-type]
+            if len(batch) >= size:
+                yield batch
+                batch = []
+        elif item.__class__ is Idle and batch:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def format_batch(fmt: str) -> Callable[[list[Candidate]], tuple[bytes, Delta]]:
@@ -81,12 +147,14 @@ def message_lines(
     merged into the stream by timestamp.
     """
     capture = CaptureStage(counters)
-    cands: Iterator[Candidate] = candidates(frames, capture)
     extra = list(extra)
-    if extra:
-        cands = heapq.merge(cands, map(as_candidate, extra), key=candidate_time)
     work = format_batch(fmt)
-    batches = batched(cands)
+    if extra:
+        cands: Iterator[Candidate] = heapq.merge(candidates(frames, capture), map(as_candidate, extra),
+                                                 key=candidate_time)
+        batches = batched(cands)
+    else:
+        batches = batched_until_idle(frames, capture)
     results = map(work, batches) if workers <= 0 else ordered_map(batches, work, workers)
     for text, (parsed, anomalies) in results:
         counters.sip_messages += parsed

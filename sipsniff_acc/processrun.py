@@ -8,23 +8,26 @@ from __future__ import annotations
 
 import heapq
 import re
+import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from sipsniff_acc.acc import AccEngine
+from sipsniff_acc.cdr import CdrEngine
 from sipsniff_acc.emitters import Emitter
-from sipsniff_acc.events import Counters, Datagram, Frame
+from sipsniff_acc.events import CaptureGap, Counters, Datagram, Frame, Idle
 from sipsniff_acc.limits import Limits
-from sipsniff_acc.messagerun import Candidate, as_candidate, candidate_time, candidates
+from sipsniff_acc.messagerun import TICK, Candidate, Tick, as_candidate, item_time, timed_candidates
 from sipsniff_acc.pipeline import CaptureStage, MessagePipeline, SipParser
 from sipsniff_acc import stopping
 from sipsniff_acc.shard import BATCH, sharded_map
 from sipsniff_acc.records import AccRecord
 from sipsniff_acc.rules import RulesFile, parse_address
 from sipsniff_acc.sip import SipMessage
-from sipsniff_acc.tracker import TrackerStats, TransactionTracker
+from sipsniff_acc.tracker import AckIn, Event, RequestIn, TrackerStats, TransactionTracker
 
 
 class AccPipeline:
@@ -37,20 +40,96 @@ class AccPipeline:
         limits = (getattr(rules, "limits", None) or Limits()).shard(shards)  # rules.yaml's limits:, if any
         self.tracker = TransactionTracker(
             [parse_address(a) for a in rules.proxy.addresses], rules.tm.wait_timer, rules.tm.fr_timer,
-            rules.tm.fr_inv_timer, limits)
+            rules.tm.fr_inv_timer, limits, open_as_408)
         self.engine = AccEngine(rules, limits, self.tracker.stats)  # one set of counters for the summary
+        cdr = CdrEngine(rules, self.engine)  # dialog CDRs (cdr.py, S7): only when rules.yaml enables them
+        self.cdr: CdrEngine | None = cdr if cdr.enabled else None
+        #: times of the last capture gaps (packets dropped): records spanning one are marked
+        self.gaps: deque[float] = deque(maxlen=GAPS_KEPT)
 
     def feed(self, msg: SipMessage) -> list[AccRecord]:
-        out: list[AccRecord] = []
+        cdr = self.cdr
+        out: list[AccRecord] = [] if cdr is None else cdr.seen(msg)  # CDR timers due, the proxy's 100s
+        engine = self.engine
         for ev in self.tracker.feed(msg):
-            out.extend(self.engine.feed(ev))
+            recs = engine.feed(ev)
+            if cdr is not None:
+                recs = cdr.feed(ev, recs)  # the event's CDR in its place among the acc records
+            if recs:
+                if self.gaps:
+                    self._mark(ev, recs)
+                out.extend(recs)
         return out
+
+    def advance(self, now: float) -> list[AccRecord]:
+        """Packet time is ``now`` and no message came (a live source's Idle, frames without
+        SIP): the records the timers make (--open-as-408's timer 408s)."""
+        cdr = self.cdr
+        out: list[AccRecord] = [] if cdr is None else cdr.advance(now)  # expired dialogs
+        for ev in self.tracker.advance(now):
+            recs = self.engine.feed(ev)
+            if cdr is not None:
+                recs = cdr.feed(ev, recs)
+            if recs:
+                if self.gaps:
+                    self._mark(ev, recs)
+                out.extend(recs)
+        return out
+
+    def gap(self, ts: float) -> None:
+        """Packets were dropped at ``ts`` (CaptureGap): records of calls open then are marked."""
+        self.gaps.append(ts)
+
+    def replace_rules(self, rules: RulesFile) -> None:
+        """A reloaded rules.yaml: transactions created from now on follow it (proxy addresses,
+        timers, route, acc modparams); open ones keep the flags and AVPs they got."""
+        self.rules = rules
+        self.engine.replace_rules(rules)
+        if self.cdr is not None or rules.acc.cdr_backends:  # dialog CDRs (S7): tracked dialogs go on
+            self.cdr = self.cdr or CdrEngine(rules, self.engine)
+            self.cdr.replace_rules(rules)
+        t = self.tracker
+        t.proxies = [parse_address(a) for a in rules.proxy.addresses]
+        t.wait_timer, t.fr_timer, t.fr_inv_timer = rules.tm.wait_timer, rules.tm.fr_timer, rules.tm.fr_inv_timer
+
+    def _mark(self, ev: Event, recs: list[AccRecord]) -> None:
+        """``capture_gaps`` on the records when a gap fell after their transaction began (for a
+        record in a dialog: after the dialog began, if the dialog is still known)."""
+        if isinstance(ev, RequestIn):
+            start = ev.msg.ts
+        elif isinstance(ev, AckIn):
+            start = ev.invite.created if ev.invite is not None else ev.msg.ts
+        else:
+            start = ev.txn.created
+        dialogs = self.tracker.dialogs
+        gaps = self.gaps
+        for r in recs:
+            began = start
+            if r.in_dialog and r.call_id is not None:
+                for tag in (r.from_tag, r.to_tag):
+                    d = dialogs.get((r.call_id, tag or ""))
+                    if d is not None and d.created < began:
+                        began = d.created
+            ts = r.ts
+            if any(began < g <= ts for g in gaps):
+                r.capture_gaps = True
 
     def finish(self) -> list[AccRecord]:
         out: list[AccRecord] = []
+        cdr = self.cdr
         for ev in self.tracker.finish(self.open_as_408):
-            out.extend(self.engine.feed(ev))
+            recs = self.engine.feed(ev)
+            if cdr is not None:
+                recs = cdr.feed(ev, recs)
+            if recs and self.gaps:
+                self._mark(ev, recs)
+            out.extend(recs)
+        if cdr is not None:
+            out.extend(cdr.finish())
         return out
+
+
+GAPS_KEPT = 64  #: capture gaps remembered for the marking (a record spanning an older one spans these too)
 
 
 def records_of(messages: Iterable[SipMessage], rules: RulesFile, open_as_408: bool = False) -> list[AccRecord]:
@@ -68,18 +147,83 @@ class RunResult:
     by_backend: Counter[str] = field(default_factory=Counter)
     tracker: TrackerStats = field(default_factory=TrackerStats)
     open_as_408: bool = False
+    capture_gaps: int = 0  #: records made while packets were being dropped (marked ``capture_gaps``)
+    gaps: int = 0  #: CaptureGap reports in the stream
+    dropped: int = 0  #: packets those reports said were lost
+    rule_reloads: int = 0  #: rules.yaml replaced during the run (``control.pending_rules()``)
 
 
-def run(frames: Iterable[Frame], rules: RulesFile, emitters: Sequence[Emitter], counters: Counters,
-        open_as_408: bool = False, result: RunResult | None = None, workers: int = 0,
-        extra: Sequence[Datagram] = ()) -> RunResult:
+class Control(Protocol):
+    """What the service (SIGHUP) hands the run loop; read at safe points (every Idle and
+    every TICK of packet time): a cheap call."""
+
+    def pending_rules(self) -> RulesFile | None: ...
+
+
+FLUSH_EVERY = 0.1  #: wall seconds: copy outputs (log lines, JSON lines) are flushed at most this late
+TIMER_EVERY = 1.0  #: wall seconds: the spooled backends get a delivery (retry) chance at least this often
+
+
+class Outputs:
+    """The emitters' clock: records out within 1 s whatever the traffic.
+
+    After a delivery the outputs are flushed at once if the last flush is FLUSH_EVERY old
+    (a record after a quiet spell goes out now, a burst costs one flush per FLUSH_EVERY);
+    otherwise at the next tick of packet time or Idle. An emitter takes part with a ``tick()``
+    method (flush a stream, commit and deliver a spool's buffer, retry a backend that is down)."""
+
+    def __init__(self, emitters: Sequence[Emitter], clock: Callable[[], float] = time.monotonic) -> None:
+        self.tickers: list[Callable[[], None]] = [t for e in emitters if (t := getattr(e, "tick", None)) is not None]
+        self.clock = clock
+        self.last = float("-inf")  #: the first record goes out at once
+        self.dirty = False
+
+    def written(self) -> None:
+        if self.tickers:
+            now = self.clock()
+            if now - self.last >= FLUSH_EVERY:
+                self.tick(now)
+            else:
+                self.dirty = True
+
+    def poll(self) -> None:
+        """Packet time went on (a Tick): flush what waits, and give the spool its timer."""
+        if self.tickers:
+            now = self.clock()
+            if now - self.last >= (FLUSH_EVERY if self.dirty else TIMER_EVERY):
+                self.tick(now)
+
+    def tick(self, now: float | None = None) -> None:
+        stop = stopping.STATE
+        stop.guarded += 1  # as a delivery: a stop signal waits for the flush/commit to finish
+        try:
+            for t in self.tickers:
+                t()
+        finally:
+            stop.guarded -= 1
+        self.last = self.clock() if now is None else now
+        self.dirty = False
+        if stop.signum:
+            stopping.check()
+
+
+def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters: Sequence[Emitter],
+        counters: Counters, open_as_408: bool = False, result: RunResult | None = None, workers: int = 0,
+        extra: Sequence[Datagram] = (), control: Control | None = None, live: bool | None = None,
+        state: str | None = None) -> RunResult:
     """Drive the pipeline; ``result`` (if given) is filled in place, so a caller interrupted by
     a signal still has the counts of what was delivered to the emitters. ``extra``: SIP found
-    another way (TLS decrypted by tshark), in time order, merged in by timestamp."""
+    another way (TLS decrypted by tshark), in time order, merged in by timestamp.
+
+    ``frames`` may carry a live source's ``Idle`` (timers fire, outputs flush) and
+    ``CaptureGap`` (records of calls open then are marked). ``control``: rules reloads.
+    ``live``: -j N rounds close after LIVE_ROUND_SPAN of packet time (None: once an Idle is
+    seen). ``state``: the state file (sipsniff_acc.state) loaded at the start and saved on a stop."""
     result = result if result is not None else RunResult()
     result.open_as_408 = open_as_408
 
     stop = stopping.STATE
+    outputs = Outputs(emitters)
 
     def deliver(records: list[AccRecord]) -> None:
         # Guarded: a stop signal waits for the records to be with every output (and its raise
@@ -89,43 +233,119 @@ def run(frames: Iterable[Frame], rules: RulesFile, emitters: Sequence[Emitter], 
             for r in records:
                 result.records[r.kind] += 1
                 result.by_backend.update(r.backends)
+                if r.capture_gaps:
+                    result.capture_gaps += 1
             for e in emitters:
                 e.emit(records)
         finally:
             stop.guarded -= 1
+        outputs.written()
         if stop.signum:
             stopping.check()
 
     if workers > 0:
-        _run_sharded(frames, rules, deliver, counters, open_as_408, workers, result, extra)
+        _run_sharded(frames, rules, deliver, counters, open_as_408, workers, result, extra, outputs, control,
+                     live, state)
         return result
     messages = MessagePipeline(counters)
     acc = AccPipeline(rules, open_as_408)
     result.tracker = acc.tracker.stats
+    if state:
+        _load_state(state, acc)
 
     feed = acc.feed
-    items: Iterable[Frame | Datagram] = frames
+    items: Iterable[Frame | Datagram | Idle | CaptureGap] = frames
     if extra:
         items = heapq.merge(frames, extra, key=_ts)
-    for frame in items:
-        if stop.signum:  # a safe point: the handler's own raise may have been swallowed
-            stopping.check()
-        found = messages.feed(frame) if frame.__class__ is Frame else messages.parser.feed(frame)  # type: ignore[arg-type]
-        for item in found:
-            if item.__class__ is SipMessage:
-                recs = feed(item)
-                if recs:
-                    deliver(recs)
+
+    def timers(now: float, idle: bool) -> None:
+        recs = acc.advance(now)
+        if recs:
+            deliver(recs)
+        if control is not None:
+            rules = control.pending_rules()
+            if rules is not None:
+                acc.replace_rules(rules)
+                result.rule_reloads += 1
+        if idle:
+            outputs.tick()
+        else:
+            outputs.poll()
+
+    next_tick = float("-inf")
+    if state:  # a stop is taken at a safe point only (a frame's end), so that the calls are saved whole
+        stop.guarded += 1
+    try:
+        for frame in items:
+            if stop.signum:  # a safe point: the handler's own raise may have been swallowed
+                if state:
+                    _save_state(state, acc)
+                    stop.guarded -= 1
+                    state = None
+                stopping.check()
+            cls = frame.__class__
+            if cls is Frame:
+                ts = frame.ts
+                if ts >= next_tick:  # the Ticks of timed_candidates, at the same frames
+                    if next_tick != float("-inf"):
+                        timers(ts, False)
+                    next_tick = ts + TICK
+                found = messages.feed(frame)  # type: ignore[arg-type]
+            elif cls is Datagram:
+                found = messages.parser.feed(frame)  # type: ignore[arg-type]
+            elif cls is Idle:
+                timers(frame.ts, True)
+                continue
+            else:  # CaptureGap
+                _gap(frame, result)  # type: ignore[arg-type]
+                acc.gap(frame.ts)
+                continue
+            for item in found:
+                if item.__class__ is SipMessage:
+                    recs = feed(item)
+                    if recs:
+                        deliver(recs)
+        if stop.signum and state:
+            _save_state(state, acc)
+    finally:
+        if state:
+            stop.guarded -= 1
     stopping.check()
     for item in messages.finish():
         if item.__class__ is SipMessage:
             recs = feed(item)
             if recs:
                 deliver(recs)
+    if state:  # --state: the traffic goes on after this run; its open calls are saved, not ended (S4)
+        _save_state(state, acc)
+        return result
     recs = acc.finish()
     if recs:
         deliver(recs)
     return result
+
+
+def _gap(gap: CaptureGap, result: RunResult) -> None:
+    result.gaps += 1
+    result.dropped += gap.dropped
+
+
+def _state_module() -> Any:
+    """sipsniff_acc.state (restarts lose no call), imported only when a state file is used."""
+    from sipsniff_acc import state as st  # noqa: PLC0415 - optional, and S4's module
+    return st
+
+
+def _load_state(path: str, acc: AccPipeline) -> None:
+    st = _state_module()
+    if hasattr(st, "load_state"):
+        st.load_state(path, acc, time.time())
+
+
+def _save_state(path: str, acc: AccPipeline) -> None:
+    st = _state_module()
+    if hasattr(st, "save_state"):
+        st.save_state(path, acc)
 
 
 # --- several processes: shards by Call-ID ------------------------------------------------
@@ -134,30 +354,19 @@ def run(frames: Iterable[Frame], rules: RulesFile, emitters: Sequence[Emitter], 
 #: it without parsing the message (a regex search, ~0.5 µs, against ~4 µs for a parse).
 _CALL_ID = re.compile(rb"\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
 
-Part = tuple[float, list[tuple[int, Candidate]]] | None  #: (first packet time, [(sequence, candidate)]); None: finish
+#: a round's share for one worker: (first packet time of the run, [(sequence, candidate, or a
+#: Tick's time: advance the timers)], control or None); None: finish. Control keys, applied
+#: before the items: "gap": [times] (CaptureGap), "rules": RulesFile (reload), "save": path (state)
+Part = tuple[float, list[tuple[int, Candidate | float]], dict[str, Any] | None] | None
 PartResult = tuple[list[tuple[int, AccRecord]], int, dict[str, int], TrackerStats | None]
 
 
-def _ts(item: Frame | Datagram) -> float:
+def _ts(item: Frame | Datagram | Idle | CaptureGap) -> float:
     return item.ts
 
 
-ROUND_SPAN = 1.0  #: seconds of packet time a round may span (a live capture's records are not held longer)
-
-
-def batched_in_time(cands: Iterable[Candidate], size: int = BATCH) -> Iterator[list[Candidate]]:
-    """Rounds of at most ``size`` messages or ROUND_SPAN seconds of packet time."""
-    batch: list[Candidate] = []
-    start = 0.0
-    for c in cands:
-        if batch and (len(batch) >= size or c[0] - start >= ROUND_SPAN):
-            yield batch
-            batch = []
-        if not batch:
-            start = c[0]
-        batch.append(c)
-    if batch:
-        yield batch
+ROUND_SPAN = 1.0  #: seconds of packet time a round of a file may span
+LIVE_ROUND_SPAN = 0.1  #: the same for a live capture: with TICK, records ≤ ~200 ms later than with -j 0
 
 
 def shard_of(payload: bytes, shards: int) -> int:
@@ -165,26 +374,39 @@ def shard_of(payload: bytes, shards: int) -> int:
     return zlib.crc32(m.group(1).strip() if m else b"") % shards
 
 
-def acc_worker(rules: RulesFile, open_as_408: bool, shards: int = 1) -> Callable[[Part], PartResult]:
+def acc_worker(rules: RulesFile, open_as_408: bool, shards: int = 1,
+               state: str | None = None) -> Callable[[Part], PartResult]:
     """A worker's state: a parser and an AccPipeline for the calls of its shard (1/shards of
-    the memory limits, so N workers together hold what one process would)."""
+    the memory limits, so N workers together hold what one process would). ``state``: this
+    worker's state file, loaded when it starts."""
     counters = Counters()
     parser = SipParser(counters)
     acc = AccPipeline(rules, open_as_408, shards)
+    loaded = [state is None]
 
     def work(part: Part) -> PartResult:
         out: list[tuple[int, AccRecord]] = []
+        if not loaded[0]:  # in the worker process (the pool forks before the first part)
+            loaded[0] = True
+            assert state is not None
+            _load_state(state, acc)
         if part is None:
             out = [(1 << 62, r) for r in acc.finish()]
             return out, 0, {}, acc.tracker.stats
-        first, items = part
+        first, items, control = part
+        if control:
+            _apply(control, acc)
         if not acc.engine.start:
             acc.engine.start = first  # $TS: the first packet of the whole run, not of this shard
         before = counters.sip_messages
         counters.anomalies.clear()
-        feed, message = acc.feed, parser.message
+        feed, message, advance = acc.feed, parser.message, acc.advance
         for seq, c in items:
-            msg = message(*c)
+            if c.__class__ is float:  # a Tick: the timers, at the same packet time as with -j 0
+                for r in advance(c):  # type: ignore[arg-type]
+                    out.append((seq, r))
+                continue
+            msg = message(*c)  # type: ignore[misc]
             if msg is not None:
                 for r in feed(msg):
                     out.append((seq, r))
@@ -193,42 +415,168 @@ def acc_worker(rules: RulesFile, open_as_408: bool, shards: int = 1) -> Callable
     return work
 
 
+def _apply(control: dict[str, Any], acc: AccPipeline) -> None:
+    """A round's control, in a worker: before its items, as at that point of the stream."""
+    for ts in control.get("gap", ()):
+        acc.gap(ts)
+    rules = control.get("rules")
+    if rules is not None:
+        acc.replace_rules(rules)
+    path = control.get("save")
+    if path:
+        _save_state(path, acc)
+
+
+def state_part(path: str, k: int) -> str:
+    """Worker k's state file under -j N: the path with ".k" appended."""
+    return f"{path}.{k}"
+
+
 def merge_stats(into: TrackerStats, other: TrackerStats) -> None:
     into.merge(other)
 
 
-def _run_sharded(frames: Iterable[Frame], rules: RulesFile, deliver: Callable[[list[AccRecord]], None],
-                 counters: Counters, open_as_408: bool, workers: int, result: RunResult,
-                 extra: Sequence[Datagram] = ()) -> None:
+def _run_sharded(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile,
+                 deliver: Callable[[list[AccRecord]], None], counters: Counters, open_as_408: bool, workers: int,
+                 result: RunResult, extra: Sequence[Datagram] = (), outputs: Outputs | None = None,
+                 control: Control | None = None, live: bool | None = None, state: str | None = None) -> None:
     """The front reads and reassembles; workers parse and account their calls. Records of a
     round are put back in the order of the messages that caused them: the output is the
-    single-process run's, record for record."""
+    single-process run's, record for record (a Tick's records: worker by worker).
+
+    A round closes at BATCH messages or ROUND_SPAN of packet time (LIVE_ROUND_SPAN live), at
+    a live source's Idle (then its records are waited for: nothing else is coming) and at a
+    rules reload. Ticks of packet time go to every worker, in sequence with the messages."""
     capture = CaptureStage(counters)
     stop = stopping.STATE
 
-    def rounds() -> Iterator[list[Part]]:
+    def rounds() -> Iterator[tuple[list[Part] | None, bool]]:
         seq = 0
         first = 0.0
-        cands: Iterator[Candidate] = candidates(frames, capture)
+        span = LIVE_ROUND_SPAN if live else ROUND_SPAN
+        stream: Iterator[Candidate | Idle | CaptureGap | Tick] = timed_candidates(frames, capture)
         if extra:
-            cands = heapq.merge(cands, map(as_candidate, extra), key=candidate_time)
-        for batch in batched_in_time(cands):
-            if stop.signum:
-                stopping.check()
-            if not first:
-                first = batch[0][0]
-            parts: list[list[tuple[int, Candidate]]] = [[] for _ in range(workers)]
-            for c in batch:
-                parts[shard_of(c[7], workers)].append((seq, c))
-                seq += 1
-            yield [(first, p) for p in parts]
-        yield [None] * workers
+            stream = heapq.merge(stream, map(as_candidate, extra), key=item_time)
+        parts: list[list[tuple[int, Candidate | float]]] = [[] for _ in range(workers)]
+        n = 0  #: candidates in the round
+        start = 0.0
+        ctl: dict[str, Any] = {}
+        told = not state  #: the workers know their index (for their state file)
 
-    results_of = sharded_map(rounds(), acc_worker(rules, open_as_408, workers), workers)
+        def close(extra_ctl: Callable[[int], dict[str, Any]] | None = None) -> list[Part]:
+            nonlocal parts, n, ctl, told
+            ctls: list[dict[str, Any] | None] = [ctl or None] * workers
+            if not told or extra_ctl is not None:
+                ctls = [{**ctl, **({} if told else {"worker": k}), **(extra_ctl(k) if extra_ctl else {})}
+                        for k in range(workers)]
+                told = True
+            out: list[Part] = [(first, p, c) for p, c in zip(parts, ctls)]
+            parts, n, ctl = [[] for _ in range(workers)], 0, {}
+            return out
+
+        def reload() -> bool:
+            new = control.pending_rules() if control is not None else None
+            if new is None:
+                return False
+            ctl["rules"] = new
+            result.rule_reloads += 1
+            return True
+
+        for item in stream:
+            if item.__class__ is tuple:
+                ts = item[0]  # type: ignore[index]
+                if n and (n >= BATCH or ts - start >= span):
+                    if stop.signum:
+                        break
+                    yield close(), False
+                if not n:
+                    start = ts
+                    if not first:
+                        first = ts
+                parts[shard_of(item[7], workers)].append((seq, item))  # type: ignore[index,arg-type]
+                seq += 1
+                n += 1
+                continue
+            if stop.signum:
+                break
+            cls = item.__class__
+            if cls is CaptureGap:
+                _gap(item, result)  # type: ignore[arg-type]
+                ctl.setdefault("gap", []).append(item.ts)
+                continue
+            tick = item.ts
+            for p in parts:
+                p.append((seq, tick))
+            seq += 1
+            if cls is Idle:  # silence: the round goes now and its records are waited for
+                span = LIVE_ROUND_SPAN
+                if reload() and n:  # the messages before keep the old rules: their round goes first
+                    rules_ctl = ctl.pop("rules")
+                    yield close(), False
+                    ctl["rules"] = rules_ctl
+                yield close(), True
+                if outputs is not None:
+                    outputs.tick()
+                continue
+            if reload():
+                rules_ctl = ctl.pop("rules")
+                yield close(), False
+                ctl["rules"] = rules_ctl
+            elif n and tick - start >= span:
+                yield close(), False
+            else:
+                yield None, False  # a poll: results already back are handed on
+            if outputs is not None:
+                outputs.poll()
+        if stop.signum:
+            if state:  # the open calls to the state file, each worker its share, then the stop
+                yield close(lambda k: {"save": state_part(state, k)}), True
+                release()
+            stopping.check()
+            raise stopping.Stopped(stop.signum)
+        if n or ctl or any(parts):
+            yield close(), False
+        yield [None] * workers, False
+
+    held = [False]
+
+    def release() -> None:
+        if held[0]:
+            held[0] = False
+            stop.guarded -= 1
+
+    if state:  # a stop is taken at a safe point only, so that the workers can save their calls
+        stop.guarded += 1
+        held[0] = True
+    work = acc_worker(rules, open_as_408, workers)
+    if state:
+        work = _per_worker_state(rules, open_as_408, workers, state)
     try:
-        _deliver_rounds(results_of, deliver, counters, result, stop)
+        results_of = sharded_map(rounds(), work, workers)
+        try:
+            _deliver_rounds(results_of, deliver, counters, result, stop)
+        finally:
+            results_of.close()  # now, not when the traceback is freed: a stop kills the workers at once
     finally:
-        results_of.close()  # now, not when the traceback is freed: a stop kills the workers at once
+        release()
+
+
+def _per_worker_state(rules: RulesFile, open_as_408: bool, workers: int, state: str) -> Callable[[Part], PartResult]:
+    """Worker k loads state_part(state, k): the pool forks every worker from this one function,
+    so the first part a worker gets tells it its index (the front puts k in the first round)."""
+    made: list[Callable[[Part], PartResult]] = []
+
+    def work(part: Part) -> PartResult:
+        if not made:
+            k = part[2].get("worker", 0) if part is not None and part[2] else 0
+            made.append(acc_worker(rules, open_as_408, workers, state_part(state, k)))
+        return made[0](part)
+
+    return work
+
+
+def _order(sr: tuple[int, AccRecord]) -> tuple[int, float]:
+    return sr[0], sr[1].ts
 
 
 def _deliver_rounds(results_of: Iterator[list[PartResult]], deliver: Callable[[list[AccRecord]], None],
@@ -244,5 +592,7 @@ def _deliver_rounds(results_of: Iterator[list[PartResult]], deliver: Callable[[l
             if stats is not None:
                 merge_stats(result.tracker, stats)
         if merged:
-            merged.sort(key=lambda sr: sr[0])  # stable: records of one message keep their order
+            # stable: records of one message keep their order (their times never go back); the
+            # timers' records of one Tick, from every worker, come in time order as with -j 0
+            merged.sort(key=_order)
             deliver([r for _seq, r in merged])

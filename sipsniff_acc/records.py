@@ -38,6 +38,9 @@ class AccRecord:
     realm: str = ""  #: host of the From URI (To for REGISTER): acc_diameter's Destination-Realm
     record_id: str = ""  #: stable across runs on the same input: makes re-runs idempotent
     queued_at: float = 0.0  #: wall time the spool took it (RADIUS Acct-Delay-Time); not part of the record
+    #: packets were being dropped (a CaptureGap) between the start of its transaction (or dialog)
+    #: and the record: it may be incomplete. In JSON lines; a counter only for SQL (Kamailio's columns).
+    capture_gaps: bool = False
 
     @property
     def text(self) -> str:
@@ -50,7 +53,7 @@ class AccRecord:
             "reason": self.reason, "backends": list(self.backends), "table": self.table,
             "extras": {b: dict(v) for b, v in self.extras.items()},
             "legs": [dict(leg) for leg in self.legs], "cseq": self.cseq, "local": self.local,
-            "in_dialog": self.in_dialog, "realm": self.realm,
+            "in_dialog": self.in_dialog, "realm": self.realm, "capture_gaps": self.capture_gaps,
         }
 
 

@@ -197,20 +197,29 @@ def ordered_map(batches: Iterable[B], work: Callable[[B], R], workers: int, dept
     pool.close()
 
 
-def sharded_map(rounds: Iterable[list[B]], work: Callable[[B], R], workers: int,
+def sharded_map(rounds: Iterable[tuple[list[B] | None, bool]], work: Callable[[B], R], workers: int,
                 depth: int = DEPTH) -> Generator[list[R], None, None]:
     """Stateful sharding: round r's part k goes to worker k (which keeps its state between
-    parts); yields, per round and in order, the list of the workers' results."""
+    parts); yields, per round and in order, the list of the workers' results.
+
+    ``rounds`` yields ``(parts, urgent)``: ``parts`` None is a poll (time passed: hand on the
+    results already back, put nothing); ``urgent`` waits for every round in flight (a live
+    source fell silent: nothing else is coming, the records must not wait for the next round)."""
     pool = _Pool(work, workers)
     pending = 0
     try:
-        for parts in rounds:
-            if pending >= depth:
-                yield [pool.get(k) for k in range(workers)]
-                pending -= 1
-            for k in range(workers):
-                pool.put(k, parts[k])
-            pending += 1
+        for parts, urgent in rounds:
+            if parts is not None:
+                if pending >= depth:
+                    yield [pool.get(k) for k in range(workers)]
+                    pending -= 1
+                for k in range(workers):
+                    pool.put(k, parts[k])
+                pending += 1
+            if urgent:
+                while pending:
+                    yield [pool.get(k) for k in range(workers)]
+                    pending -= 1
             while pending and pool.ready():  # results already back: hand them on now, not rounds later
                 yield [pool.get(k) for k in range(workers)]
                 pending -= 1

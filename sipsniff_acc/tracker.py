@@ -44,6 +44,10 @@ _LOCAL_TAG = re.compile(r"[0-9a-f]{32}-[0-9a-f]{1,8}\Z")  #: tm's local To-tag s
 _SL_TAG = re.compile(r"[0-9a-f]{32}\.[0-9a-f]{1,8}\Z")  #: sl's (separator '.')
 RETAIN = 32.0  #: seconds a completed transaction is kept to absorb retransmissions (RFC 3261 Timer J/H scale)
 SWEEP_EVERY = 1.0
+#: --open-as-408: seconds after the proxy's fr timer before its 408 is accounted without a reply on
+#: the wire. The proxy sends its own 408 as the timer fires; the grace lets that real reply (a few
+#: ms later on the mirror) win, and keeps the record well inside the "out within 1 s" promise.
+TIMER_GRACE = 0.5
 #: What a held message costs besides its header block and (a request) its Call-ID, so that
 #: max_transaction_bytes bounds the real bytes (measured with tracemalloc, CPython 3.11; see
 #: tests/unit/test_bounded_state.py): a request is the message object and its dict (~310),
@@ -85,6 +89,7 @@ class Transaction:
     retransmissions: int = 0
     acc: Any = None  #: the acc engine's per-transaction state (flags, AVPs)
     size: int = 0  #: bytes of SIP messages this transaction holds (request + final reply)
+    timer_408: bool = False  #: --open-as-408 accounted the proxy's timer 408 (no final reply came in time)
 
     @property
     def method(self) -> str:
@@ -149,6 +154,9 @@ class TrackerStats:
     acks_without_invite: int = 0
     open_at_end: Counter[str] = field(default_factory=Counter)  #: server transactions with no final reply, by method
     timed_out: Counter[str] = field(default_factory=Counter)
+    #: --open-as-408: server transactions accounted as the timer's 408 during the run, by method
+    timer_408: Counter[str] = field(default_factory=Counter)
+    replies_after_timer_408: int = 0  #: final replies that came after their transaction's timer 408 (absorbed)
     stateless_replies: int = 0
     dialogs: Counter[str] = field(default_factory=Counter)  #: by final state
     inferred_proxies: set[str] = field(default_factory=set)
@@ -165,6 +173,7 @@ class TrackerStats:
             "transactions": dict(self.transactions), "retransmissions": self.retransmissions,
             "replies_without_request": self.replies_without_request, "acks_without_invite": self.acks_without_invite,
             "open_at_end": dict(self.open_at_end), "timed_out": dict(self.timed_out),
+            "timer_408": dict(self.timer_408), "replies_after_timer_408": self.replies_after_timer_408,
             "stateless_replies": self.stateless_replies, "dialogs": dict(self.dialogs),
             "inferred_proxies": sorted(self.inferred_proxies),
             "evicted_transactions": self.evicted_transactions, "evicted_open": dict(self.evicted_open),
@@ -180,6 +189,8 @@ class TrackerStats:
         self.acks_without_invite += other.acks_without_invite
         self.open_at_end.update(other.open_at_end)
         self.timed_out.update(other.timed_out)
+        self.timer_408.update(other.timer_408)
+        self.replies_after_timer_408 += other.replies_after_timer_408
         self.stateless_replies += other.stateless_replies
         self.dialogs.update(other.dialogs)
         self.inferred_proxies |= other.inferred_proxies
@@ -264,8 +275,12 @@ Key = tuple[str, str, str, int]
 
 class TransactionTracker:
     def __init__(self, proxies: list[tuple[str, int | None]] | None = None, wait_timer: float = 5.0,
-                 fr_timer: float = 30.0, fr_inv_timer: float = 120.0, limits: Limits | None = None) -> None:
+                 fr_timer: float = 30.0, fr_inv_timer: float = 120.0, limits: Limits | None = None,
+                 open_as_408: bool = False) -> None:
+        """``open_as_408``: a server transaction still without a final reply TIMER_GRACE after
+        its fr timer is accounted as the proxy's 408, during the run (``advance``/``feed``)."""
         self.proxies = proxies or []
+        self.open_as_408 = open_as_408
         self.wait_timer = wait_timer
         self.fr_timer = fr_timer
         self.fr_inv_timer = fr_inv_timer
@@ -289,6 +304,9 @@ class TransactionTracker:
         #: (time, key): ties compare the keys (str/int tuples), no counter needed (72 bytes a transaction)
         self._deadlines: list[tuple[float, Key]] = []
         self._heap_cap = 4096
+        #: --open-as-408: (fr timer + TIMER_GRACE, key) of open server transactions, read by advance()
+        self._timers: list[tuple[float, Key]] = []
+        self._timers_cap = 4096
         self._dialog_limit = 4096
         self.stats = TrackerStats()
         self._next_sweep = 0.0
@@ -349,6 +367,8 @@ class TransactionTracker:
         else:
             self.by_cseq[ckey] = [same, txn]
         self._deadline(msg.ts + self._timeout(txn) + RETAIN, key)
+        if self.open_as_408 and role == "server" and method not in ("ACK", "CANCEL"):
+            self._timer(msg.ts + self._timeout(txn) + TIMER_GRACE, key)
         self.stats.transactions[role] += 1
         if parent is not None:
             if isinstance(parent.branches, list):
@@ -440,6 +460,10 @@ class TransactionTracker:
             return
         if txn.role != "server" or code == 100:
             return  # 100 Trying is hop-by-hop, never relayed (tm relay_100=0)
+        if txn.timer_408:  # accounted as the timer's 408 already: one final per transaction
+            if code >= 200:
+                self.stats.replies_after_timer_408 += 1
+            return
         if code < 200:
             if txn.final is None:
                 self._dialog(txn, msg)
@@ -587,6 +611,37 @@ class TransactionTracker:
     def _timeout(self, txn: Transaction) -> float:
         return self.fr_inv_timer if txn.method == "INVITE" else self.fr_timer
 
+    def advance(self, now: float) -> list[Event]:
+        """The clock moved to ``now`` without a message (a live source's Idle, or the packet
+        time of frames that carried no SIP): with ``open_as_408`` the proxy's timer 408s that
+        are due are accounted, and transactions whose time is up are forgotten, as a message
+        of that time would. Pure, like ``feed``: ``now`` is packet time (live: the wall clock).
+
+        The 408s come from here (and at the end, ``finish``), not from ``feed``: the run calls
+        ``advance`` at the same points of packet time with -j 0 and -j N, so the records come
+        out in the same order. (Only a transaction nobody advanced past its timer for RETAIN
+        seconds gets its 408 from ``feed``'s sweep, just before it is forgotten.)"""
+        out: list[Event] = []
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _at, key = heapq.heappop(timers)
+            t = self.txns.get(key)
+            if t is not None and t.final is None and not t.timer_408:
+                self._timer_408(t, out)
+        if now >= self._next_sweep:
+            self._sweep(now, out)
+            self._next_sweep = now + SWEEP_EVERY
+        return out
+
+    def _timer(self, at: float, key: Key) -> None:
+        timers = self._timers
+        heapq.heappush(timers, (at, key))
+        if len(timers) > self._timers_cap:  # entries of evicted transactions: dropped as in _deadline
+            txns = self.txns
+            self._timers = timers = [e for e in timers if e[1] in txns]
+            heapq.heapify(timers)
+            self._timers_cap = len(timers) + len(timers) // 2 + 4096
+
     def _sweep(self, now: float, out: list[Event]) -> None:
         """Forget transactions whose time is up (a heap of deadlines: O(log n) per transaction);
         count the server transactions that never got a final reply."""
@@ -601,8 +656,11 @@ class TransactionTracker:
                     continue  # the entry pushed at its final reply comes later
             elif now - t.created < self._timeout(t) + RETAIN:
                 continue
-            elif t.role == "server":
-                self.stats.timed_out[t.method] += 1
+            elif t.role == "server" and not t.timer_408:
+                if self.open_as_408 and t.method not in ("ACK", "CANCEL"):
+                    self._timer_408(t, out)  # nobody called advance() in time: accounted before forgotten
+                else:
+                    self.stats.timed_out[t.method] += 1
             self._forget(key, t)
         acks = self.acks
         while acks:
@@ -614,6 +672,18 @@ class TransactionTracker:
             for k in [k for k, d in self.dialogs.items() if d.state in ("terminated", "failed") or now - d.created > 43200]:
                 self.stats.dialogs[self.dialogs.pop(k).state] += 1
             self._dialog_limit = max(4096, 2 * len(self.dialogs))
+
+    def _timer_408(self, t: Transaction, out: list[Event]) -> None:
+        """The 408 the proxy's fr timer sends for a server transaction with no final reply, dated
+        when the timer fired (what ``finish(open_as_408=True)`` gives at the end of the input)."""
+        ts = t.created + self._timeout(t)
+        t.timer_408 = True
+        t.final_ts = ts
+        t.final_local = True
+        self.stats.timer_408[t.method] += 1
+        if t.method == "INVITE":
+            out.append(BranchesFailed(t, None, 408, ts, None))
+        out.append(ReplyOut(t, None, 408, ts, True))
 
     def _deadline(self, at: float, key: Key) -> None:
         heap = self._deadlines
@@ -669,7 +739,7 @@ class TransactionTracker:
         option) accounted as the 408 the proxy's timer would have sent."""
         out: list[Event] = []
         for t in list(self.txns.values()):
-            if t.role != "server" or t.final is not None or t.method in ("ACK", "CANCEL"):
+            if t.role != "server" or t.final is not None or t.timer_408 or t.method in ("ACK", "CANCEL"):
                 continue
             self.stats.open_at_end[t.method] += 1
             if open_as_408:

@@ -30,11 +30,19 @@ def record_line(r: AccRecord) -> bytes:
 class JsonlEmitter:
     def __init__(self, out: IO[bytes]) -> None:
         self.out = out
+        self._unflushed = False
 
     def emit(self, records: list[AccRecord]) -> None:
         write = self.out.write
         for r in records:
             write(record_line(r))
+        self._unflushed = self._unflushed or bool(records)
+
+    def tick(self) -> None:
+        """The run's clock (records out within 1 s): written lines go out now."""
+        if self._unflushed:
+            self._unflushed = False
+            self.out.flush()
 
     def close(self) -> None:
         self.out.flush()

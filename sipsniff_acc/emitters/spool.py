@@ -133,6 +133,7 @@ def record_from_dict(d: dict[str, Any]) -> AccRecord:
         extras={b: list(v.items()) for b, v in d["extras"].items()},
         legs=[list(leg.items()) for leg in d["legs"]], cseq=d["cseq"], local=d["local"],
         in_dialog=d.get("in_dialog", False), realm=d.get("realm", ""), record_id=d["id"],
+        capture_gaps=d.get("capture_gaps", False),
     )
 
 
@@ -442,6 +443,17 @@ class SpooledEmitter:
             self._append(self.buffer)
             self.buffer = []
         self.deliver()
+
+    def tick(self) -> None:
+        """The run's clock, called in silence too (records out within 1 s): the buffer goes to
+        the spool and the backend now, and a backend that is down is retried when due, instead
+        of waiting for the next record to arrive."""
+        if self.spool_error:
+            return  # the spool cannot be written this run (said once): the close counts what is left
+        if self.buffer:
+            self.flush()
+        elif self._queued and (self.down_since is None or self.clock() >= self.next_try):
+            self.deliver()
 
     def _append(self, records: list[AccRecord]) -> None:
         """Spool the records, each rendered on its own: one that cannot be rendered for this
