@@ -902,7 +902,9 @@ def check_rules(rules_file: Annotated[Path, typer.Argument(help="the rules.yaml 
     print(f"{rules_file}: ok: profile {rules.profile}, {len(rules.route)} route rule(s), "
           f"{len(rules.failure_route)} failure_route rule(s), backends with flags: {', '.join(backends) or 'none'}, "
           f"proxy: {', '.join(rules.proxy.addresses) or 'inferred from Via hops'}, "
-          f"limits: {', '.join(limits) or 'defaults'}")
+          f"limits: {', '.join(limits) or 'defaults'}"
+          + (f", dialog CDRs: {' + '.join('log' if b == 'log' else 'db table ' + a.cdrs_table for b in a.cdr_backends)}"
+             if a.cdr_backends else ""))
 
 
 CONNECT_TIMEOUT = 10  #: seconds init-db waits for a database server before calling it unreachable

@@ -819,6 +819,11 @@ class RulesFile(_Strict):
         if not any(r.dlg_manage for r in self.route) and self.dialog.dlg_flag is None:
             out.append((("acc", "cdr_enable"), "no route rule has dlg_manage: true and dialog.dlg_flag is not set: "
                         "no dialog would be tracked, so no CDR written"))
+        names = [a.cdr_start_id, a.cdr_end_id, a.cdr_duration_id, *(n for n, _s in a.cdr_extras)]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            out.append((("acc", "cdr_extra"), f"{', '.join(twice)}: a CDR name given twice (start/end/duration ids "
+                        "and cdr_extra names are the line's keys and the table's columns)"))
         if a.cdrs_table:
             for name, _spec in a.cdr_extras:
                 if not IDENT.fullmatch(name):
