@@ -18,7 +18,7 @@ from typing import Any
 
 from sipsniff_acc.audit.model import KINDS, Discrepancy, Row
 from sipsniff_acc.audit.pairing import Result
-from sipsniff_acc.audit.report import CallStats, call_stats, iso, worst_parties
+from sipsniff_acc.audit.report import CallStats, Party, call_stats, iso, worst_parties
 from sipsniff_acc.audit.wire import WireSide
 
 MAX_TABLE_ROWS = 1000  #: discrepancies listed in the page (all of them are in --jsonl); the rest counted
@@ -30,7 +30,7 @@ CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em auto;max-width:1100px;color:#222}
 h1{font-size:1.5em;margin-bottom:.2em} h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.9em;margin:.5em 0} td,th{border:1px solid #ccc;padding:.2em .5em;overflow-wrap:break-word}
-th{background:#f3f3f3;text-align:left} td.n{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f3f3f3;text-align:left} #discrepancies td:first-child{white-space:nowrap} td.n{text-align:right;font-variant-numeric:tabular-nums}
 .plots{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start} .wide{overflow-x:auto} figure{margin:0;width:522px} figcaption{font-size:.85em;color:#555}
 img.plot{width:520px;height:auto;border:1px solid #eee} .agree{color:#2ca02c;font-weight:bold}
 .disagree{color:#d62728;font-weight:bold} code{font-size:.9em} .muted{color:#777}
@@ -144,19 +144,22 @@ def _durations_plot(wire: CallStats, billing: CallStats) -> str:
     return _embed(fig, "durations", "Billed vs measured call durations (INVITE 2xx to BYE, or the CDR's duration)")
 
 
-def _parties_plot(callers: list[tuple[str, int]], callees: list[tuple[str, int]]) -> str:
+def _parties_plot(callers: list[Party], callees: list[Party]) -> str:
     import matplotlib.pyplot as plt
     _figure()
     plt.close("all")
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(6.4, 3.6), dpi=100)
     for ax, data, title in ((a1, callers, "callers"), (a2, callees, "destinations")):
-        names = [n[:24] for n, _c in reversed(data)] or ["(none)"]
-        counts = [c for _n, c in reversed(data)] or [0]
-        ax.barh(range(len(names)), counts, color=COLORS["missing"])
-        ax.set_yticks(range(len(names)), names, fontsize=7)
+        rows = list(reversed(data))
+        names = [p.name[:24] for p in rows]
+        ax.barh(range(len(rows)), [p.discrepancies for p in rows], color=COLORS["missing"], label="discrepancies")
+        ax.barh(range(len(rows)), [-(100 - p.asr) / 10 if p.asr is not None else 0 for p in rows],
+                color="#bbbbbb", label="failed calls % / 10")
+        ax.set_yticks(range(len(rows)), names, fontsize=7)
+        ax.axvline(0, color="#444", linewidth=0.6)
         ax.set_title(f"worst {title}")
-        ax.set_xlabel("discrepancies")
-    return _embed(fig, "parties", "Callers and destinations with the most discrepancies")
+        ax.set_xlabel("discrepancies (right), failed % / 10 (left)", fontsize=7)
+    return _embed(fig, "parties", "Callers and destinations with the most discrepancies, then the lowest ASR")
 
 
 def _table(headers: list[str], rows: list[list[Any]], numeric: set[int] | None = None) -> str:
@@ -171,7 +174,7 @@ def render(res: Result, wire: WireSide, wire_rows: list[Row], billing_rows: list
            against: str) -> str:
     """The whole page as text."""
     ws, bs = call_stats(wire_rows), call_stats(billing_rows)
-    callers, callees = worst_parties(res.discrepancies, wire.parties)
+    callers, callees = worst_parties(res.discrepancies, wire.parties, ws.outcomes)
     counts = res.counts()
     wn, bn = Counter(r.table for r in wire_rows), Counter(r.table for r in billing_rows)
     paired = Counter(w.table for w, _b in res.pairs)
@@ -204,8 +207,11 @@ def render(res: Result, wire: WireSide, wire_rows: list[Row], billing_rows: list
              iso(d.wire) if d.field in timed and isinstance(d.wire, float) else d.wire,
              iso(d.billing) if d.field in timed and isinstance(d.billing, float) else d.billing, d.ref]
             for d in listed]
-    worst = _table(["caller", "discrepancies"], [list(x) for x in callers]) + \
-        _table(["destination", "discrepancies"], [list(x) for x in callees])
+    def party_rows(ps: list[Party]) -> list[list[Any]]:
+        return [[p.name, p.discrepancies, p.calls, "-" if p.asr is None else f"{p.asr:.1f}"] for p in ps]
+
+    worst = _table(["caller", "discrepancies", "calls", "ASR %"], party_rows(callers), {1, 2, 3}) + \
+        _table(["destination", "discrepancies", "calls", "ASR %"], party_rows(callees), {1, 2, 3})
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">

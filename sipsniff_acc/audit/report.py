@@ -73,6 +73,7 @@ class CallStats:
     hours: dict[int, Hour] = field(default_factory=dict)
     codes: Counter[str] = field(default_factory=Counter)
     durations: dict[str, float] = field(default_factory=dict)  #: Call-ID -> seconds (answered and ended)
+    outcomes: dict[str, str] = field(default_factory=dict)  #: Call-ID -> final code of its INVITE
     calls: int = 0
 
 
@@ -99,6 +100,7 @@ def call_stats(rows: list[Row]) -> CallStats:
         h.attempts += 1
         st.calls += 1
         st.codes[r.code] += 1
+        st.outcomes[cid] = r.code
         code = int(r.code) if r.code.isdigit() else 0
         if 200 <= code < 300:
             h.answered += 1
@@ -117,16 +119,47 @@ def call_stats(rows: list[Row]) -> CallStats:
     return st
 
 
-def worst_parties(discrepancies: list[Discrepancy], parties: dict[str, tuple[str, str]], top: int = 10
-                  ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """Callers and destinations with the most discrepancies (who is under- or over-billed)."""
-    callers: Counter[str] = Counter()
-    callees: Counter[str] = Counter()
+@dataclass
+class Party:
+    """A caller or a destination: its discrepancies and its calls on the wire."""
+
+    name: str
+    discrepancies: int = 0
+    calls: int = 0
+    answered: int = 0
+
+    @property
+    def asr(self) -> float | None:
+        return 100.0 * self.answered / self.calls if self.calls else None
+
+
+def worst_parties(discrepancies: list[Discrepancy], parties: dict[str, tuple[str, str]],
+                  outcomes: dict[str, str] | None = None, top: int = 10) -> tuple[list[Party], list[Party]]:
+    """Callers and destinations with the most discrepancies (who is under- or over-billed),
+    then the lowest answer-seizure ratio on the wire: the worst first."""
+    sides: tuple[dict[str, Party], dict[str, Party]] = ({}, {})
+
+    def get(i: int, name: str) -> Party:
+        name = name or "(unknown)"
+        p = sides[i].get(name)
+        if p is None:
+            p = sides[i][name] = Party(name)
+        return p
+
+    for cid, code in (outcomes or {}).items():
+        for i, name in enumerate(parties.get(cid, ("", ""))):
+            p = get(i, name)
+            p.calls += 1
+            p.answered += code[:1] == "2"
     for d in discrepancies:
-        caller, callee = parties.get(d.callid, ("", ""))
-        callers[caller or "(unknown)"] += 1
-        callees[callee or "(unknown)"] += 1
-    return callers.most_common(top), callees.most_common(top)
+        for i, name in enumerate(parties.get(d.callid, ("", ""))):
+            get(i, name).discrepancies += 1
+
+    def rank(p: Party) -> tuple[int, float, int]:
+        return (-p.discrepancies, p.asr if p.asr is not None else 101.0, -p.calls)
+
+    callers, callees = (sorted(side.values(), key=rank)[:top] for side in sides)
+    return callers, callees
 
 
 def by_kind_over_time(discrepancies: list[Discrepancy]) -> dict[str, list[float]]:
