@@ -350,9 +350,7 @@ class TcpReassembler:
                 if len(buf) >= limit:
                     out.append(Anomaly("tcp_message_too_long", seg.ts, seg.no, f"no header end in {limit} bytes",
                                        seg.source))
-                    del buf[:1]
-                    st.cut()
-                    st.resync = True
+                    self._drop_start_line(st)
                     continue
                 st.scanned = max(0, len(buf) - 3)  # a "\r\n\r\n" split across segments is still found
                 return
@@ -371,9 +369,7 @@ class TcpReassembler:
                     if m is not None else str(clen)
                 out.append(Anomaly("tcp_message_too_long", seg.ts, seg.no,
                                    f"Content-Length {shown} (limits.max_sip_message {limit})", seg.source))
-                del buf[:1]
-                st.cut()
-                st.resync = True
+                self._drop_start_line(st)
                 continue
             if len(buf) < total:
                 st.need = total
@@ -383,6 +379,19 @@ class TcpReassembler:
             del buf[:total]
             st.cut()
             st.junk = 0
+
+    def _drop_start_line(self, st: _Direction) -> None:
+        """A message too long to frame: give up its start line and resync on the next one.
+
+        Dropping one byte resynced on the rest of the same start line ("NVITE sip:..."): one
+        oversized message was counted up to five times."""
+        buf = st.buf
+        nl = buf.find(b"\n", 0, 4200)
+        n = nl + 1 if nl >= 0 else 1
+        del buf[:n]
+        self._skip("tcp_not_sip_bytes", n)
+        st.cut()
+        st.resync = True
 
     def _strip_keepalives(self, buf: bytearray) -> None:
         """RFC 5626 keep-alives between messages: "\\r\\n\\r\\n" ping, "\\r\\n" pong."""
