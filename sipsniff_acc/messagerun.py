@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from sipsniff_acc import sip
 from sipsniff_acc.events import CaptureGap, Counters, Datagram, Frame, Idle, Transport
 from sipsniff_acc.messagelog import jsonl, table
+from sipsniff_acc.limits import Limits
 from sipsniff_acc.pipeline import AddressText, CaptureStage
 from sipsniff_acc.shard import BATCH, batched, ordered_map
 
@@ -140,13 +141,14 @@ def candidate_time(c: Candidate) -> float:
 
 def message_lines(
     frames: Iterable[Frame], fmt: str, workers: int, counters: Counters, extra: Iterable[Datagram] = (),
+    limits: Limits | None = None,
 ) -> Iterator[bytes]:
     """Chunks of output for every SIP message in ``frames``, in capture order.
 
     ``extra`` holds messages found another way (decrypted TLS), in time order; they are
-    merged into the stream by timestamp.
+    merged into the stream by timestamp. ``limits``: rules.yaml's (``max_sip_message``).
     """
-    capture = CaptureStage(counters)
+    capture = CaptureStage(counters, limits=limits)
     extra = list(extra)
     work = format_batch(fmt)
     if extra:
