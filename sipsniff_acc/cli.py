@@ -276,12 +276,14 @@ def messages(
     duration: Annotated[float | None, typer.Option("--duration", help="live: stop after this many seconds")] = None,
     ring_mb: Annotated[float | None, typer.Option("--ring-size", help=HELP_RING)] = None,
     no_promisc: Annotated[bool, typer.Option("--no-promisc", help=HELP_NO_PROMISC)] = False,
+    rules_file: Annotated[Path | None, typer.Option(*RULES_FLAGS, help="rules.yaml: its limits: apply (max_sip_message: bytes of one SIP message over TCP/SCTP/WebSocket, default 1 MiB)")] = None,
 ) -> None:
     """Every SIP message found in the captures, one per line (like `tshark -Y sip`).
 
     Example: sipsniff-acc messages -r capture.pcapng -T table
     """
     _check_workers(workers)
+    limits = _rules_or_exit(rules_file).limits if rules_file is not None else None
     readers = _open_sources([*(read or ()), *(files or ())], interface, count, duration, quiet, capture_filter,
                             not no_promisc, ring_mb)
     _check_outputs(readers, output=output, stats=stats)
@@ -300,7 +302,7 @@ def messages(
             write(TABLE_HEADER)
         if show:
             frames = _with_progress(frames, readers, total)
-        for text in message_lines(frames, fmt.value, workers, counters, decrypted):
+        for text in message_lines(frames, fmt.value, workers, counters, decrypted, limits):
             write(text)
         out.flush()
     if writing.reader_left:  # `| head`: the reader left; not an error of ours
