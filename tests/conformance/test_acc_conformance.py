@@ -78,4 +78,5 @@ def test_live_kamailio_and_us_agree(case: str, tmp_path: Path) -> None:
     lines, rows = assert_same_records(folder, tmp_path / "ours", rules_for(case))
     assert lines > 0 and rows > 0
     if CASES[case].cdr:
-        assert assert_same_cdrs(folder, tmp_path / "cdrs", rules_for(case))["lines"] > 0
+        # recorded now on a shared machine: Kamailio's processing delay may be longer than in the goldens
+        assert assert_same_cdrs(folder, tmp_path / "cdrs", rules_for(case), tolerance_ms=5)["lines"] > 0
