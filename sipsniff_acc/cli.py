@@ -167,7 +167,8 @@ def _open_sources(
     if files:
         raise usage_error("give capture files or --interface, not both")
     try:
-        return [LiveCapture(interfaces, count, duration, capture_filter, promisc,
+        # (a FrameSource whose stream also carries Idle and CaptureGap: the run loops take them)
+        return [LiveCapture(interfaces, count, duration, capture_filter, promisc,  # type: ignore[list-item]
                             DEFAULT_RING_MB if ring_mb is None else ring_mb, None if quiet else _listening)]
     except CaptureUsageError as e:
         raise usage_error(str(e)) from None

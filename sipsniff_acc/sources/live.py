@@ -217,7 +217,7 @@ class _Ring:
             raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 12)
         except OSError:
             return 0
-        packets, drops, freezes = struct.unpack("3I", raw)
+        packets, drops, freezes = (int(x) for x in struct.unpack("3I", raw))
         self.packets += packets  # the kernel's tp_packets already includes tp_drops
         self.dropped += drops
         self.freezes += freezes
@@ -323,10 +323,10 @@ class LiveCapture:
             if r.sock.fileno() >= 0:
                 r.close()
 
-    def __iter__(self) -> Iterator[Frame | Idle | CaptureGap]:  # type: ignore[override]
-        self.open()
+    def __iter__(self) -> Iterator[Frame | Idle | CaptureGap]:
         if self.rings and self.rings[0].sock.fileno() < 0:
             raise RuntimeError("this capture was closed: open a new LiveCapture")
+        self.open()
         try:
             yield from self._frames()
         finally:
