@@ -247,11 +247,11 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
         _run_sharded(frames, rules, deliver, counters, open_as_408, workers, result, extra, outputs, control,
                      live, state)
         return result
-    messages = MessagePipeline(counters)
+    messages = MessagePipeline(counters, limits=getattr(rules, "limits", None))  # limits.max_sip_message
     acc = AccPipeline(rules, open_as_408)
     result.tracker = acc.tracker.stats
     if state:
-        _load_state(state, acc)
+        _load_state(state, acc, time.time() if live else None)
 
     feed = acc.feed
     items: Iterable[Frame | Datagram | Idle | CaptureGap] = frames
@@ -279,7 +279,7 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
         for frame in items:
             if stop.signum:  # a safe point: the handler's own raise may have been swallowed
                 if state:
-                    _save_state(state, acc)
+                    _save_state(state, acc, time.time() if live else None)
                     stop.guarded -= 1
                     state = None
                 stopping.check()
@@ -294,6 +294,7 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
             elif cls is Datagram:
                 found = messages.parser.feed(frame)  # type: ignore[arg-type]
             elif cls is Idle:
+                live = True
                 timers(frame.ts, True)
                 continue
             else:  # CaptureGap
@@ -306,7 +307,7 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
                     if recs:
                         deliver(recs)
         if stop.signum and state:
-            _save_state(state, acc)
+            _save_state(state, acc, time.time() if live else None)
     finally:
         if state:
             stop.guarded -= 1
@@ -317,7 +318,7 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
             if recs:
                 deliver(recs)
     if state:  # --state: the traffic goes on after this run; its open calls are saved, not ended (S4)
-        _save_state(state, acc)
+        _save_state(state, acc, time.time() if live else None)
         return result
     recs = acc.finish()
     if recs:
@@ -336,16 +337,18 @@ def _state_module() -> Any:
     return st
 
 
-def _load_state(path: str, acc: AccPipeline) -> None:
+def _load_state(path: str, acc: AccPipeline, now: float | None, shard: int = 0, shards: int = 1) -> None:
+    """Shard ``shard`` of ``shards`` (-j N: one file per worker) from the state file. ``now``:
+    the wall clock for a live capture (state past its timers is dropped), None for a file."""
     st = _state_module()
     if hasattr(st, "load_state"):
-        st.load_state(path, acc, time.time())
+        st.load_state(st.shard_path(path, shard, shards), acc, now, shard, shards)
 
 
-def _save_state(path: str, acc: AccPipeline) -> None:
+def _save_state(path: str, acc: AccPipeline, now: float | None, shard: int = 0, shards: int = 1) -> None:
     st = _state_module()
     if hasattr(st, "save_state"):
-        st.save_state(path, acc)
+        st.save_state(st.shard_path(path, shard, shards), acc, now, shard, shards)
 
 
 # --- several processes: shards by Call-ID ------------------------------------------------
@@ -374,11 +377,11 @@ def shard_of(payload: bytes, shards: int) -> int:
     return zlib.crc32(m.group(1).strip() if m else b"") % shards
 
 
-def acc_worker(rules: RulesFile, open_as_408: bool, shards: int = 1,
-               state: str | None = None) -> Callable[[Part], PartResult]:
+def acc_worker(rules: RulesFile, open_as_408: bool, shards: int = 1, state: str | None = None,
+               shard: int = 0, live: bool | None = None) -> Callable[[Part], PartResult]:
     """A worker's state: a parser and an AccPipeline for the calls of its shard (1/shards of
-    the memory limits, so N workers together hold what one process would). ``state``: this
-    worker's state file, loaded when it starts."""
+    the memory limits, so N workers together hold what one process would). ``state``: the
+    state file; this worker's shard of it is loaded before its first part."""
     counters = Counters()
     parser = SipParser(counters)
     acc = AccPipeline(rules, open_as_408, shards)
@@ -389,13 +392,15 @@ def acc_worker(rules: RulesFile, open_as_408: bool, shards: int = 1,
         if not loaded[0]:  # in the worker process (the pool forks before the first part)
             loaded[0] = True
             assert state is not None
-            _load_state(state, acc)
+            _load_state(state, acc, time.time() if live else None, shard, shards)
         if part is None:
+            if state:  # --state: the open calls are saved (the front said so), not ended
+                return out, 0, {}, acc.tracker.stats
             out = [(1 << 62, r) for r in acc.finish()]
             return out, 0, {}, acc.tracker.stats
         first, items, control = part
         if control:
-            _apply(control, acc)
+            _apply(control, acc, shard, shards)
         if not acc.engine.start:
             acc.engine.start = first  # $TS: the first packet of the whole run, not of this shard
         before = counters.sip_messages
@@ -415,21 +420,17 @@ def acc_worker(rules: RulesFile, open_as_408: bool, shards: int = 1,
     return work
 
 
-def _apply(control: dict[str, Any], acc: AccPipeline) -> None:
+def _apply(control: dict[str, Any], acc: AccPipeline, shard: int, shards: int) -> None:
     """A round's control, in a worker: before its items, as at that point of the stream."""
     for ts in control.get("gap", ()):
         acc.gap(ts)
     rules = control.get("rules")
     if rules is not None:
         acc.replace_rules(rules)
-    path = control.get("save")
-    if path:
-        _save_state(path, acc)
-
-
-def state_part(path: str, k: int) -> str:
-    """Worker k's state file under -j N: the path with ".k" appended."""
-    return f"{path}.{k}"
+    save = control.get("save")
+    if save:
+        path, now = save
+        _save_state(path, acc, now, shard, shards)
 
 
 def merge_stats(into: TrackerStats, other: TrackerStats) -> None:
@@ -447,7 +448,7 @@ def _run_sharded(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile,
     A round closes at BATCH messages or ROUND_SPAN of packet time (LIVE_ROUND_SPAN live), at
     a live source's Idle (then its records are waited for: nothing else is coming) and at a
     rules reload. Ticks of packet time go to every worker, in sequence with the messages."""
-    capture = CaptureStage(counters)
+    capture = CaptureStage(counters, limits=getattr(rules, "limits", None))  # limits.max_sip_message
     stop = stopping.STATE
 
     def rounds() -> Iterator[tuple[list[Part] | None, bool]]:
@@ -530,11 +531,15 @@ def _run_sharded(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile,
                 outputs.poll()
         if stop.signum:
             if state:  # the open calls to the state file, each worker its share, then the stop
-                yield close(lambda k: {"save": state_part(state, k)}), True
+                saved = (state, time.time() if span == LIVE_ROUND_SPAN else None)
+                yield close(lambda _k: {"save": saved}), True
                 release()
             stopping.check()
             raise stopping.Stopped(stop.signum)
-        if n or ctl or any(parts):
+        if state:  # --state: the traffic goes on after this run; each worker saves its open calls (S4)
+            saved = (state, time.time() if span == LIVE_ROUND_SPAN else None)
+            yield close(lambda _k: {"save": saved}), True
+        elif n or ctl or any(parts):
             yield close(), False
         yield [None] * workers, False
 
@@ -550,7 +555,7 @@ def _run_sharded(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile,
         held[0] = True
     work = acc_worker(rules, open_as_408, workers)
     if state:
-        work = _per_worker_state(rules, open_as_408, workers, state)
+        work = _per_worker_state(rules, open_as_408, workers, state, live)
     try:
         results_of = sharded_map(rounds(), work, workers)
         try:
@@ -561,15 +566,16 @@ def _run_sharded(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile,
         release()
 
 
-def _per_worker_state(rules: RulesFile, open_as_408: bool, workers: int, state: str) -> Callable[[Part], PartResult]:
-    """Worker k loads state_part(state, k): the pool forks every worker from this one function,
-    so the first part a worker gets tells it its index (the front puts k in the first round)."""
+def _per_worker_state(rules: RulesFile, open_as_408: bool, workers: int, state: str,
+                      live: bool | None) -> Callable[[Part], PartResult]:
+    """Worker k loads shard k of the state file: the pool forks every worker from this one
+    function, so the first part a worker gets tells it its index ("worker" in its control)."""
     made: list[Callable[[Part], PartResult]] = []
 
     def work(part: Part) -> PartResult:
         if not made:
             k = part[2].get("worker", 0) if part is not None and part[2] else 0
-            made.append(acc_worker(rules, open_as_408, workers, state_part(state, k)))
+            made.append(acc_worker(rules, open_as_408, workers, state, k, live))
         return made[0](part)
 
     return work
