@@ -107,3 +107,27 @@ def test_several_interfaces_on_the_command_line(links: Links, tmp_path: Path) ->
     per_if = json.loads((tmp_path / "s.json").read_text())["capture"]["interfaces"]
     assert {i: (s["frames"], s["promisc"]) for i, s in per_if.items()} == {a: (1, False), b: (1, False)}
     assert f"listening on {a},{b}" in err
+
+
+def test_kernel_drops_are_a_loud_summary_line_and_exact_in_stats(links: Links, tmp_path: Path) -> None:
+    """A 1 MB ring and a stopped reader: the summary says DROPPED, --stats has the kernel's count,
+    and it equals what reached the link minus what was read."""
+    iface = links.capture[0]
+    before = links.rx_packets(0)
+    live = LiveRun("messages", "-i", iface, "--ring-size", "1", "--duration", "6", "-j", "0", "-o", "/dev/null",
+                   "--stats", str(tmp_path / "s.json"))
+    try:
+        live.wait_listening()
+        live.proc.send_signal(signal.SIGSTOP)
+        try:
+            links.send(0, [b"OPTIONS sip:x SIP/2.0\r\nCall-ID: d@s1\r\n\r\n" + b"x" * 520], 5060, repeat=5000)
+        finally:
+            live.proc.send_signal(signal.SIGCONT)
+    finally:
+        rc, _out, err = live.finish()
+    reached = links.rx_packets(0) - before
+    assert rc == 0, err
+    st = json.loads((tmp_path / "s.json").read_text())
+    cap = st["capture"]
+    assert cap["kernel_drops"] > 0 and cap["kernel_drops"] == reached - st["frames"] == cap["interfaces"][iface]["dropped"]
+    assert f"WARNING: the kernel DROPPED {cap['kernel_drops']} packet(s) ({cap['kernel_drops']} on {iface})" in err
