@@ -395,8 +395,6 @@ def _rules_or_exit(path: Path | None) -> RulesFile:
 
 
 EXIT_USAGE = 2
-#: processrun.run acts on SIGHUP (swaps the rules ServiceControl hands it) once it takes ``control=``
-_RUN_TAKES_CONTROL = "control" in __import__("inspect").signature(run).parameters
 
 
 _RUN_TAKES_STATE = "state" in __import__("inspect").signature(run).parameters
@@ -537,11 +535,9 @@ def process(
                 if workers < 0 and (interface is not None or "-" in (files or [])):
                     workers = 0  # live or a pipe: every record goes out at once, not a round later
                 copies = [CopyOutput(em, _output_name(em, paths)) for em in emitters if em not in spooled]
-                hooks: dict[str, Any] = {"control": control} if _RUN_TAKES_CONTROL else {}
-                if state_file is not None:
-                    hooks["state"] = str(state_file)
                 result = run(frames, rules, [*spooled, *copies], counters, open_as_408, result,
-                             _auto_workers(workers), decrypted, **hooks)
+                             _auto_workers(workers), decrypted, control=control,
+                             state=str(state_file) if state_file is not None else None)
             finally:
                 stop.closing = True  # from here on a signal only marks the stop: the close is not cut
                 if server is not None:

@@ -67,9 +67,9 @@ def env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), **extra}
 
 
-def start(tmp: Path, *args: str) -> subprocess.Popen[bytes]:
+def start(tmp: Path, *args: str, workers: int = 0) -> subprocess.Popen[bytes]:
     """`process -` reading our pipe, JSON lines and stderr to files in ``tmp``, no database."""
-    return subprocess.Popen(cmd("process", "-", "--no-db", "-j", "0", *args), cwd=tmp, env=env(),
+    return subprocess.Popen(cmd("process", "-", "--no-db", "-j", str(workers), *args), cwd=tmp, env=env(),
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             stderr=(tmp / "stderr").open("wb"))
 

@@ -54,10 +54,11 @@ def hup(proc_pid: int) -> None:
     os.kill(proc_pid, signal.SIGHUP)
 
 
-def test_sighup_reloads_rules(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sighup_reloads_rules(tmp_path: Path, workers: int) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(OLD)
-    proc = start(tmp_path, "-m", str(rules), "--jsonl", "records.jsonl", "--log", "none")
+    proc = start(tmp_path, "-m", str(rules), "--jsonl", "records.jsonl", "--log", "none", workers=workers)
     err = tmp_path / "stderr"
     try:
         send(proc, header() + call("A", 1000) + invite("C", 1003.5))  # C: open across the reload
