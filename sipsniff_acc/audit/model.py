@@ -7,6 +7,9 @@ from typing import Any
 
 MISSING, PHANTOM, MISMATCH, DUPLICATE = "missing", "phantom", "mismatch", "duplicate"
 KINDS = (MISSING, PHANTOM, MISMATCH, DUPLICATE)
+#: a billing row of a call already in progress when the capture began (its INVITE is not in
+#: the capture): listed, counted, but not judged (not a discrepancy)
+UNVERIFIED = "unverified"
 
 
 @dataclass(slots=True)

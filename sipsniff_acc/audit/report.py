@@ -33,7 +33,7 @@ def write_jsonl(out: IO[bytes], discrepancies: list[Discrepancy]) -> None:
 
 
 def summary(res: Result, wire: list[Row], billing: list[Row], tables: list[str], first: float | None,
-            last: float | None, out: IO[str]) -> None:
+            last: float | None, out: IO[str], unverified: int = 0) -> None:
     """Counts by table and kind, then one line: agree, or how many discrepancies of which kind."""
     w, b = Counter(r.table for r in wire), Counter(r.table for r in billing)
     paired = Counter(wr.table for wr, _b in res.pairs)
@@ -44,6 +44,9 @@ def summary(res: Result, wire: list[Row], billing: list[Row], tables: list[str],
     for t in tables:
         kinds = "  ".join(f"{counts[(k, t)]} {k}" for k in KINDS)
         print(escape(f"  {t:<{width}}  wire {w[t]}  billing {b[t]}  paired {paired[t]}  {kinds}"), file=out)
+    if unverified:
+        print(f"  {unverified} billing row(s) of calls already in progress when the capture began "
+              "(their INVITE is not in it): not judged (kind 'unverified' in --jsonl)", file=out)
     total = len(res.discrepancies)
     if not total:
         print("the books agree: 0 discrepancies", file=out)

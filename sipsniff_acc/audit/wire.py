@@ -37,6 +37,14 @@ class WireSide:
     counters: Counters = field(default_factory=Counters)
     parties: dict[str, tuple[str, str]] = field(default_factory=dict)  #: Call-ID -> (caller, callee)
     parties_cut: int = 0  #: Call-IDs past MAX_PARTIES (no caller/callee in the report)
+    callids: set[str] = field(default_factory=set)  #: every Call-ID seen in a SIP message
+    callids_cut: int = 0  #: messages whose Call-ID was past MAX_PARTIES (then nothing is called "in progress")
+
+    def began_before(self, callid: str) -> bool:
+        """The call was on the wire but its initial INVITE was not: it began before the capture
+        (its INVITE's rows cannot be judged). False whenever a bound was hit (no guess)."""
+        return (not self.callids_cut and not self.parties_cut and callid in self.callids
+                and callid not in self.parties)
 
 
 def _user(text: str) -> str:
@@ -70,9 +78,15 @@ def _messages(frames: Iterable[Frame], side: WireSide) -> Iterator[SipMessage]:
     """SIP messages of the frames; the caller and callee of each new call noted on the way."""
     pipe = MessagePipeline(side.counters)
     parties = side.parties
+    callids = side.callids
 
     def note(item: Any) -> Iterator[SipMessage]:
         if item.__class__ is SipMessage:
+            if item.call_id and item.call_id not in callids:
+                if len(callids) < MAX_PARTIES:
+                    callids.add(item.call_id)
+                else:
+                    side.callids_cut += 1
             if item.method == "INVITE" and item.to_tag is None and item.call_id and item.call_id not in parties:
                 if len(parties) < MAX_PARTIES:
                     frm = next((v for k, v in item.headers if k == "from"), "")

@@ -17,7 +17,7 @@ from typing import IO, Annotated
 import typer
 
 from sipsniff_acc.audit.billing import BillingError, CsvBilling, Span, SqlBilling, parse_map
-from sipsniff_acc.audit.model import TableSpec
+from sipsniff_acc.audit.model import PHANTOM, UNVERIFIED, TableSpec
 from sipsniff_acc.audit.pairing import pair
 from sipsniff_acc.audit.report import summary, write_jsonl
 from sipsniff_acc.audit.wire import account, acc_specs, cdr_specs
@@ -137,6 +137,11 @@ def audit(
     audited = {s.name for s in specs}
     wire_rows = [r for r in wire.rows if r.table in audited]
     res = pair(wire_rows, rows, time_tolerance, duration_tolerance)
+    unverified = [d for d in res.discrepancies if d.kind == PHANTOM and wire.began_before(d.callid)]
+    if unverified:  # calls in progress when the capture began: no verdict on their INVITE rows
+        res.discrepancies = [d for d in res.discrepancies if not (d.kind == PHANTOM and wire.began_before(d.callid))]
+        for d in unverified:
+            d.kind = UNVERIFIED
     columns = {s.name: s.columns for s in specs}
     for d in res.discrepancies:  # a field is named as the table's column (sip_code, end_time, ...)
         if d.field:
@@ -145,7 +150,7 @@ def audit(
     if jsonl_file is not None:
         out: IO[bytes] = sys.stdout.buffer if str(jsonl_file) == "-" else open_private(jsonl_file, "wb")
         try:
-            write_jsonl(out, res.discrepancies)
+            write_jsonl(out, res.discrepancies + unverified)
         finally:
             if out is not sys.stdout.buffer:
                 out.close()
@@ -158,7 +163,7 @@ def audit(
             f.write(page.encode())
     if not quiet:
         summary(res, wire_rows, rows, tables, wire.first, wire.last,
-                sys.stderr if str(jsonl_file) == "-" else sys.stdout)
+                sys.stderr if str(jsonl_file) == "-" else sys.stdout, len(unverified))
     raise typer.Exit(EXIT_DISCREPANCIES if res.discrepancies else EXIT_AGREE)
 
 

@@ -6,6 +6,7 @@ mapping; only the capture's time span is read; --db-timezone local."""
 from __future__ import annotations
 
 import csv
+import json
 import datetime as dt
 import os
 import sqlite3
@@ -159,3 +160,50 @@ def test_only_the_capture_span_is_read(work: Path) -> None:
     con.close()
     res = audit(str(PCAP), "-m", "rules.yaml", "--against", "sqlite:///audit_books.db", cwd=work)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+SAMPLE = Path(__file__).resolve().parents[1] / "pcaps" / "sample.pcap"
+
+
+def _frames(pcap: Path) -> tuple[bytes, list[bytes]]:
+    """A little-endian µs pcap's global header and its records (header + data each)."""
+    import struct
+    data = pcap.read_bytes()
+    out, off = [], 24
+    while off < len(data):
+        incl = struct.unpack_from("<I", data, off + 8)[0]
+        out.append(data[off:off + 16 + incl])
+        off += 16 + incl
+    return data[:24], out
+
+
+def test_worked_example_on_the_sample(tmp_path: Path) -> None:
+    """The README's example: the sample's own rows agree; a deleted row, a changed code and a
+    row inserted twice are found; a capture that starts after a call's INVITE does not turn
+    that call's row into a phantom (it is listed as unverified, exit 0)."""
+    run = subprocess.run([sys.executable, "-m", "sipsniff_acc", "process", str(SAMPLE), "--log", "none", "-q"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    res = audit(str(SAMPLE), "--against", "sqlite:///acc.db", cwd=tmp_path)
+    assert res.returncode == 0 and "the books agree" in res.stdout, res.stdout + res.stderr
+
+    header, frames = _frames(SAMPLE)
+    first_invite = next(i for i, f in enumerate(frames) if f[16:].find(b"INVITE sip:") == 42)
+    (tmp_path / "late.pcap").write_bytes(header + b"".join(frames[first_invite + 1:]))
+    res = audit("late.pcap", "--against", "sqlite:///acc.db", "--jsonl", "late.jsonl", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    late = [json.loads(line) for line in (tmp_path / "late.jsonl").read_text().splitlines()]
+    assert [(d["kind"], d["method"], d["billing"]) for d in late] == [("unverified", "INVITE", "200")]
+
+    con = sqlite3.connect(tmp_path / "acc.db")
+    con.execute("DELETE FROM acc WHERE id = 2")
+    con.execute("UPDATE acc SET sip_code = '487' WHERE id = 5")
+    con.execute("INSERT INTO acc (method, from_tag, to_tag, callid, sip_code, sip_reason, time) "
+                "SELECT method, from_tag, to_tag, callid, sip_code, sip_reason, time FROM acc WHERE id = 7")
+    con.commit()
+    con.close()
+    res = audit(str(SAMPLE), "--against", "sqlite:///acc.db", "--jsonl", "diff.jsonl", cwd=tmp_path)
+    assert res.returncode == 1, res.stdout + res.stderr
+    found = sorted((d["kind"], d["field"]) for d in map(json.loads, (tmp_path / "diff.jsonl").read_text().splitlines()))
+    assert found == [("duplicate", None), ("mismatch", "sip_code"), ("missing", None)]
+    assert "3 discrepancies: 1 missing, 1 mismatch, 1 duplicate" in res.stdout
