@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -127,3 +128,48 @@ def test_port_taken_is_one_line(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert res.stderr == f"error: --metrics {HOST}:{port}: cannot listen: Address already in use\n"
     assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="live capture needs root or CAP_NET_RAW")
+def test_live_capture_counters(tmp_path: Path) -> None:
+    """`process -i lo` until SIGTERM: the kernel's packet and drop counters per interface, the
+    promiscuous flag and the SIP messages, scraped while it runs, equal its --stats at the end."""
+    port = free_port()
+    err = tmp_path / "stderr"
+    proc = subprocess.Popen(cmd("process", "-i", "lo", "-f", "udp port 5060 and host 127.0.3.2", "--no-db",
+                                "--log", "none", "--metrics", f"{HOST}:{port}", "--stats", "stats.json"),
+                            cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=err.open("wb"))
+    try:
+        wait_for_text(err, "listening on lo")
+        options = (b"OPTIONS sip:probe@127.0.3.2 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.3.1:5062;branch=z9hG4bK-m\r\n"
+                   b"From: <sip:s3@127.0.3.1>;tag=m\r\nTo: <sip:probe@127.0.3.2>\r\nCall-ID: s3-metrics\r\n"
+                   b"CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.3.1", 0))
+            for _ in range(20):
+                s.sendto(options, ("127.0.3.2", 5060))
+        deadline = time.monotonic() + 20
+        got: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        while time.monotonic() < deadline:  # the kernel's counters are folded in at least every second
+            got = scrape(port)
+            if got.get(("sipsniff_capture_kernel_packets_total", (("interface", "lo"),)), 0) >= 20 \
+                    and got[("sipsniff_sip_messages_total", ())] >= 20:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        status = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert status == 128 + signal.SIGTERM, err.read_text()
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    lo = stats["capture"]["interfaces"]["lo"]
+    # the filter lets IP fragments through (other tests' traffic on lo may add some): at least
+    # ours, and never more than the run's own final count
+    assert 20 <= got[("sipsniff_capture_kernel_packets_total", (("interface", "lo"),))] <= lo["packets"]
+    assert got[("sipsniff_capture_dropped_total", (("interface", "lo"), ("where", "kernel")))] == lo["dropped"] == 0
+    assert got[("sipsniff_capture_promiscuous", (("interface", "lo"),))] == 1
+    assert 20 <= got[("sipsniff_sip_messages_total", ())] <= stats["sip_messages"]
+    assert got[("sipsniff_packets_total", ())] <= stats["frames"]
+    assert not any(name == "sipsniff_capture_gaps_total" for name, _l in got)  # no drop report: no gap
