@@ -30,7 +30,7 @@ ANOMALIES: Final[dict[str, str]] = {
     "tcp_resync": "bytes that are not SIP skipped inside a SIP stream to reach the next start line",
     "tcp_incomplete_message": "a SIP message still incomplete when its stream closed, reset or went idle",
     "tcp_no_content_length": "a SIP message over TCP without Content-Length (assumed 0, RFC 3261 §18.3)",
-    "tcp_message_too_long": "no SIP message end within limits.max_sip_message (1 MiB), or a Content-Length beyond it",
+    "tcp_message_too_long": "no SIP message end within limits.max_sip_message (default 1 MiB), or a Content-Length beyond it",
     "tcp_stream_evicted": "a stream dropped to keep reassembly memory bounded",
     "ws_bad_frame": "WebSocket frame with reserved bits set or longer than limits.max_sip_message",
     "ws_unfinished_message": "a new WebSocket message began before the fragmented one finished",
@@ -38,7 +38,7 @@ ANOMALIES: Final[dict[str, str]] = {
     "sctp_truncated": "SCTP common header or chunk shorter than its length says",
     "sctp_incomplete_message": "SCTP user message whose fragments never all arrived",
     "sctp_bad_fragments": "SCTP fragments of one user message whose E (end) TSN comes before the B (begin) TSN",
-    "sctp_message_too_long": "SCTP fragments of one user message adding up to more than limits.max_sip_message (1 MiB)",
+    "sctp_message_too_long": "SCTP fragments of one user message adding up to more than limits.max_sip_message (default 1 MiB)",
     "sctp_association_evicted": "an SCTP direction's recent TSNs forgotten to keep the retransmission filter bounded",
     # SIP
     "sip_bad_start_line": "looked like SIP but the request or status line does not parse",

@@ -323,7 +323,7 @@ class TcpReassembler:
         while buf:
             if st.need and len(buf) < st.need:  # the front message's body is still arriving
                 return
-            if buf[0] == 0x0D or buf[0] == 0x0A:
+            if (buf[0] == 0x0D or buf[0] == 0x0A) and not st.resync:  # line ends inside junk are not pings
                 self._strip_keepalives(buf)
                 st.cut()
                 continue
