@@ -140,6 +140,7 @@ class SqlBilling:
         except (SQLAlchemyError, ImportError, ValueError, OSError) as e:
             raise BillingError(f"{self.where}: {_short(e)}") from None
         self.sqlite = self.engine.dialect.name == "sqlite"
+        self.notes: list[str] = []
         self.specs = specs
         self.tables: dict[str, Any] = {}
         for spec in specs:
@@ -257,6 +258,7 @@ class CsvBilling:
     def __init__(self, path: str, specs: list[TableSpec], mapping: dict[str, str], timezone: str = "utc") -> None:
         self.path = path
         self.local = timezone == "local"
+        self.notes: list[str] = []  #: what was read but not audited, said on stderr
         self.specs = {s.name: s for s in specs}
         if not os.path.isfile(path):
             raise BillingError(f"--against {path}: no such file")
@@ -302,15 +304,23 @@ class CsvBilling:
                 yield i, rec
 
     def rows(self, span: Span) -> list[Row]:
+        """The export's rows inside the span; rows of other tables and rows without a readable
+        time are counted (``notes``), never dropped unsaid."""
         out: list[Row] = []
+        others: dict[str, int] = {}
+        no_time: list[int] = []
         try:
             for line, rec in self._records():
                 name = self.table_const or (rec.get(self.table_col, "") if self.table_col else "") or self.default
                 spec = self.specs.get(name.strip())
-                if spec is None:
-                    continue  # a table the rules do not write: not audited
+                if spec is None:  # a table the rules do not write: not audited (counted)
+                    others[name] = others.get(name, 0) + 1
+                    continue
                 m = {f_: (c[1:] if c.startswith("=") else rec.get(c)) for f_, c in self.columns.items()}
                 row = make_row(spec, m, self.local, f"{os.path.basename(self.path)}:{line}")
+                if row.time == float("-inf"):
+                    no_time.append(line)
+                    continue
                 if span.low <= row.time <= span.high + 1:
                     out.append(row)
                     if len(out) > MAX_BILLING_ROWS:
@@ -318,6 +328,11 @@ class CsvBilling:
                                            "capture's time span: audit shorter captures")
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise BillingError(f"--against {self.path}: {e}") from None
+        for name, n in sorted(others.items()):
+            self.notes.append(f"{n} row(s) of table {name!r}, which the rules do not write: not audited")
+        if no_time:
+            lines = ", ".join(map(str, no_time[:5])) + (", ..." if len(no_time) > 5 else "")
+            self.notes.append(f"{len(no_time)} row(s) without a readable time (line {lines}): not audited")
         return out
 
     def close(self) -> None:

@@ -134,6 +134,8 @@ def audit(
         raise _trouble(str(e)) from None
     finally:
         billing.close()
+    for note in billing.notes:
+        print(escape(f"note: {against_label(against)}: {note}"), file=sys.stderr)
     audited = {s.name for s in specs}
     wire_rows = [r for r in wire.rows if r.table in audited]
     res = pair(wire_rows, rows, time_tolerance, duration_tolerance)

@@ -126,6 +126,12 @@ def test_csv_export_with_a_mapping(work: Path) -> None:
     assert res.returncode == 1, res.stdout + res.stderr
     assert '"kind":"missing","table":"acc"' in (work / "d.jsonl").read_text()
     assert len((work / "d.jsonl").read_text().splitlines()) == 1
+    # rows of another table, a row without a readable time: counted and said, not silently dropped
+    with (work / "export.csv").open("a") as f:
+        f.write("acc_other,x1,INVITE,a,b,200,OK,2026-11-22 21:48:50\nacc,x2,INVITE,a,b,200,OK,yesterday\n")
+    res = audit(str(PCAP), "-m", "rules.yaml", "--against", "export.csv", "--map", MAP, cwd=work)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "1 row(s) of table 'acc_other'" in res.stderr and "1 row(s) without a readable time (line 602)" in res.stderr
     # unmapped: the export's names are not the database's
     one_error_line(audit(str(PCAP), "-m", "rules.yaml", "--against", "export.csv", cwd=work), "callid", "--map")
     one_error_line(audit(str(PCAP), "-m", "rules.yaml", "--against", "export.csv", "--map", "colour=x", cwd=work),
