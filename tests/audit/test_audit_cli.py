@@ -131,7 +131,7 @@ def test_csv_export_with_a_mapping(work: Path) -> None:
         f.write("acc_other,x1,INVITE,a,b,200,OK,2026-11-22 21:48:50\nacc,x2,INVITE,a,b,200,OK,yesterday\n")
     res = audit(str(PCAP), "-m", "rules.yaml", "--against", "export.csv", "--map", MAP, cwd=work)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "1 row(s) of table 'acc_other'" in res.stderr and "1 row(s) without a readable time (line 602)" in res.stderr
+    assert "1 row(s) of table 'acc_other'" in res.stderr and "1 row(s) without a readable time (line 603)" in res.stderr
     # unmapped: the export's names are not the database's
     one_error_line(audit(str(PCAP), "-m", "rules.yaml", "--against", "export.csv", cwd=work), "callid", "--map")
     one_error_line(audit(str(PCAP), "-m", "rules.yaml", "--against", "export.csv", "--map", "colour=x", cwd=work),
