@@ -167,30 +167,33 @@ TIMER_EVERY = 1.0  #: wall seconds: the spooled backends get a delivery (retry) 
 class Outputs:
     """The emitters' clock: records out within 1 s whatever the traffic.
 
-    After a delivery the outputs are flushed at once if the last flush is FLUSH_EVERY old
-    (a record after a quiet spell goes out now, a burst costs one flush per FLUSH_EVERY);
-    otherwise at the next tick of packet time or Idle. An emitter takes part with a ``tick()``
-    method (flush a stream, commit and deliver a spool's buffer, retry a backend that is down)."""
+    After a delivery the outputs are flushed at once if the last flush of records is
+    FLUSH_EVERY old (a record after a quiet spell goes out now; a burst costs one flush per
+    FLUSH_EVERY: a flush per record measured 4 µs to a file, ~0.5 µs a message); otherwise at
+    the next Tick of packet time or Idle. In silence a live source's Idle ticks every emitter
+    (a spool also retries a backend that is down); a capture on a pipe that goes silent
+    right after a burst keeps its last lines until the next packet. An emitter takes part
+    with a ``tick()`` method (flush a stream, commit and deliver a spool's buffer)."""
 
     def __init__(self, emitters: Sequence[Emitter], clock: Callable[[], float] = time.monotonic) -> None:
         self.tickers: list[Callable[[], None]] = [t for e in emitters if (t := getattr(e, "tick", None)) is not None]
         self.clock = clock
-        self.last = float("-inf")  #: the first record goes out at once
+        self.flushed = float("-inf")  #: the last flush after records (the first record goes out at once)
+        self.ticked = float("-inf")  #: the last tick of any kind
         self.dirty = False
 
     def written(self) -> None:
         if self.tickers:
             now = self.clock()
-            if now - self.last >= FLUSH_EVERY:
+            self.dirty = True
+            if now - self.flushed >= FLUSH_EVERY:
                 self.tick(now)
-            else:
-                self.dirty = True
 
     def poll(self) -> None:
         """Packet time went on (a Tick): flush what waits, and give the spool its timer."""
         if self.tickers:
             now = self.clock()
-            if now - self.last >= (FLUSH_EVERY if self.dirty else TIMER_EVERY):
+            if (self.dirty and now - self.flushed >= FLUSH_EVERY) or now - self.ticked >= TIMER_EVERY:
                 self.tick(now)
 
     def tick(self, now: float | None = None) -> None:
@@ -201,7 +204,9 @@ class Outputs:
                 t()
         finally:
             stop.guarded -= 1
-        self.last = self.clock() if now is None else now
+        self.ticked = now = self.clock() if now is None else now
+        if self.dirty:  # records went out with this tick
+            self.flushed = now
         self.dirty = False
         if stop.signum:
             stopping.check()
