@@ -28,9 +28,9 @@ def our_messages_of(pcap: Path) -> list[dict[str, object]]:
 
 def rules_for(case: str, proxy_addresses: bool = True) -> str:
     """The rules.yaml equivalent of kamailio.cfg.in filled in for one case."""
-    from tests.conformance.record_kamailio import CASES, CDR_EXTRA, PROXY
+    from tests.conformance.record_kamailio import ALL_CASES, CDR_EXTRA, PROXY
 
-    c = CASES[case]
+    c = ALL_CASES[case]
     params = {"log_flag": 1, "log_missed_flag": 2, "db_flag": 1, "db_missed_flag": 2, "failed_transaction_flag": 3,
               "log_level": 1}
     params.update(dict(c.modparams))
@@ -57,6 +57,7 @@ def rules_for(case: str, proxy_addresses: bool = True) -> str:
         + dlg
         + f"  - if: {{method: {methods}}}\n    setflag: {json.dumps(list(c.invite_flags))}\n"
         + "".join(f"  - if: {{method: {methods}}}\n    set_avp: {{{k}: {json.dumps(v)}}}\n" for k, v in c.avps)
+        + (f"failure_route:\n  - setflag: {json.dumps(list(c.failure_flags))}\n" if c.failure_flags else "")
     )
 
 
