@@ -537,7 +537,8 @@ def process(
                 copies = [CopyOutput(em, _output_name(em, paths)) for em in emitters if em not in spooled]
                 result = run(frames, rules, [*spooled, *copies], counters, open_as_408, result,
                              _auto_workers(workers), decrypted, control=control,
-                             state=str(state_file) if state_file is not None else None)
+                             state=str(state_file) if state_file is not None else None,
+                             live=interface is not None)
             finally:
                 stop.closing = True  # from here on a signal only marks the stop: the close is not cut
                 if server is not None:
@@ -592,6 +593,8 @@ def _finish_process(result: RunResult, counters: Counters, errors: list[SourceEr
     if stats:
         doc = counters.as_dict() | {"errors": [str(e) for e in errors], "records": dict(result.records),
                                     "records_by_backend": dict(result.by_backend), "tracker": tstats.as_dict(),
+                                    "records_with_capture_gaps": result.capture_gaps,
+                                    "capture_gap_reports": result.gaps, "rule_reloads": result.rule_reloads,
                                     "delivered": {sp.backend.name: sp.delivered for sp in spooled},
                                     "pending_in_spool": {sp.backend.name: sp.pending for sp in spooled},
                                     "backends": {sp.backend.name: sp.stats() for sp in spooled}} | _capture_doc(capture)
@@ -774,6 +777,9 @@ def _acc_summary(result: RunResult, rules: RulesFile, spooled: list[SpooledEmitt
     unused = ", ".join(f"{b} {n}" for b, n in sorted(result.by_backend.items()) if b not in used)
     print(f"acc: {sum(result.records.values())} records ({kinds}); by backend: {shown}"
           f"{f' (flagged for outputs this run did not have: {unused})' if unused else ''}", file=out)
+    if result.capture_gaps:
+        print(f"  {result.capture_gaps} records made while packets were being dropped "
+              "(capture_gaps in JSON lines: they may be incomplete)", file=out)
     for em in logs:
         if em.send_failures:
             print(f"  syslog: {em.send_failures} line(s) could not be sent to {em.target}", file=out)
