@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -237,37 +238,13 @@ def comparable(records: list[dict[str, object]]) -> list[str]:
 
 
 def stats_drops(stats: dict[str, object]) -> int | None:
-    """Every packet the run says it lost (kernel + ring + our queue), or None when the stats
-    carry no drop counter at all (a capture that cannot report drops)."""
-    found = False
-    total = 0
-    for key in ("kernel_drops", "capture_drops", "queue_drops", "dropped"):
-        v = stats.get(key)
-        if isinstance(v, int):
-            found, total = True, total + v
-        elif isinstance(v, dict):  # per interface / per kind
-            found = True
-            total += sum(x for x in _ints(v))
+    """Every packet the run says it lost (``--stats``' capture part: the kernel's drops, and
+    our own queue's if the capture ever has one), or None when the stats carry no capture part
+    (a capture that cannot report drops)."""
     cap = stats.get("capture")
-    if isinstance(cap, dict):
-        for key in ("kernel_drops", "drops", "dropped", "queue_drops", "ring_drops"):
-            v = cap.get(key)
-            if isinstance(v, int):
-                found, total = True, total + v
-            elif isinstance(v, dict):
-                found = True
-                total += sum(x for x in _ints(v))
-    return total if found else None
-
-
-def _ints(node: object) -> list[int]:
-    if isinstance(node, bool):
-        return []
-    if isinstance(node, int):
-        return [node]
-    if isinstance(node, dict):
-        return [x for v in node.values() for x in _ints(v)]
-    return []
+    if not isinstance(cap, dict) or "kernel_drops" not in cap:
+        return None
+    return int(cap["kernel_drops"]) + int(cap.get("queue_drops", 0))
 
 
 @functools.lru_cache(maxsize=None)
@@ -277,3 +254,19 @@ def cli_options(command: str) -> frozenset[str]:
     res = subprocess.run([PYTHON, "-m", "sipsniff_acc", command, "--help"], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
     return frozenset(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", res.stdout))
+
+
+def split_pcap(src: Path, first: Path, rest: Path, frames: int) -> tuple[int, int]:
+    """``src``'s first ``frames`` records into ``first``, the others into ``rest`` (classic
+    pcap, as gen_workload writes); the two counts."""
+    counts = [0, 0]
+    with open(src, "rb") as f, open(first, "wb") as a, open(rest, "wb") as b:
+        head = f.read(24)
+        a.write(head)
+        b.write(head)
+        while len(hdr := f.read(16)) == 16:
+            n = struct.unpack("<IIII", hdr)[2]
+            part = 0 if counts[0] < frames else 1
+            (a if part == 0 else b).write(hdr + f.read(n))
+            counts[part] += 1
+    return counts[0], counts[1]
