@@ -149,20 +149,25 @@ def audit(
         if d.field:
             d.field = columns.get(d.table, {}).get(d.field, d.field)
     tables = [s.name for s in specs]
-    if jsonl_file is not None:
-        out: IO[bytes] = sys.stdout.buffer if str(jsonl_file) == "-" else open_private(jsonl_file, "wb")
-        try:
-            write_jsonl(out, res.discrepancies + unverified)
-        finally:
-            if out is not sys.stdout.buffer:
-                out.close()
-            else:
-                out.flush()
-    if html_file is not None:
-        from sipsniff_acc.audit.html import render
-        page = render(res, wire, wire_rows, rows, tables, against_label(against))
-        with open_private(html_file, "wb") as f:
-            f.write(page.encode())
+    try:
+        if jsonl_file is not None:
+            out: IO[bytes] = sys.stdout.buffer if str(jsonl_file) == "-" else open_private(jsonl_file, "wb")
+            try:
+                write_jsonl(out, res.discrepancies + unverified)
+            finally:
+                if out is not sys.stdout.buffer:
+                    out.close()
+                else:
+                    out.flush()
+        if html_file is not None:
+            from sipsniff_acc.audit.html import render
+            page = render(res, wire, wire_rows, rows, tables, against_label(against))
+            with open_private(html_file, "wb") as f:
+                f.write(page.encode())
+    except BrokenPipeError:
+        raise typer.Exit(EXIT_TROUBLE) from None
+    except OSError as e:  # a full disk, a vanished directory: no verdict can be handed over
+        raise _trouble(f"writing the report: {e}") from None
     if not quiet:
         summary(res, wire_rows, rows, tables, wire.first, wire.last,
                 sys.stderr if str(jsonl_file) == "-" else sys.stdout, len(unverified))

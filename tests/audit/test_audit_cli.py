@@ -48,9 +48,21 @@ def one_error_line(res: subprocess.CompletedProcess[str], *words: str) -> None:
 
 
 def test_the_books_agree_exit_0(work: Path) -> None:
+    before = (work / "audit_books.db").read_bytes()
     res = audit(str(PCAP), "-m", "rules.yaml", "--against", "sqlite:///audit_books.db", cwd=work)
     assert res.returncode == 0, res.stderr
     assert "the books agree: 0 discrepancies" in res.stdout
+    assert (work / "audit_books.db").read_bytes() == before  # an audit never writes to the books
+    assert not (work / "sipsniff-acc.spool").exists() and not (work / "acc.db").exists()
+
+
+def test_a_report_that_cannot_be_written_is_trouble(work: Path) -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    res = audit(str(PCAP), "-m", "rules.yaml", "--against", "sqlite:///audit_books.db", "--html", "/dev/full",
+                cwd=work)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "error: writing the report" in res.stderr
 
 
 def test_trouble_before_the_work(work: Path) -> None:
