@@ -41,7 +41,7 @@ from sipsniff_acc.outfiles import (
 from sipsniff_acc import stopping
 from sipsniff_acc.processrun import RunResult, run
 from sipsniff_acc.metrics import MetricsAddressError, MetricsServer, RunView
-from sipsniff_acc.service import GapWatch, ReopenableFile, ServiceControl
+from sipsniff_acc.service import AlarmStream, GapWatch, ReopenableFile, ServiceControl
 from sipsniff_acc.shard import WorkerDied, max_workers
 from sipsniff_acc.sysloglines import escape
 from sipsniff_acc.rules import RulesError, RulesFile, load_rules
@@ -496,7 +496,7 @@ def process(
         spool: DurableSpool | None = None
         for backend in _backends(rules, no_db, db_url, db_password_file, db_timezone):
             spool = spool or DurableSpool(spool_path)
-            spooled.append(SpooledEmitter(backend, spool, drain_timeout=drain_timeout))
+            spooled.append(SpooledEmitter(backend, spool, drain_timeout=drain_timeout, alarms=AlarmStream()))  # type: ignore[arg-type]  # writes lines only
         # The spooled backends first: a batch is in the spool before a copy output (log, JSON
         # lines, stdout) can fail on it (a full disk), so the failure stops the run without a loss.
         emitters[:0] = spooled

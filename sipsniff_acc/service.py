@@ -101,6 +101,37 @@ class Alarms:
 alarm = Alarms()
 
 
+class AlarmStream:
+    """The text stream handed to outputs that write their own alarm lines (the spooled
+    backends' ``alarms=``: backend down/back, dead letters, spool full). Each line goes to
+    stderr unchanged, with journald's priority prefix under systemd (<4> for ``alarm:``,
+    <5> for ``note:``), and is counted in ``sent``."""
+
+    def __init__(self) -> None:
+        self.journald = _journald()
+        self.pending = ""
+        self.sent = 0
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        while "\n" in self.pending:
+            line, _, self.pending = self.pending.partition("\n")
+            prefix = (f"<{NOTICE if line.startswith('note:') else WARNING}>" if self.journald else "")
+            self.sent += 1
+            try:
+                sys.stderr.write(f"{prefix}{line}\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass  # stderr gone: an alarm must never stop the run
+        return len(text)
+
+    def flush(self) -> None:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+
 class ReopenableFile:
     """An output file (``--log FILE``, ``--jsonl FILE``) that follows logrotate: after a
     SIGHUP the next write (or ``ServiceControl``'s reopen) goes to a new file at the same

@@ -102,3 +102,18 @@ def test_no_hup_no_work(tmp_path: Path) -> None:
     rules.unlink()
     assert control.pending_rules() is None
     assert not control.reloads
+
+
+def test_alarm_stream_prefixes_for_journald(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The spooled backends' own alarm lines: unchanged on a terminal, with <4>/<5> under journald."""
+    plain = service.AlarmStream()
+    plain.journald = False
+    print("alarm: db backend down (refused); 3 record(s) kept", file=plain)  # type: ignore[arg-type]
+    journal = service.AlarmStream()
+    journal.journald = True
+    journal.write("alarm: db backend down\nnote: db backend back after 2.0 s; deliver")
+    journal.write("ing the spooled records\n")
+    assert capsys.readouterr().err == ("alarm: db backend down (refused); 3 record(s) kept\n"
+                                       "<4>alarm: db backend down\n"
+                                       "<5>note: db backend back after 2.0 s; delivering the spooled records\n")
+    assert plain.sent == 1 and journal.sent == 2
