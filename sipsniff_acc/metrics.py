@@ -157,6 +157,10 @@ class RunCollector(Collector):
                        samples=(([k], n) for k, n in sorted(_copy(r.records).items())))
         yield _counter("records_flagged", "acc records flagged for each backend by the rules", labels=["backend"],
                        samples=(([k], n) for k, n in sorted(_copy(r.by_backend).items())))
+        marked = getattr(r, "capture_gaps", None)
+        if marked is not None:
+            yield _counter("records_capture_gaps", "records made while packets were being dropped (may be incomplete)",
+                           marked)
         t = r.tracker
         yield _counter("transactions", "transactions created, by role", labels=["role"],
                        samples=(([k], n) for k, n in sorted(_copy(t.transactions).items())))
