@@ -117,3 +117,20 @@ def test_alarm_stream_prefixes_for_journald(monkeypatch: pytest.MonkeyPatch, cap
                                        "<4>alarm: db backend down\n"
                                        "<5>note: db backend back after 2.0 s; delivering the spooled records\n")
     assert plain.sent == 1 and journal.sent == 2
+
+
+def test_reopen_failure_keeps_the_old_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The log's directory renamed away (the new path cannot be created): one alarm, and the
+    lines keep going to the file already open; nothing is lost."""
+    from sipsniff_acc import stopping
+
+    (tmp_path / "logs").mkdir()
+    f = service.ReopenableFile(tmp_path / "logs" / "acc.log", "a")
+    f.write("one\n")
+    (tmp_path / "logs").rename(tmp_path / "moved")
+    stopping._hup(1, None)  # what SIGHUP's handler does  # noqa: SLF001
+    f.write("two\n")
+    f.close()
+    assert (tmp_path / "moved" / "acc.log").read_text() == "one\ntwo\n"
+    assert f.reopened == 0
+    assert "alarm: cannot reopen " in capsys.readouterr().err
