@@ -367,21 +367,28 @@ class LiveCapture:
                     taken += 1
                 sources += taken > 0
                 losing |= taken * 2 >= r.nblocks  # half the ring was full: drops are likely, look now
+            # Read after the blocks were taken, yielded after their frames: the packets in the
+            # ring arrived before the ones the kernel had to drop, so the calls open once the
+            # batch is accounted are the ones that may have lost messages.
+            gaps: list[CaptureGap] = []
             if losing or now >= next_stats or not batch:
-                yield from self._gaps()
+                gaps = list(self._gaps())
                 next_stats = now + STATS_EVERY
             if batch:
                 if sources > 1:
                     batch.sort(key=_ts)  # several interfaces: one time line (each ring is in order)
                 if left is not None and len(batch) >= left:
                     yield from batch[:left]
+                    yield from gaps
                     break
                 if left is not None:
                     left -= len(batch)
                 yield from batch
+                yield from gaps
                 last_ts = batch[-1].ts
                 last_out = clock()
                 continue
+            yield from gaps
             wait = IDLE_AFTER - (now - last_out)
             if wait <= 0:
                 # a frame still in an open block is at most RETIRE_TOV old: time never goes back
