@@ -378,7 +378,8 @@ class CdrEngine:
                 self.engine.stats.hdr_scans_cut += ctx.hdr_cut
         self.stats.written += 1
         r = AccRecord(CDR, ts, "INVITE", d.caller_tag, d.callee_tag, d.call_id, str(d.code) if d.code else "",
-                      d.reason, self.backends, self.table, {CDR: pairs}, [], d.invite.request.cseq_num)
+                      d.reason, self.backends, self.table, {CDR: pairs}, [], d.invite.request.cseq_num,
+                      in_dialog=True)  # a dialog's record: capture-gap marking looks back to the dialog's start
         self.engine.ids.assign(r)
         return r
 
