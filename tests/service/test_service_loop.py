@@ -321,3 +321,25 @@ def test_replace_rules_on_the_pipeline() -> None:
     out += [r for m in answered_call(Call(call_id="B", ftag="B-tag"), t=2000.0) for r in acc.feed(m)]
     # A's INVITE keeps its flags; BYEs follow the route, which the new rules still flag
     assert [(r.call_id, r.method) for r in out] == [("A", "INVITE"), ("A", "BYE"), ("B", "BYE")]
+
+
+# --- messages: Idle closes a batch ------------------------------------------------------------
+
+def test_messages_prints_a_live_message_at_the_next_idle_and_ignores_gaps() -> None:
+    from sipsniff_acc.messagerun import message_lines
+
+    msgs = answered_call(Call(call_id="m1", ftag="m-tag"), t=1000.0)[:3]
+    asked_after_idle: list[int] = []
+    chunks: list[bytes] = []
+
+    def source() -> Iterator[Any]:
+        yield from frames_of(msgs)
+        yield CaptureGap(1000.05, "eth0", 3)
+        yield Idle(1000.2)
+        asked_after_idle.append(len(chunks))
+        yield Idle(1000.3)
+
+    for chunk in message_lines(source(), "table", 0, Counters()):
+        chunks.append(chunk)
+    assert asked_after_idle == [1]
+    assert chunks[0].count(b"\n") == 3
