@@ -44,11 +44,13 @@ damaged file is kept beside as ``FILE.bad`` for a look.
 
 from __future__ import annotations
 
+import copyreg
 import dataclasses
 import hashlib
 import heapq
 import io
 import json
+import operator
 import os
 import pickle
 import time
@@ -60,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 from sipsniff_acc.acc import _NO_AVPS, TxnAcc
 from sipsniff_acc.sip import SipMessage
+from sipsniff_acc import stopping
 from sipsniff_acc import tracker as tracker_module
 from sipsniff_acc.tracker import RETAIN, SWEEP_EVERY, Dialog, Transaction, TransactionTracker
 
@@ -112,7 +115,13 @@ Restore = Callable[["AccPipeline", object, "float | None"], tuple[int, int]]
 #: name -> (dump, restore): restore returns (restored, expired)
 SECTIONS: dict[str, tuple[Dump, Restore]] = {}
 #: (module, qualname) -> class: what the unpickler may build besides plain containers
-ALLOWED: dict[tuple[str, str], type] = {}
+ALLOWED: dict[tuple[str, str], Any] = {}
+
+
+#: slots dataclasses: their field names (one shared tuple, pickled once) and a getter of the
+#: values. Pickled as (names, values) and set back by _set_slots: object.__reduce_ex__ on a
+#: slots object was 17 us an object (a dict of slots built each time), this is a few.
+_SLOTTED: dict[type, tuple[tuple[str, ...], Callable[[Any], Any]]] = {}
 
 
 def allow(*classes: type) -> None:
@@ -120,6 +129,25 @@ def allow(*classes: type) -> None:
     classes only: the unpickler calls ``cls.__new__`` and sets their fields."""
     for cls in classes:
         ALLOWED[(cls.__module__, cls.__qualname__)] = cls
+        if dataclasses.is_dataclass(cls) and "__slots__" in cls.__dict__:
+            names = tuple(f.name for f in dataclasses.fields(cls))
+            get = operator.attrgetter(*names)
+            _SLOTTED[cls] = (names, get if len(names) > 1 else (lambda o, g=get: (g(o),)))
+
+
+def _set_slots(obj: Any, state: Any) -> None:
+    """The unpickler's setter for a slots dataclass: fields by name; a name this version does
+    not have is ignored, one it lacks is filled in by the checks after loading."""
+    entry = _SLOTTED.get(type(obj))
+    if entry is None or type(state) is not tuple or len(state) != 2:
+        raise StateFileError("damaged (field values for a class that takes none)")
+    names, values = state
+    if type(names) is not tuple or type(values) is not tuple:
+        raise StateFileError("damaged (field values)")
+    known = entry[0]
+    for name, value in zip(names, values):
+        if name in known:
+            object.__setattr__(obj, name, value)
 
 
 def register_section(name: str, dump: Dump, restore: Restore, classes: tuple[type, ...] = ()) -> None:
@@ -132,6 +160,7 @@ def register_section(name: str, dump: Dump, restore: Restore, classes: tuple[typ
 
 
 allow(Transaction, Dialog, SipMessage, TxnAcc, OrderedDict)
+ALLOWED[(__name__, "_set_slots")] = _set_slots  # type: ignore[assignment]
 
 
 # --- results -------------------------------------------------------------------------------
@@ -266,6 +295,9 @@ class _Pickler(pickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         cls = type(obj)
+        slotted = _SLOTTED.get(cls)
+        if slotted is not None:
+            return copyreg.__newobj__, (cls,), (slotted[0], slotted[1](obj)), None, None, _set_slots
         if cls.__module__ != "builtins" and (cls.__module__, cls.__qualname__) not in ALLOWED:
             raise StateFileError(f"cannot save a {cls.__module__}.{cls.__qualname__} (not an allowed state class)")
         return NotImplemented
@@ -310,7 +342,10 @@ def save_state(path: str | os.PathLike[str], acc: AccPipeline, now: float | None
     if REPORT is None:
         return write_state(path, acc, now, shard, shards)
     try:
-        n = write_state(path, acc, now, shard, shards)
+        # a second SIGTERM (or the stop's watchdog) waits for the file rather than cutting it
+        # short: the old file would stay, and the calls since it would be lost
+        with stopping.locked():
+            n = write_state(path, acc, now, shard, shards)
     except StateFileError as e:
         _say(f"error: state {path}: not saved: {e}")
         return 0

@@ -336,3 +336,20 @@ def test_cdr_dialogs_survive(workload: list[SipMessage], tmp_path: Path) -> None
     first, second = AccPipeline(rules), AccPipeline(rules)
     lost = [r for m in msgs[:at] for r in first.feed(m)] + [r for m in msgs[at:] for r in second.feed(m)]
     assert len([r for r in lost if r.kind == "cdr"]) < len(cdrs)
+
+
+def test_reported_save_failure_is_one_line(rules: RulesFile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the CLI's reporter a save that cannot be written says one line and returns 0: the
+    stop it belongs to goes on (outputs flushed, exit status); loads say their line too."""
+    lines: list[str] = []
+    monkeypatch.setattr(state, "REPORT", lines.append)
+    acc = AccPipeline(rules)
+    for m in answered_call(Call(), t=1000.0)[:6]:
+        acc.feed(m)
+    (tmp_path / "file").write_text("")
+    assert save_state(tmp_path / "file" / "st", acc) == 0  # its directory is a file
+    assert len(lines) == 1 and lines[0].startswith("error: state ") and "not saved" in lines[0]
+    assert save_state(tmp_path / "st", acc) > 0
+    assert "saved 3 transactions, 1 dialogs" in lines[-1] or "saved " in lines[-1]
+    load_state(tmp_path / "st", AccPipeline(rules), now=1001.0)
+    assert lines[-1].startswith(f"state {tmp_path / 'st'}: restored ")
