@@ -114,6 +114,16 @@ def link_of(interface: str) -> tuple[int, int]:
     return _LINKTYPES[arphrd]
 
 
+def _check_rights() -> None:
+    """A socket that receives nothing (protocol 0): the rights are checked before the work."""
+    if not hasattr(socket, "AF_PACKET"):
+        raise CaptureUsageError("-i: live capture needs Linux (AF_PACKET); read `tcpdump -w -` through stdin")
+    try:
+        socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0).close()
+    except PermissionError:
+        raise CaptureUsageError("-i: capturing needs root or the CAP_NET_RAW capability") from None
+
+
 def _walk_py(ring: mmap.mmap, off: int, frame: type[Frame], source: str, linktype: int, no: int,
              skip_outgoing: bool) -> tuple[list[Frame], int, int]:
     """The frames of the block at ``off`` (copied out), how many were left out (outgoing
@@ -261,6 +271,7 @@ class LiveCapture:
         if not 1 <= ring_mb <= MAX_RING_MB:
             raise CaptureUsageError(f"--ring-size {ring_mb:g}: use 1 to {MAX_RING_MB} (MB per interface)")
         self.links = {i: link_of(i) for i in self.interfaces}
+        _check_rights()
         self.programs: dict[str, bytes | None] = {}
         self.filter_note = ""
         for iface, (_lt, dlt) in self.links.items():

@@ -131,3 +131,21 @@ def test_kernel_drops_are_a_loud_summary_line_and_exact_in_stats(links: Links, t
     cap = st["capture"]
     assert cap["kernel_drops"] > 0 and cap["kernel_drops"] == reached - st["frames"] == cap["interfaces"][iface]["dropped"]
     assert f"WARNING: the kernel DROPPED {cap['kernel_drops']} packet(s) ({cap['kernel_drops']} on {iface})" in err
+
+
+def test_capture_rights_cap_net_raw_is_enough_and_its_absence_is_one_line(tmp_path: Path) -> None:
+    """As nobody: CAP_NET_RAW alone captures (promiscuous mode included); without it, one line, exit 2."""
+    require_root()
+    import shutil
+    if shutil.which("setpriv") is None:
+        import pytest
+        pytest.skip("setpriv (util-linux) is missing")
+    drop = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+    cmd = [sys.executable, "-m", "sipsniff_acc", "messages", "-i", "lo", "-f", f"host {UAC}", "--duration", "0.5",
+           "-j", "0"]
+    res = subprocess.run([*drop, "--inh-caps=-all,+net_raw", "--ambient-caps=-all,+net_raw",
+                          "--bounding-set=-all,+net_raw", *cmd], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 0 and "(promiscuous, ring 32 MB)" in res.stderr, res.stderr
+    res = subprocess.run([*drop, "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", *cmd],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr == "error: -i: capturing needs root or the CAP_NET_RAW capability\n"
