@@ -34,6 +34,7 @@ Timestamps are the kernel's (tp_sec/tp_nsec), the same packet clock as in a pcap
 from __future__ import annotations
 
 import mmap
+import os
 import select
 import socket
 import struct
@@ -168,6 +169,7 @@ class _Ring:
         self.block = 0
         self.no = 0
         self.packets = self.dropped = self.freezes = self.frames = self.filtered = self.bytes = self.losing = 0
+        self.link_down = 0  #: times the interface went down under us (the socket resumes when it comes back)
         self.promisc = False
         self.skip_outgoing = False
         try:
@@ -238,7 +240,7 @@ class _Ring:
     def stats(self) -> dict[str, int | bool]:
         return {"packets": self.packets, "dropped": self.dropped, "freezes": self.freezes,
                 "frames": self.frames, "bytes": self.bytes, "filtered": self.filtered,
-                "losing_blocks": self.losing, "ring_bytes": self.nblocks * BLOCK_SIZE, "promisc": self.promisc}
+                "losing_blocks": self.losing, "link_down": self.link_down, "ring_bytes": self.nblocks * BLOCK_SIZE, "promisc": self.promisc}
 
     def close(self) -> None:
         self.read_stats()
@@ -308,7 +310,7 @@ class LiveCapture:
         counters are folded in every 250 ms and at every wake-up in silence): ``packets`` (the kernel's tp_packets:
         passed the filter, drops included), ``dropped`` (tp_drops: the ring was full),
         ``freezes`` (tp_freeze_q_cnt), ``frames``/``bytes`` (yielded), ``filtered`` (left out
-        by the reader: loopback's outgoing copies on old kernels), ``losing_blocks``,
+        by the reader: loopback's outgoing copies on old kernels), ``losing_blocks``, ``link_down``,
         ``ring_bytes``, ``promisc``."""
         return {r.interface: r.stats() for r in self.rings}
 
@@ -344,6 +346,17 @@ class LiveCapture:
             yield from self._frames()
         finally:
             self.close()
+
+    def _link_error(self, fd: int) -> None:
+        """The kernel flagged a socket (ENETDOWN: the link went down): the error is read, which
+        clears it (else every poll returns at once), and counted; the socket captures again
+        when the link comes back up. An interface that is gone ends the capture (exit 1)."""
+        for r in self.rings:
+            if r.sock.fileno() == fd:
+                r.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                r.link_down += 1
+                if not os.path.exists(f"/sys/class/net/{r.interface}"):
+                    raise LiveCaptureError(r.interface, "the interface disappeared during the capture")
 
     def _gaps(self) -> Iterator[CaptureGap]:
         now = time.time()
@@ -408,7 +421,9 @@ class LiveCapture:
                 wait = IDLE_AFTER
             if deadline is not None:
                 wait = min(wait, deadline - now)
-            poller.poll(max(0, int(wait * 1000) + 1))
+            for fd, what in poller.poll(max(0, int(wait * 1000) + 1)):
+                if what & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                    self._link_error(fd)
         yield from self._gaps()  # drops of the last second are reported before the end
 
 

@@ -214,3 +214,46 @@ def test_c_and_python_block_walks_agree() -> None:
     assert filtered == 1 and [f.no for f in frames_] == [11, 12, 13]
     assert frames_[1].data[12:16] == b"\x81\x00\x20\x64" and frames_[2].data[12:16] == b"\x88\xa8\x00\x07"
     assert frames_[0].ts == pytest.approx(1700000000.123456789)
+
+
+def test_a_link_going_down_and_up_is_counted_and_capture_resumes(links: Links) -> None:
+    iface = links.capture[0]
+    cap = LiveCapture([iface], duration=15)
+    cap.open()
+    links.send(0, [sip_request(call_id="before@s1")], 5060)
+    events: list[Event] = []
+    it = iter(cap)
+    for ev in it:
+        events.append(ev)
+        if frames(events):
+            break
+    subprocess.run(["ip", "link", "set", iface, "down"], check=True, timeout=10)
+    t0 = time.process_time()
+    n = 0
+    for ev in it:  # 0.5 s of a link down: heartbeats go on, no busy loop on the socket error
+        n += 1
+        if isinstance(ev, Idle) and n >= 5:
+            break
+    cpu = time.process_time() - t0
+    subprocess.run(["ip", "link", "set", iface, "up"], check=True, timeout=10)
+    time.sleep(0.2)
+    links.send(0, [sip_request(call_id="after@s1")], 5060)
+    for ev in it:
+        events.append(ev)
+        if len(frames(events)) >= 2:
+            break
+    it.close()
+    assert [b"before@s1" in f.data or b"after@s1" in f.data for f in frames(events)] == [True, True]
+    assert cap.stats()[iface]["link_down"] >= 1 and cpu < 0.3
+
+
+def test_an_interface_that_disappears_ends_the_capture_with_an_input_error(links: Links) -> None:
+    iface = links.capture[1]
+    cap = LiveCapture([iface], duration=15)
+    events: list[Event] = []
+    with pytest.raises(live.LiveCaptureError, match="disappeared"):
+        for ev in cap:
+            events.append(ev)
+            if len(events) == 2:
+                subprocess.run(["ip", "link", "del", iface], check=True, timeout=10)
+    assert len(events) < 30  # within a few heartbeats
