@@ -375,6 +375,7 @@ def _ts(item: Frame | Datagram | Idle | CaptureGap) -> float:
 
 ROUND_SPAN = 1.0  #: seconds of packet time a round of a file may span
 LIVE_ROUND_SPAN = 0.1  #: the same for a live capture: with TICK, records ≤ ~200 ms later than with -j 0
+LIVE_POLL = 0.02  #: live: seconds of packet time between looks for results already back
 
 
 def shard_of(payload: bytes, shards: int) -> int:
@@ -460,6 +461,8 @@ def _run_sharded(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile,
         seq = 0
         first = 0.0
         span = LIVE_ROUND_SPAN if live else ROUND_SPAN
+        poll_every = LIVE_POLL if live else float("inf")
+        next_poll = 0.0
         stream: Iterator[Candidate | Idle | CaptureGap | Tick] = timed_candidates(frames, capture)
         if extra:
             stream = heapq.merge(stream, map(as_candidate, extra), key=item_time)
@@ -502,6 +505,9 @@ def _run_sharded(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile,
                 parts[shard_of(item[7], workers)].append((seq, item))  # type: ignore[index,arg-type]
                 seq += 1
                 n += 1
+                if ts >= next_poll:  # live: results already back are handed on while packets flow
+                    next_poll = ts + poll_every
+                    yield None, False
                 continue
             if stop.signum:
                 break
@@ -515,7 +521,7 @@ def _run_sharded(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile,
                 p.append((seq, tick))
             seq += 1
             if cls is Idle:  # silence: the round goes now and its records are waited for
-                span = LIVE_ROUND_SPAN
+                span, poll_every = LIVE_ROUND_SPAN, LIVE_POLL
                 if reload() and n:  # the messages before keep the old rules: their round goes first
                     rules_ctl = ctl.pop("rules")
                     yield close(), False
