@@ -9,7 +9,10 @@ sees loopback's outgoing copies too (its direction filter is in user space). lib
 the same TPACKET_V3 ring; the per-packet call into Python is what costs. The kernel does the rest:
 
 * **BPF in the kernel** (``bpf.py``, compiled by libpcap): without ``-f`` RTP/RTCP never
-  reaches the ring; with ``-f`` the user's filter, IP fragments always admitted.
+  reaches the ring; with ``-f`` the user's filter, IP fragments always admitted. Measured
+  (RTP flood on loopback): the reader alone spends 0.04 µs per RTP packet sent with the
+  default filter against 0.95 µs without; ``messages -i -j 0`` ~4 µs per RTP packet without
+  it (decode + SIP detection), nothing with it: 200 k RTP packets/s would cost 0.8 core.
 * **Blocks, not packets.** The kernel fills 128 KiB blocks and hands one over when it is full
   or ``RETIRE_TOV`` ms after its first packet; we poll (≤ 100 ms), copy a block's frames out,
   give the block back, then yield them.
