@@ -131,8 +131,18 @@ def allow(*classes: type) -> None:
         ALLOWED[(cls.__module__, cls.__qualname__)] = cls
         if dataclasses.is_dataclass(cls) and "__slots__" in cls.__dict__:
             names = tuple(f.name for f in dataclasses.fields(cls))
-            get = operator.attrgetter(*names)
-            _SLOTTED[cls] = (names, get if len(names) > 1 else (lambda o, g=get: (g(o),)))
+            _SLOTTED[cls] = (names, _values_getter(names))
+
+
+def _values_getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    """A C-speed getter of the fields' values as a tuple (attrgetter of one name gives the value)."""
+    get = operator.attrgetter(*names)
+    if len(names) > 1:
+        return get
+
+    def one(obj: Any) -> tuple[Any, ...]:
+        return (get(obj),)
+    return one
 
 
 def _set_slots(obj: Any, state: Any) -> None:
@@ -160,7 +170,7 @@ def register_section(name: str, dump: Dump, restore: Restore, classes: tuple[typ
 
 
 allow(Transaction, Dialog, SipMessage, TxnAcc, OrderedDict)
-ALLOWED[(__name__, "_set_slots")] = _set_slots  # type: ignore[assignment]
+ALLOWED[(__name__, "_set_slots")] = _set_slots
 
 
 # --- results -------------------------------------------------------------------------------
@@ -289,6 +299,9 @@ def _peek(f: Path) -> bytes | None:
 # --- save ----------------------------------------------------------------------------------
 
 
+_NEWOBJ = getattr(copyreg, "__newobj__")  # noqa: B009 - the name pickle turns into its NEWOBJ opcode
+
+
 class _Pickler(pickle.Pickler):
     """Refuses, at save time, any class the loading side would refuse: a file we write is
     one we can read."""
@@ -297,7 +310,7 @@ class _Pickler(pickle.Pickler):
         cls = type(obj)
         slotted = _SLOTTED.get(cls)
         if slotted is not None:
-            return copyreg.__newobj__, (cls,), (slotted[0], slotted[1](obj)), None, None, _set_slots
+            return _NEWOBJ, (cls,), (slotted[0], slotted[1](obj)), None, None, _set_slots
         if cls.__module__ != "builtins" and (cls.__module__, cls.__qualname__) not in ALLOWED:
             raise StateFileError(f"cannot save a {cls.__module__}.{cls.__qualname__} (not an allowed state class)")
         return NotImplemented
@@ -660,9 +673,13 @@ def _plan(data: dict[str, Any], header: dict[str, Any], now: float | None, res: 
                 res.expired_acks += 1
             else:
                 kept_acks[k] = ts
+    kept_invites: dict[Any, Transaction] = {}
+    for k, server in invites.items():
+        held = kept.get(server.key)
+        if held is not None and held is server:
+            kept_invites[k] = held
     return _Plan(kept, [k for k in order_open if k in kept], [k for k in order_done if k in kept],
-                 {k: t for k, t in invites.items() if kept.get(t.key) is t}, kept_dialogs, kept_acks, eng,
-                 sections, timed_out, expired_dialogs)
+                 kept_invites, kept_dialogs, kept_acks, eng, sections, timed_out, expired_dialogs)
 
 
 def _past(t: Transaction, now: float, tr: TransactionTracker) -> bool:
