@@ -353,3 +353,43 @@ def test_reported_save_failure_is_one_line(rules: RulesFile, tmp_path: Path, mon
     assert "saved 3 transactions, 1 dialogs" in lines[-1] or "saved " in lines[-1]
     load_state(tmp_path / "st", AccPipeline(rules), now=1001.0)
     assert lines[-1].startswith(f"state {tmp_path / 'st'}: restored ")
+
+
+def test_several_restarts_in_a_row(rules: RulesFile, workload: list[SipMessage], tmp_path: Path) -> None:
+    """Restored state is saved again whole: three restarts in one run change no record."""
+    whole = rows(run_all(rules, workload))
+    msgs = fresh(workload)
+    cuts = [len(msgs) // 5, len(msgs) // 2, len(msgs) * 4 // 5]
+    acc = AccPipeline(rules)
+    out: list[AccRecord] = []
+    prev = 0
+    for i, at in enumerate([*cuts, len(msgs)]):
+        out += [r for m in msgs[prev:at] for r in acc.feed(m)]
+        prev = at
+        if at < len(msgs):
+            save_state(tmp_path / "st", acc)
+            acc = AccPipeline(rules)
+            assert load_state(tmp_path / "st", acc).status == "restored", i
+    assert rows(out + acc.finish()) == whole
+
+
+def test_file_from_an_older_version(rules: RulesFile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transaction saved without a field this version has (an upgrade added it) gets the
+    field's default; a field this version no longer has is ignored."""
+    from sipsniff_acc.tracker import Transaction
+    names, _get = state._SLOTTED[Transaction]
+    older = tuple(n for n in names if n != "retransmissions") + ("gone_field",)
+
+    def values(t: Transaction) -> tuple[object, ...]:
+        return tuple(getattr(t, n) if n != "gone_field" else 1 for n in older)
+
+    monkeypatch.setitem(state._SLOTTED, Transaction, (older, values))
+    acc = AccPipeline(rules)
+    for m in answered_call(Call(), t=1000.0)[:6]:
+        acc.feed(m)
+    save_state(tmp_path / "st", acc)
+    monkeypatch.undo()
+    b = AccPipeline(rules)
+    res = load_state(tmp_path / "st", b, now=1001.0)
+    assert res.status == "restored" and res.transactions == len(acc.tracker.txns) > 0
+    assert all(t.retransmissions == 0 and not hasattr(t, "gone_field") for t in b.tracker.txns.values())
