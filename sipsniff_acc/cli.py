@@ -73,7 +73,7 @@ def _top(
     ctx: typer.Context,
     version: Annotated[bool, typer.Option("--version", help="print the version and exit", is_eager=True,
                                           callback=_version_option)] = False,
-    config: Annotated[Path | None, typer.Option("--config", envvar="SIPSNIFF_CONFIG", help="YAML file of options by command (process: {interface: [eth0], rules: ...}); options on the command line win")] = None,
+    config: Annotated[Path | None, typer.Option("--config", envvar="SIPSNIFF_CONFIG", help="YAML file of options by command (process: {interface: eth0, rules: ...}); options on the command line win")] = None,
 ) -> None:
     """Passive SIP accounting sniffer: Kamailio acc records from the wire or from pcaps."""
     if config is not None and str(config):
