@@ -352,7 +352,9 @@ def main() -> None:
                                          "soak_rss_kb": soak}, indent=1))
 
 
-def print_table(configs: list[str], results: dict[str, list[Trial]], args: argparse.Namespace) -> list[dict[str, object]]:
+def print_table(configs: list[str], results: dict[str, list[Trial]],
+                args: argparse.Namespace) -> list[dict[str, object]]:
+    """The table: median over rounds of each configuration's best passing trial."""
     def med(xs: list[float | None]) -> float | None:
         vals = [x for x in xs if x is not None]
         return statistics.median(vals) if vals else None
