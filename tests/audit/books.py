@@ -51,8 +51,9 @@ def load(url: str, tables: dict[str, list[dict[str, Any]]]) -> None:
     engine = create_engine(url)
     sqlite = engine.dialect.name == "sqlite"
     meta = MetaData()
-    # an empty missed_calls (no missed call in the case) still exists, with acc's columns
-    samples = {name: rows[0] if rows else (tables.get("acc") or [{}])[0] for name, rows in tables.items()}
+    # an empty acc or missed_calls (no such record in the case) still exists, with the other's columns
+    core = next((rows[0] for name in ("acc", "missed_calls") if (rows := tables.get(name))), {})
+    samples = {name: rows[0] if rows else core for name, rows in tables.items()}
     made = {name: _table(meta, name, sample, sqlite) for name, sample in samples.items() if sample}
     meta.create_all(engine)
     with engine.begin() as con:
