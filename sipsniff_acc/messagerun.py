@@ -51,7 +51,7 @@ def candidates(frames: Iterable[Frame | Idle | CaptureGap], capture: CaptureStag
     for frame in frames:
         if frame.__class__ is not Frame:
             continue  # Idle, CaptureGap: nothing to parse
-        for d in feed(frame):  # type: ignore[arg-type]
+        for d in feed(frame):
             if d.__class__ is Datagram:  # as_candidate, inlined: this loop runs per packet
                 yield (d.ts, d.no, text[d.transport], d.src, d.sport, d.dst, d.dport,
                        d.payload, d.encap, d.source)
@@ -71,12 +71,12 @@ def timed_candidates(frames: Iterable[Frame | Idle | CaptureGap], capture: Captu
         if frame.__class__ is not Frame:
             yield frame  # type: ignore[misc]
             continue
-        ts = frame.ts  # type: ignore[union-attr]
+        ts = frame.ts
         if ts >= next_tick:  # before the frame's messages: a timer due fires before a message of its time
             if next_tick != float("-inf"):
                 yield Tick(ts)
             next_tick = ts + tick
-        for d in feed(frame):  # type: ignore[arg-type]
+        for d in feed(frame):
             if d.__class__ is Datagram:
                 yield (d.ts, d.no, text[d.transport], d.src, d.sport, d.dst, d.dport,
                        d.payload, d.encap, d.source)
@@ -87,7 +87,7 @@ def timed_candidates(frames: Iterable[Frame | Idle | CaptureGap], capture: Captu
 
 def item_time(c: Candidate | Marker) -> float:
     """The time of a candidate or a marker (for heapq.merge with decrypted TLS)."""
-    return c[0] if c.__class__ is tuple else c.ts  # type: ignore[union-attr,index]
+    return c[0] if c.__class__ is tuple else c.ts  # type: ignore[union-attr]
 
 
 def batched_until_idle(frames: Iterable[Frame | Idle | CaptureGap], capture: CaptureStage,
@@ -97,7 +97,7 @@ def batched_until_idle(frames: Iterable[Frame | Idle | CaptureGap], capture: Cap
     batch: list[Candidate] = []
     for item in timed_candidates(frames, capture):
         if item.__class__ is tuple:
-            batch.append(item)  # type: ignore[arg-type]
+            batch.append(item)
             if len(batch) >= size:
                 yield batch
                 batch = []

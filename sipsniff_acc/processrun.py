@@ -414,7 +414,7 @@ def acc_worker(rules: RulesFile, open_as_408: bool, shards: int = 1, state: str 
         feed, message, advance = acc.feed, parser.message, acc.advance
         for seq, c in items:
             if c.__class__ is float:  # a Tick: the timers, at the same packet time as with -j 0
-                for r in advance(c):  # type: ignore[arg-type]
+                for r in advance(c):
                     out.append((seq, r))
                 continue
             msg = message(*c)  # type: ignore[misc]
@@ -493,7 +493,7 @@ def _run_sharded(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile,
 
         for item in stream:
             if item.__class__ is tuple:
-                ts = item[0]  # type: ignore[index]
+                ts = item[0]
                 if n and (n >= BATCH or ts - start >= span):
                     if stop.signum:
                         break
@@ -502,7 +502,7 @@ def _run_sharded(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile,
                     start = ts
                     if not first:
                         first = ts
-                parts[shard_of(item[7], workers)].append((seq, item))  # type: ignore[index,arg-type]
+                parts[shard_of(item[7], workers)].append((seq, item))
                 seq += 1
                 n += 1
                 if ts >= next_poll:  # live: results already back are handed on while packets flow
@@ -511,6 +511,7 @@ def _run_sharded(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile,
                 continue
             if stop.signum:
                 break
+            assert not isinstance(item, tuple)
             cls = item.__class__
             if cls is CaptureGap:
                 _gap(item, result)  # type: ignore[arg-type]
