@@ -157,6 +157,10 @@ class SqlBilling:
                                    "(column names come from rules.yaml's acc_*_column / cdr settings)")
             self.tables[spec.name] = t
 
+    @property
+    def audited(self) -> set[str]:
+        return {s.name for s in self.specs}
+
     def rows(self, span: Span) -> list[Row]:
         """Every row of the audited tables whose time is inside the span."""
         from sqlalchemy import Float, func, select, type_coerce
@@ -295,6 +299,14 @@ class CsvBilling:
         if lacking:
             raise BillingError(f"--against {path}: no column(s) {', '.join(lacking)} in its header "
                                f"({', '.join(self.header[:20])}); map them with --map FIELD=COLUMN")
+
+    @property
+    def audited(self) -> set[str]:
+        """The tables the export stands for: all the rules' tables when it has a table column,
+        else the one table its rows go to (an export of CDRs alone says nothing of acc)."""
+        if self.table_col:
+            return set(self.specs)
+        return {self.table_const or self.default}
 
     def _records(self) -> Iterator[tuple[int, dict[str, str]]]:
         with open(self.path, newline="", encoding="utf-8-sig") as f:

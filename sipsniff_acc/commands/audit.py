@@ -136,6 +136,7 @@ def audit(
         billing.close()
     for note in billing.notes:
         print(escape(f"note: {against_label(against)}: {note}"), file=sys.stderr)
+    specs = [s for s in specs if s.name in billing.audited]  # a CSV export of one table audits that table
     audited = {s.name for s in specs}
     wire_rows = [r for r in wire.rows if r.table in audited]
     res = pair(wire_rows, rows, time_tolerance, duration_tolerance)

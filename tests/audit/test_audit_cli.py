@@ -225,3 +225,28 @@ def test_worked_example_on_the_sample(tmp_path: Path) -> None:
     found = sorted((d["kind"], d["field"]) for d in map(json.loads, (tmp_path / "diff.jsonl").read_text().splitlines()))
     assert found == [("duplicate", None), ("mismatch", "sip_code"), ("missing", None)]
     assert "3 discrepancies: 1 missing, 1 mismatch, 1 duplicate" in res.stdout
+
+
+def test_csv_export_of_cdrs_alone(tmp_path: Path) -> None:
+    """An export of acc_cdrs with Kamailio's column names (no --map but the table): only that
+    table is audited; a CDR's duration changed by 5 s is the one discrepancy."""
+    from tests.audit.books import CASES
+    case = CASES / "cdr_answered"
+    (tmp_path / "rules.yaml").write_text(rules_for("cdr_answered"))
+    cdrs = json.loads((case / "acc_cdrs.json").read_text())
+    for name, stretch in (("clean.csv", 0.0), ("stretched.csv", 5.0)):
+        with (tmp_path / name).open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["start_time", "end_time", "duration", "c_callid", "c_ft", "c_tt"])
+            for i, r in enumerate(cdrs):
+                start = dt.datetime.fromtimestamp(from_julian(r["start_time"]), dt.timezone.utc).isoformat()
+                w.writerow([start, from_julian(r["end_time"]), r["duration"] + (stretch if i == 0 else 0), r["c_callid"],
+                            r["c_ft"], r["c_tt"]])
+    args = (str(case / "capture.pcap"), "-m", "rules.yaml", "--map", "table==acc_cdrs")
+    res = audit(*args, "--against", "clean.csv", cwd=tmp_path)
+    assert res.returncode == 0 and "acc_cdrs  wire 2  billing 2  paired 2" in res.stdout, res.stdout + res.stderr
+    res = audit(*args, "--against", "stretched.csv", "--jsonl", "d.jsonl", cwd=tmp_path)
+    assert res.returncode == 1, res.stdout + res.stderr
+    found = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert [(d["kind"], d["table"], d["field"], d["callid"]) for d in found] == [
+        ("mismatch", "acc_cdrs", "duration", cdrs[0]["c_callid"])]
