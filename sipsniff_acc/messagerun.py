@@ -67,8 +67,13 @@ def timed_candidates(frames: Iterable[Frame | Idle | CaptureGap], capture: Captu
     feed = capture.feed
     text = _TEXT
     next_tick = float("-inf")
+    release = getattr(capture, "advance", None)  # the capture stage's timers (a TCP hole given up), if it has them
     for frame in frames:
         if frame.__class__ is not Frame:
+            if release is not None and frame.__class__ is Idle:
+                for d in release(frame.ts):
+                    if d.__class__ is Datagram:
+                        yield as_candidate(d)
             yield frame  # type: ignore[misc]
             continue
         ts = frame.ts

@@ -278,6 +278,7 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
             outputs.poll()
 
     next_tick = float("-inf")
+    release = getattr(messages.capture, "advance", None)  # the capture stage's timers, if it has them
     if state:  # a stop is taken at a safe point only (a frame's end), so that the calls are saved whole
         stop.guarded += 1
     try:
@@ -300,6 +301,14 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
                 found = messages.parser.feed(frame)  # type: ignore[arg-type]
             elif cls is Idle:
                 live = True
+                if release is not None:  # silence: what the capture stage held for later (a TCP hole) goes
+                    for d in release(frame.ts):
+                        if d.__class__ is Datagram:
+                            for item in messages.parser.feed(d):
+                                if item.__class__ is SipMessage:
+                                    recs = feed(item)
+                                    if recs:
+                                        deliver(recs)
                 timers(frame.ts, True)
                 continue
             else:  # CaptureGap
