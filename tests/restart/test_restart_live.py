@@ -26,7 +26,7 @@ from sipsniff_acc.rules import RulesError, parse_rules
 from tests.conftest import require_program
 
 UAC, UAS = "127.0.4.1", "127.0.4.2"
-PAUSE_MS = 9000  #: the call's length (SIPp -d): the sniffer is restarted inside it
+PAUSE_MS = 12000  #: the call's length (SIPp -d): the sniffer is restarted inside it
 EXE = str(Path(sys.executable).with_name("sipsniff-acc"))
 
 RULES = """
@@ -99,7 +99,7 @@ class Sniffer:
             return False
         return any(f.startswith("socket:[") and f[8:-1] in inodes for f in fds)
 
-    def wait_capturing(self, timeout: float = 20.0) -> None:
+    def wait_capturing(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -116,7 +116,7 @@ class Sniffer:
         out = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
         return [r for r in out if call_id is None or r.get("call_id") == call_id]
 
-    def wait_records(self, pred: object, timeout: float = 10.0) -> list[dict[str, object]]:
+    def wait_records(self, pred: object, timeout: float = 20.0) -> list[dict[str, object]]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             recs = self.records()
