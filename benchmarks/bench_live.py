@@ -146,37 +146,46 @@ class Trial:
     latency_p50: float | None = None
     latency_p99: float | None = None
     rss_peak_mb: float = 0.0
+    frames_per_cpu_s: float | None = None  #: frames read per CPU-second of the sniffer's tree (load-independent)
 
 
-def tree_rss_kb(pid: int) -> int:
-    """VmRSS of ``pid`` and all its descendants (the -j workers), in KiB."""
+def tree_usage(pid: int) -> tuple[int, dict[int, int]]:
+    """VmRSS (KiB) of ``pid`` and all its descendants (the -j workers), and each one's CPU
+    time so far (utime + stime, clock ticks)."""
     total = 0
+    ticks: dict[int, int] = {}
     todo = [pid]
-    seen: set[int] = set()
-    while todo and len(seen) < 256:
+    while todo and len(ticks) < 256:
         p = todo.pop()
-        if p in seen:
+        if p in ticks:
             continue
-        seen.add(p)
         try:
-            for line in open(f"/proc/{p}/status"):
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-                    break
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks[p] = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        break
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
                     todo.extend(int(c) for c in f.read().split())
-        except (OSError, ValueError):
+        except (OSError, ValueError, IndexError):
             continue
-    return total
+    return total, ticks
 
 
 class RssSampler:
-    """RSS of a process tree every ``every`` seconds, in a thread (stopped by ``stop()``)."""
+    """RSS and CPU time of a process tree every ``every`` seconds, in a thread (stopped by
+    ``stop()``). The CPU seconds used since the first sample give a load-independent figure:
+    frames per CPU-second, what one idle core would sustain."""
 
     def __init__(self, pid: int, every: float) -> None:
         self.pid, self.every = pid, every
         self.samples: list[tuple[float, int]] = []
+        self._base: dict[int, int] | None = None
+        self._last: dict[int, int] = {}
         self._stop = threading.Event()
         self._t0 = time.monotonic()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -184,15 +193,22 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            kb = tree_rss_kb(self.pid)
+            kb, ticks = tree_usage(self.pid)
             if kb:
                 self.samples.append((time.monotonic() - self._t0, kb))
+                if self._base is None:
+                    self._base = dict(ticks)
+                self._last.update(ticks)
             self._stop.wait(self.every)
 
     def stop(self) -> list[tuple[float, int]]:
         self._stop.set()
         self._thread.join(10)
         return self.samples
+
+    def cpu_seconds(self) -> float:
+        base = self._base or {}
+        return sum(t - base.get(p, 0) for p, t in self._last.items()) / os.sysconf("SC_CLK_TCK")
 
 
 def trial(pair: VethPair, wl: Workload, workers: int, pps: float, seconds: float, work: Path,
@@ -213,7 +229,7 @@ def trial(pair: VethPair, wl: Workload, workers: int, pps: float, seconds: float
     try:
         live.wait_listening()
         watcher = FileWatcher(jsonl)
-        rss = RssSampler(live.proc.pid, 0.5)
+        rss = RssSampler(live.proc.pid, 0.2)
         sent = replay(pair, pre.path, pps=pps, timeout=seconds * 10 + 300)
         t.pps_sent = sent.pps
         try:  # --count ends it once every admitted frame is read; a run that lost some never gets there
@@ -227,6 +243,7 @@ def trial(pair: VethPair, wl: Workload, workers: int, pps: float, seconds: float
         samples = rss.stop() if rss else []
     t.delivered = pair.link_stats()["rx_packets"] - before
     t.rss_peak_mb = max((kb for _, kb in samples), default=0) / 1024
+    cpu = rss.cpu_seconds() if rss else 0.0
     if rc not in (0, 130):
         t.why = f"exit {rc}: {live.stderr.strip().splitlines()[-1:]}"
         return t
@@ -235,6 +252,7 @@ def trial(pair: VethPair, wl: Workload, workers: int, pps: float, seconds: float
     t.drops = stats_drops(st)
     records = load_records(jsonl)
     t.identical = comparable(records) == pre.reference
+    t.frames_per_cpu_s = t.seen / cpu if cpu > 0 else None
     lat = sorted(when - float(json.loads(line)["ts"]) for when, line in lines if line.startswith("{"))
     if lat:
         t.latency_p50 = statistics.median(lat)
@@ -266,7 +284,8 @@ def search(pair: VethPair, wl: Workload, workers: int, args: argparse.Namespace,
     for _ in range(args.max_trials):
         tr = trial(pair, wl, workers, rate, args.seconds, work, kernel_filter, args.max_p99)
         log.append(tr)
-        print(f"  {tr.config:14} {rate:>9.0f} asked {tr.pps_sent:>9.0f} sent  load {tr.load:4.2f}  "
+        per_cpu = f"{tr.frames_per_cpu_s:>7.0f}/CPU-s" if tr.frames_per_cpu_s else " " * 13
+        print(f"  {tr.config:14} {rate:>9.0f} asked {tr.pps_sent:>9.0f} sent  load {tr.load:4.2f} {per_cpu}  "
               f"{'ok' if tr.ok else 'FAIL: ' + tr.why}", flush=True)
         if tr.ok:
             best = tr if best is None or tr.pps_sent > best.pps_sent else best
@@ -366,18 +385,20 @@ def print_table(configs: list[str], results: dict[str, list[Trial]],
     print(f"\nhighest rate with 0 drops, identical records and p99 latency <= {args.max_p99:g} s "
           f"(median of {args.rounds} rounds; {args.seconds:g} s replays)")
     print(f"{'config':10} {'pps (median)':>13} {'rounds':>28} {'lat p50 ms':>11} {'lat p99 ms':>11} "
-          f"{'RSS MB':>7} {'load':>5}")
+          f"{'RSS MB':>7} {'load':>5} {'frames/CPU-s':>13}")
     for c in configs:
         got = results[c]
         rate = med([t.pps_sent for t in got])
         row: dict[str, object] = {"config": c, "pps": rate, "rounds": [round(t.pps_sent) for t in got],
                "latency_p50": med([t.latency_p50 for t in got]), "latency_p99": med([t.latency_p99 for t in got]),
-               "rss_mb": med([t.rss_peak_mb for t in got]), "load": med([t.load for t in got])}
+               "rss_mb": med([t.rss_peak_mb for t in got]), "load": med([t.load for t in got]),
+               "frames_per_cpu_s": med([t.frames_per_cpu_s for t in got])}
         rows.append(row)
         print(f"{c:10} {'-' if rate is None else f'{rate:,.0f}':>13} {str(row['rounds']):>28} "
               f"{ms(row['latency_p50']):>11} {ms(row['latency_p99']):>11} "  # type: ignore[arg-type]
               f"{'-' if row['rss_mb'] is None else format(row['rss_mb'], '.0f'):>7} "
-              f"{'-' if row['load'] is None else format(row['load'], '.2f'):>5}")
+              f"{'-' if row['load'] is None else format(row['load'], '.2f'):>5} "
+              f"{'-' if row['frames_per_cpu_s'] is None else format(row['frames_per_cpu_s'], ',.0f'):>13}")
     return rows
 
 
