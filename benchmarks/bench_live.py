@@ -327,6 +327,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write every trial and the table here")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
+    # started in the background, SIGINT may be ignored: both signals unwind through the
+    # finally blocks (our sniffer stopped by its PID, our namespaces deleted)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     missing = missing_tools()
     if missing:
         raise SystemExit(f"bench_live needs {', '.join(missing)}")
