@@ -280,7 +280,7 @@ def search(pair: VethPair, wl: Workload, workers: int, args: argparse.Namespace,
     """The best passing trial of a bounded search over rates (×step up, then bisection)."""
     best: Trial | None = None
     fail: float | None = None
-    rate = args.start_pps
+    rate = args.rtp_start_pps if wl.name == "rtp" else args.start_pps
     for _ in range(args.max_trials):
         tr = trial(pair, wl, workers, rate, args.seconds, work, kernel_filter, args.max_p99)
         log.append(tr)
@@ -311,6 +311,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=8.0, help="replay length of a trial")
     ap.add_argument("--start-pps", type=float, default=10000)
+    ap.add_argument("--rtp-start-pps", type=float, default=40000, help="first rate of the RTP-mix searches")
     ap.add_argument("--max-p99", type=float, default=1.0,
                     help="a trial also fails when records lag more than this (s, p99): the reader is not keeping "
                          "up and only the ring's 32 MB hide it in a short replay (0: drops and records only)")
