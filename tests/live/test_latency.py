@@ -166,6 +166,7 @@ def test_a_timer_record_comes_out_in_silence(tmp_path: Path, workers: int) -> No
     seen = {"JSON line pipe": mine[0][0],
             "ACC line file": next((t for t, line in log_lines if call_id in line), None),
             "SQLite row": next((t for (c, _m), t in db_rows.items() if c == call_id), None)}
+    print(f"-j {workers}: timer record " + ", ".join(f"{k} {(t - fired) * 1000:.0f} ms" for k, t in seen.items() if t))
     late = [f"{name}: {'not visible before the stop' if t is None or t > stopped_at else f'{t - fired:.2f} s'}"
             for name, t in seen.items() if t is None or t > stopped_at or t - fired > BOUND]
     assert not late, "\n".join(late)
