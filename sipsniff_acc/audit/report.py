@@ -45,8 +45,8 @@ def summary(res: Result, wire: list[Row], billing: list[Row], tables: list[str],
         kinds = "  ".join(f"{counts[(k, t)]} {k}" for k in KINDS)
         print(escape(f"  {t:<{width}}  wire {w[t]}  billing {b[t]}  paired {paired[t]}  {kinds}"), file=out)
     if unverified:
-        print(f"  {unverified} billing row(s) of calls already in progress when the capture began "
-              "(their INVITE is not in it): not judged (kind 'unverified' in --jsonl)", file=out)
+        print(f"  {unverified} billing row(s) not judged: calls already in progress when the capture began, or "
+              "rows of its first or last second (kind 'unverified' in --jsonl)", file=out)
     total = len(res.discrepancies)
     if not total:
         print("the books agree: 0 discrepancies", file=out)

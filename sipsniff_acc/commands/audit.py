@@ -10,6 +10,7 @@ missing table), always one line found before the work where it can be.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import IO, Annotated
@@ -17,10 +18,10 @@ from typing import IO, Annotated
 import typer
 
 from sipsniff_acc.audit.billing import BillingError, CsvBilling, Span, SqlBilling, parse_map
-from sipsniff_acc.audit.model import PHANTOM, UNVERIFIED, TableSpec
-from sipsniff_acc.audit.pairing import pair
+from sipsniff_acc.audit.model import PHANTOM, UNVERIFIED, Discrepancy, TableSpec
+from sipsniff_acc.audit.pairing import Result, pair
 from sipsniff_acc.audit.report import summary, write_jsonl
-from sipsniff_acc.audit.wire import account, acc_specs, cdr_specs
+from sipsniff_acc.audit.wire import WireSide, account, acc_specs, cdr_specs
 from sipsniff_acc.outfiles import OutputPathError, check_output, open_private
 from sipsniff_acc.rules import RulesError, RulesFile, load_rules
 from sipsniff_acc.sources import CapturePathError, CaptureReader, check_capture, expand_paths
@@ -140,11 +141,7 @@ def audit(
     audited = {s.name for s in specs}
     wire_rows = [r for r in wire.rows if r.table in audited]
     res = pair(wire_rows, rows, time_tolerance, duration_tolerance)
-    unverified = [d for d in res.discrepancies if d.kind == PHANTOM and wire.began_before(d.callid)]
-    if unverified:  # calls in progress when the capture began: no verdict on their INVITE rows
-        res.discrepancies = [d for d in res.discrepancies if not (d.kind == PHANTOM and wire.began_before(d.callid))]
-        for d in unverified:
-            d.kind = UNVERIFIED
+    unverified = unjudged(res, wire)
     columns = {s.name: s.columns for s in specs}
     for d in res.discrepancies:  # a field is named as the table's column (sip_code, end_time, ...)
         if d.field:
@@ -173,6 +170,28 @@ def audit(
         summary(res, wire_rows, rows, tables, wire.first, wire.last,
                 sys.stderr if str(jsonl_file) == "-" else sys.stdout, len(unverified))
     raise typer.Exit(EXIT_DISCREPANCIES if res.discrepancies else EXIT_AGREE)
+
+
+def unjudged(res: Result, wire: WireSide) -> list[Discrepancy]:
+    """Phantom candidates the capture cannot judge, taken out of the discrepancies and marked
+    ``unverified``: rows of a call already in progress when the capture began (its Call-ID on
+    the wire, its INVITE not), and rows timed in the capture's first or last whole second (the
+    event may lie just outside it: Kamailio stores whole seconds)."""
+    assert wire.first is not None and wire.last is not None
+    lo, hi = math.floor(wire.first), math.floor(wire.last)
+    out: list[Discrepancy] = []
+    keep: list[Discrepancy] = []
+    for d in res.discrepancies:
+        if d.kind == PHANTOM and wire.began_before(d.callid):
+            d.kind, d.field = UNVERIFIED, "began_before_capture"
+            out.append(d)
+        elif d.kind == PHANTOM and not lo < d.time < hi:
+            d.kind, d.field = UNVERIFIED, "capture_edge"
+            out.append(d)
+        else:
+            keep.append(d)
+    res.discrepancies = keep
+    return out
 
 
 def against_label(against: str) -> str:

@@ -174,10 +174,21 @@ def test_only_the_capture_span_is_read(work: Path) -> None:
     for shift in (-86400.0, 3600.0):  # a day before, an hour after: other captures' business
         con.execute("INSERT INTO acc (method, from_tag, to_tag, callid, sip_code, sip_reason, time) VALUES (?,?,?,?,?,?,?)",
                     (*row[:3], f"elsewhere-{shift}", *row[4:6], row[6] + shift / 86400))
+    # a row for a call never seen, timed in the capture's last second: the event may lie just
+    # after the last packet (whole seconds): not judged; the same row mid-capture is a phantom
+    import struct
+    last = struct.unpack_from("<I", _frames(PCAP)[1][-1])[0]
+    for callid, second in (("edge@192.0.2.9", last), ("middle@192.0.2.9", last - 5)):
+        con.execute("INSERT INTO acc (method, from_tag, to_tag, callid, sip_code, sip_reason, time) "
+                    "VALUES (?,?,?,?,?,?,?)", (*row[:3], callid, *row[4:6], to_julian(second)))
     con.commit()
     con.close()
-    res = audit(str(PCAP), "-m", "rules.yaml", "--against", "sqlite:///audit_books.db", cwd=work)
-    assert res.returncode == 0, res.stdout + res.stderr
+    res = audit(str(PCAP), "-m", "rules.yaml", "--against", "sqlite:///audit_books.db", "--jsonl", "d.jsonl",
+                cwd=work)
+    assert res.returncode == 1, res.stdout + res.stderr
+    found = [json.loads(line) for line in (work / "d.jsonl").read_text().splitlines()]
+    assert sorted((d["kind"], d["field"], d["callid"]) for d in found) == [
+        ("phantom", None, "middle@192.0.2.9"), ("unverified", "capture_edge", "edge@192.0.2.9")]
 
 
 SAMPLE = Path(__file__).resolve().parents[1] / "pcaps" / "sample.pcap"
@@ -211,7 +222,8 @@ def test_worked_example_on_the_sample(tmp_path: Path) -> None:
     res = audit("late.pcap", "--against", "sqlite:///acc.db", "--jsonl", "late.jsonl", cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     late = [json.loads(line) for line in (tmp_path / "late.jsonl").read_text().splitlines()]
-    assert [(d["kind"], d["method"], d["billing"]) for d in late] == [("unverified", "INVITE", "200")]
+    assert [(d["kind"], d["field"], d["method"], d["billing"]) for d in late] == [
+        ("unverified", "began_before_capture", "INVITE", "200")]
 
     con = sqlite3.connect(tmp_path / "acc.db")
     con.execute("DELETE FROM acc WHERE id = 2")
