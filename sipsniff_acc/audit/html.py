@@ -171,7 +171,7 @@ def _table(headers: list[str], rows: list[list[Any]], numeric: set[int] | None =
 
 
 def render(res: Result, wire: WireSide, wire_rows: list[Row], billing_rows: list[Row], tables: list[str],
-           against: str) -> str:
+           against: str, unverified: int = 0) -> str:
     """The whole page as text."""
     ws, bs = call_stats(wire_rows), call_stats(billing_rows)
     callers, callees = worst_parties(res.discrepancies, wire.parties, ws.outcomes)
@@ -182,6 +182,9 @@ def render(res: Result, wire: WireSide, wire_rows: list[Row], billing_rows: list
     verdict = ('<p class="agree">The books agree: 0 discrepancies.</p>' if not total else
                f'<p class="disagree">{total} discrepanc{"y" if total == 1 else "ies"}: '
                + ", ".join(f"{sum(counts[(k, t)] for t in tables)} {k}" for k in KINDS) + ".</p>")
+    if unverified:
+        verdict += (f'<p class="muted">{unverified} billing row(s) not judged: calls already in progress when the '
+                    "capture began, or rows of its first or last second (kind <code>unverified</code> in --jsonl).</p>")
     totals = _table(["table", "wire", "billing", "paired", *KINDS],
                     [[t, wn[t], bn[t], paired[t], *(counts[(k, t)] for k in KINDS)] for t in tables],
                     set(range(1, 4 + len(KINDS))))

@@ -159,7 +159,7 @@ def audit(
                     out.flush()
         if html_file is not None:
             from sipsniff_acc.audit.html import render
-            page = render(res, wire, wire_rows, rows, tables, against_label(against))
+            page = render(res, wire, wire_rows, rows, tables, against_label(against), len(unverified))
             with open_private(html_file, "wb") as f:
                 f.write(page.encode())
     except BrokenPipeError:
