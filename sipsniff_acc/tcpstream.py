@@ -112,11 +112,13 @@ def _after(a: int, b: int) -> int:
 class TcpReassembler:
     """TCP segments (``Datagram`` with the whole TCP header) in; SIP messages out."""
 
-    def __init__(self, counters: Counters | None = None, max_message: int = MAX_MESSAGE) -> None:
+    def __init__(self, counters: Counters | None = None, max_message: int = MAX_MESSAGE,
+                 max_total: int = MAX_TOTAL_BUFFER) -> None:
         self.counters = counters or Counters()
         self.max_message = max_message  #: bytes of one SIP (or WebSocket) message
         self.max_direction = max(MAX_STREAM_BUFFER, 2 * max_message)  #: bytes held out of order per direction
-        self.max_total = max(MAX_TOTAL_BUFFER, 2 * self.max_direction)  #: bytes held over all directions
+        #: bytes held over all directions (room for the largest direction, whatever max_message is)
+        self.max_total = max(max_total, 2 * self.max_direction)
         self.streams: dict[Key, _Direction] = {}  # insertion order ~ age
         self._holes: dict[Key, _Direction] = {}  # directions holding out-of-order data
         self._held = 0
@@ -163,6 +165,8 @@ class TcpReassembler:
                 st.resync = True
             self._place(st, seq, payload, seg, out)
             self._frame(st, seg, out)
+            if self._held > self.max_total:
+                self._shrink(key, seg, out)
         if flags & 0x01:  # FIN: nothing more will come in this direction
             if st.ooo:
                 self._close_gap(st, seg, out)
@@ -175,6 +179,18 @@ class TcpReassembler:
             self._drop(old_key, self.streams[old_key], seg, out, "evicted", name="tcp_stream_evicted")
         st = self.streams[key] = _Direction()
         return st
+
+    def _shrink(self, keep: Key, seg: Datagram, out: list[Datagram | Anomaly]) -> None:
+        """Over the total budget as directions grew (not only as new ones came, the 64 KB-message
+        days' assumption: with 1 MiB messages a few hundred slow directions passed it): drop the
+        oldest others, counted, until back under. O(1) each; every direction dropped was made once."""
+        streams = self.streams
+        while self._held > self.max_total and len(streams) > 1:
+            old_key = next(iter(streams))
+            if old_key == keep:  # the direction just fed is the newest in activity: to the end
+                streams[old_key] = streams.pop(old_key)
+                continue
+            self._drop(old_key, streams[old_key], seg, out, "evicted", name="tcp_stream_evicted")
 
     def _place(self, st: _Direction, seq: int, payload: bytes, seg: Datagram, out: list[Datagram | Anomaly]) -> None:
         assert st.next_seq is not None

@@ -273,3 +273,28 @@ def test_fragmented_diameter_is_not_held_for_reassembly() -> None:
     r.feed(_sctp_packet(_data(1, DIAMETER, 46, 0x02), _data(2, b"\0" * 64, 46, 0x00)))
     assert not r._partial and c.skipped["sctp_not_sip_ppid"] == 2
 
+
+
+def test_tcp_total_budget_holds_as_directions_grow_not_only_as_new_ones_come() -> None:
+    """With 1 MiB messages, directions that opened small and then grew passed the total budget
+    (it was checked only when a new direction came): the oldest are dropped and counted."""
+    from sipsniff_acc.tcpstream import TcpReassembler
+
+    r = TcpReassembler(max_total=4 << 20)
+    head = b"NOTIFY sip:a@x SIP/2.0\r\nCall-ID: c\r\nCSeq: 1 NOTIFY\r\nContent-Length: 900000\r\n\r\n"
+
+    def seg(port: int, seq: int, data: bytes, flags: int = 0x18) -> Datagram:
+        tcp = struct.pack("!HHIIBBHHH", port, 5060, seq, 0, 0x50, flags, 65535, 0, 0) + data
+        return Datagram(1.0, 1, Transport.TCP, A, port, B, 5060, tcp, ("eth", "ip4"))
+
+    out: list[Datagram | Anomaly] = []
+    ports = range(40000, 40040)
+    for p in ports:  # 40 directions open with a header each: tiny
+        out += r.feed(seg(p, 0, b"", 0x02)) + r.feed(seg(p, 1, head))
+    body = b"x" * 1400
+    for k in range(150):  # then each grows to ~200 KB of body: 8 MB in all, twice the budget
+        for p in ports:
+            out += r.feed(seg(p, 1 + len(head) + k * len(body), body))
+            assert r.held <= r.max_total + len(body) + len(head)
+    evicted = [a for a in out if isinstance(a, Anomaly) and a.name == "tcp_stream_evicted"]
+    assert evicted and len(r.streams) < 40
