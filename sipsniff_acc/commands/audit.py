@@ -119,7 +119,12 @@ def audit(
     except BillingError as e:
         raise _trouble(str(e)) from None
 
-    wire = account(readers, rules, open_as_408)
+    try:
+        wire = account(readers, rules, open_as_408)
+    except KeyboardInterrupt:  # nothing was written anywhere: stop at once, no verdict, no traceback
+        billing.close()
+        print("stopped on SIGINT: no verdict", file=sys.stderr)
+        raise typer.Exit(130) from None
     if wire.errors:  # the rest of a damaged file's calls would all look like phantoms: no verdict
         for err in wire.errors:
             print(f"error: {err}: the audit needs whole captures (its later calls would show as phantoms); "
