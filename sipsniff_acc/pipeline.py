@@ -205,6 +205,15 @@ class CaptureStage:
             else:
                 self._note(out, (item,))  # type: ignore[arg-type]
 
+    def advance(self, now: float) -> list[Datagram | Anomaly]:
+        """Fire the timers with no frame (a live source's ``Idle``: ``now`` is the wall clock, the
+        packet clock of a live capture): a TCP message held behind a hole goes out once the hole
+        is given up, stale fragments and SCTP pieces time out. At most ten calls a second (Idle's
+        rate), each as cheap as the once-a-second call from ``feed``. Anomalies are counted here too."""
+        out: list[Datagram | Anomaly] = []
+        self._advance(now, out)
+        return out
+
     def _advance(self, now: float, out: list[Datagram | Anomaly]) -> None:
         """Fire the timers of the stateful stages (packet time)."""
         self._next_advance = now + ADVANCE_EVERY

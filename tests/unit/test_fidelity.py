@@ -298,3 +298,17 @@ def test_tcp_total_budget_holds_as_directions_grow_not_only_as_new_ones_come() -
             assert r.held <= r.max_total + len(body) + len(head)
     evicted = [a for a in out if isinstance(a, Anomaly) and a.name == "tcp_stream_evicted"]
     assert evicted and len(r.streams) < 40
+
+
+def test_capture_stage_advance_releases_a_tcp_message_held_behind_a_hole_in_silence() -> None:
+    """A live source's Idle calls advance(wall clock): the message after a lost segment comes out
+    once the hole is given up (GAP_WAIT), without waiting for the next packet."""
+    first, second = sip_request(call_id="one@x"), sip_request(call_id="two@x")
+    cs = CaptureStage()
+    got = cs.feed(Frame(10.0, 1, ether(_tcp(999, b"", 0x02)), 1))
+    got += cs.feed(Frame(10.1, 1, ether(_tcp(1000 + len(first), second)), 2))  # `first` was lost
+    assert not [d for d in got if isinstance(d, Datagram)]
+    assert not [d for d in cs.advance(10.5) if isinstance(d, Datagram)]  # the hole may still fill
+    out = cs.advance(11.5)
+    assert [d.payload for d in out if isinstance(d, Datagram)] == [second]
+    assert cs.counters.anomalies["tcp_gap"] == 1
