@@ -2,6 +2,12 @@
 
 ``AccPipeline`` is the pure part (SIP messages in, records out); ``run`` drives it from a
 frame source and hands each batch of records to every emitter, in event order.
+
+As a service (issue 11) the frame stream also carries a live source's ``Idle`` (silence: the
+timers fire from its wall-clock time, the outputs flush, the spool delivers) and
+``CaptureGap`` (drops: records spanning one are marked ``capture_gaps``). Timers also fire
+every TICK of packet time (frames without SIP count), at the same frames with -j 0 and -j N,
+so a file and a live capture of the same traffic give the same records.
 """
 
 from __future__ import annotations
