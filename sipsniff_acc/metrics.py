@@ -26,6 +26,30 @@ from sipsniff_acc.events import Counters
 PREFIX = "sipsniff"
 
 
+#: The SIP methods (IANA registry) a label may name; any other is "other". A method is any
+#: RFC 3261 token, so a hostile or broken peer could otherwise mint a new time series (in
+#: the scraper's database, for ever) with every request it sends.
+METHODS = frozenset({
+    "ACK", "BYE", "CANCEL", "INFO", "INVITE", "MESSAGE", "NOTIFY", "OPTIONS", "PRACK",
+    "PUBLISH", "REFER", "REGISTER", "SUBSCRIBE", "UPDATE",
+})
+
+
+def method_label(method: object) -> str:
+    """The label value for a SIP method: itself if registered, else 'other' (bounded)."""
+    m = str(method)
+    return m if m in METHODS else "other"
+
+
+def by_method(counts: Mapping[Any, float]) -> list[tuple[list[str], float]]:
+    """Samples of a by-method counter with made-up methods summed under 'other'."""
+    out: dict[str, float] = {}
+    for k, n in counts.items():
+        lbl = method_label(k)
+        out[lbl] = out.get(lbl, 0) + n
+    return [([k], n) for k, n in sorted(out.items())]
+
+
 class MetricsAddressError(ValueError):
     """--metrics names no address we can listen on: one line, exit 2, before the capture."""
 
@@ -72,6 +96,16 @@ def _copy(d: Mapping[Any, Any] | None) -> dict[Any, Any]:
     return {}
 
 
+def _kinds(by_kind: Mapping[Any, float]) -> list[tuple[list[str], float]]:
+    """Method or status-class samples ("2xx"), made-up methods under 'other'."""
+    out: dict[str, float] = {}
+    for k, n in by_kind.items():
+        s = str(k)
+        lbl = s if len(s) == 3 and s[0] in "123456" and s[1:] == "xx" else method_label(s)
+        out[lbl] = out.get(lbl, 0) + n
+    return [([k], n) for k, n in sorted(out.items())]
+
+
 def _counter(name: str, doc: str, value: float | None = None, labels: Iterable[str] = (),
              samples: Iterable[tuple[list[str], float]] = ()) -> CounterMetricFamily:
     m = CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value, labels=list(labels) or None)
@@ -105,7 +139,7 @@ class RunCollector(Collector):
         by_kind = _copy(getattr(c, "sip_by_kind", None))  # method / status class, when the run counts them
         if by_kind:
             yield _counter("sip_messages_by_kind", "SIP messages by request method or status class (2xx...)",
-                           labels=["kind"], samples=(([str(k)], n) for k, n in sorted(by_kind.items())))
+                           labels=["kind"], samples=_kinds(by_kind))
         yield _counter("keepalives", "SIP keep-alives (CRLF) seen", c.keepalives)
         yield _counter("duplicates", "mirrored duplicate frames dropped", c.duplicates)
         yield _counter("skipped", "non-SIP payloads skipped, by reason", labels=["reason"],
@@ -165,7 +199,7 @@ class RunCollector(Collector):
         yield _counter("transactions", "transactions created, by role", labels=["role"],
                        samples=(([k], n) for k, n in sorted(_copy(t.transactions).items())))
         yield _counter("transactions_timed_out", "server transactions given up without a final reply",
-                       labels=["method"], samples=(([k], n) for k, n in sorted(_copy(t.timed_out).items())))
+                       labels=["method"], samples=by_method(_copy(t.timed_out)))
         yield _counter("retransmissions", "SIP retransmissions absorbed", t.retransmissions)
         yield _counter("evicted_transactions", "transactions let go early to stay inside the limits",
                        t.evicted_transactions)
