@@ -85,7 +85,9 @@ static PyObject *walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
             Py_DECREF(frame);
             if (rc < 0) goto fail;
         }
-        if (!next) break;
+        /* a next that would leave the block ends the walk: as a 32-bit sum it could wrap back
+         * into the block and read frames again (the Python walk, unbounded ints, stops) */
+        if (!next || (uint64_t)pos + next + HDR_MIN > BLOCK_SIZE) break;
         pos += next;
     }
     {
