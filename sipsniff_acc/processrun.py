@@ -221,7 +221,7 @@ class Outputs:
 def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters: Sequence[Emitter],
         counters: Counters, open_as_408: bool = False, result: RunResult | None = None, workers: int = 0,
         extra: Sequence[Datagram] = (), control: Control | None = None, live: bool | None = None,
-        state: str | None = None) -> RunResult:
+        state: str | None = None, calls: Any = None) -> RunResult:
     """Drive the pipeline; ``result`` (if given) is filled in place, so a caller interrupted by
     a signal still has the counts of what was delivered to the emitters. ``extra``: SIP found
     another way (TLS decrypted by tshark), in time order, merged in by timestamp.
@@ -229,7 +229,8 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
     ``frames`` may carry a live source's ``Idle`` (timers fire, outputs flush) and
     ``CaptureGap`` (records of calls open then are marked). ``control``: rules reloads.
     ``live``: -j N rounds close after LIVE_ROUND_SPAN of packet time (None: once an Idle is
-    seen). ``state``: the state file (sipsniff_acc.state) loaded at the start and saved on a stop."""
+    seen). ``state``: the state file (sipsniff_acc.state) loaded at the start and saved on a stop.
+    ``calls``: --calls (emitters/calls.py CallsOutput), attached to the pipeline (-j 0 only)."""
     result = result if result is not None else RunResult()
     result.open_as_408 = open_as_408
 
@@ -260,6 +261,8 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
         return result
     messages = MessagePipeline(counters, limits=getattr(rules, "limits", None))  # limits.max_sip_message
     acc = AccPipeline(rules, open_as_408)
+    if calls is not None:  # the per-call builder sees what the engine sees (wraps feed/advance/gap/finish)
+        calls.attach(acc)
     result.tracker = acc.tracker.stats
     if state:
         _load_state(state, acc, time.time() if live else None)
