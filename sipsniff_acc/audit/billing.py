@@ -106,6 +106,11 @@ class Span:
     high: float
 
 
+def _sqlite_text(raw: bytes) -> str:
+    """A SQLite TEXT value: UTF-8, undecodable bytes as \\xNN (shown, paired as written)."""
+    return raw.decode("utf-8", "backslashreplace")
+
+
 class SqlBilling:
     """A billing database: tables reflected once (missing table or column: BillingError), rows
     read for a time span."""
@@ -135,6 +140,9 @@ class SqlBilling:
                 @event.listens_for(self.engine, "connect")
                 def _read_only(con: Any, _rec: Any) -> None:
                     con.execute("PRAGMA query_only = ON")
+                    # SQLite stores whatever bytes it is given: one row of non-UTF-8 text must
+                    # not make the whole audit impossible; its bytes are shown as \xNN
+                    con.text_factory = _sqlite_text
             insp = inspect(self.engine)
             names = set(insp.get_table_names())
         except (SQLAlchemyError, ImportError, ValueError, OSError) as e:

@@ -30,8 +30,40 @@ from sipsniff_acc.sysloglines import escape
 EXIT_AGREE, EXIT_DISCREPANCIES, EXIT_TROUBLE = 0, 1, 2
 
 
+#: what must never be printed: the --against password as typed (and its pieces), the one
+#: from --db-password-file / SIPSNIFF_DB_PASSWORD; set as soon as they are known
+_SECRETS: list[str] = []
+
+
+def url_secrets(url: str) -> list[str]:
+    """The password parts of a URL as the user typed it, parseable or not: the user info after
+    its first ':' up to the last '@' before any '?' (a password with an unescaped '@' or '/'
+    is still all hidden, and so are the pieces a driver then takes for a host name), its
+    percent-decoded form, and any ``password=`` query value."""
+    from urllib.parse import parse_qsl, unquote
+
+    rest = url.split("://", 1)[1] if "://" in url else url
+    head, _q, query = rest.partition("?")
+    out: list[str] = []
+    at = head.rfind("@")
+    if at > 0 and ":" in head[:at]:
+        pw = head[:at].split(":", 1)[1]
+        out += [pw, unquote(pw), *(piece for piece in pw.split("@") if len(piece) >= 4)]
+    for k, v in parse_qsl(query, keep_blank_values=False):
+        if k.lower() in ("password", "passwd", "pwd"):
+            out += [v]
+    return sorted({x for x in out if x}, key=len, reverse=True)
+
+
+def redact(text: str) -> str:
+    """``text`` with every known secret replaced by ***."""
+    for secret in _SECRETS:
+        text = text.replace(secret, "***")
+    return text
+
+
 def _trouble(message: str) -> typer.Exit:
-    print(f"error: {escape(message)}", file=sys.stderr)
+    print(f"error: {escape(redact(message))}", file=sys.stderr)
     return typer.Exit(EXIT_TROUBLE)
 
 
@@ -86,6 +118,7 @@ def audit(
     """
     if against is None:
         raise _trouble("--against is required: the billing database URL or a CSV export")
+    _SECRETS[:] = url_secrets(against)
     if db_timezone not in ("utc", "local"):
         raise _trouble(f"--db-timezone {db_timezone!r}: use utc or local")
     for name, v in (("--time-tolerance", time_tolerance), ("--duration-tolerance", duration_tolerance),
@@ -141,7 +174,7 @@ def audit(
     finally:
         billing.close()
     for note in billing.notes:
-        print(escape(f"note: {against_label(against)}: {note}"), file=sys.stderr)
+        print(escape(redact(f"note: {against_label(against)}: {note}")), file=sys.stderr)
     specs = [s for s in specs if s.name in billing.audited]  # a CSV export of one table audits that table
     audited = {s.name for s in specs}
     wire_rows = [r for r in wire.rows if r.table in audited]
@@ -202,9 +235,9 @@ def unjudged(res: Result, wire: WireSide) -> list[Discrepancy]:
 def against_label(against: str) -> str:
     """The billing side as shown in the report: a URL without its password."""
     if _is_csv(against):
-        return against
+        return redact(against)
     from sipsniff_acc.emitters.sql import safe_url
-    return safe_url(against)
+    return redact(safe_url(against))
 
 
 def _with_password(url: str, password_file: Path | None) -> str:
@@ -222,6 +255,7 @@ def _with_password(url: str, password_file: Path | None) -> str:
         password = os.environ["SIPSNIFF_DB_PASSWORD"]
     if password is None:
         return url
+    _SECRETS[:] = sorted({*_SECRETS, password}, key=len, reverse=True)
     try:
         return make_url(url).set(password=password).render_as_string(hide_password=False)
     except Exception:  # noqa: BLE001 - an unparseable URL is reported by the reader
