@@ -28,6 +28,7 @@ from sipsniff_acc.sources.live import DEFAULT_RING_MB, CaptureUsageError, LiveCa
 from sipsniff_acc.sources.pcapfile import FrameSource
 from sipsniff_acc.sources.tlskeys import TlsEngineError, decrypted_sip
 from sipsniff_acc.emitters import Emitter
+from sipsniff_acc.emitters.calls import CallsOutput, open_table, table_name_problem
 from sipsniff_acc.emitters.jsonl import JsonlEmitter
 from sipsniff_acc.emitters.diameter import DiameterConfigError, DiameterEmitter, DiscEmitter
 from sipsniff_acc.emitters.radius import RadiusConfigError, RadiusEmitter
@@ -449,6 +450,8 @@ def process(
     tls_keylog: Annotated[Path | None, typer.Option("--tls-keylog", help="SSLKEYLOGFILE-format key log: SIP over TLS is decrypted by tshark")] = None,
     metrics: Annotated[str | None, typer.Option("--metrics", help="serve Prometheus metrics on HOST:PORT (e.g. 127.0.0.1:9466) while running")] = None,
     state_file: Annotated[Path | None, typer.Option("--state", help="keep open calls across restarts: restored from this file at start, saved to it at the end and on SIGTERM/SIGINT (-j N: FILE.0 ... FILE.N-1; created 0600)")] = None,
+    calls_file: Annotated[Path | None, typer.Option("--calls", help="one JSON line per call (forks aggregated, Call-ID reuse split; - for stdout; created 0600); runs in one process (-j 0)")] = None,
+    calls_table: Annotated[str | None, typer.Option("--calls-table", help="also write one row per call to this table of the --db-url database (created if missing; not spooled)")] = None,
 ) -> None:
     """The main job: the acc records a Kamailio proxy would write for the traffic in the captures.
 
@@ -459,11 +462,18 @@ def process(
     """
     stopping.before_run()  # a stop during the setup: exit 128 + signal at once, no traceback
     _check_workers(workers)
+    if calls_file is not None or calls_table is not None:  # --calls: built beside the engine in one process
+        if workers > 0:
+            raise usage_error(f"--calls/--calls-table build the calls in one process: use -j 0 (or leave -j out), not -j {workers}")
+        workers = 0
+        if calls_table is not None and (problem := table_name_problem(calls_table) or (
+                "--calls-table writes to the database: drop --no-db" if no_db else None)):
+            raise usage_error(problem)
     rules = _rules_or_exit(rules_file)
     files = [*(read or ()), *(files or ())]
     interface = interface or None  # (typer may give [] for an option never given)
     sources = _open_sources(files, interface, count, duration, quiet, capture_filter, not no_promisc, ring_mb)
-    _check_outputs(sources, log=log, jsonl=jsonl_file, stats=stats, spool=None if no_db else spool_path)
+    _check_outputs(sources, log=log, jsonl=jsonl_file, stats=stats, spool=None if no_db else spool_path, calls=calls_file)
     if state_file is not None:
         _check_state(state_file, workers, interface is not None or "-" in files, quiet)
     if tls_keylog is not None:
@@ -492,6 +502,21 @@ def process(
             if str(jsonl_file) != "-":
                 opened.append(jout)
             emitters.append(JsonlEmitter(jout))
+        if calls_file is not None or calls_table is not None:  # --calls, --calls-table (emitters/calls.py)
+            cout: IO[bytes] | None = None
+            if calls_file is not None:
+                cout = sys.stdout.buffer if str(calls_file) == "-" else ReopenableFile(calls_file, "wb")  # type: ignore[assignment]
+                if str(calls_file) != "-":
+                    opened.append(cout)  # type: ignore[arg-type]
+            table = None
+            if calls_table is not None:
+                plain = db_url or os.environ.get("SIPSNIFF_DB_URL") or rules.acc.db_url or DEFAULT_DB_URL
+                try:
+                    check_url(plain)
+                except SqlUsageError as e:
+                    raise usage_error(str(e)) from None
+                table = open_table(with_password(plain, db_password_file), calls_table)
+            emitters.append(CallsOutput(cout, table))
         spooled: list[SpooledEmitter] = []
         spool: DurableSpool | None = None
         for backend in _backends(rules, no_db, db_url, db_password_file, db_timezone):
@@ -530,6 +555,7 @@ def process(
         stop.flush = [em.close for em in emitters if em not in spooled] + [f.flush for f in opened]
         paths = {id(em.stream): "stdout" if log == "-" else str(log) for em in emitters if isinstance(em, LogEmitter)}
         paths |= {id(em.out): str(jsonl_file) for em in emitters if isinstance(em, JsonlEmitter)}
+        paths |= {id(em.out): str(calls_file) for em in emitters if isinstance(em, CallsOutput) and em.out is not None}
         try:
             try:
                 if workers < 0 and (interface is not None or "-" in (files or [])):
@@ -538,7 +564,8 @@ def process(
                 result = run(frames, rules, [*spooled, *copies], counters, open_as_408, result,
                              _auto_workers(workers), decrypted, control=control,
                              state=str(state_file) if state_file is not None else None,
-                             live=interface is not None)
+                             live=interface is not None,
+                             calls=next((em for em in emitters if isinstance(em, CallsOutput)), None))
             finally:
                 stop.closing = True  # from here on a signal only marks the stop: the close is not cut
                 if server is not None:
@@ -717,6 +744,8 @@ def _output_name(em: Emitter, paths: dict[int, str]) -> str:
         return f"the log {paths.get(id(em.stream), em.target)}"
     if isinstance(em, JsonlEmitter):
         return f"the JSON lines {paths.get(id(em.out), '')}"
+    if isinstance(em, CallsOutput):
+        return f"the calls {paths.get(id(em.out), '')}"
     return type(em).__name__
 
 

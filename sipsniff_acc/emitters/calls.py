@@ -15,6 +15,7 @@ and accounting goes on.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from typing import IO, Any, Final
@@ -193,3 +194,24 @@ class CallsOutput:
         s = self.builder.stats
         return {"calls": s.calls, "evicted": s.evicted, "orphans": s.orphans, "written": self.written,
                 "sql_written": self.sql_written, "sql_lost": self.sql_lost}
+
+
+_TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}\Z")
+
+
+def table_name_problem(name: str) -> str | None:
+    """--calls-table's mistake in one line (checked before the work), or None."""
+    if not _TABLE_NAME.match(name):
+        return f"--calls-table {name!r}: use a plain SQL name (letters, digits, _; at most 63)"
+    return None
+
+
+def open_table(url: str, name: str) -> CallsTable | None:
+    """The calls table, created if missing; a database that cannot be reached is one line on
+    stderr and the run goes on without the table (the acc records have their own spool)."""
+    try:
+        return CallsTable(url, name)
+    except Exception as e:  # noqa: BLE001 - any driver error: one line, accounting goes on
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(escape(f"error: calls table {name}: {msg}; going on without it"), file=sys.stderr)
+        return None
