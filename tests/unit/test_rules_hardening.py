@@ -197,19 +197,21 @@ def test_every_other_malformed_file_is_one_line(text: str, expected: str) -> Non
 def test_limits_section_sets_limits() -> None:
     assert parse_rules("acc: {log_flag: 1}\n").limits == Limits()
     first, second = Limits.names()[0], Limits.names()[-1]
-    rules = parse_rules(f"limits:\n  {first}: 1234\n  {second}: 7\n")
-    assert getattr(rules.limits, first) == 1234 and getattr(rules.limits, second) == 7
+    low = 7 if second != "max_sip_message" else 4096  # a message bound has a floor of 1 KiB
+    rules = parse_rules(f"limits:\n  {first}: 1234\n  {second}: {low}\n")
+    assert getattr(rules.limits, first) == 1234 and getattr(rules.limits, second) == low
     assert all(getattr(rules.limits, n) == getattr(Limits(), n) for n in Limits.names()[1:-1])
 
 
 def test_every_limit_is_accepted_by_its_type() -> None:
     """Checked against the dataclass as it is (names and types), not a copy of it."""
     kinds = {n: type(getattr(Limits(), n)) for n in Limits.names()}
-    text = "limits:\n" + "".join(f"  {n}: {'2.5' if k is float else 'true' if k is bool else '3'}\n"
+    small = {n: 3 if n != "max_sip_message" else 2048 for n in kinds}  # a message bound has a floor of 1 KiB
+    text = "limits:\n" + "".join(f"  {n}: {'2.5' if k is float else 'true' if k is bool else small[n]}\n"
                                  for n, k in kinds.items())
     rules = parse_rules(text)
     for n, k in kinds.items():
-        assert getattr(rules.limits, n) == (2.5 if k is float else True if k is bool else 3)
+        assert getattr(rules.limits, n) == (2.5 if k is float else True if k is bool else small[n])
 
 
 def test_bad_limits_say_which_and_where() -> None:
