@@ -10,6 +10,7 @@ unreadable CSV, unknown mapping) is a ``BillingError``, found before the capture
 
 from __future__ import annotations
 
+import codecs
 import csv
 import datetime as dt
 import math
@@ -104,6 +105,20 @@ class Span:
 
     low: float
     high: float
+
+
+_UNDECODABLE = [0]  #: byte sequences of a CSV export that were not UTF-8 (this process)
+
+
+def _count_undecodable(e: UnicodeError) -> tuple[str, int]:
+    """A CSV export's non-UTF-8 bytes (a cp1252 name, a damaged line): shown as \\xNN and
+    counted, rather than one byte making the whole audit impossible."""
+    _UNDECODABLE[0] += 1
+    text, end = codecs.backslashreplace_errors(e)
+    return str(text), end
+
+
+codecs.register_error("sipsniff-audit-csv", _count_undecodable)
 
 
 def _sqlite_text(raw: bytes) -> str:
@@ -275,7 +290,7 @@ class CsvBilling:
         if not os.path.isfile(path):
             raise BillingError(f"--against {path}: no such file")
         try:
-            with open(path, newline="", encoding="utf-8-sig") as f:
+            with open(path, newline="", encoding="utf-8-sig", errors="backslashreplace") as f:
                 header = next(csv.reader(f), None)
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise BillingError(f"--against {path}: cannot be read as CSV ({e})") from None
@@ -317,7 +332,7 @@ class CsvBilling:
         return {self.table_const or self.default}
 
     def _records(self) -> Iterator[tuple[int, dict[str, str]]]:
-        with open(self.path, newline="", encoding="utf-8-sig") as f:
+        with open(self.path, newline="", encoding="utf-8-sig", errors="sipsniff-audit-csv") as f:
             reader = csv.DictReader(f, fieldnames=self.header)
             next(reader, None)
             for i, rec in enumerate(reader, start=2):
@@ -328,6 +343,7 @@ class CsvBilling:
         time are counted (``notes``), never dropped unsaid."""
         out: list[Row] = []
         others: dict[str, int] = {}
+        bad_before = _UNDECODABLE[0]
         no_time: list[int] = []
         try:
             for line, rec in self._records():
@@ -348,6 +364,9 @@ class CsvBilling:
                                            "capture's time span: audit shorter captures")
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise BillingError(f"--against {self.path}: {e}") from None
+        if _UNDECODABLE[0] > bad_before:
+            self.notes.append(f"{_UNDECODABLE[0] - bad_before} byte sequence(s) not UTF-8: read as \\xNN "
+                              "(pairing on such a value fails: check the export's encoding)")
         for name, n in sorted(others.items()):
             self.notes.append(f"{n} row(s) of table {name!r}, which the rules do not write: not audited")
         if no_time:

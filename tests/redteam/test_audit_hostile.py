@@ -82,3 +82,24 @@ def test_hostile_billing_rows_are_audited_and_escaped(tmp_path: Path) -> None:
     report = inspect_page(tmp_path / "r.html", ["img"])
     assert report.errors == [], report.errors
     assert len(report.boxes["img"]) >= 5  # the plots only: no injected image
+
+
+def test_csv_export_with_bom_crlf_quotes_and_a_latin1_byte(tmp_path: Path) -> None:
+    """A BOM, CRLF line ends, a quoted reason with "" and a line break, and one cp1252 byte:
+    the byte was an exit-2 'cannot be read as CSV' for the whole export; now it is shown as
+    \\xNN, counted in a note, and only its row differs."""
+    from tests.audit.test_audit_cli import MAP, _csv
+    (tmp_path / "rules.yaml").write_text(rules_for("volume_mixed"))
+    _csv(tmp_path / "e.csv", kamailio_rows())
+    lines = (tmp_path / "e.csv").read_bytes().split(b"\r\n")
+    j = next(i for i in range(6, len(lines)) if lines[i].count(b",OK,") == 1)
+    assert lines[5].count(b",OK,") == 1
+    lines[5] = lines[5].replace(b",OK,", b',"O""K\nsecond line",')
+    lines[j] = lines[j].replace(b",OK,", b",OK\xe9,")
+    (tmp_path / "h.csv").write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines))
+    res = audit(str(PCAP), "-m", "rules.yaml", "--against", "h.csv", "--map", MAP, "--jsonl", "d.jsonl", cwd=tmp_path)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "1 byte sequence(s) not UTF-8" in res.stderr
+    found = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert sorted((d["kind"], d["field"], d["billing"]) for d in found) == [
+        ("mismatch", "sip_reason", 'O"K\nsecond line'), ("mismatch", "sip_reason", "OK\\xe9")]
