@@ -44,6 +44,7 @@ from sipsniff_acc.processrun import RunResult, run
 from sipsniff_acc.metrics import MetricsAddressError, MetricsServer, RunView
 from sipsniff_acc.service import AlarmStream, GapWatch, ReopenableFile, ServiceControl
 from sipsniff_acc.shard import WorkerDied, max_workers
+from sipsniff_acc.tracker import TIMER_GRACE
 from sipsniff_acc.sysloglines import escape
 from sipsniff_acc.rules import RulesError, RulesFile, load_rules
 
@@ -837,6 +838,10 @@ def _acc_summary(result: RunResult, rules: RulesFile, spooled: list[SpooledEmitt
     if t.timed_out:
         what = ", ".join(f"{n} {m}" for m, n in sorted(t.timed_out.items()))
         print(f"  given up without a final reply on the wire (fr timer + 32 s): {what}", file=out)
+    if t.timer_408:
+        what = ", ".join(f"{n} {m}" for m, n in sorted(t.timer_408.items()))
+        print(f"  accounted as the proxy's timer 408 during the run (no final reply by fr timer + "
+              f"{TIMER_GRACE:g} s): {what}", file=out)
     if t.stateless_replies:
         print(f"  stateless replies of the proxy (never accounted): {t.stateless_replies}", file=out)
     if t.dialogs:
