@@ -26,6 +26,10 @@ from sipsniff_acc.rules import MAX_RULES_BYTES, RulesError, _load_yaml
 MAX_CONFIG_BYTES = MAX_RULES_BYTES  #: a config file is a few hundred bytes
 
 
+#: top-level keys of rules.yaml: a --config naming the rules file by mistake is said so
+RULES_KEYS = frozenset({"profile", "proxy", "acc", "route", "failure_route", "dialog", "limits", "db_url", "modparams"})
+
+
 class ConfigError(ValueError):
     """The config file is wrong: the message is one line FILE:LINE: key: why."""
 
@@ -87,6 +91,11 @@ def load_config(path: str | Path, group: Any, ctx: Any) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}:1: the config file must be a mapping of commands "
                           f"({', '.join(sorted(group.commands))}) to their options")
+    rules_keys = sorted((k for k in doc if k in RULES_KEYS and k not in group.commands),
+                        key=lambda k: _line(lines, (k,)))
+    if rules_keys and not any(isinstance(k, str) and k in group.commands for k in doc):
+        raise ConfigError(f"{path}:{_line(lines, (rules_keys[0],))}: this is a rules file ({', '.join(rules_keys)}), "
+                          "not a service config: give it with --rules/-m (or as process: rules: FILE in the config)")
     return _section(doc, group, ctx, str(path), lines, ())
 
 
