@@ -207,6 +207,18 @@ def backends_called(rules: RulesFile) -> frozenset[str]:
     return frozenset(out)
 
 
+SETTLE = 0.5  #: seconds a rules file must be unchanged before a SIGHUP reads it
+
+
+def _stamp(path: Path) -> tuple[int, int, float] | None:
+    """(size, inode, mtime) of the rules file, None if it cannot be stat'ed (the load says why)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_ino, st.st_mtime
+
+
 class ServiceControl:
     """What a SIGHUP asks of a running ``process``: handed to the run loop (``control=``)."""
 
@@ -219,15 +231,18 @@ class ServiceControl:
         self.loaded_at = time.time()
         self.seen = stopping.hups()
         self.reloads: Counter[str] = Counter()  #: "ok" / "refused" (the metrics' rule_reloads_total)
+        self.deferred = False  #: a HUP came while the rules file was still being written: retried
+        self._said_deferred = False
 
     def pending_rules(self) -> RulesFile | None:
         """At a safe point of the run: the new rules once after a SIGHUP that brought a valid
         file, else None (no HUP, no --rules, or the file refused: the old rules stay). The
         log files are reopened on every HUP."""
-        if stopping._hups == self.seen:  # noqa: SLF001 - the per-packet path: one compare
+        if stopping._hups == self.seen and not self.deferred:  # noqa: SLF001 - the per-packet path
             return None
-        self.seen = stopping.hups()
-        self.reopen()
+        if stopping._hups != self.seen:  # noqa: SLF001
+            self.seen = stopping.hups()
+            self.reopen()
         return self.reload()
 
     def reopen(self) -> None:
@@ -243,13 +258,28 @@ class ServiceControl:
             return None
         path = self.rules_path
         loaded = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.loaded_at))
+        # a file written in place (`cat > rules.yaml`, a config manager) may be read half
+        # written, and half a rules file is often valid YAML with rules missing: read it
+        # only once unchanged for SETTLE seconds, and unchanged while it was read
+        before = _stamp(path)
+        if before is not None and time.time() - before[2] < SETTLE:
+            self._defer(path)
+            return None
         try:
             new = load_rules(path)
         except RulesError as e:
+            if _stamp(path) != before:
+                self._defer(path)
+                return None
+            self.deferred = self._said_deferred = False
             first = e.problems[0] if e.problems else f"{path}: invalid"
             more = f" (and {len(e.problems) - 1} more: sipsniff-acc check-rules {path})" if len(e.problems) > 1 else ""
             self._refused(f"{first}{more}", loaded)
             return None
+        if _stamp(path) != before:
+            self._defer(path)
+            return None
+        self.deferred = self._said_deferred = False
         fixed = fixed_changes(self.rules, new)
         if fixed:
             self._refused(f"{path}: {', '.join(fixed)} changed: these need a restart", loaded)
@@ -261,6 +291,13 @@ class ServiceControl:
                  "failure_route rule(s); transactions already open keep their flags", kind="reload", level=NOTICE,
                  limited=False)
         return new
+
+    def _defer(self, path: Path) -> None:
+        self.deferred = True
+        if not self._said_deferred:
+            self._said_deferred = True
+            self.say(f"SIGHUP: {path} changed less than {SETTLE:g} s ago (still being written?): "
+                     "reloading once it has settled", kind="reload", level=NOTICE, limited=False)
 
     def _refused(self, why: str, loaded: str) -> None:
         self.reloads["refused"] += 1

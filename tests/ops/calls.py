@@ -126,3 +126,11 @@ def wait_reading_stdin(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> 
             return
         time.sleep(0.05)
     raise AssertionError(f"the run did not come back to reading its input within {timeout} s")
+
+
+def settled(path: Path, text: str) -> None:
+    """Write a rules file as an operator does before a SIGHUP: some time before it (its mtime
+    set 5 s back), so the reload does not wait for the file to settle (service.SETTLE)."""
+    path.write_text(text)
+    past = time.time() - 5
+    os.utime(path, (past, past))

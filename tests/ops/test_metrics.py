@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import PCAPS
 from tests.ops.calls import (
-    call, cmd, env, filler, finish, header, invite, records, send, start, wait_for_text, wait_reading_stdin,
+    settled, call, cmd, env, filler, finish, header, invite, records, send, start, wait_for_text, wait_reading_stdin,
 )
 from tests.ops.test_reload import OLD
 
@@ -47,7 +47,7 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def test_scraped_values_match_the_summary(tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
-    rules.write_text(OLD)
+    settled(rules, OLD)
     port = free_port()
     proc = start(tmp_path, "-m", str(rules), "--jsonl", "records.jsonl", "--log", "none",
                  "--metrics", f"{HOST}:{port}", "--stats", "stats.json")

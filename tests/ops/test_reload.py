@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.ops.calls import (
-    answer, call, filler, finish, header, invite, records, send, start, wait_for_text, wait_reading_stdin,
+    settled, answer, call, filler, finish, header, invite, records, send, start, wait_for_text, wait_reading_stdin,
 )
 
 if not Path("/proc/self/syscall").exists():
@@ -57,27 +57,27 @@ def hup(proc_pid: int) -> None:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sighup_reloads_rules(tmp_path: Path, workers: int) -> None:
     rules = tmp_path / "rules.yaml"
-    rules.write_text(OLD)
+    settled(rules, OLD)
     proc = start(tmp_path, "-m", str(rules), "--jsonl", "records.jsonl", "--log", "none", workers=workers)
     err = tmp_path / "stderr"
     try:
         send(proc, header() + call("A", 1000) + invite("C", 1003.5))  # C: open across the reload
         wait_reading_stdin(proc)
-        rules.write_text(NEW)
+        settled(rules, NEW)
         hup(proc.pid)
         send(proc, filler(1004))  # packet time goes on: the run's next safe point acts on the HUP
         wait_for_text(err, "notice: rules reloaded from")
         send(proc, answer("C", 1005) + call("B", 1006))
         wait_reading_stdin(proc)
 
-        rules.write_text(INVALID)
+        settled(rules, INVALID)
         hup(proc.pid)
         send(proc, filler(1010))
         text = wait_for_text(err, "rules reload refused:")
         send(proc, call("D", 1011))
         wait_reading_stdin(proc)
 
-        rules.write_text(NEEDS_RESTART)
+        settled(rules, NEEDS_RESTART)
         hup(proc.pid)
         send(proc, filler(1015))
         text = wait_for_text(err, "rules reload refused:", count=2)
@@ -103,7 +103,7 @@ def test_sighup_reopens_the_log(tmp_path: Path) -> None:
     """logrotate: rename, then HUP; lines before go to the renamed file, lines after to a new
     file at the same path (0600); nothing lost, nothing twice."""
     rules = tmp_path / "rules.yaml"
-    rules.write_text(OLD)
+    settled(rules, OLD)
     log, jsonl = tmp_path / "acc.log", tmp_path / "records.jsonl"
     proc = start(tmp_path, "-m", str(rules), "--log", str(log), "--jsonl", str(jsonl))
     try:
