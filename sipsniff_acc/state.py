@@ -226,6 +226,8 @@ class LoadResult:
             line += f"; {self.acks_rehashed} ACK entries not restored (another hash salt)"
         if self.unknown_sections:
             line += f"; sections this version does not know, skipped: {', '.join(self.unknown_sections)}"
+        if self.problem:
+            line += f"; {self.problem}"
         return line
 
 
@@ -589,6 +591,14 @@ def load_state(path: str | os.PathLike[str], acc: AccPipeline, now: float | None
     _apply(plan, acc, now, res)
     res.status = "restored"
     res.saved_at = float(header.get("saved_at", 0.0) or 0.0)
+    # loaded once: if this run ends without a save (SIGKILL, OOM, a full disk), the next start
+    # must not restore it again: the calls this run accounted would come back open (an
+    # answered INVITE given a 408 by --open-as-408, a second CDR at dialog expiry). Missing
+    # the calls open across a crash is the lesser harm; the file stays as FILE.loaded.
+    try:
+        os.replace(p, p.with_name(p.name + ".loaded"))
+    except OSError as e:
+        res.problem = f"cannot set it aside as {p.name}.loaded ({e.strerror or e}): a crash would restore it again"
     _say(res.summary())
     return res
 

@@ -174,6 +174,8 @@ def test_expired_dropped_with_count(rules: RulesFile, tmp_path: Path) -> None:
         acc.feed(m)
     p = tmp_path / "st"
     save_state(p, acc, now=t0 + 101)  # a live run's save: its clock is the wall clock
+    later = tmp_path / "st-copy"  # a state is loaded once (then set aside): a copy for the second start
+    later.write_bytes(p.read_bytes())
     # 60 s after the ringing INVITE: the old call's transactions (completed at ~t0) are past
     # 32 s, the ringing INVITE (fr_inv_timer 120 s) is not; both dialogs are within 12 h
     res = load_state(p, b := AccPipeline(rules), now=t0 + 160)
@@ -183,7 +185,7 @@ def test_expired_dropped_with_count(rules: RulesFile, tmp_path: Path) -> None:
     assert res.dialogs == 2 and res.expired_dialogs == 0
     assert f"({res.expired} expired dropped)" in res.summary()
     # 13 h later: nothing left
-    res = load_state(p, c := AccPipeline(rules), now=t0 + 13 * 3600)
+    res = load_state(later, c := AccPipeline(rules), now=t0 + 13 * 3600)
     assert res.transactions == 0 and res.dialogs == 0 and not c.tracker.txns
     assert res.expired_dialogs == 2 and res.expired_transactions >= 3
     assert c.tracker.stats.timed_out["INVITE"] == 1  # the ringing INVITE timed out while we were down
