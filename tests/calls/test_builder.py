@@ -256,5 +256,17 @@ def test_party_and_sdp_helpers() -> None:
         'Bob \\"B\\"', "sip:+4930123@example.com;user=phone", "+4930123")
     assert party("sip:carol@example.com;tag=1") == (None, "sip:carol@example.com", "carol")
     assert party("<tel:+123>") == (None, "tel:+123", None)
-    assert sdp_media(b"v=0\r\nm=video 0 RTP/AVP 96\r\n") == (":0", ["96"])
+    assert sdp_media(b"v=0\r\nm=video 0 RTP/AVP 96\r\n") == (None, [])  # audio only
+    media_level = b"v=0\r\nc=IN IP4 192.0.2.9\r\nm=audio 4000 RTP/AVP 18 9\r\nc=IN IP6 2001:db8::1\r\n"
+    assert sdp_media(media_level) == ("[2001:db8::1]:4000", ["G729/8000", "G722/8000"])
     assert sdp_media(b"") == (None, [])
+
+
+def test_a_branch_that_starts_with_the_caller_s_is_no_forward() -> None:
+    """z9hG4bK-uac10 is a new INVITE of the caller, not a forward of z9hG4bK-uac1 (after its call ended)."""
+    f = Flow(call_id="p")
+    first = [f.request("INVITE", T, UAC, PROXY, [("10.0.0.1", "z9hG4bK-uac1")]),
+             f.reply(486, "Busy Here", T + 1, PROXY, UAC, [("10.0.0.1", "z9hG4bK-uac1")], to_tag="t")]
+    again = [f.request("INVITE", T + 3, UAC, PROXY, [("10.0.0.1", "z9hG4bK-uac10")], cseq=2),
+             f.reply(603, "Decline", T + 4, PROXY, UAC, [("10.0.0.1", "z9hG4bK-uac10")], cseq=2, to_tag="u")]
+    assert [(c.seq, c.final_code, c.legs) for c in run(first + again)] == [(0, 486, []), (1, 603, [])]
