@@ -269,6 +269,7 @@ class CallBuilder:
         self.invite_wait = invite_wait
         self.by_id: dict[str, list[Call]] = {}
         self.open = 0
+        self.opened: dict[int, Call] = {}  #: open calls by id(), oldest first (eviction in O(1))
         self.heap: list[tuple[float, int, Call]] = []  #: (deadline, n, call); stale entries skipped
         self.n = 0
         self.seqs: dict[str, int] = {}
@@ -320,6 +321,7 @@ class CallBuilder:
             c.capture_gaps = True
         c.done = end
         self.open -= 1
+        self.opened.pop(id(c), None)
         self.stats.calls += 1
         self._arm(c, max(end, c.last, self.now) + LINGER)
 
@@ -350,6 +352,7 @@ class CallBuilder:
         self.by_id.clear()
         self.heap.clear()
         self.open = 0
+        self.opened.clear()
         out.sort(key=lambda c: c.invite_time)
         return out
 
@@ -417,7 +420,8 @@ class CallBuilder:
                 self._leg(c, msg, branch)
                 return
             if c.done is None and (c.challenged or c.final_code is None):
-                c.branches.add(branch)  # the authenticated retry (or a new transaction of the same call)
+                if len(c.branches) < MAX_LIST * 4:  # bounded: a flood of new INVITEs on one call
+                    c.branches.add(branch)  # the authenticated retry (or a new transaction of the same call)
                 c.challenged = False
                 c.final_code = c.final_reason = None
                 c.last = msg.ts
@@ -446,6 +450,7 @@ class CallBuilder:
         self._offer(c, msg)
         self.by_id.setdefault(cid, []).append(c)
         self.open += 1
+        self.opened[id(c)] = c
         self._arm(c, msg.ts + self.invite_wait)
 
     def _offer(self, c: Call, msg: SipMessage) -> None:
@@ -466,11 +471,7 @@ class CallBuilder:
 
     def _evict(self, out: list[Call]) -> None:
         """The table is full: the oldest open call goes out now, as it stands (counted)."""
-        oldest: Call | None = None
-        for lst in self.by_id.values():
-            for c in lst:
-                if c.done is None and (oldest is None or c.invite_time < oldest.invite_time):
-                    oldest = c
+        oldest = next(iter(self.opened.values()), None)
         if oldest is not None:
             self.stats.evicted += 1
             self._end(oldest, oldest.last, "timer", "evicted")

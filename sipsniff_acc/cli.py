@@ -517,7 +517,8 @@ def process(
                 except SqlUsageError as e:
                     raise usage_error(str(e)) from None
                 table = open_table(with_password(plain, db_password_file), calls_table)
-            emitters.append(CallsOutput(cout, table))
+            emitters.append(CallsOutput(cout, table, quiet=quiet,
+                                        what="stdout" if str(calls_file) == "-" else str(calls_file or "")))
         spooled: list[SpooledEmitter] = []
         spool: DurableSpool | None = None
         for backend in _backends(rules, no_db, db_url, db_password_file, db_timezone):

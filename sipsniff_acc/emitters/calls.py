@@ -18,6 +18,7 @@ import json
 import re
 import sys
 import time
+from collections import Counter
 from typing import IO, Any, Final
 
 import orjson
@@ -96,7 +97,10 @@ class CallsOutput:
     other outputs; the acc records it is handed are ignored."""
 
     def __init__(self, out: IO[bytes] | None, table: CallsTable | None = None,
-                 builder: CallBuilder | None = None) -> None:
+                 builder: CallBuilder | None = None, quiet: bool = True, what: str = "") -> None:
+        """``quiet``: no summary line on stderr at the close; ``what``: the output's name in it."""
+        self.quiet, self.what = quiet, what
+        self.outcomes: Counter[str] = Counter()
         self.out = out
         self.table = table
         self.builder = builder or CallBuilder()
@@ -157,6 +161,7 @@ class CallsOutput:
             return
         batch = calls[:]
         calls.clear()
+        self.outcomes.update(c.outcome for c in batch)
         if self.out is not None:
             self.out.write(b"".join(call_line(c) for c in batch))
             self._unflushed = True
@@ -188,6 +193,18 @@ class CallsOutput:
             self.out.flush()
         if self.table is not None:
             self.table.close()
+        if not self.quiet:
+            print(self.summary(), file=sys.stderr)
+
+    def summary(self) -> str:
+        """One line for the run's summary: calls by outcome, where they went, the bound hits."""
+        s = self.builder.stats
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.outcomes.items())) or "none"
+        where = [w for w in (self.what, "the calls table" if self.sql_written or self.table is not None else "") if w]
+        more = f"; {self.sql_lost} not in the calls table (it failed)" if self.sql_lost else ""
+        return (f"calls: {sum(self.outcomes.values())} ({kinds})" + (f" to {' and '.join(where)}" if where else "")
+                + f"; {s.evicted} emitted early at max_calls; {s.orphans} messages of calls begun before the capture"
+                + more)
 
     @property
     def stats(self) -> dict[str, int]:
