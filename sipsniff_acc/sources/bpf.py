@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import re
 import struct
 from functools import lru_cache
 from typing import Final
@@ -64,6 +65,8 @@ def _libpcap() -> ctypes.CDLL | None:
         lib.pcap_geterr.argtypes = [ctypes.c_void_p]
         lib.pcap_freecode.argtypes = [ctypes.POINTER(_BpfProgram)]
         lib.pcap_close.argtypes = [ctypes.c_void_p]
+        lib.pcap_offline_filter.restype = ctypes.c_int
+        lib.pcap_offline_filter.argtypes = [ctypes.POINTER(_BpfProgram), ctypes.c_void_p, ctypes.c_char_p]
         return lib
     return None
 
@@ -113,3 +116,69 @@ def sock_fprog(program: bytes) -> tuple[bytes, ctypes.Array[ctypes.c_char]]:
     until setsockopt returns: the kernel copies it)."""
     buf = ctypes.create_string_buffer(program, len(program))
     return struct.pack("HxxxxxxP", len(program) // 8, ctypes.addressof(buf)), buf
+
+
+# --- does a filter let SIP through? ----------------------------------------------------------
+
+USUAL_SIP_PORTS: Final = (5060, 5061, 5080)
+_SIP = b"INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK1\r\n\r\n"
+
+
+class _PcapPkthdr(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long), ("caplen", ctypes.c_uint32),
+                ("len", ctypes.c_uint32)]
+
+
+def _probes(ports: list[int], dlt: int, hosts: list[bytes]) -> list[bytes]:
+    """A SIP request to and from each port (and IPv4 host), over UDP and TCP, in IPv4 and
+    IPv6, untagged and 802.1Q-tagged (link header as ``dlt`` has it)."""
+    out = []
+    pairs = [(bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2]))]
+    pairs += [(h, bytes([192, 0, 2, 1])) for h in hosts] + [(bytes([192, 0, 2, 1]), h) for h in hosts]
+    for port, (src4, dst4) in ((p, a) for p in ports for a in pairs):
+        for sport, dport in ((40000, port), (port, 40000)):
+            for proto in (17, 6):
+                l4 = (struct.pack("!HHHH", sport, dport, 8 + len(_SIP), 0) if proto == 17 else
+                      struct.pack("!HHIIBBHHH", sport, dport, 1, 1, 0x50, 0x18, 65535, 0, 0)) + _SIP
+                v4 = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, 0, 64, proto, 0,
+                                 src4, dst4) + l4
+                v6 = struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto, 64, b"\x20\x01\x0d\xb8" + bytes(11) + b"\x01",
+                                 b"\x20\x01\x0d\xb8" + bytes(11) + b"\x02") + l4
+                for ip, etype in ((v4, 0x0800), (v6, 0x86DD)):
+                    if dlt == DLT_RAW:
+                        out.append(ip)
+                        continue
+                    macs = bytes(6) + bytes([2, 0, 0, 0, 0, 1])
+                    out.append(macs + struct.pack("!H", etype) + ip)
+                    out.append(macs + struct.pack("!HHH", 0x8100, 100, etype) + ip)
+    return out
+
+
+def admits_sip(user: str, dlt: int = DLT_EN10MB) -> bool | None:
+    """Whether the expression ``user`` lets a plain SIP request through on any usual SIP port
+    (5060, 5061, 5080) or any port number written in it; None when libpcap cannot say. A
+    filter libpcap accepts may still exclude all SIP (``icmp``, ``not udp``, a typo'd
+    port): the capture would run for months and account nothing."""
+    lib = _libpcap()
+    if lib is None:
+        return None
+    ports = sorted({*USUAL_SIP_PORTS, *(int(n) for n in re.findall(r"\b\d{1,5}\b", user) if 0 < int(n) < 65536)})
+    hosts = [bytes(int(x) for x in a.split(".")) for a in re.findall(r"\b\d{1,3}(?:\.\d{1,3}){3}\b", user)
+             if all(int(x) < 256 for x in a.split("."))]
+    handle = lib.pcap_open_dead(dlt, SNAPLEN)
+    if not handle:
+        return None
+    prog = _BpfProgram()
+    try:
+        if lib.pcap_compile(handle, ctypes.byref(prog), user.encode(), 1, PCAP_NETMASK_UNKNOWN) != 0:
+            return None
+        try:
+            for frame in _probes(ports[:32], dlt, hosts[:8]):
+                hdr = _PcapPkthdr(0, 0, len(frame), len(frame))
+                if lib.pcap_offline_filter(ctypes.byref(prog), ctypes.addressof(hdr), frame):
+                    return True
+            return False
+        finally:
+            lib.pcap_freecode(ctypes.byref(prog))
+    finally:
+        lib.pcap_close(handle)

@@ -41,6 +41,7 @@ import os
 import select
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Final
@@ -291,6 +292,13 @@ class LiveCapture:
                     self.filter_note = f"no kernel filter ({e}): RTP reaches the reader"
                     continue
                 raise CaptureUsageError(f"-f {bpf_filter!r}: {e}") from None
+            if bpf_filter is not None and not self.filter_note and bpf.admits_sip(bpf_filter, dlt) is False:
+                # libpcap accepts it, yet it lets no SIP through: said at the start (and in the
+                # summary), not refused: SIP on some port we cannot guess may be meant
+                self.filter_note = (f"-f {bpf_filter!r} lets no SIP request through on ports "
+                                    f"{', '.join(map(str, bpf.USUAL_SIP_PORTS))} or any port or address it names: "
+                                    "nothing may be accounted (tcpdump -d shows the program)")
+                print(f"warning: {self.filter_note}", file=sys.stderr)
         self.count, self.duration = count, duration
         self.bpf_filter, self.promisc, self.ring_mb = bpf_filter, promisc, ring_mb
         self.on_open = on_open
