@@ -270,3 +270,10 @@ def test_a_branch_that_starts_with_the_caller_s_is_no_forward() -> None:
     again = [f.request("INVITE", T + 3, UAC, PROXY, [("10.0.0.1", "z9hG4bK-uac10")], cseq=2),
              f.reply(603, "Decline", T + 4, PROXY, UAC, [("10.0.0.1", "z9hG4bK-uac10")], cseq=2, to_tag="u")]
     assert [(c.seq, c.final_code, c.legs) for c in run(first + again)] == [(0, 486, []), (1, 603, [])]
+
+
+def test_calls_is_a_pure_stage() -> None:
+    """calls.py follows the architecture rule of the middle stages: no I/O, no clock."""
+    from tests.test_architecture import test_pure_stages_import_no_io
+
+    test_pure_stages_import_no_io("calls")
