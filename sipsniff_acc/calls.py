@@ -304,7 +304,8 @@ class CallBuilder:
         if c.bye_time is not None:
             self._end(c, c.bye_time, c.bye_by or "caller", "bye")
         elif c.challenged and c.final_code is not None:
-            self._end(c, c.last, "proxy", "error_reply")
+            self._end(c, c.last, "proxy", "error_reply")  # 407 from a proxy; a 401 may be a UAS's
+            c.inferred.add("ended_by")
         elif c.answer is not None:
             if c.session_expires:
                 self._end(c, c.refreshed + c.session_expires, "timer", "session_timer")
@@ -482,7 +483,7 @@ class CallBuilder:
     def _invite_reply(self, msg: SipMessage, out: list[Call]) -> None:
         cid = msg.call_id
         assert cid is not None
-        c = self._find(cid, msg.from_tag, None)
+        c = self._find(cid, msg.from_tag, msg.to_tag)  # the To-tag: a re-INVITE from the callee
         if c is None:
             self.stats.orphans += 1
             return

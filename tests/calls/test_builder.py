@@ -277,3 +277,19 @@ def test_calls_is_a_pure_stage() -> None:
     from tests.test_architecture import test_pure_stages_import_no_io
 
     test_pure_stages_import_no_io("calls")
+
+
+def test_reinvite_from_the_callee_refreshes_the_session_timer() -> None:
+    f = Flow()
+    se = "Session-Expires: 90\n"
+    callee_via = [("10.0.0.2", "z9hG4bK-re")]
+    msgs = [f.request("INVITE", T, UAC, PROXY, [C], extra=se),
+            f.reply(200, "OK", T + 2, PROXY, UAC, [C], to_tag="t", extra=se),
+            f.request("INVITE", T + 50, UAS, PROXY, callee_via, cseq=1, from_tag="t", to_tag=f.ftag, extra=se),
+            f.reply(200, "OK", T + 50.01, PROXY, UAS, callee_via, cseq=1, from_tag="t", to_tag=f.ftag, extra=se)]
+    b = CallBuilder()
+    for m in msgs:
+        b.feed(m)
+    assert b.advance(T + 2 + 90 + SESSION_GRACE + 1) == [] and b.stats.orphans == 0
+    [c] = b.advance(T + 50.01 + 90 + SESSION_GRACE + 1)
+    assert c.ended_how == "session_timer" and c.end == pytest.approx(T + 140.01)
