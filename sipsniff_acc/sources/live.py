@@ -175,6 +175,7 @@ class _Ring:
         self.packets = self.dropped = self.freezes = self.frames = self.filtered = self.bytes = self.losing = 0
         self.link_down = 0  #: times the interface went down under us (the socket resumes when it comes back)
         self.promisc = False
+        self.index = 0  #: the interface's index (set once bound)
         self.skip_outgoing = False
         try:
             # protocol 0: nothing is queued before the filter and the ring are in place (as libpcap)
@@ -204,8 +205,8 @@ class _Ring:
         self.ring = mmap.mmap(s.fileno(), BLOCK_SIZE * self.nblocks, mmap.MAP_SHARED,
                               mmap.PROT_READ | mmap.PROT_WRITE)
         s.bind((self.interface, ETH_P_ALL))
+        self.index = index = socket.if_nametoindex(self.interface)  # the socket is bound to it, not to the name
         if promisc:
-            index = socket.if_nametoindex(self.interface)
             s.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, struct.pack("iHH8s", index, PACKET_MR_PROMISC, 0, b""))
             self.promisc = True
 
@@ -366,8 +367,12 @@ class LiveCapture:
             if r.sock.fileno() == fd:
                 r.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 r.link_down += 1
-                if not os.path.exists(f"/sys/class/net/{r.interface}"):
-                    raise LiveCaptureError(r.interface, "the interface disappeared during the capture")
+                # by index: an interface renamed (it must go down for that) is the same one,
+                # still bound to our socket; only one that is gone ends the capture
+                try:
+                    socket.if_indextoname(r.index)
+                except OSError:
+                    raise LiveCaptureError(r.interface, "the interface disappeared during the capture") from None
 
     def _gaps(self) -> Iterator[CaptureGap]:
         now = time.time()

@@ -58,3 +58,50 @@ def test_ring_sizes_at_the_bounds(size: str, ok: bool) -> None:
         assert res.returncode == 2, res.stderr
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and "--ring-size" in lines[0], res.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+def test_an_interface_renamed_while_capturing_keeps_being_captured() -> None:
+    """Renaming needs the link down: the socket saw ENETDOWN, looked the old name up in
+    /sys/class/net, found nothing and ended the capture as if the interface were gone."""
+    import subprocess as sp
+
+    from sipsniff_acc.events import Frame
+    from sipsniff_acc.sources.live import LiveCapture
+    from tests.builders import sip_request
+    from tests.capture.links import Links, require_root
+
+    require_root()
+    links = Links(1)
+    iface = links.capture[0]
+    renamed = f"s10r{os.getpid() % 100000}"[:15]
+    try:
+        cap = LiveCapture([iface], duration=15)
+        cap.open()
+        it = iter(cap)
+        links.send(0, [sip_request(call_id="before@s10")], 5060)
+        got: list[str] = []
+        for ev in it:
+            if isinstance(ev, Frame):
+                got.append("before")
+                break
+        for cmd in (["link", "set", iface, "down"], ["link", "set", iface, "name", renamed],
+                    ["link", "set", renamed, "up"]):
+            sp.run(["ip", *cmd], check=True, timeout=10)
+        links.capture[0] = renamed  # (close() deletes it by its new name)
+        import time
+        time.sleep(0.3)
+        links.send(0, [sip_request(call_id="after@s10")], 5060)
+        idles = 0
+        for ev in it:  # and on, a few heartbeats: the socket's ENETDOWN is read in them
+            if isinstance(ev, Frame) and b"after@s10" in ev.data:
+                got.append("after")
+            idles += type(ev).__name__ == "Idle"
+            if got[-1:] == ["after"] and idles >= 5:
+                break
+        downs = cap.stats()[iface]["link_down"]
+        cap.close()
+    finally:
+        links.close()
+    assert got == ["before", "after"]
+    assert downs >= 1  # the link did go down under the capture
