@@ -293,3 +293,14 @@ def test_reinvite_from_the_callee_refreshes_the_session_timer() -> None:
     assert b.advance(T + 2 + 90 + SESSION_GRACE + 1) == [] and b.stats.orphans == 0
     [c] = b.advance(T + 50.01 + 90 + SESSION_GRACE + 1)
     assert c.ended_how == "session_timer" and c.end == pytest.approx(T + 140.01)
+
+
+def test_bye_made_by_the_proxy_is_the_proxy_s() -> None:
+    """Kamailio's dialog timeout sends BYE to both ends itself: one Via, from the proxy's address."""
+    msgs = [m for m in answered_call(t=T) if m.cseq_method != "BYE"]
+    f = Flow()
+    pv = [("10.0.0.10", "z9hG4bK-dlgbye")]
+    msgs += [f.request("BYE", T + 30, PROXY, UAS, pv, cseq=3, to_tag="bob-tag"),
+             f.reply(200, "OK", T + 30.01, UAS, PROXY, pv, cseq=3, method="BYE", to_tag="bob-tag")]
+    [c] = run(msgs)
+    assert (c.ended_by, c.ended_how, c.end) == ("proxy", "bye", T + 30)
