@@ -217,6 +217,11 @@ def _capture_summary(capture: LiveCapture | None, out: TextIO) -> None:
         where = ", ".join(f"{n} on {i}" for i, n in lost.items())
         print(f"WARNING: the kernel DROPPED {sum(lost.values())} packet(s) ({where}): records of calls open then "
               "may be incomplete (marked capture_gaps); give a larger --ring-size, -j N, or a narrower -f", file=out)
+    cut = {i: st.get("truncated", 0) for i, st in capture.stats().items() if st.get("truncated")}
+    if cut:
+        print(f"WARNING: {sum(cut.values())} frame(s) cut short by the kernel "
+              f"({', '.join(f'{n} on {i}' for i, n in cut.items())}): larger than a ring frame (BIG TCP, GRO?); "
+              "their SIP messages may be incomplete", file=out)
     if capture.filter_note:
         print(f"  capture: {capture.filter_note}", file=out)
 

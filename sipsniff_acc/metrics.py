@@ -169,6 +169,8 @@ class RunCollector(Collector):
             yield _counter("capture_dropped", "packets lost before we read them, by interface and where",
                            labels=["interface", "where"],
                            samples=[([i, "kernel"], float(st.get("dropped", 0))) for i, st in sorted(per_if.items())])
+            yield _counter("capture_truncated", "frames cut short by the kernel (larger than a ring frame): "
+                           "their SIP may be incomplete", labels=["interface"], samples=each("truncated"))
             yield _counter("capture_freezes", "times the kernel froze the capture queue",
                            labels=["interface"], samples=each("freezes"))
             yield _gauge("capture_ring_bytes", "size of the capture ring", labels=["interface"], samples=each("ring_bytes"))

@@ -52,7 +52,7 @@ from sipsniff_acc.sources.pcapfile import SourceError
 
 try:  # the optional C block walker (setup.py builds it when a compiler is there)
     from sipsniff_acc import _ring
-    _walk_c: Callable[..., tuple[list[Frame], int, int]] | None = _ring.walk
+    _walk_c: Callable[..., tuple[list[Frame], int, int, int]] | None = _ring.walk
 except ImportError:  # pragma: no cover - depends on the build
     _walk_c = None
 
@@ -130,22 +130,26 @@ def _check_rights() -> None:
 
 
 def _walk_py(ring: mmap.mmap, off: int, frame: type[Frame], source: str, linktype: int, no: int,
-             skip_outgoing: bool) -> tuple[list[Frame], int, int]:
+             skip_outgoing: bool) -> tuple[list[Frame], int, int, int]:
     """The frames of the block at ``off`` (copied out), how many were left out (outgoing
-    copies), and their bytes. ``_ring.walk`` does the same in C (a test compares them)."""
+    copies), their bytes, and how many were cut (truncated by the kernel: larger than a ring
+    frame; or a header pointing outside the block). ``_ring.walk`` does the same in C (a test compares them)."""
     num, first = struct.unpack_from("<II", ring, off + 12)
     pos = off + first
     end = off + BLOCK_SIZE
     out: list[Frame] = []
-    filtered = nbytes = 0
+    filtered = nbytes = cut = 0
     hdr = _HDR.unpack_from
     for _ in range(num):
         if pos + 64 > end:
             break
-        nxt, sec, nsec, snap, _len, status, mac, _net, _hash, tci, tpid = hdr(ring, pos)
+        nxt, sec, nsec, snap, wire, status, mac, _net, _hash, tci, tpid = hdr(ring, pos)
         if skip_outgoing and ring[pos + _SLL_PKTTYPE] == PACKET_OUTGOING:
             filtered += 1
-        elif pos + mac + snap <= end:
+        elif pos + mac + snap > end:
+            cut += 1
+        else:
+            cut += snap < wire
             data = ring[pos + mac:pos + mac + snap]
             if status & TP_STATUS_VLAN_VALID and linktype == LINKTYPE_ETHERNET and snap >= 12:
                 tpid = tpid if status & TP_STATUS_VLAN_TPID_VALID and tpid else 0x8100
@@ -156,7 +160,7 @@ def _walk_py(ring: mmap.mmap, off: int, frame: type[Frame], source: str, linktyp
         if not nxt:
             break
         pos += nxt
-    return out, filtered, nbytes
+    return out, filtered, nbytes, cut
 
 
 _walk = _walk_c or _walk_py
@@ -173,6 +177,7 @@ class _Ring:
         self.block = 0
         self.no = 0
         self.packets = self.dropped = self.freezes = self.frames = self.filtered = self.bytes = self.losing = 0
+        self.truncated = 0  #: frames cut short (larger than a ring frame): their SIP may be incomplete
         self.link_down = 0  #: times the interface went down under us (the socket resumes when it comes back)
         self.promisc = False
         self.index = 0  #: the interface's index (set once bound)
@@ -218,8 +223,9 @@ class _Ring:
         they are yielded), and whether the kernel flagged it as losing packets."""
         off = self.block * BLOCK_SIZE
         status = self.ring[off + 8]
-        frames, filtered, nbytes = _walk(self.ring, off, Frame, self.source, self.linktype, self.no,
-                                         self.skip_outgoing)
+        frames, filtered, nbytes, cut = _walk(self.ring, off, Frame, self.source, self.linktype, self.no,
+                                              self.skip_outgoing)
+        self.truncated += cut
         struct.pack_into("<I", self.ring, off + 8, TP_STATUS_KERNEL)
         self.block = (self.block + 1) % self.nblocks
         self.no += len(frames)
@@ -245,7 +251,7 @@ class _Ring:
     def stats(self) -> dict[str, int | bool]:
         return {"packets": self.packets, "dropped": self.dropped, "freezes": self.freezes,
                 "frames": self.frames, "bytes": self.bytes, "filtered": self.filtered,
-                "losing_blocks": self.losing, "link_down": self.link_down, "ring_bytes": self.nblocks * BLOCK_SIZE, "promisc": self.promisc}
+                "losing_blocks": self.losing, "truncated": self.truncated, "link_down": self.link_down, "ring_bytes": self.nblocks * BLOCK_SIZE, "promisc": self.promisc}
 
     def close(self) -> None:
         self.read_stats()

@@ -210,7 +210,7 @@ def test_c_and_python_block_walks_agree() -> None:
         c = live._walk_c(ring, live.BLOCK_SIZE, Frame, "live:x", 1, 10, skip)
         py = live._walk_py(ring, live.BLOCK_SIZE, Frame, "live:x", 1, 10, skip)
         assert c == py
-    frames_, filtered, _n = live._walk_py(ring, live.BLOCK_SIZE, Frame, "live:x", 1, 10, True)
+    frames_, filtered, _n, _cut = live._walk_py(ring, live.BLOCK_SIZE, Frame, "live:x", 1, 10, True)
     assert filtered == 1 and [f.no for f in frames_] == [11, 12, 13]
     assert frames_[1].data[12:16] == b"\x81\x00\x20\x64" and frames_[2].data[12:16] == b"\x88\xa8\x00\x07"
     assert frames_[0].ts == pytest.approx(1700000000.123456789)

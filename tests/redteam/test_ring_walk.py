@@ -87,6 +87,21 @@ def test_walking_a_reused_ring_keeps_memory_flat() -> None:
         live._walk_c(ring, B, Frame, "live:x", 1, 0, False)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(180_000):
-        frames, _f, _n = live._walk_c(ring, B, Frame, "live:x", 1, 0, False)
+        frames, _f, _n, _cut = live._walk_c(ring, B, Frame, "live:x", 1, 0, False)
     assert len(frames) == 30 and frames[0].data[12:16] == b"\x81\x00\x00\x05"
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base < 4096
+
+
+def test_frames_cut_short_are_counted() -> None:
+    """A frame the kernel truncated (tp_snaplen < tp_len: larger than a ring frame, e.g. a
+    BIG TCP super-packet) and a header whose data would leave the block: counted as cut by
+    both walks (they were passed on, or dropped, without a word)."""
+    eth = bytes(range(12)) + b"\x08\x00" + b"E" * 100
+    hdrs = [dict(next=320, sec=1, nsec=0, snap=len(eth), status=0, mac=80, tci=0, tpid=0, pkttype=0),
+            dict(next=320, sec=1, nsec=1, snap=len(eth), status=0, mac=80, tci=0, tpid=0, pkttype=0),
+            dict(next=0, sec=1, nsec=2, snap=B, status=0, mac=80, tci=0, tpid=0, pkttype=0)]
+    ring = build(48, 3, hdrs, b"")
+    struct.pack_into("<I", ring, B + 48 + 320 + 16, 200_000)  # the second: 200,000 bytes on the wire
+    for walk in (live._walk_c, live._walk_py):
+        frames, _f, _n, cut = walk(ring, B, Frame, "live:x", 1, 0, False)
+        assert len(frames) == 2 and cut == 2
