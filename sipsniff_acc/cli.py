@@ -10,6 +10,7 @@ import sqlite3
 import sys
 from enum import Enum
 from pathlib import Path
+from collections.abc import Mapping
 from typing import IO, Annotated, Any, TextIO
 
 import typer
@@ -838,14 +839,14 @@ def _acc_summary(result: RunResult, rules: RulesFile, spooled: list[SpooledEmitt
     else:
         print("  proxy: none seen forwarding; every server transaction was accounted (single-leg mode)", file=out)
     if t.open_at_end:
-        what = ", ".join(f"{n} {m}" for m, n in sorted(t.open_at_end.items()))
+        what = _by_method(t.open_at_end)
         print(f"  open at end of input (no final reply): {what}"
               f"{'' if result.open_as_408 else ' (not accounted; --open-as-408 to account them)'}", file=out)
     if t.timed_out:
-        what = ", ".join(f"{n} {m}" for m, n in sorted(t.timed_out.items()))
+        what = _by_method(t.timed_out)
         print(f"  given up without a final reply on the wire (fr timer + 32 s): {what}", file=out)
     if t.timer_408:
-        what = ", ".join(f"{n} {m}" for m, n in sorted(t.timer_408.items()))
+        what = _by_method(t.timer_408)
         print(f"  accounted as the proxy's timer 408 during the run (no final reply by fr timer + "
               f"{TIMER_GRACE:g} s): {what}", file=out)
     if t.stateless_replies:
@@ -854,6 +855,18 @@ def _acc_summary(result: RunResult, rules: RulesFile, spooled: list[SpooledEmitt
         print(f"  dialogs: {', '.join(f'{n} {s}' for s, n in sorted(t.dialogs.items()))}", file=out)
     if line := t.evictions():
         print(f"  {line}", file=out)
+
+
+def _by_method(counts: Mapping[str, int], shown: int = 12) -> str:
+    """'3 INVITE, 1 OPTIONS' for the summary; past ``shown`` methods the rest is one total (a
+    hostile peer's made-up methods made a line of megabytes)."""
+    items = sorted(counts.items())
+    if len(items) > shown:
+        items = sorted(items, key=lambda kv: -kv[1])  # the most frequent first, the rest summed
+    what = ", ".join(f"{n} {m}" for m, n in items[:shown])
+    if len(items) > shown:
+        what += f", {sum(n for _m, n in items[shown:])} in {len(items) - shown} other method(s)"
+    return what
 
 
 @app.command()
