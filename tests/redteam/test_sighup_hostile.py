@@ -93,10 +93,11 @@ def test_a_storm_of_hups(tmp_path: Path) -> None:
     assert "Traceback" not in err.read_text()
 
 
-@pytest.mark.parametrize("delay", [0.05, 0.3])
+@pytest.mark.parametrize("delay", [0.3, 0.45])
 def test_a_hup_during_start_up_does_not_kill(tmp_path: Path, delay: float) -> None:
     """A HUP in the imports before the command set its handlers (logrotate, `systemctl reload`
-    just after start) killed the process with SIGHUP's default action (-1)."""
+    just after start) killed the process with SIGHUP's default action (-1). (Before the
+    interpreter reaches our package, ~50 ms, nothing of ours can help: not tested.)"""
     proc = start(tmp_path, "--log", "none", "-q")
     time.sleep(delay)
     os.kill(proc.pid, signal.SIGHUP)
