@@ -22,17 +22,14 @@ from prometheus_client.registry import Collector
 
 from sipsniff_acc import __version__
 from sipsniff_acc.events import Counters
+from sipsniff_acc.sipmethods import METHODS as _METHODS
 
 PREFIX = "sipsniff"
 
 
-#: The SIP methods (IANA registry) a label may name; any other is "other". A method is any
-#: RFC 3261 token, so a hostile or broken peer could otherwise mint a new time series (in
-#: the scraper's database, for ever) with every request it sends.
-METHODS = frozenset({
-    "ACK", "BYE", "CANCEL", "INFO", "INVITE", "MESSAGE", "NOTIFY", "OPTIONS", "PRACK",
-    "PUBLISH", "REFER", "REGISTER", "SUBSCRIBE", "UPDATE",
-})
+#: The SIP methods (IANA registry) a label may name; any other is "other" (sipmethods.py:
+#: a hostile peer could otherwise mint a new time series with every request it sends).
+METHODS = _METHODS
 
 
 def method_label(method: object) -> str:

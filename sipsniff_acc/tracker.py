@@ -37,6 +37,7 @@ from typing import Any
 
 from sipsniff_acc.limits import Limits
 from sipsniff_acc.sip import SipMessage
+from sipsniff_acc.sipmethods import method_key
 
 MAGIC = "z9hG4bK"
 _BRANCH = re.compile(r";\s*branch\s*=\s*([^;,\s]+)", re.IGNORECASE)
@@ -660,7 +661,7 @@ class TransactionTracker:
                 if self.open_as_408 and t.method not in ("ACK", "CANCEL"):
                     self._timer_408(t, out)  # nobody called advance() in time: accounted before forgotten
                 else:
-                    self.stats.timed_out[t.method] += 1
+                    self.stats.timed_out[method_key(t.method)] += 1
             self._forget(key, t)
         acks = self.acks
         while acks:
@@ -680,7 +681,7 @@ class TransactionTracker:
         t.timer_408 = True
         t.final_ts = ts
         t.final_local = True
-        self.stats.timer_408[t.method] += 1
+        self.stats.timer_408[method_key(t.method)] += 1
         if t.method == "INVITE":
             out.append(BranchesFailed(t, None, 408, ts, None))
         out.append(ReplyOut(t, None, 408, ts, True))
@@ -706,7 +707,7 @@ class TransactionTracker:
             elif self._open:
                 key, t = self._open.popitem(last=False)
                 if t.role == "server":
-                    stats.evicted_open[t.method] += 1
+                    stats.evicted_open[method_key(t.method)] += 1
             else:
                 break
             self._forget(key, t)
@@ -741,7 +742,7 @@ class TransactionTracker:
         for t in list(self.txns.values()):
             if t.role != "server" or t.final is not None or t.timer_408 or t.method in ("ACK", "CANCEL"):
                 continue
-            self.stats.open_at_end[t.method] += 1
+            self.stats.open_at_end[method_key(t.method)] += 1
             if open_as_408:
                 ts = t.created + self._timeout(t)
                 t.final_ts = ts
