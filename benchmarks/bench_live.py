@@ -353,7 +353,7 @@ def main() -> None:
     soak: list[tuple[float, int]] = []
     with VethPair() as pair:
         try:
-            for r in range(args.rounds):
+            for r in range(args.rounds if configs else 0):  # --configs ',': the soak alone
                 order = configs[r % len(configs):] + configs[:r % len(configs)]  # interleaved, rotated
                 print(f"# round {r + 1}/{args.rounds}: {' '.join(order)}", flush=True)
                 for c in order:
