@@ -126,6 +126,8 @@ class Counters:
     streams: Counter[str] = field(default_factory=Counter)  #: TCP directions seen, by what they carried
     skipped: Counter[str] = field(default_factory=Counter)  #: not SIP, by reason (not anomalies)
     anomalies: Counter[str] = field(default_factory=Counter)
+    #: SIP messages by request method (IANA, else "other") or status class ("1xx".."6xx"): bounded
+    sip_by_kind: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -134,4 +136,5 @@ class Counters:
             "datagrams_reassembled": self.datagrams_reassembled,
             "tls_decrypted": self.tls_decrypted, "tls_unreadable": self.tls_unreadable,
             "streams": dict(sorted(self.streams.items())), "skipped": dict(sorted(self.skipped.items())), "anomalies": dict(sorted(self.anomalies.items())),
+            "sip_by_kind": dict(sorted(self.sip_by_kind.items())),
         }

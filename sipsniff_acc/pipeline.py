@@ -24,6 +24,7 @@ from sipsniff_acc.events import Anomaly, Counters, Datagram, Fragment, Frame, Tr
 from sipsniff_acc.ipfrag import FragmentReassembler, Reassembled
 from sipsniff_acc.limits import Limits
 from sipsniff_acc.sctp import SctpReassembler
+from sipsniff_acc.sipmethods import METHODS
 from sipsniff_acc.tcpstream import TcpReassembler
 
 looks_like_sip = sip.looks_like_sip
@@ -288,10 +289,16 @@ class SipParser:
         msg.encap = encap
         msg.source = source
         c.sip_messages += 1
+        c.sip_by_kind[_KIND.get(msg.method or msg.code, "other")] += 1  # ~0.1 µs: one lookup, one add
         if msg.defects:
             for name in msg.defects:
                 c.anomalies[name] += 1
         return msg
+
+
+#: a message's kind for Counters.sip_by_kind: a request's method (if registered, else "other"),
+#: a response's status class by code ("2xx"); anything else (a code past 699) is "other"
+_KIND: dict[str | int, str] = {**{m: m for m in METHODS}, **{code: f"{code // 100}xx" for code in range(100, 700)}}
 
 
 class MessagePipeline:

@@ -157,6 +157,13 @@ class RunResult:
     gaps: int = 0  #: CaptureGap reports in the stream
     dropped: int = 0  #: packets those reports said were lost
     rule_reloads: int = 0  #: rules.yaml replaced during the run (``control.pending_rules()``)
+    #: what the run's state holds now (-j 0: the tracker's tables); set by ``run``
+    held: Callable[[], dict[str, float]] | None = field(default=None, repr=False, compare=False)
+
+    def gauges(self) -> dict[str, float]:
+        """Gauges for /metrics (metrics.py): transactions and dialogs held, open transactions
+        (no final reply yet). Read from another thread: copies, no iteration of a live dict."""
+        return self.held() if self.held is not None else {}
 
 
 class Control(Protocol):
@@ -264,6 +271,7 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
     if calls is not None:  # the per-call builder sees what the engine sees (wraps feed/advance/gap/finish)
         calls.attach(acc)
     result.tracker = acc.tracker.stats
+    result.held = _held(acc.tracker)
     if state:
         _load_state(state, acc, time.time() if live else None)
 
@@ -288,8 +296,9 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
 
     next_tick = float("-inf")
     release = getattr(messages.capture, "advance", None)  # the capture stage's timers, if it has them
-    if state:  # a stop is taken at a safe point only (a frame's end), so that the calls are saved whole
-        stop.guarded += 1
+    if state:  # a stop is taken at a safe point only (a frame's end, or waiting on the source), so that
+        stop.guarded += 1  # the calls are saved whole
+        items = stopping.waiting_on(items)
     try:
         for frame in items:
             if stop.signum:  # a safe point: the handler's own raise may have been swallowed
@@ -331,6 +340,10 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
                         deliver(recs)
         if stop.signum and state:
             _save_state(state, acc, time.time() if live else None)
+    except stopping.Stopped:  # taken while waiting on the source: nothing in flight, the calls are whole
+        if state and not stop.forced:  # (forced: a second signal may have cut a message short)
+            _save_state(state, acc, time.time() if live else None)
+        raise
     finally:
         if state:
             stop.guarded -= 1
@@ -347,6 +360,17 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
     if recs:
         deliver(recs)
     return result
+
+
+def _held(tracker: Any) -> Callable[[], dict[str, float]]:
+    """The tracker's table sizes, for a scrape (list() copies a dict's values atomically)."""
+
+    def held() -> dict[str, float]:
+        txns = list(tracker.txns.values())
+        return {"tracked_transactions": len(txns), "open_transactions": sum(1 for t in txns if t.final is None),
+                "tracked_dialogs": len(tracker.dialogs)}
+
+    return held
 
 
 def _gap(gap: CaptureGap, result: RunResult) -> None:
@@ -382,9 +406,11 @@ _CALL_ID = re.compile(rb"\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
 
 #: a round's share for one worker: (first packet time of the run, [(sequence, candidate, or a
 #: Tick's time: advance the timers)], control or None); None: finish. Control keys, applied
-#: before the items: "gap": [times] (CaptureGap), "rules": RulesFile (reload), "save": path (state)
+#: before the items: "gap": [times] (CaptureGap), "rules": RulesFile (reload); after them: "save": (path, now) (state)
 Part = tuple[float, list[tuple[int, Candidate | float]], dict[str, Any] | None] | None
-PartResult = tuple[list[tuple[int, AccRecord]], int, dict[str, int], TrackerStats | None]
+#: a part's result: (sequence, record)s, SIP messages parsed, anomalies, the tracker's stats
+#: (at the finish), SIP messages by kind (Counters.sip_by_kind)
+PartResult = tuple[list[tuple[int, AccRecord]], int, dict[str, int], TrackerStats | None, dict[str, int]]
 
 
 def _ts(item: Frame | Datagram | Idle | CaptureGap) -> float:
@@ -419,9 +445,9 @@ def acc_worker(rules: RulesFile, open_as_408: bool, shards: int = 1, state: str 
             _load_state(state, acc, time.time() if live else None, shard, shards)
         if part is None:
             if state:  # --state: the open calls are saved (the front said so), not ended
-                return out, 0, {}, acc.tracker.stats
+                return out, 0, {}, acc.tracker.stats, {}
             out = [(1 << 62, r) for r in acc.finish()]
-            return out, 0, {}, acc.tracker.stats
+            return out, 0, {}, acc.tracker.stats, {}
         first, items, control = part
         if control:
             _apply(control, acc, shard, shards)
@@ -429,6 +455,7 @@ def acc_worker(rules: RulesFile, open_as_408: bool, shards: int = 1, state: str 
             acc.engine.start = first  # $TS: the first packet of the whole run, not of this shard
         before = counters.sip_messages
         counters.anomalies.clear()
+        counters.sip_by_kind.clear()
         feed, message, advance = acc.feed, parser.message, acc.advance
         for seq, c in items:
             if c.__class__ is float:  # a Tick: the timers, at the same packet time as with -j 0
@@ -439,7 +466,10 @@ def acc_worker(rules: RulesFile, open_as_408: bool, shards: int = 1, state: str 
             if msg is not None:
                 for r in feed(msg):
                     out.append((seq, r))
-        return out, counters.sip_messages - before, dict(counters.anomalies), None
+        if control and control.get("save"):  # after the items: the round is the last before the save
+            path, now = control["save"]
+            _save_state(path, acc, now, shard, shards)
+        return out, counters.sip_messages - before, dict(counters.anomalies), None, dict(counters.sip_by_kind)
 
     return work
 
@@ -451,10 +481,6 @@ def _apply(control: dict[str, Any], acc: AccPipeline, shard: int, shards: int) -
     rules = control.get("rules")
     if rules is not None:
         acc.replace_rules(rules)
-    save = control.get("save")
-    if save:
-        path, now = save
-        _save_state(path, acc, now, shard, shards)
 
 
 def merge_stats(into: TrackerStats, other: TrackerStats) -> None:
@@ -481,9 +507,12 @@ def _run_sharded(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile,
         span = LIVE_ROUND_SPAN if live else ROUND_SPAN
         poll_every = LIVE_POLL if live else float("inf")
         next_poll = 0.0
-        stream: Iterator[Candidate | Idle | CaptureGap | Tick] = timed_candidates(frames, capture)
+        source = stopping.waiting_on(frames) if state else frames  # a stop taken while the source is quiet
+        stream: Iterator[Candidate | Idle | CaptureGap | Tick] = timed_candidates(source, capture)
         if extra:
             stream = heapq.merge(stream, map(as_candidate, extra), key=item_time)
+        if state:
+            stream = _until_stopped(stream)
         parts: list[list[tuple[int, Candidate | float]]] = [[] for _ in range(workers)]
         n = 0  #: candidates in the round
         start = 0.0
@@ -596,6 +625,17 @@ def _run_sharded(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile,
         release()
 
 
+def _until_stopped(stream: Iterator[Any]) -> Iterator[Any]:
+    """``stream`` until a stop taken while the front waits on its source (stopping.waiting_on):
+    it just ends, and the round loop's stop path has the workers save their calls. A forced
+    stop (a second signal, maybe mid-frame) goes on up as before."""
+    try:
+        yield from stream
+    except stopping.Stopped:
+        if stopping.STATE.forced:
+            raise
+
+
 def _per_worker_state(rules: RulesFile, open_as_408: bool, workers: int, state: str,
                       live: bool | None) -> Callable[[Part], PartResult]:
     """Worker k loads shard k of the state file: the pool forks every worker from this one
@@ -621,10 +661,11 @@ def _deliver_rounds(results_of: Iterator[list[PartResult]], deliver: Callable[[l
         if stop.signum:
             stopping.check()
         merged: list[tuple[int, AccRecord]] = []
-        for recs, parsed, anomalies, stats in results:
+        for recs, parsed, anomalies, stats, kinds in results:
             merged.extend(recs)
             counters.sip_messages += parsed
             counters.anomalies.update(anomalies)
+            counters.sip_by_kind.update(kinds)
             if stats is not None:
                 merge_stats(result.tracker, stats)
         if merged:

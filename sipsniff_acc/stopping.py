@@ -32,10 +32,10 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 FORCE_AFTER = 6.0  #: seconds past the drain timeout before a stop is forced
 HARD_AFTER = 3.0  #: seconds past the forced stop before the process simply exits
@@ -79,6 +79,7 @@ class StopState:
     signum: int = 0  #: the first stop signal received, 0 while running
     guarded: int = 0  #: > 0: records are being handed to the outputs; a stop waits for the end
     locked: int = 0  #: > 0: inside a queue operation; a stop waits for the end, even when forced
+    waiting: bool = False  #: blocked on the source's next(): nothing in flight, a stop is taken there
     closing: bool = False  #: closing the outputs: never raise, exit early only when forced
     forced: bool = False
     raised: bool = False  #: Stopped was raised by the handler (it may have been swallowed)
@@ -96,6 +97,7 @@ class StopState:
 
 
 STATE = StopState()
+T = TypeVar("T")
 
 
 def _say(text: str) -> None:
@@ -162,7 +164,7 @@ def _handler(signum: int, _frame: object) -> None:
         name = signal.Signals(signum).name
         _say(f"stopping on {name}: the outputs are being closed; the backends get up to {st.drain_timeout:g} s "
              f"more ({name} again: stop now, the spool keeps the rest)\n")
-    if not st.guarded and not st.locked and not st.closing:
+    if (not st.guarded or st.waiting) and not st.locked and not st.closing:
         st.raised = True
         raise Stopped(signum)
 
@@ -213,6 +215,29 @@ def guarded() -> Iterator[None]:
     finally:
         st.guarded -= 1
     check()
+
+
+def waiting_on(source: Iterable[T]) -> Iterator[T]:
+    """``source``'s items, with ``STATE.waiting`` set while its next() runs: a quiet pipe or
+    capture blocks there with nothing in flight (the previous item was handled whole), so a
+    stop is taken at once even inside a run-long guard (--state holds one so that calls are
+    saved whole), and the run's ``except Stopped`` saves. Only then: a generator's frame costs
+    ~0.1 µs per item."""
+    st = STATE
+    it = iter(source)
+    while True:
+        st.waiting = True
+        if st.signum and not st.locked and not st.closing:  # a stop that came just before
+            st.waiting = False
+            st.raised = True
+            raise Stopped(st.signum)
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        finally:
+            st.waiting = False
+        yield item
 
 
 def _before_run(signum: int, _frame: object) -> None:

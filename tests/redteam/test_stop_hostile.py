@@ -5,9 +5,9 @@ but a pipe with nothing to read yields no frame: a SIGTERM then waits for the ne
 open call is lost. Live sources are not affected the same way (an Idle every 100 ms is a
 safe point), but a second signal within that 100 ms loses the state too.
 
-Needs a change in processrun.py (S2): a stop taken while the loop waits on its source (the
-source's next() is between frames, so the state is whole), e.g. a flag set around next()
-that stopping._handler honours by raising, and a save in an ``except Stopped`` there."""
+Fixed (S11): stopping.waiting_on marks the source's next() (nothing in flight there), the
+handler raises right there, and processrun saves in its ``except Stopped`` (-j 0) or the
+round loop's stop path (-j N)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import pytest
 from tests.ops.calls import finish, header, invite, send, start, wait_reading_stdin
 
 
-@pytest.mark.xfail(strict=True, reason="processrun: a stop is taken only at a frame's end (see module docstring)")
-def test_sigterm_in_a_quiet_pipe_stops_and_saves(tmp_path: Path) -> None:
-    proc = start(tmp_path, "--log", "none", "-q", "--state", "st")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_in_a_quiet_pipe_stops_and_saves(tmp_path: Path, workers: int) -> None:
+    proc = start(tmp_path, "--log", "none", "-q", "--state", "st", workers=workers)
     try:
         send(proc, header() + b"".join(invite(f"c{i}", 1000 + i * 0.001) for i in range(100)))
         wait_reading_stdin(proc)
@@ -36,5 +36,6 @@ def test_sigterm_in_a_quiet_pipe_stops_and_saves(tmp_path: Path) -> None:
         if proc.poll() is None:
             finish(proc)
     assert rc == 143, "still running 5 s after SIGTERM, waiting for a packet"
-    assert (tmp_path / "st").stat().st_size > 1000
+    saved = [tmp_path / "st"] if not workers else [tmp_path / f"st.{k}" for k in range(workers)]
+    assert sum(f.stat().st_size for f in saved if f.exists()) > 1000, "the open calls were not saved"
     time.sleep(0)
