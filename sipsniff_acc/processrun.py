@@ -48,7 +48,7 @@ class AccPipeline:
             [parse_address(a) for a in rules.proxy.addresses], rules.tm.wait_timer, rules.tm.fr_timer,
             rules.tm.fr_inv_timer, limits, open_as_408)
         self.engine = AccEngine(rules, limits, self.tracker.stats)  # one set of counters for the summary
-        cdr = CdrEngine(rules, self.engine)  # dialog CDRs (cdr.py, S7): only when rules.yaml enables them
+        cdr = CdrEngine(rules, self.engine)  # dialog CDRs (cdr.py): only when rules.yaml enables them
         self.cdr: CdrEngine | None = cdr if cdr.enabled else None
         #: times of the last capture gaps (packets dropped): records spanning one are marked
         self.gaps: deque[float] = deque(maxlen=GAPS_KEPT)
@@ -91,7 +91,7 @@ class AccPipeline:
         timers, route, acc modparams); open ones keep the flags and AVPs they got."""
         self.rules = rules
         self.engine.replace_rules(rules)
-        if self.cdr is not None or rules.acc.cdr_backends:  # dialog CDRs (S7): tracked dialogs go on
+        if self.cdr is not None or rules.acc.cdr_backends:  # dialog CDRs: tracked dialogs go on
             self.cdr = self.cdr or CdrEngine(rules, self.engine)
             self.cdr.replace_rules(rules)
         t = self.tracker
@@ -353,7 +353,7 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
             recs = feed(item)
             if recs:
                 deliver(recs)
-    if state:  # --state: the traffic goes on after this run; its open calls are saved, not ended (S4)
+    if state:  # --state: the traffic goes on after this run; its open calls are saved, not ended
         _save_state(state, acc, time.time() if live else None)
         return result
     recs = acc.finish()
@@ -363,11 +363,11 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
 
 
 def _held(tracker: Any) -> Callable[[], dict[str, float]]:
-    """The tracker's table sizes, for a scrape (list() copies a dict's values atomically)."""
+    """The tracker's table sizes, for a scrape: len() of its own tables (O(1), atomic), where
+    ``_open`` already holds the transactions without a final reply."""
 
     def held() -> dict[str, float]:
-        txns = list(tracker.txns.values())
-        return {"tracked_transactions": len(txns), "open_transactions": sum(1 for t in txns if t.final is None),
+        return {"tracked_transactions": len(tracker.txns), "open_transactions": len(tracker._open),
                 "tracked_dialogs": len(tracker.dialogs)}
 
     return held
@@ -380,7 +380,7 @@ def _gap(gap: CaptureGap, result: RunResult) -> None:
 
 def _state_module() -> Any:
     """sipsniff_acc.state (restarts lose no call), imported only when a state file is used."""
-    from sipsniff_acc import state as st  # noqa: PLC0415 - optional, and S4's module
+    from sipsniff_acc import state as st  # noqa: PLC0415 - imported only with --state
     return st
 
 
@@ -388,14 +388,12 @@ def _load_state(path: str, acc: AccPipeline, now: float | None, shard: int = 0, 
     """Shard ``shard`` of ``shards`` (-j N: one file per worker) from the state file. ``now``:
     the wall clock for a live capture (state past its timers is dropped), None for a file."""
     st = _state_module()
-    if hasattr(st, "load_state"):
-        st.load_state(st.shard_path(path, shard, shards), acc, now, shard, shards)
+    st.load_state(st.shard_path(path, shard, shards), acc, now, shard, shards)
 
 
 def _save_state(path: str, acc: AccPipeline, now: float | None, shard: int = 0, shards: int = 1) -> None:
     st = _state_module()
-    if hasattr(st, "save_state"):
-        st.save_state(st.shard_path(path, shard, shards), acc, now, shard, shards)
+    st.save_state(st.shard_path(path, shard, shards), acc, now, shard, shards)
 
 
 # --- several processes: shards by Call-ID ------------------------------------------------
@@ -595,7 +593,7 @@ def _run_sharded(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile,
                 release()
             stopping.check()
             raise stopping.Stopped(stop.signum)
-        if state:  # --state: the traffic goes on after this run; each worker saves its open calls (S4)
+        if state:  # --state: the traffic goes on after this run; each worker saves its open calls
             saved = (state, time.time() if span == LIVE_ROUND_SPAN else None)
             yield close(lambda _k: {"save": saved}), True
         elif n or ctl or any(parts):

@@ -21,22 +21,16 @@ import time
 from collections import Counter
 from typing import IO, Any, Final
 
-import orjson
-
 from sipsniff_acc.calls import Call, CallBuilder
-from sipsniff_acc.sysloglines import escape, json_safe
+from sipsniff_acc.emitters.jsonl import json_line
+from sipsniff_acc.sysloglines import escape
 
 FLUSH_EVERY: Final = 1.0  #: wall seconds: written call lines go out at least this often
 
 
 def call_line(c: Call) -> bytes:
     """The call as one JSON line (control characters escaped like the record lines)."""
-    doc = c.as_dict()
-    try:
-        text = orjson.dumps(doc)
-    except orjson.JSONEncodeError:
-        text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8", "replace")
-    return json_safe(text) + b"\n"
+    return json_line(c.as_dict())
 
 
 #: The ``calls`` table: scalar fields as columns, lists/dicts as JSON text. VoIPmonitor's ``cdr``

@@ -8,7 +8,7 @@ drives a terminal.
 from __future__ import annotations
 
 import json
-from typing import IO
+from typing import Any, IO
 
 import orjson
 
@@ -17,9 +17,13 @@ from sipsniff_acc.sysloglines import json_safe
 
 
 def record_line(r: AccRecord) -> bytes:
-    """The record as one JSON line. orjson refuses integers beyond 64 bits (a CSeq a packet
-    claims): the standard library writes those instead of losing the record."""
-    doc = r.as_dict()
+    """The record as one JSON line."""
+    return json_line(r.as_dict())
+
+
+def json_line(doc: dict[str, Any]) -> bytes:
+    """One JSON line, control characters escaped. orjson refuses integers beyond 64 bits (a
+    CSeq a packet claims): the standard library writes those instead of losing the line."""
     try:
         text = orjson.dumps(doc)
     except orjson.JSONEncodeError:
