@@ -274,6 +274,9 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
     result.held = _held(acc.tracker)
     if state:
         _load_state(state, acc, time.time() if live else None)
+    bind = getattr(frames, "bind", None)
+    if bind is not None:  # a source that checkpoints what it fed (sources/nats.py: state, then acks)
+        bind(acc)
 
     feed = acc.feed
     items: Iterable[Frame | Datagram | Idle | CaptureGap] = frames
@@ -328,6 +331,9 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
                                     if recs:
                                         deliver(recs)
                 timers(frame.ts, True)
+                continue
+            elif cls is Tick:  # a source of Datagrams telling packet time went on (sources/nats.py)
+                timers(frame.ts, False)
                 continue
             else:  # CaptureGap
                 _gap(frame, result)  # type: ignore[arg-type]
