@@ -10,7 +10,7 @@ import sqlite3
 import sys
 from enum import Enum
 from pathlib import Path
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import IO, Annotated, Any, TextIO
 
 import typer
@@ -180,6 +180,48 @@ def _open_sources(
 def _listening(interfaces: str) -> None:
     """tcpdump's start line: the capture sockets are bound, packets from now on are seen."""
     print(f"listening on {interfaces}", file=sys.stderr, flush=True)
+
+
+HELP_HEP_LISTEN = ("receive HEP (v2/v3, as Kamailio siptrace, heplify, Asterisk send) on udp://ADDR:PORT or "
+                   "tcp://ADDR:PORT (repeatable) instead of capturing; runs until stopped unless --count/--duration")
+
+
+def _open_hep(urls: list[str] | None, files: list[str], interface: list[str] | None, count: int | None,
+              duration: float | None, quiet: bool, password: str | None, reorder_ms: float, workers: int,
+              capture_options: bool, rules: RulesFile) -> Any:
+    """--hep-listen's source (sources/hep.py), its sockets bound: every mistake (a bad URL, an
+    address taken, files or -i beside it, -j N) is one line, exit 2, before the work."""
+    if not urls:
+        return None
+    from sipsniff_acc.sources.hep import HepListener, HepUsageError  # noqa: PLC0415 - only with --hep-listen
+
+    if files or interface:
+        raise usage_error("give capture files, --interface or --hep-listen, not two of them")
+    if capture_options:
+        raise usage_error("-f/--filter, --ring-size and --no-promisc go with --interface, not --hep-listen")
+    if workers > 0:
+        raise usage_error(f"--hep-listen accounts in one process: use -j 0 (or leave -j out), not -j {workers}")
+    if not reorder_ms == reorder_ms or reorder_ms in (float("inf"), float("-inf")):
+        raise usage_error("--hep-reorder: give milliseconds, 0 to 10000")
+    try:
+        return HepListener(urls, password, reorder_ms / 1000, count, duration, None if quiet else _listening,
+                           rules.limits.max_sip_message)
+    except HepUsageError as e:
+        raise usage_error(str(e)) from None
+
+
+def _open_hep_out(url: str | None, agent_id: int, password: str | None) -> Any:
+    """--hep-out's sender (emitters/hep.py); a bad URL or agent id is one line, exit 2."""
+    if url is None:
+        return None
+    from sipsniff_acc.emitters.hep import HepOut  # noqa: PLC0415 - only with --hep-out
+    from sipsniff_acc.sources.hep import HepUsageError  # noqa: PLC0415
+
+    from sipsniff_acc.service import AlarmStream  # noqa: PLC0415
+    try:
+        return HepOut(url, agent_id, password, AlarmStream())  # type: ignore[arg-type]
+    except HepUsageError as e:
+        raise usage_error(str(e)) from None
 
 
 HELP_INTERFACE = ("capture live from this interface (Linux; root or CAP_NET_RAW+CAP_NET_ADMIN); repeatable; "
@@ -459,6 +501,11 @@ def process(
     state_file: Annotated[Path | None, typer.Option("--state", help="keep open calls across restarts: restored from this file at start, saved to it at the end and on SIGTERM/SIGINT (-j N: FILE.0 ... FILE.N-1; created 0600)")] = None,
     calls_file: Annotated[Path | None, typer.Option("--calls", help="one JSON line per call (forks aggregated, Call-ID reuse split; - for stdout; created 0600); runs in one process (-j 0)")] = None,
     calls_table: Annotated[str | None, typer.Option("--calls-table", help="also write one row per call to this table of the --db-url database (created if missing; not spooled)")] = None,
+    hep_listen: Annotated[list[str] | None, typer.Option("--hep-listen", help=HELP_HEP_LISTEN)] = None,
+    hep_password: Annotated[str | None, typer.Option("--hep-password", envvar="SIPSNIFF_HEP_PASSWORD", help="HEP auth key: --hep-listen drops packets without it (counted), --hep-out sends it")] = None,
+    hep_reorder: Annotated[float, typer.Option("--hep-reorder", help="--hep-listen: ms a message waits for earlier ones (HEP order is not the wire's); 0 to 10000")] = 50.0,
+    hep_out: Annotated[str | None, typer.Option("--hep-out", help="send every SIP message seen as HEPv3 to udp://HOST:PORT or tcp://HOST:PORT (Homer, sipcapture); never blocks the accounting")] = None,
+    hep_agent_id: Annotated[int, typer.Option("--hep-agent-id", help="--hep-out: our HEP capture agent id (0 to 4294967295)")] = 0,
 ) -> None:
     """The main job: the acc records a Kamailio proxy would write for the traffic in the captures.
 
@@ -479,10 +526,16 @@ def process(
     rules = _rules_or_exit(rules_file)
     files = [*(read or ()), *(files or ())]
     interface = interface or None  # (typer may give [] for an option never given)
-    sources = _open_sources(files, interface, count, duration, quiet, capture_filter, not no_promisc, ring_mb)
+    hep = _open_hep(hep_listen, files, interface, count, duration, quiet, hep_password, hep_reorder, workers,
+                    capture_filter is not None or ring_mb is not None or no_promisc, rules)
+    if hep is not None:
+        workers = 0
+    sources = [hep] if hep is not None else _open_sources(files, interface, count, duration, quiet, capture_filter,
+                                                          not no_promisc, ring_mb)
+    hep_copy = _open_hep_out(hep_out, hep_agent_id, hep_password)
     _check_outputs(sources, log=log, jsonl=jsonl_file, stats=stats, spool=None if no_db else spool_path, calls=calls_file)
     if state_file is not None:
-        _check_state(state_file, workers, interface is not None or "-" in files, quiet)
+        _check_state(state_file, workers, interface is not None or "-" in files or hep is not None, quiet)
     if tls_keylog is not None:
         _check_tls(sources, tls_keylog)
     view = RunView(Counters())
@@ -533,11 +586,15 @@ def process(
         # The spooled backends first: a batch is in the spool before a copy output (log, JSON
         # lines, stdout) can fail on it (a full disk), so the failure stops the run without a loss.
         emitters[:0] = spooled
+        if hep_copy is not None:
+            emitters.append(hep_copy)  # ticked and closed with the outputs (never fails the run)
     except (SyslogTargetError, SqlError, OSError, sqlite3.Error, RadiusConfigError, DiameterConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(EXIT_USAGE if isinstance(e, SyslogTargetError) else EXIT_BACKEND_ERROR) from None
     errors: list[SourceError] = []
     counters = Counters()
+    if hep is not None:
+        hep.counters = counters  # drops by reason: --stats, the summary, /metrics
     decrypted = _decrypt_tls(sources, tls_keylog) if tls_keylog is not None else []
     frames = open_captures(sources, errors)
     total = sum(getattr(r, "size", 0) for r in sources)
@@ -572,8 +629,9 @@ def process(
                 result = run(frames, rules, [*spooled, *copies], counters, open_as_408, result,
                              _auto_workers(workers), decrypted, control=control,
                              state=str(state_file) if state_file is not None else None,
-                             live=interface is not None,
-                             calls=next((em for em in emitters if isinstance(em, CallsOutput)), None))
+                             live=interface is not None or hep is not None,
+                             calls=next((em for em in emitters if isinstance(em, CallsOutput)), None),
+                             **({"tap": hep_copy.send} if hep_copy is not None else {}))
             finally:
                 stop.closing = True  # from here on a signal only marks the stop: the close is not cut
                 if server is not None:
@@ -616,12 +674,13 @@ def process(
         if stop.signum:  # also when it arrived while closing (the close was not cut short)
             stopped_by = stop.signum
         _finish_process(result, counters, errors, rules, spooled, emitters, stats, quiet, stopped_by, spool_path,
-                        _live_capture(sources))
+                        _live_capture(sources), [x for x in (hep, hep_copy) if x is not None])
 
 
 def _finish_process(result: RunResult, counters: Counters, errors: list[SourceError], rules: RulesFile,
                     spooled: list[SpooledEmitter], emitters: list[Emitter], stats: Path | None, quiet: bool,
-                    stopped_by: int, spool_path: Path, capture: LiveCapture | None = None) -> None:
+                    stopped_by: int, spool_path: Path, capture: LiveCapture | None = None,
+                    hep: Sequence[Any] = ()) -> None:
     """Stats, summary and the exit status: 128 + signal when stopped by one, 3 when an output
     or a backend failed, 1 when a capture was damaged."""
     tstats = result.tracker
@@ -633,11 +692,15 @@ def _finish_process(result: RunResult, counters: Counters, errors: list[SourceEr
                                     "delivered": {sp.backend.name: sp.delivered for sp in spooled},
                                     "pending_in_spool": {sp.backend.name: sp.pending for sp in spooled},
                                     "backends": {sp.backend.name: sp.stats() for sp in spooled}} | _capture_doc(capture)
+        for h in hep:  # --hep-listen, --hep-out
+            doc |= h.stats_doc()
         if not write_private_or_say(stats, json.dumps(doc, indent=1) + "\n", f"--stats {stats}") and stopped_by == 0:
             stopped_by = -1  # an output failed: exit 3 (the records are in the database/spool all the same)
     if not quiet:
         _summary(counters, errors, sys.stderr)
         _capture_summary(capture, TerminalSafe(sys.stderr))  # type: ignore[arg-type]
+        for h in hep:
+            print(escape(h.summary_line()), file=sys.stderr)
         _acc_summary(result, rules, spooled, sys.stderr, [e for e in emitters if isinstance(e, LogEmitter)])
     if stopped_by > 0:
         raise typer.Exit(128 + stopped_by)

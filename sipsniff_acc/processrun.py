@@ -65,6 +65,10 @@ class AccPipeline:
                 if self.gaps:
                     self._mark(ev, recs)
                 out.extend(recs)
+        if out and msg.source[:4] == "hep:":  # provenance: the HEP capture agent that saw the message
+            agent = msg.source[4:]
+            for r in out:
+                r.capture_agent = agent
         return out
 
     def advance(self, now: float) -> list[AccRecord]:
@@ -228,7 +232,7 @@ class Outputs:
 def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters: Sequence[Emitter],
         counters: Counters, open_as_408: bool = False, result: RunResult | None = None, workers: int = 0,
         extra: Sequence[Datagram] = (), control: Control | None = None, live: bool | None = None,
-        state: str | None = None, calls: Any = None) -> RunResult:
+        state: str | None = None, calls: Any = None, tap: Tap | None = None) -> RunResult:
     """Drive the pipeline; ``result`` (if given) is filled in place, so a caller interrupted by
     a signal still has the counts of what was delivered to the emitters. ``extra``: SIP found
     another way (TLS decrypted by tshark), in time order, merged in by timestamp.
@@ -237,7 +241,9 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
     ``CaptureGap`` (records of calls open then are marked). ``control``: rules reloads.
     ``live``: -j N rounds close after LIVE_ROUND_SPAN of packet time (None: once an Idle is
     seen). ``state``: the state file (sipsniff_acc.state) loaded at the start and saved on a stop.
-    ``calls``: --calls (emitters/calls.py CallsOutput), attached to the pipeline (-j 0 only)."""
+    ``calls``: --calls (emitters/calls.py CallsOutput), attached to the pipeline (-j 0 only).
+    ``tap``: told every SIP candidate (time, transport, addresses, ports, payload) before its
+    parse, in stream order (--hep-out: emitters/hep.py)."""
     result = result if result is not None else RunResult()
     result.open_as_408 = open_as_408
 
@@ -264,9 +270,11 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
 
     if workers > 0:
         _run_sharded(frames, rules, deliver, counters, open_as_408, workers, result, extra, outputs, control,
-                     live, state)
+                     live, state, tap)
         return result
     messages = MessagePipeline(counters, limits=getattr(rules, "limits", None))  # limits.max_sip_message
+    if tap is not None:
+        messages.parser = _Tapped(messages.parser, tap)  # type: ignore[assignment]
     acc = AccPipeline(rules, open_as_408)
     if calls is not None:  # the per-call builder sees what the engine sees (wraps feed/advance/gap/finish)
         calls.attach(acc)
@@ -318,7 +326,13 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
                         timers(ts, False)
                     next_tick = ts + TICK
                 found = messages.feed(frame)  # type: ignore[arg-type]
-            elif cls is Datagram:
+            elif cls is Datagram:  # a whole message: decrypted TLS (extra), or a source that frames them (HEP)
+                if not extra:  # a message source's time drives the timers as frames do (TLS rides on its frames')
+                    ts = frame.ts
+                    if ts >= next_tick:
+                        if next_tick != float("-inf"):
+                            timers(ts, False)
+                        next_tick = ts + TICK
                 found = messages.parser.feed(frame)  # type: ignore[arg-type]
             elif cls is Idle:
                 live = True
@@ -366,6 +380,22 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
     if recs:
         deliver(recs)
     return result
+
+
+#: (ts, transport, src, sport, dst, dport, payload) of a SIP candidate, for a copy of every message
+Tap = Callable[[float, str, bytes, int, bytes, int, bytes], None]
+
+
+class _Tapped:
+    """A SipParser whose every candidate is first handed to the tap (-j 0)."""
+
+    def __init__(self, parser: SipParser, tap: Tap) -> None:
+        self.parser, self.tap = parser, tap
+        self.counters = parser.counters
+
+    def feed(self, d: Datagram) -> list[Any]:
+        self.tap(d.ts, d.transport.value, d.src, d.sport, d.dst, d.dport, d.payload)
+        return self.parser.feed(d)
 
 
 def _held(tracker: Any) -> Callable[[], dict[str, float]]:
@@ -494,7 +524,8 @@ def merge_stats(into: TrackerStats, other: TrackerStats) -> None:
 def _run_sharded(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile,
                  deliver: Callable[[list[AccRecord]], None], counters: Counters, open_as_408: bool, workers: int,
                  result: RunResult, extra: Sequence[Datagram] = (), outputs: Outputs | None = None,
-                 control: Control | None = None, live: bool | None = None, state: str | None = None) -> None:
+                 control: Control | None = None, live: bool | None = None, state: str | None = None,
+                 tap: Tap | None = None) -> None:
     """The front reads and reassembles; workers parse and account their calls. Records of a
     round are put back in the order of the messages that caused them: the output is the
     single-process run's, record for record (a Tick's records: worker by worker).
@@ -554,6 +585,8 @@ def _run_sharded(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile,
                     if not first:
                         first = ts
                 parts[shard_of(item[7], workers)].append((seq, item))
+                if tap is not None:
+                    tap(ts, item[2], item[3], item[4], item[5], item[6], item[7])  # type: ignore[misc]
                 seq += 1
                 n += 1
                 if ts >= next_poll:  # live: results already back are handed on while packets flow

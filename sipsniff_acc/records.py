@@ -41,6 +41,9 @@ class AccRecord:
     #: packets were being dropped (a CaptureGap) between the start of its transaction (or dialog)
     #: and the record: it may be incomplete. In JSON lines; a counter only for SQL (Kamailio's columns).
     capture_gaps: bool = False
+    #: the HEP capture agent id of the message that made the record (--hep-listen); "" otherwise.
+    #: In JSON lines only when set; SQL keeps Kamailio's columns.
+    capture_agent: str = ""
 
     @property
     def text(self) -> str:
@@ -54,6 +57,7 @@ class AccRecord:
             "extras": {b: dict(v) for b, v in self.extras.items()},
             "legs": [dict(leg) for leg in self.legs], "cseq": self.cseq, "local": self.local,
             "in_dialog": self.in_dialog, "realm": self.realm, "capture_gaps": self.capture_gaps,
+            **({"capture_agent": self.capture_agent} if self.capture_agent else {}),
         }
 
 
