@@ -1144,6 +1144,10 @@ from sipsniff_acc.commands import audit as _audit_command  # noqa: E402
 
 _audit_command.register(app)
 
+from sipsniff_acc.commands import capture as _capture_command  # noqa: E402  (the NATS sensor)
+
+_capture_command.register(app)
+
 
 def main() -> None:
     """The console entry point: a usage mistake (unknown option, missing argument, bad value)
