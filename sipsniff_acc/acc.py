@@ -20,7 +20,8 @@ from sipsniff_acc.limits import Limits
 from sipsniff_acc.records import ACKED, ANSWERED, MISSED, REQUEST, AccRecord, RecordIds, error_text, parse_comment
 from sipsniff_acc.rules import CompiledRule, RulesFile, compile_rule
 from sipsniff_acc.sip import SipMessage
-from sipsniff_acc.tracker import RETAIN, AckIn, BranchesFailed, Event, ReplyOut, RequestIn, TrackerStats, Transaction
+from sipsniff_acc.tracker import (RETAIN, AckIn, BranchesFailed, Event, ReplyOut, RequestIn, TrackerStats, Transaction,
+                                  tm_local_tag)
 
 BACKENDS = ("log", "db", "radius", "diameter")
 
@@ -196,6 +197,8 @@ class AccEngine:
             return
         if st.registered:
             self._missed(txn, st, ev.reply, ev.code, ev.ts, ev.branch, out)
+        if not ev.failure_route:  # a last round after a serial fork: t_on_failure was used up
+            return
         new_uri = ev.branch.request.ruri if ev.branch is not None else None
         self._run(self.failure_route, txn.request, st, ev.code, ev.ts, out, new_uri)
 
@@ -209,8 +212,9 @@ class AccEngine:
             branch = txn.branches[-1]
         if reply is not None:
             to_tag, reason, local = reply.to_tag, self._reason(reply), False
-        else:  # FAKED: the request's To, else tm's local tag (env_set_totag, 5.5+)
-            local_tag = txn.final.to_tag if txn.final is not None else None
+        else:  # FAKED: the request's To, else tm's local tag (env_set_totag, 5.5+), made up for a
+            # branch that timed out in an earlier serial round (no 408 of it ever went out)
+            local_tag = txn.final.to_tag if txn.final is not None else tm_local_tag(req)
             to_tag = req.to_tag or (None if self.profile.faked_to_tag_empty else local_tag)
             reason, local = self._local_reason(code, txn.final), True
         ctx = self._ctx(req, branch.request.ruri if branch is not None else None, st.avps, ts)

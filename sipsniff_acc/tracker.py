@@ -45,6 +45,9 @@ _LOCAL_TAG = re.compile(r"[0-9a-f]{32}-[0-9a-f]{1,8}\Z")  #: tm's local To-tag s
 _SL_TAG = re.compile(r"[0-9a-f]{32}\.[0-9a-f]{1,8}\Z")  #: sl's (separator '.')
 RETAIN = 32.0  #: seconds a completed transaction is kept to absorb retransmissions (RFC 3261 Timer J/H scale)
 SWEEP_EVERY = 1.0
+#: how much earlier than fr_inv_timer after a branch was sent tm's timer may fire: its timers run
+#: on 1/16 s ticks counted from the tick before the send (measured: 18 ms early); two ticks
+FR_EARLY = 0.125
 #: --open-as-408: seconds after the proxy's fr timer before its 408 is accounted without a reply on
 #: the wire. The proxy sends its own 408 as the timer fires; the grace lets that real reply (a few
 #: ms later on the mirror) win, and keeps the record well inside the "out within 1 s" promise.
@@ -91,6 +94,9 @@ class Transaction:
     acc: Any = None  #: the acc engine's per-transaction state (flags, AVPs)
     size: int = 0  #: bytes of SIP messages this transaction holds (request + final reply)
     timer_408: bool = False  #: --open-as-408 accounted the proxy's timer 408 (no final reply came in time)
+    #: serial forking: index in ``branches`` of the current failure round's first branch (tm's
+    #: first_branch); the branches before it failed and a failure_route relayed again
+    first_branch: int = 0
 
     @property
     def method(self) -> str:
@@ -121,6 +127,10 @@ class BranchesFailed:
     code: int
     ts: float
     branch: Transaction | None  #: the picked branch
+    #: tm runs the failure_route for this round: the first round, and every round a new branch
+    #: followed (the route relayed again); not a later last round, since each run disarms
+    #: t_on_failure and a script re-arming it is not seen on the wire
+    failure_route: bool = True
 
 
 @dataclass(slots=True)
@@ -224,6 +234,53 @@ def tm_tag_prefix(ip: str, port: int, stateless: bool = False) -> str:
     """Kamailio's local To-tag prefix (core/tags.h init_tags) for a listen address."""
     sig = "KAMAILIO-stateless" if stateless else "SER-TM/tags"
     return hashlib.md5(f"{sig}{ip}{port}".encode()).hexdigest()  # noqa: S324 - Kamailio's tag format, not security
+
+
+def _ccitt_table() -> tuple[int, ...]:
+    """CRC-CCITT, bit-reflected (polynomial 0x8408), one entry per byte value."""
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x8408 if crc & 1 else crc >> 1
+        table.append(crc)
+    return tuple(table)
+
+
+_CCITT = _ccitt_table()
+_HEX = "0123456789abcdef"
+
+
+def _ccitt_hex(*parts: str) -> str:
+    """The 4 hex digits tm writes for a CRC-CCITT over ``parts`` (core crc.c): register
+    0xFFFF, complemented at the end, nibbles written least significant first."""
+    crc = 0xFFFF
+    for part in parts:
+        for byte in part.encode("utf-8", "surrogateescape"):
+            crc = _CCITT[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFF
+    return "".join(_HEX[(crc >> shift) & 0xF] for shift in (0, 4, 8, 12))
+
+
+_VIA_SENT_BY = re.compile(r"^\s*[^/\s]+\s*/\s*[^/\s]+\s*/\s*\S+\s+(\[[^\]]*\]|[^\s:;,]+)(?:\s*:\s*(\d+))?")
+
+
+def tm_tag_suffix(request: SipMessage) -> str:
+    """The per-request half of tm's local To-tag (core/tags.h calc_crc_suffix): a CRC over the
+    top Via's host, port (as written, '' if none) and branch, then one over port, host and
+    Call-ID. A timed-out branch's missed record carries this tag though no 408 went out."""
+    vias = request.vias()
+    if not vias:
+        return ""
+    m = _VIA_SENT_BY.match(vias[0])
+    host, port = (m.group(1), m.group(2) or "") if m else ("", "")
+    b = _BRANCH.search(vias[0])
+    return _ccitt_hex(host, port, b.group(1) if b else "") + _ccitt_hex(port, host, request.call_id or "")
+
+
+def tm_local_tag(request: SipMessage) -> str:
+    """The To-tag tm gives its local replies to ``request`` (received at request.dst:dport)."""
+    return f"{tm_tag_prefix(request.dst, request.dport)}-{tm_tag_suffix(request)}"
 
 
 def _prio(code: int) -> int:
@@ -372,6 +429,8 @@ class TransactionTracker:
             self._timer(msg.ts + self._timeout(txn) + TIMER_GRACE, key)
         self.stats.transactions[role] += 1
         if parent is not None:
+            if role == "branch" and method == "INVITE" and parent.role == "server" and parent.branches:
+                self._next_round(parent, msg, out)
             if isinstance(parent.branches, list):
                 parent.branches.append(txn)
             else:
@@ -543,13 +602,16 @@ class TransactionTracker:
         return None
 
     def _branch_of(self, txn: Transaction, reply: SipMessage) -> Transaction | None:
-        """The branch whose reply this upstream reply relays (same code and To-tag)."""
-        for b in txn.branches:
+        """The branch of the current failure round whose reply this upstream reply relays (same
+        code and To-tag); for a provisional, the round's first branch."""
+        branches = txn.branches
+        first = txn.first_branch
+        for b in branches if not first else branches[first:]:
             f = b.final
             if f is not None and f.code == reply.code and f.to_tag == reply.to_tag:
                 return b
         if reply.code < 200:
-            return txn.branches[0] if txn.branches else None
+            return branches[first] if len(branches) > first else None
         return None
 
     def _looks_local(self, txn: Transaction, reply: SipMessage) -> bool:
@@ -565,26 +627,63 @@ class TransactionTracker:
         return tag.startswith(tm_tag_prefix(reply.src, reply.sport, stateless=True)) or bool(_SL_TAG.match(tag))
 
     def _failed(self, txn: Transaction, upstream: SipMessage, relayed: Transaction | None) -> BranchesFailed:
-        """ON_FAILURE: the picked branch (t_pick_branch), or FAKED if it timed out."""
-        best: tuple[int, int, Transaction | None, SipMessage | None] | None = None
+        """ON_FAILURE as the final reply goes upstream: the branch t_pick_branch picks among the
+        last failure round's branches, or FAKED if it timed out."""
+        got = self._pick(txn, txn.branches[txn.first_branch :], upstream.ts)
+        if got is None:  # no branch in sight: the upstream reply is all we know
+            return BranchesFailed(txn, upstream if relayed is not None or not txn.branches else None,
+                                  upstream.code, upstream.ts, relayed)
+        return BranchesFailed(*got, failure_route=txn.first_branch == 0)
+
+    def _pick(self, txn: Transaction, branches: list[Transaction] | tuple[()], fallback_ts: float
+              ) -> tuple[Transaction, SipMessage | None, int, float, Transaction] | None:
+        """t_pick_branch over one round's INVITE branches: (txn, reply or None for FAKED, code,
+        time, branch). The time is the last branch reply's receipt when all replied (Kamailio
+        reads its clock handling it), else ``fallback_ts`` (a timer fired: what followed it)."""
+        best: tuple[int, int, Transaction, SipMessage | None] | None = None
         last = 0.0
-        for i, b in enumerate(txn.branches):
+        all_final = True
+        for i, b in enumerate(branches):
             if b.request.method.upper() != "INVITE":
                 continue
             f = b.final
-            code = f.code if f is not None else 408  # a branch without a final reply: tm's timer fakes a 408
-            if f is not None:
+            if f is None:
+                all_final = False
+            else:
                 last = max(last, f.ts)
+            code = f.code if f is not None else 408  # a branch without a final reply: tm's timer fakes a 408
             cand = (_prio(code), i, b, f)
             if best is None or cand[:2] < best[:2]:
                 best = cand
-        if best is None:  # no branch in sight: the upstream reply is all we know
-            return BranchesFailed(txn, upstream if relayed is not None or not txn.branches else None,
-                                  upstream.code, upstream.ts, relayed)
+        if best is None:
+            return None
         _p, _i, branch, reply = best
-        all_final = all(b.final is not None for b in txn.branches if b.request.method.upper() == "INVITE")
-        code = reply.code if reply is not None else 408
-        return BranchesFailed(txn, reply, code, last if all_final and last else upstream.ts, branch)
+        return (txn, reply, reply.code if reply is not None else 408, last if all_final and last else fallback_ts,
+                branch)
+
+    def _next_round(self, txn: Transaction, msg: SipMessage, out: list[Event]) -> None:
+        """A new INVITE branch of a server transaction that has branches already. If every branch
+        of the current round has failed (a final reply >= 300, or none for as long as tm's fr
+        timer runs), a failure_route relayed again (serial forking): the round's ON_FAILURE,
+        picked among that round's branches only, and the new branch opens the next round.
+        Otherwise it is one more parallel branch of the same relay."""
+        if txn.final is not None or txn.timer_408:
+            return
+        branches = txn.branches[txn.first_branch :]
+        if not branches:
+            return
+        patience = min(self.fr_timer, self.fr_inv_timer) - FR_EARLY
+        for b in branches:
+            f = b.final
+            if f is None:
+                if msg.ts - b.created < patience:
+                    return  # still pending: a parallel branch
+            elif f.code < 300:
+                return
+        got = self._pick(txn, branches, msg.ts)
+        if got is not None:
+            out.append(BranchesFailed(*got))
+        txn.first_branch = len(txn.branches)
 
     def _dialog(self, txn: Transaction, reply: SipMessage) -> None:
         req = txn.request
