@@ -506,6 +506,11 @@ def process(
     hep_reorder: Annotated[float, typer.Option("--hep-reorder", help="--hep-listen: ms a message waits for earlier ones (HEP order is not the wire's); 0 to 10000")] = 50.0,
     hep_out: Annotated[str | None, typer.Option("--hep-out", help="send every SIP message seen as HEPv3 to udp://HOST:PORT or tcp://HOST:PORT (Homer, sipcapture); never blocks the accounting")] = None,
     hep_agent_id: Annotated[int, typer.Option("--hep-agent-id", help="--hep-out: our HEP capture agent id (0 to 4294967295)")] = 0,
+    consume: Annotated[str | None, typer.Option("--consume", help="a scale-out worker: account the SIP messages sensors (sipsniff-acc capture --publish) put on NATS JetStream, nats://HOST:PORT[,…]; needs --partitions and --state; runs until stopped")] = None,
+    partitions: Annotated[str | None, typer.Option("--partitions", help="--consume: the partitions this worker owns, e.g. 0-3 or 0,2,5-7 (each owned by one worker)")] = None,
+    durable: Annotated[str, typer.Option("--durable", help="--consume: durable consumer name prefix (NAME_<partition>), where acknowledgements are kept")] = "sipsniff",
+    nats_stream: Annotated[str, typer.Option("--stream", help="--consume: the JetStream stream the sensors publish to")] = "sip",
+    reorder_window: Annotated[float, typer.Option("--reorder-window", help="--consume: ms a message waits for earlier ones from other sensors (0 to 60000)")] = 200.0,
 ) -> None:
     """The main job: the acc records a Kamailio proxy would write for the traffic in the captures.
 
@@ -530,12 +535,26 @@ def process(
                     capture_filter is not None or ring_mb is not None or no_promisc, rules)
     if hep is not None:
         workers = 0
-    sources = [hep] if hep is not None else _open_sources(files, interface, count, duration, quiet, capture_filter,
-                                                          not no_promisc, ring_mb)
+    consumer = None
+    if consume is not None or partitions is not None:  # a NATS JetStream worker (sources/nats.py)
+        from sipsniff_acc.sources.nats import NatsUsageError, consumer_from_options  # noqa: PLC0415
+        try:
+            consumer = consumer_from_options(consume, partitions, durable, nats_stream, reorder_window, files,
+                                             interface, state_file, workers)
+        except NatsUsageError as e:
+            raise usage_error(escape(str(e))) from None
+        workers = 0
+    sources = [hep] if hep is not None else [consumer] if consumer is not None else _open_sources(  # type: ignore[list-item]
+        files, interface, count, duration, quiet, capture_filter, not no_promisc, ring_mb)
     hep_copy = _open_hep_out(hep_out, hep_agent_id, hep_password)
     _check_outputs(sources, log=log, jsonl=jsonl_file, stats=stats, spool=None if no_db else spool_path, calls=calls_file)
     if state_file is not None:
         _check_state(state_file, workers, interface is not None or "-" in files or hep is not None, quiet)
+    if consumer is not None:  # NATS unreachable, a stream or partitions that do not match: one line, exit 2
+        try:
+            consumer.open()
+        except NatsUsageError as e:
+            raise usage_error(escape(str(e))) from None
     if tls_keylog is not None:
         _check_tls(sources, tls_keylog)
     view = RunView(Counters())
@@ -596,7 +615,7 @@ def process(
     if hep is not None:
         hep.counters = counters  # drops by reason: --stats, the summary, /metrics
     decrypted = _decrypt_tls(sources, tls_keylog) if tls_keylog is not None else []
-    frames = open_captures(sources, errors)
+    frames = consumer if consumer is not None else open_captures(sources, errors)
     total = sum(getattr(r, "size", 0) for r in sources)
     show = progress if progress is not None else (sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES)
     if show:
@@ -636,6 +655,9 @@ def process(
                 stop.closing = True  # from here on a signal only marks the stop: the close is not cut
                 if server is not None:
                     server.close()
+                if consumer is not None:  # acknowledged what the state just saved holds (a clean stop)
+                    failure = sys.exc_info()[1]
+                    consumer.close(failure is None or isinstance(failure, stopping.Stopped) and not stop.forced, quiet)
         except BrokenPipeError:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())

@@ -94,7 +94,11 @@ class Publisher:
     async def _open(self) -> None:
         self.nc = await connect(self.servers, "--publish", f"sipsniff-acc sensor {self.sensor}", self.events)
         self.js = self.nc.jetstream(publish_async_max_pending=MAX_IN_FLIGHT)
-        await ensure_stream(self.js, self.stream, self.partitions, "--publish")
+        try:
+            await ensure_stream(self.js, self.stream, self.partitions, "--publish")
+        except BaseException:
+            await self.nc.close()
+            raise
         self.wake = asyncio.Event()
 
     def put(self, partition: int, data: bytes, count: int) -> bool:

@@ -210,9 +210,22 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def stop(self) -> None:
-        if self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(5)
+        """Cancel what still runs there (nats-py's reader, pinger, flusher), then stop the loop."""
+        if not self.loop.is_running():
+            return
+
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            self.call(cancel_all(), 5)
+        except Exception:  # noqa: BLE001 - stopping anyway
+            pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
 
 
 def say(line: str) -> None:
@@ -227,7 +240,11 @@ async def connect(servers: list[str], option: str, name: str, events: dict[str, 
     import nats  # noqa: PLC0415 - only for the bus
     from nats.errors import NoServersError  # noqa: PLC0415
 
+    nc: Any = None
+
     async def disconnected() -> None:
+        if nc is not None and (nc.is_closed or nc.is_draining):
+            return  # our own close
         events["disconnects"] += 1
         alarm(f"alarm: NATS {servers[0]}: connection lost; reconnecting (messages wait, counted)")
 
@@ -239,11 +256,13 @@ async def connect(servers: list[str], option: str, name: str, events: dict[str, 
         events["errors"] += 1
 
     try:
-        return await nats.connect(servers=servers, name=name, connect_timeout=CONNECT_TIMEOUT,
-                                  max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                                  allow_reconnect=True, disconnected_cb=disconnected,
-                                  reconnected_cb=reconnected, error_cb=error)
-    except (NoServersError, OSError, asyncio.TimeoutError) as e:
+        # bounded: with endless reconnects nats-py would also retry the first connect forever
+        nc = await asyncio.wait_for(nats.connect(
+            servers=servers, name=name, connect_timeout=CONNECT_TIMEOUT, max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5, allow_reconnect=True, disconnected_cb=disconnected,
+            reconnected_cb=reconnected, error_cb=error), CONNECT_TIMEOUT)
+        return nc
+    except (NoServersError, OSError, asyncio.TimeoutError, Exception) as e:  # noqa: BLE001 - one line
         raise NatsUsageError(f"{option} {servers[0]}: NATS not reachable ({e.__class__.__name__}); "
                              "is nats-server running with -js?") from None
 
@@ -388,7 +407,11 @@ class NatsSource:
         self.nc = await connect(self.servers, "--consume", f"sipsniff-acc worker {self.durable}",
                                 self.stats.events, self.alarm)
         js = self.nc.jetstream()
-        total = await ensure_stream(js, self.stream, None, "--consume")
+        try:
+            total = await ensure_stream(js, self.stream, None, "--consume")
+        except BaseException:
+            await self.nc.close()
+            raise
         beyond = [p for p in self.partition_ids if p >= total]
         if beyond:
             await self.nc.close()
@@ -614,12 +637,18 @@ class NatsSource:
 
         self.io.submit(ack_all())
 
-    def close(self, saved: bool) -> None:
+    def close(self, saved: bool, quiet: bool = False) -> None:
         """After the run. ``saved``: the run saved the state on its way out (a clean stop),
         so every message fed is in it: write the sidecar and acknowledge them."""
         self._running = False
         if self.io is None:
             return
+        st = self.stats
+        if not quiet:
+            self.alarm(f"consume {self.path}: {st.sip_messages} SIP message(s) in {st.nats_messages} NATS message(s), "
+                       f"{st.checkpoints} checkpoint(s); {st.late} late, {st.held_full} released early (reorder "
+                       f"heap full), {st.bad} bad, {st.redelivered_skipped} redelivered and skipped, "
+                       f"{st.fetch_errors} fetch error(s), {st.events['disconnects']} disconnect(s)")
         if saved and self.acc is not None:
             try:
                 self._write_sidecar()
@@ -650,3 +679,22 @@ def get_nowait(q: queue.Queue[Any]) -> Any:
     except queue.Empty:
         return None
 
+
+
+def consumer_from_options(url: str | None, partitions: str | None, durable: str, stream: str, window_ms: float,
+                          files: list[str], interface: list[str] | None, state: Any, workers: int) -> NatsSource:
+    """``process --consume``'s options checked together (``NatsUsageError``, one line); the
+    connection is made by ``open()``, after the other checks of the command."""
+    if url is None or partitions is None:
+        raise NatsUsageError("--consume nats://HOST:PORT and --partitions (e.g. 0-3) go together")
+    if files or interface:
+        raise NatsUsageError("--consume reads from NATS: give no capture files or --interface")
+    if state is None:
+        raise NatsUsageError("--consume needs --state FILE: the open calls at the last acknowledgement "
+                             "(a restarted worker resumes from it)")
+    if workers > 0:
+        raise NatsUsageError(f"--consume runs in one process (-j 0), not -j {workers}: run more workers "
+                             "with other --partitions instead")
+    if not 0 <= window_ms <= 60_000:
+        raise NatsUsageError(f"--reorder-window {window_ms:g}: 0 to 60000 ms")
+    return NatsSource(url, parse_partitions(partitions), str(state), stream, durable, window_ms / 1000)
