@@ -457,10 +457,10 @@ class TransactionTracker:
 
     def _role(self, msg: SipMessage, method: str) -> tuple[str, Transaction | None]:
         """server/branch/other, and for a branch the server transaction it forwards."""
-        vias = msg.vias()
+        via2 = msg.second_via()  # the C parse found it (a regex over the block cost 8 % of a run)
         parent = None
-        if len(vias) >= 2:
-            parent = self.txns.get(self._key(msg, vias[1], method))
+        if via2 is not None:
+            parent = self.txns.get(self._key(msg, via2, method))
         if self.proxies:
             if self._is_proxy(msg.dst, msg.dport):
                 return "server", None
@@ -486,8 +486,8 @@ class TransactionTracker:
         if len(acks) > self._max_txns:
             acks.popitem(last=False)
             self.stats.evicted_acks += 1
-        vias = msg.vias()
-        if len(vias) >= 2 and hash((self._key(msg, vias[1], "ACK")[0], "ACK", key[2], key[3])) in acks:
+        via2 = msg.second_via()
+        if via2 is not None and hash((self._key(msg, via2, "ACK")[0], "ACK", key[2], key[3])) in acks:
             return  # the proxy forwarding the ACK downstream
         if self.proxies and not self._is_proxy(msg.dst, msg.dport):
             return
