@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conformance.goldens import (CDR_TOLERANCE_MS, assert_same_cdrs, assert_same_records, require_live,
-                                      rules_for, run_process)
+from tests.conformance.goldens import (CDR_TOLERANCE_MS, assert_same_cdrs, assert_same_records,
+                                      assert_same_records_paired, require_live, rules_for, run_process)
 from tests.conformance.record_kamailio import CASES, CDR_TIME_TOLERANCE_MS, record
 
 HERE = Path(__file__).resolve().parent
@@ -87,6 +87,40 @@ def test_live_kamailio_and_us_agree(case: str, tmp_path: Path) -> None:
     if CASES[case].cdr:
         # recorded now on a shared machine: Kamailio's processing delay may be longer than in the goldens
         assert assert_same_cdrs(folder, tmp_path / "cdrs", rules_for(case), tolerance_ms=5)["lines"] > 0
+
+
+
+SERIAL_CASES = [c for c in GOLDEN if CASES[c].serial]
+
+
+def test_the_serial_cases_cover_issue_12() -> None:
+    """Serial forking (a failure_route relaying again): 486 then 200, 486 then 480, timeout then
+    200, failure_route setflag(missed); each with a missed row per failed round."""
+    assert {"serial_486_then_200", "serial_486_then_480", "serial_timeout_then_200",
+            "serial_failure_setflag"} <= set(SERIAL_CASES)
+    import json
+
+    for case in SERIAL_CASES:
+        missed = json.loads((HERE / "cases" / case / "missed_calls.json").read_text())
+        assert missed and missed[0]["sip_code"] in ("486", "408")  # the first round's failure
+
+
+#: a serial case re-recorded in every run: a branch timing out (tm's made-up 408 To-tag, its
+#: timer), then a second branch answering
+LIVE_SERIAL = ("serial_timeout_then_200",)
+
+
+@pytest.mark.parametrize("case", LIVE_SERIAL)
+def test_live_serial_forking_agrees(case: str, tmp_path: Path) -> None:
+    """Record a serial fork now and compare, proxy configured and inferred. The second-boundary
+    slack is applied record by record (goldens.assert_same_records_paired): a serial fork's
+    rows of one call fall up to fr_inv_timer apart, across second ticks."""
+    require_live()
+    folder = record(case, tmp_path / "recorded")
+    for proxy in ("configured", "inferred"):
+        lines, rows = assert_same_records_paired(folder, tmp_path / proxy, rules_for(case, proxy == "configured"),
+                                                 LIVE_SECOND_SLACK_S)
+        assert lines == 3 and rows == 3
 
 
 def test_the_live_second_slack_forgives_only_a_boundary(tmp_path: Path) -> None:
