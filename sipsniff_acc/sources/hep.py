@@ -378,8 +378,9 @@ def parse_url(url: str, option: str = "--hep-listen") -> tuple[str, str, int]:
     if parts.scheme not in ("udp", "tcp") or not parts.hostname or port is None or parts.path not in ("", "/") \
             or parts.query or parts.username is not None:
         raise HepUsageError(form)
-    if not 0 < port < 65536:
-        raise HepUsageError(f"{option} {url!r}: the port must be 1 to 65535")
+    low = 0 if option == "--hep-listen" else 1  # a listener may let the kernel choose (the start line says which)
+    if not low <= port < 65536:
+        raise HepUsageError(f"{option} {url!r}: the port must be {low} to 65535")
     return parts.scheme, parts.hostname, port
 
 
