@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -46,14 +47,56 @@ def workload(work: Path, calls: int, tcp_share: float = 0.0) -> tuple[Path, dict
     return pcap, json.loads(Path(str(pcap) + ".meta.json").read_text())
 
 
+def load() -> float:
+    """The 1-minute load average right now (/proc/loadavg): printed with every run, since the
+    machine is shared and a figure means little without it."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return -1.0
+
+
+def interleaved(cmds: dict[str, list[str]], rounds: int, before: Callable[[str], None] | None = None,
+                verbose: bool = True) -> dict[str, list[tuple[float, int, float, str]]]:
+    """Run every command once per round, the order rotated each round (so no command always
+    follows the same one), the load recorded before each run. Returns, per command, one
+    (wall s, peak RSS MB, load before, stdout) per round, in round order."""
+    names = list(cmds)
+    out: dict[str, list[tuple[float, int, float, str]]] = {n: [] for n in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            if before is not None:
+                before(name)
+            ld = load()
+            wall, rss, text = run(cmds[name])
+            out[name].append((wall, rss, ld, text))
+            if verbose:
+                print(f"  round {r + 1}: {name:<28} {wall:7.2f} s  RSS {rss:5} MB  load {ld:.2f}", file=sys.stderr)
+    return out
+
+
+def report(results: dict[str, list[tuple[float, int, float, str]]], pairs: list[tuple[str, str]]) -> None:
+    """Medians, spreads (min-max), peak RSS and the load range of each command; then, for each
+    (fast, slow) pair, slow/fast per round and the ratio of the medians."""
+    print(f"{'command':<28} {'median s':>8} {'min s':>7} {'max s':>7} {'RSS MB':>7} {'load before':>12}")
+    for name, runs in results.items():
+        walls = [w for w, *_ in runs]
+        loads = [ld for _w, _r, ld, _t in runs]
+        print(f"{name:<28} {statistics.median(walls):8.2f} {min(walls):7.2f} {max(walls):7.2f} "
+              f"{max(r for _w, r, *_ in runs):7} {min(loads):5.2f}-{max(loads):<5.2f}")
+    for fast, slow in pairs:
+        per = [s[0] / f[0] for f, s in zip(results[fast], results[slow])]
+        med = statistics.median(w for w, *_ in results[slow]) / statistics.median(w for w, *_ in results[fast])
+        print(f"{slow} / {fast}: median {med:.2f}x; per round " + ", ".join(f"{x:.2f}x" for x in per))
+
+
 def measure_pair(ours: list[str], theirs: list[str], runs: int) -> tuple[tuple[float, int], tuple[float, int], str]:
-    """Median wall time and peak RSS of each, runs interleaved so both see the same machine noise."""
-    a, b = [], []
-    for _ in range(runs):
-        a.append(run(ours))
-        b.append(run(theirs))
+    """Median wall time and peak RSS of each, runs interleaved (order rotated) so both see the same machine noise."""
+    res = interleaved({"ours": ours, "theirs": theirs}, runs, verbose=False)
+    a, b = res["ours"], res["theirs"]
     return ((statistics.median(r[0] for r in a), max(r[1] for r in a)),
-            (statistics.median(r[0] for r in b), max(r[1] for r in b)), b[-1][2])
+            (statistics.median(r[0] for r in b), max(r[1] for r in b)), b[-1][3])
 
 
 def main() -> None:

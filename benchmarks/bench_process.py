@@ -5,11 +5,14 @@ The peer is what a tshark user does to get call records out of a capture: every 
 reply to an INVITE or BYE as (time, Call-ID, status) lines (`-Y ... -T fields`). We do
 more (transactions, both proxy legs, flags, missed calls, records in Kamailio's format),
 so this is a floor for the comparison, not a like-for-like. Our runs: log lines only
-(`--no-db --log /dev/null`) and log + SQLite rows (a fresh file each run).
+(`--no-db --log -`) with -j 0 and -j 2, and -j 2 with SQLite rows (a fresh file each run).
+`--acceptance` adds issue 13's `messages -j 0` against `tshark -q -z sip,stat`.
 
-Prints, per capture size: median wall time of --runs interleaved runs, records/s, peak RSS.
+Every command runs once per round, the order rotated each round, the load average recorded
+before each run (the machine is shared). Prints each run as it ends (stderr), then per
+capture size: medians, spreads (min-max), peak RSS, the load range, and per-round ratios.
 
-usage: bench_process.py [--calls 10000 50000] [--runs 3] [--tcp-share 0] [--workdir benchmarks/out]
+usage: bench_process.py [--calls 10000 50000] [--runs 3] [--tcp-share 0] [--acceptance] [--workdir benchmarks/out]
 """
 
 from __future__ import annotations
@@ -17,14 +20,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_messages import run, workload  # noqa: E402 - shared with the messages benchmark
+from bench_messages import interleaved, report, workload  # noqa: E402 - shared with the messages benchmark
 
 TSHARK_FILTER = 'sip.Status-Code >= 200 && (sip.CSeq.method == "INVITE" || sip.CSeq.method == "BYE")'
 
@@ -34,43 +35,49 @@ def main() -> None:
     ap.add_argument("--calls", type=int, nargs="+", default=[10000, 50000])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--tcp-share", type=float, default=0.0)
+    ap.add_argument("--acceptance", action="store_true", help="also messages -j 0 against tshark -z sip,stat")
+    ap.add_argument("--no-tshark", action="store_true", help="our commands only (the memory check of big files)")
     ap.add_argument("--workdir", default=str(HERE / "out"))
     a = ap.parse_args()
+    if a.runs < 1:
+        raise SystemExit("--runs must be at least 1")
     tshark = shutil.which("tshark")
-    if not tshark:
-        raise SystemExit("tshark is not installed: the benchmark compares against it")
+    if not tshark and not a.no_tshark:
+        raise SystemExit("tshark is not installed: the benchmark compares against it (or pass --no-tshark)")
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     rules = HERE.parent / "rules.yaml"
     db = work / "bench.db"
     base = [sys.executable, "-m", "sipsniff_acc", "process", "--quiet", "--no-progress", "--rules", str(rules)]
-    rows = []
+    msgs = [sys.executable, "-m", "sipsniff_acc", "messages", "--quiet", "--no-progress", "-o", os.devnull]
     for calls in a.calls:
         pcap, meta = workload(work, calls, a.tcp_share)
-        log_only = [*base, "--no-db", "--log", "-", str(pcap)]
-        with_db = [*base, "--db-url", f"sqlite:///{db}", "--log", os.devnull, str(pcap)]
-        peer = [tshark, "-n", "-r", str(pcap), "-Y", TSHARK_FILTER, "-T", "fields", "-e", "frame.time_epoch",
-                "-e", "sip.Call-ID", "-e", "sip.Status-Code"]
-        t_log, t_db, t_peer = [], [], []
-        records = finals = 0
-        for _ in range(a.runs):
-            wall, rss_log, out = run(log_only)
-            t_log.append((wall, rss_log))
-            records = len(out.splitlines())
-            db.unlink(missing_ok=True)
-            t_db.append(run(with_db)[:2])
-            wall, rss, out = run(peer)
-            t_peer.append((wall, rss))
-            finals = len(out.splitlines())
-        med = [statistics.median(w for w, _ in t) for t in (t_log, t_db, t_peer)]
-        rss = [max(r for _, r in t) for t in (t_log, t_db, t_peer)]
-        rows.append((calls, meta["frames"], records, finals, *med, *rss))
+        cmds = {
+            "process -j 0 (log)": [*base, "-j", "0", "--no-db", "--log", "-", str(pcap)],
+            "process -j 2 (log)": [*base, "-j", "2", "--no-db", "--log", "-", str(pcap)],
+            "process -j 2 + sqlite": [*base, "-j", "2", "--db-url", f"sqlite:///{db}", "--log", os.devnull, str(pcap)],
+        }
+        pairs: list[tuple[str, str]] = []  # (faster, slower): slower/faster is printed
+        if not a.no_tshark:
+            cmds["tshark listing"] = [tshark, "-n", "-r", str(pcap), "-Y", TSHARK_FILTER, "-T", "fields",
+                                      "-e", "frame.time_epoch", "-e", "sip.Call-ID", "-e", "sip.Status-Code"]
+            pairs += [("process -j 0 (log)", "tshark listing"), ("process -j 2 (log)", "tshark listing"),
+                      ("process -j 2 + sqlite", "tshark listing")]
+        pairs += [("process -j 2 (log)", "process -j 0 (log)"), ("process -j 2 (log)", "process -j 2 + sqlite")]
+        if a.acceptance:
+            cmds["messages -j 0"] = [*msgs, "-j", "0", str(pcap)]
+            if not a.no_tshark:
+                cmds["tshark sip,stat"] = [tshark, "-n", "-q", "-z", "sip,stat", "-r", str(pcap)]
+                pairs.append(("messages -j 0", "tshark sip,stat"))
+        print(f"== {calls} calls: {meta['frames']} frames, {os.path.getsize(pcap) >> 20} MB, {a.runs} rounds", flush=True)
+        res = interleaved(cmds, a.runs, before=lambda name: db.unlink(missing_ok=True))
+        records = len(res["process -j 0 (log)"][0][3].splitlines())
+        same = all(r[3] == res["process -j 0 (log)"][0][3] for n in ("process -j 0 (log)", "process -j 2 (log)")
+                   for r in res[n])
+        finals = len(res["tshark listing"][0][3].splitlines()) if "tshark listing" in res else -1
+        print(f"records {records} (-j 0 and -j 2 logs identical: {same}); tshark finals {finals}")
+        report(res, pairs)
     db.unlink(missing_ok=True)
-    print(f"{'calls':>7} {'frames':>9} {'records':>8} {'tshark finals':>13} {'ours log s':>10} {'ours +sqlite s':>14} "
-          f"{'tshark s':>8} {'ours/tshark':>11} {'records/s':>9} {'RSS ours MB':>11} {'RSS tshark MB':>13}")
-    for calls, frames, rec, fin, tl, td, tp, rl, _rd, rp in rows:
-        print(f"{calls:>7} {frames:>9} {rec:>8} {fin:>13} {tl:>10.2f} {td:>14.2f} {tp:>8.2f} {tp / tl:>10.2f}x "
-              f"{rec / tl:>9.0f} {rl:>11} {rp:>13}")
 
 
 if __name__ == "__main__":
