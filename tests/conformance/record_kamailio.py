@@ -128,6 +128,13 @@ CASES: dict[str, Case] = {
     # the failure_route sets the missed flag again: the second failure is a missed call too
     "serial_failure_setflag": Case("uac_serial.xml", "uas_busy.xml", uas2="uas_unavailable.xml", serial=True,
                                    invite_flags=(1, 2, 3), failure_flags=(2,)),
+    # ... with dialog CDRs: one CDR per call across the rounds
+    "cdr_serial_486_then_200": Case("uac_serial.xml", "uas_busy.xml", uas2="uas", serial=True, invite_flags=(1, 2, 3),
+                                    cdr=True),
+    "cdr_serial_timeout_then_200": Case("uac_serial.xml", "uas_ring_cancel.xml", uas2="uas", serial=True,
+                                        invite_flags=(1, 2, 3), fr_inv_timer=2000, cdr=True),
+    "cdr_serial_486_then_480": Case("uac_serial.xml", "uas_busy.xml", uas2="uas_unavailable.xml", serial=True,
+                                    invite_flags=(1, 2, 3), cdr=True),
 }
 #: cases whose CDR times Kamailio takes from a coarser clock than the packets' (ms)
 CDR_TIME_TOLERANCE_MS: dict[str, int] = {"cdr_expired": 1100}

@@ -1,0 +1,132 @@
+"""Serial forking (a failure_route that relays again): one ON_FAILURE per failed round, and tm's
+made-up To-tag of a branch that timed out. Crafted flows through the tracker, and the To-tags
+Kamailio 5.6 wrote in the recorded conformance cases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sipsniff_acc.pipeline import MessagePipeline
+from sipsniff_acc.sip import SipMessage
+from sipsniff_acc.sources.pcapfile import CaptureReader
+from sipsniff_acc.tracker import FR_EARLY, BranchesFailed, ReplyOut, TransactionTracker, tm_local_tag, tm_tag_suffix
+from tests.flows import PROXY, UAC, UAS, UAS2, C, Call, P, P2
+
+CASES = Path(__file__).resolve().parents[1] / "conformance" / "cases"
+P3 = ("10.0.0.10", "z9hG4bK-px3")
+
+
+def failures(msgs: list[SipMessage], proxies: bool, fr_inv_timer: float = 120.0) -> list[BranchesFailed]:
+    t = TransactionTracker([(PROXY, 5060)] if proxies else None, fr_inv_timer=fr_inv_timer)
+    return [e for m in msgs for e in t.feed(m) if isinstance(e, BranchesFailed)]
+
+
+def serial(first: int, second: int, c: Call | None = None) -> list[SipMessage]:
+    """Branch 1 to UAS fails with ``first``; the failure_route relays to UAS2, which ends with ``second``."""
+    c = c or Call()
+    return [
+        c.request("INVITE", 1000.0, UAC, PROXY, [C]),
+        c.request("INVITE", 1000.002, PROXY, UAS, [P, C]),
+        c.reply(first, "first", 1000.2, UAS, PROXY, [P, C], to_tag="t1"),
+        c.request("ACK", 1000.201, PROXY, UAS, [P], to_tag="t1"),
+        c.request("INVITE", 1000.203, PROXY, UAS2, [P2, C], ruri="sip:bob@uas2.example.com"),
+        c.reply(second, "second", 1000.4, UAS2, PROXY, [P2, C], to_tag="t2"),
+        c.reply(second, "second", 1000.401, PROXY, UAC, [C], to_tag="t2"),
+    ]
+
+
+@pytest.mark.parametrize("proxies", [True, False])
+def test_a_failed_round_then_an_answer_gives_the_first_branchs_failure(proxies: bool) -> None:
+    msgs = serial(486, 200)
+    got = failures(msgs, proxies)
+    assert len(got) == 1
+    f = got[0]
+    assert (f.code, f.reply, f.ts, f.branch.request.dst) == (486, msgs[2], 1000.2, UAS)  # type: ignore[union-attr]
+    assert f.failure_route  # the failure_route ran: it relayed again
+
+
+@pytest.mark.parametrize("proxies", [True, False])
+def test_each_round_is_picked_among_its_own_branches(proxies: bool) -> None:
+    """t_pick_branch over all branches would prefer round 1's 486 to round 2's 503 (4xx before
+    5xx); tm picks among the last round only, and the failure_route is not armed again."""
+    got = failures(serial(486, 503), proxies)
+    assert [(f.code, f.reply.to_tag if f.reply else None) for f in got] == [(486, "t1"), (503, "t2")]
+    assert [f.failure_route for f in got] == [True, False]
+
+
+@pytest.mark.parametrize("proxies", [True, False])
+def test_a_branch_that_timed_out_is_a_faked_408_at_the_next_branch(proxies: bool) -> None:
+    """tm's timer fires up to a tick before fr_inv_timer after the branch went out: the round
+    failed with a FAKED 408, dated when the failure_route relayed again."""
+    c = Call()
+    relay = 1000.002 + 2.0 - FR_EARLY / 2
+    msgs = [
+        c.request("INVITE", 1000.0, UAC, PROXY, [C]),
+        c.request("INVITE", 1000.002, PROXY, UAS, [P, C]),
+        c.reply(180, "Ringing", 1000.1, UAS, PROXY, [P, C], to_tag="t1"),
+        c.request("INVITE", relay, PROXY, UAS2, [P2, C]),
+        c.request("CANCEL", relay + 0.001, PROXY, UAS, [P]),
+        c.reply(487, "Request Terminated", relay + 0.002, UAS, PROXY, [P, C], to_tag="t1"),
+        c.reply(200, "OK", relay + 0.1, UAS2, PROXY, [P2, C], to_tag="t2"),
+        c.reply(200, "OK", relay + 0.101, PROXY, UAC, [C], to_tag="t2"),
+    ]
+    got = failures(msgs, proxies, fr_inv_timer=2.0)
+    assert [(f.code, f.reply, f.ts, f.branch.request.dst) for f in got] == [(408, None, relay, UAS)]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("proxies", [True, False])
+def test_parallel_branches_are_one_round(proxies: bool) -> None:
+    """Branches relayed together (or one added while another is still inside its fr timer) are
+    not a failed round: one ON_FAILURE when the reply goes upstream, picked among all."""
+    c = Call()
+    msgs = [
+        c.request("INVITE", 1000.0, UAC, PROXY, [C]),
+        c.request("INVITE", 1000.01, PROXY, UAS, [P, C]),
+        c.request("INVITE", 1000.02, PROXY, UAS2, [P2, C]),
+        c.reply(486, "Busy", 1001.0, UAS, PROXY, [P, C], to_tag="t1"),
+        c.request("INVITE", 1000.02 + 2.0 - 2 * FR_EARLY, PROXY, "10.0.0.4", [P3, C]),  # UAS2 inside fr_inv_timer
+        c.reply(480, "Gone", 1003.5, UAS2, PROXY, [P2, C], to_tag="t2"),
+        c.reply(603, "Decline", 1003.6, "10.0.0.4", PROXY, [P3, C], to_tag="t3"),
+        c.reply(603, "Decline", 1003.7, PROXY, UAC, [C], to_tag="t3"),
+    ]
+    got = failures(msgs, proxies, fr_inv_timer=2.0)
+    assert [(f.code, f.ts, f.failure_route) for f in got] == [(603, 1003.6, True)]
+
+
+def test_the_last_rounds_reply_goes_upstream_once() -> None:
+    t = TransactionTracker([(PROXY, 5060)])
+    evs = [e for m in serial(486, 480) for e in t.feed(m)]
+    outs = [e for e in evs if isinstance(e, ReplyOut) and e.code >= 200]
+    assert [(e.code, e.branch.request.dst if e.branch else None) for e in outs] == [(480, UAS2)]
+    assert [type(e).__name__ for e in evs if isinstance(e, (BranchesFailed, ReplyOut)) and e.code >= 200] == [
+        "BranchesFailed", "BranchesFailed", "ReplyOut"]
+
+
+def _invites(pcap: Path) -> list[SipMessage]:
+    mp = MessagePipeline()
+    msgs = [m for frame in CaptureReader(str(pcap)) for m in mp.feed(frame)] + mp.finish()
+    return [m for m in msgs if isinstance(m, SipMessage) and m.method == "INVITE" and m.dport == 5060 and not m.to_tag]
+
+
+@pytest.mark.parametrize("case", ["no_answer_proxy_408", "cdr_no_answer", "proxy_404", "cdr_proxy_404",
+                                  "serial_timeout_then_200", "cdr_serial_timeout_then_200"])
+def test_tm_local_tag_is_kamailios(case: str) -> None:
+    """MD5("SER-TM/tags"+ip+port) + "-" + calc_crc_suffix(INVITE), as Kamailio 5.6 wrote it in the
+    missed_calls row (for the serial timeout, a tag no packet ever carried)."""
+    rows = json.loads((CASES / case / "missed_calls.json").read_text())
+    tags = {r["to_tag"] for r in rows if len(r["to_tag"] or "") == 41}
+    (invite,) = _invites(CASES / case / "capture.pcap")
+    assert tags == {tm_local_tag(invite)}
+
+
+def test_the_crc_suffix_reads_the_top_via_and_call_id() -> None:
+    c = Call()
+    a = c.request("INVITE", 1.0, UAC, PROXY, [C])
+    b = c.request("INVITE", 1.0, UAC, PROXY, [("10.0.0.1", "z9hG4bK-other")])
+    d = Call(call_id="call-2").request("INVITE", 1.0, UAC, PROXY, [C])
+    sa, sb, sd = tm_tag_suffix(a), tm_tag_suffix(b), tm_tag_suffix(d)
+    assert len(sa) == 8 and sa[4:] == sb[4:] and sa[:4] != sb[:4]  # the branch is in the first half only
+    assert sa[:4] == sd[:4] and sa[4:] != sd[4:]  # the Call-ID in the second half only
