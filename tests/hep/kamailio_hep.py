@@ -96,12 +96,18 @@ def relay_with_siptrace(case: str, work: Path, fr_inv_timer: int = 120000) -> Re
     db = work / "kam.db"
     con = sqlite3.connect(db)
     con.executescript((SQL / "standard-create.sql").read_text() + (SQL / "acc-create.sql").read_text())
+    for name in [p.split("=")[0] for p in c.extras.split(";") if p]:  # db_extra's columns, as the recorder adds them
+        for table in ("acc", "missed_calls"):
+            con.execute(f"ALTER TABLE {table} ADD COLUMN {name} VARCHAR(128) DEFAULT NULL")
     con.commit()
     con.close()
     cfg = work / "kamailio.cfg"
     params = "\n".join(f'modparam("acc", "{k}", {v})' for k, v in c.modparams)
+    if c.extras:
+        params += f'\nmodparam("acc", "log_extra", "{c.extras}")\nmodparam("acc", "db_extra", "{c.extras}")'
     cfg.write_text((HERE / "kamailio_hep.cfg.in").read_text().format(
-        proxy=PROXY, port=PROXY_PORT, tcp="disable_tcp=yes", db=db, fr_inv_timer=fr_inv_timer, modparams=params,
+        proxy=PROXY, port=PROXY_PORT,
+        tcp=f"listen=tcp:{PROXY}:{PROXY_PORT}" if c.transport == "tcp" else "disable_tcp=yes", db=db, fr_inv_timer=fr_inv_timer, modparams=params,
         collector=f"{PROXY}:{HEP_PORT}", agent_id=AGENT_ID, auth_key=SECRET, flag_methods=c.flag_methods,
         invite_flags="\n".join(f"\t\tsetflag({f});" for f in c.invite_flags)))
     log = open(work / "kamailio.log", "wb")  # noqa: SIM115
@@ -112,7 +118,7 @@ def relay_with_siptrace(case: str, work: Path, fr_inv_timer: int = 120000) -> Re
                            stderr=subprocess.DEVNULL)
     try:
         _wait_log(work / "kamailio.log", kam)
-        subprocess.run(["sipp", *_scenario(c.uac), f"{UAS}:{UAS_PORT}", "-rsa", f"{PROXY}:{PROXY_PORT}",
+        subprocess.run(["sipp", *_scenario(c.uac), *(["-t", "t1"] if c.transport == "tcp" else []), f"{UAS}:{UAS_PORT}", "-rsa", f"{PROXY}:{PROXY_PORT}",
                         "-i", UAC, "-p", str(UAC_PORT), "-m", str(c.calls), "-r", str(c.rate), "-d", str(c.pause_ms),
                         "-nostdin", "-timeout", "40"], cwd=work, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=90, check=False)
