@@ -106,8 +106,8 @@ def test_the_serial_cases_cover_issue_12() -> None:
 
 
 #: a serial case re-recorded in every run: a branch timing out (tm's made-up 408 To-tag, its
-#: timer), then a second branch answering
-LIVE_SERIAL = ("serial_timeout_then_200",)
+#: timer), then a second branch answering; with the dialog CDR of the call
+LIVE_SERIAL = ("cdr_serial_timeout_then_200",)
 
 
 @pytest.mark.parametrize("case", LIVE_SERIAL)
@@ -121,6 +121,8 @@ def test_live_serial_forking_agrees(case: str, tmp_path: Path) -> None:
         lines, rows = assert_same_records_paired(folder, tmp_path / proxy, rules_for(case, proxy == "configured"),
                                                  LIVE_SECOND_SLACK_S)
         assert lines == 3 and rows == 3
+        assert assert_same_cdrs(folder, tmp_path / f"cdr_{proxy}", rules_for(case, proxy == "configured"),
+                                tolerance_ms=5)["lines"] == 1
 
 
 def test_the_live_second_slack_forgives_only_a_boundary(tmp_path: Path) -> None:
