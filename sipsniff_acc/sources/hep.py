@@ -61,11 +61,14 @@ PROTO_SIP: Final = 1  #: chunk 11's value for SIP
 AF_INET_HEP, AF_INET6_HEP = 2, 10  #: the family values senders write (Linux's AF_INET/AF_INET6)
 _TRANSPORT = {17: Transport.UDP, 6: Transport.TCP, 132: Transport.SCTP}
 _IP_PROTO = {Transport.UDP: 17, Transport.TCP: 6, Transport.SCTP: 132, Transport.TLS: 6, Transport.WS: 6}
+_IP_PROTO_BY_NAME: dict[object, int] = {**_IP_PROTO, **{t.value: n for t, n in _IP_PROTO.items()}}
 #: fixed chunk body sizes (any other length is a malformed chunk); AGENT_ID: some senders use 16 bits
 _FIXED = {IP_FAMILY: (1,), IP_PROTO: (1,), SRC4: (4,), DST4: (4,), SRC6: (16,), DST6: (16,), SPORT: (2,),
           DPORT: (2,), TS_SEC: (4,), TS_USEC: (4,), PROTO_TYPE: (1,), AGENT_ID: (4, 2), KEEPALIVE: (2,)}
 
 _H3 = struct.Struct(">4sH")
+#: the IPv4 chunks before the auth key, in one struct (encode's fast path)
+_V4_HEAD = struct.Struct(">4sH" "HHHB" "HHHB" "HHH4s" "HHH4s" "HHHH" "HHHH" "HHHI" "HHHI" "HHHB" "HHHI")
 _CHUNK = struct.Struct(">HHH")
 _V2 = struct.Struct(">BBBBHH")
 _V2TIME = struct.Struct("<IIH")  #: hep_timehdr is written in the sender's byte order (little-endian on x86)
@@ -281,13 +284,20 @@ def encode(ts: float, transport: Transport | str | int, src: bytes, sport: int, 
     ports, seconds, microseconds, protocol type SIP, agent id, auth key, payload), with a
     correlation id when given. ``transport``: a Transport, its text, or an IP protocol number.
     Raises ValueError when the packet would pass the 16-bit length."""
-    if isinstance(transport, int):
-        proto = transport
-    else:
-        proto = _IP_PROTO.get(Transport(transport), 17)
+    proto = transport if isinstance(transport, int) else _IP_PROTO_BY_NAME.get(transport, 17)
     six = len(src) == 16
     sec = int(ts)
     usec = min(999_999, max(0, round((ts - sec) * 1e6)))
+    if correlation_id is None and not compress and not six and len(src) == 4 and len(dst) == 4:
+        # the common case in one pack (3.1 -> ~1 µs a message): Kamailio's chunk set for IPv4
+        tail = (b"" if password is None else _chunk(AUTH_KEY, password)) + _CHUNK.pack(0, PAYLOAD, 6 + len(payload))
+        total = _V4_HEAD.size + len(tail) + len(payload)
+        if total > MAX_PACKET:
+            raise ValueError(f"a HEP packet of {total} bytes passes the 16-bit length")
+        return _V4_HEAD.pack(
+            HEP3_MAGIC, total, 0, IP_FAMILY, 7, AF_INET_HEP, 0, IP_PROTO, 7, proto & 0xFF, 0, SRC4, 10, src,
+            0, DST4, 10, dst, 0, SPORT, 8, sport, 0, DPORT, 8, dport, 0, TS_SEC, 10, sec & 0xFFFFFFFF,
+            0, TS_USEC, 10, usec, 0, PROTO_TYPE, 7, PROTO_SIP, 0, AGENT_ID, 10, agent_id & 0xFFFFFFFF) + tail + payload
     parts = [
         _chunk(IP_FAMILY, bytes((AF_INET6_HEP if six else AF_INET_HEP,))), _chunk(IP_PROTO, bytes((proto & 0xFF,))),
         _chunk(SRC6 if six else SRC4, src), _chunk(DST6 if six else DST4, dst),
