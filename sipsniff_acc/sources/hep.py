@@ -28,6 +28,7 @@ but ``HepError``.
 from __future__ import annotations
 
 import hmac
+import os
 import heapq
 import select
 import socket
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
 
-from sipsniff_acc.events import Counters, Datagram, Idle, Transport
+from sipsniff_acc.events import CaptureGap, Counters, Datagram, Idle, Transport
 
 HEP3_MAGIC: Final = b"HEP3"
 MAX_CHUNKS: Final = 128  #: Kamailio sends 12 chunks, heplify ~15; a packet of 6-byte chunks could hold 10,000
@@ -53,6 +54,7 @@ MAX_TCP_CONNECTIONS: Final = 256  #: senders connected at once over TCP (more ar
 IDLE_AFTER: Final = 0.1  #: seconds without a message before an Idle heartbeat (as the live capture)
 UDP_BURST: Final = 256  #: datagrams read from one socket before looking at the others
 RCVBUF: Final = 4 << 20  #: asked of the kernel for each UDP socket (a burst of a busy proxy)
+DROPS_EVERY: Final = 1.0  #: seconds between two reads of the kernel's drop counters of our UDP sockets
 
 #: HEPv3 chunk types of vendor 0 (the generic chunks; RFC-like spec at github.com/sipcapture/HEP)
 IP_FAMILY, IP_PROTO, SRC4, DST4, SRC6, DST6, SPORT, DPORT, TS_SEC, TS_USEC, PROTO_TYPE, AGENT_ID, KEEPALIVE, \
@@ -86,7 +88,7 @@ class HepError(Exception):
 #: every reason decode() and the listener count (``hep_`` + reason in Counters.skipped)
 REASONS: Final = ("truncated", "bad_version", "bad_length", "bad_chunk", "too_many_chunks", "missing_chunk",
                   "bad_family", "decompress", "too_big", "auth_missing", "auth_wrong", "not_sip", "keepalive",
-                  "tcp_refused", "held_at_stop")
+                  "tcp_refused", "held_at_stop", "kernel_drops")
 
 
 @dataclass(slots=True)
@@ -439,6 +441,7 @@ class HepListener:
         self.listeners: list[socket.socket] = []
         self.conns: dict[int, _Conn] = {}
         self._closed = False
+        self._kernel_dropped = 0  #: the kernel's drop count on our UDP sockets at the last look
         try:
             for scheme, host, port in parsed:
                 self._bind(scheme, host, port)
@@ -533,7 +536,29 @@ class HepListener:
         return Datagram(ts, self.packets, transport, p.src, p.sport, p.dst, p.dport, p.payload,
                         (f"hep{p.version}",), "" if agent is None else f"hep:{agent}")
 
-    def __iter__(self) -> Iterator[Datagram | Idle]:
+    def kernel_drops(self) -> int:
+        """Datagrams the kernel dropped on our UDP sockets (their receive buffer was full):
+        the ``drops`` column of /proc/net/udp{,6} for our sockets' inodes; 0 where there is none."""
+        inodes = set()
+        for s in self.udp:
+            try:
+                inodes.add(str(os.fstat(s.fileno()).st_ino))
+            except OSError:
+                pass
+        total = 0
+        for name in ("/proc/net/udp", "/proc/net/udp6"):
+            try:
+                with open(name) as f:
+                    lines = f.read().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                cols = line.split()
+                if len(cols) > 12 and cols[9] in inodes and cols[-1].isdigit():
+                    total += int(cols[-1])
+        return total
+
+    def __iter__(self) -> Iterator[Datagram | Idle | CaptureGap]:
         if self._closed:
             raise RuntimeError("this HEP listener was closed: open a new one")
         try:
@@ -544,7 +569,17 @@ class HepListener:
                 self.counters.skipped["hep_held_at_stop"] += held
             self.close()
 
-    def _run(self) -> Iterator[Datagram | Idle]:
+    def _gap(self, ts: float) -> CaptureGap | None:
+        """Drops the kernel made since the last look, as the live capture reports its own:
+        records of calls open then are marked capture_gaps; counted as ``hep_kernel_drops``."""
+        total = self.kernel_drops()
+        new, self._kernel_dropped = total - self._kernel_dropped, total
+        if new <= 0:
+            return None
+        self.counters.skipped["hep_kernel_drops"] += new
+        return CaptureGap(ts, self.path, new, "kernel")
+
+    def _run(self) -> Iterator[Datagram | Idle | CaptureGap]:
         poller = select.poll()
         for s in [*self.udp, *self.listeners]:
             poller.register(s.fileno(), select.POLLIN)
@@ -553,6 +588,7 @@ class HepListener:
         if self.on_open is not None:
             self.on_open(", ".join(self.addresses()))
         self.opened_at = clock = time.monotonic()
+        next_drops = clock + DROPS_EVERY
         deadline = None if self.duration is None else clock + self.duration
         left = self.count
         skew = 0.0  #: the newest packet's HEP time minus our wall clock at its arrival
@@ -592,6 +628,11 @@ class HepListener:
                 anomalies["hep_reorder_late"] += reorder.late - late
             if reorder.overflow != over:
                 anomalies["hep_reorder_overflow"] += reorder.overflow - over
+            if self.udp and time.monotonic() >= next_drops:
+                next_drops = time.monotonic() + DROPS_EVERY
+                gap = self._gap(max(last_ts, out[-1].ts if out else last_ts))
+                if gap is not None:
+                    out.append(gap)  # type: ignore[arg-type]  # after what was read before the drops were seen
             if out:
                 yield from out
                 last_ts = max(last_ts, out[-1].ts)
@@ -601,9 +642,11 @@ class HepListener:
                 yield Idle(max(last_ts, time.time() + skew - reorder.window))
                 last_out = time.monotonic()
         late = reorder.late
-        rest = reorder.drain()
+        rest: list[Datagram | CaptureGap] = list(reorder.drain())
         if reorder.late != late:
             anomalies["hep_reorder_late"] += reorder.late - late
+        if self.udp and (gap := self._gap(max([last_ts, *(d.ts for d in rest)]))) is not None:
+            rest.append(gap)
         yield from rest
 
     def _read_udp(self, s: socket.socket, got: list[Datagram], left: int | None) -> None:

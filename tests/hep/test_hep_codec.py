@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sipsniff_acc.events import Datagram, Idle, Transport
+from sipsniff_acc.events import CaptureGap, Datagram, Idle, Transport
 from sipsniff_acc.sources import hep
 from sipsniff_acc.sources.hep import HepError, HepListener, HepUsageError, ReorderBuffer, decode, encode
 
@@ -222,3 +222,24 @@ def test_listener_count_and_usage_errors() -> None:
             HepListener([f"udp://{HOST}:{taken.getsockname()[1]}"])
     with pytest.raises(HepUsageError, match="twice"):
         HepListener([f"udp://{HOST}:19099", f"udp://{HOST}:19099"])
+
+
+def test_datagrams_the_kernel_dropped_are_a_capture_gap_and_counted() -> None:
+    """A burst larger than the socket's buffer while we do not read: every packet sent is
+    either yielded or counted as dropped by the kernel (a CaptureGap, as -i reports its own)."""
+    listener = HepListener([f"udp://{HOST}:0"], reorder=0.0, duration=2.0)
+    port = int(listener.addresses()[0].rsplit(":", 1)[1])
+    sent = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        pkt = encode(time.time(), "UDP", A, 1, B, 2, SIP + b"x" * 1200, 5)
+        for _ in range(12000):  # ~16 MB into a 4-8 MB buffer nobody reads yet
+            try:
+                s.sendto(pkt, (HOST, port))
+                sent += 1
+            except OSError:
+                pass
+    items = list(listener)
+    got = sum(isinstance(x, Datagram) for x in items)
+    gaps = [x for x in items if isinstance(x, CaptureGap)]
+    assert gaps and sum(g.dropped for g in gaps) == sent - got
+    assert listener.counters.skipped["hep_kernel_drops"] == sent - got > 0
