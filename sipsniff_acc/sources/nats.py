@@ -66,7 +66,7 @@ HEARTBEAT: Final = 0.5  #: wall seconds of silence between Idles (timers fire, o
 FETCH_BATCH: Final = 256
 MAX_HELD: Final = 200_000  #: messages held in the reorder heap, at most
 MAX_ACK_PENDING: Final = 20_000  #: NATS messages delivered and not yet acknowledged, per partition
-ACK_WAIT: Final = 120.0  #: seconds before the server redelivers an unacknowledged message
+ACK_WAIT: Final = 60.0  #: seconds before the server redelivers an unacknowledged message (skipped: seen)
 CONNECT_TIMEOUT: Final = 5.0
 
 
@@ -381,6 +381,7 @@ class NatsSource:
         self.order = 0
         self.unacked = 0  #: NATS messages fed since the last checkpoint
         self.sensor_clock = float("-inf")  #: the newest packet clock a sensor published
+        self.resumed = False  #: a sidecar was read: the consumers restart after its floors
 
     @property
     def bytes_read(self) -> int:
@@ -417,12 +418,24 @@ class NatsSource:
             await self.nc.close()
             raise NatsUsageError(f"--partitions: stream {self.stream!r} has partitions 0-{total - 1}; "
                                  f"{beyond[0]} is not one")
+        from nats.js.errors import NotFoundError  # noqa: PLC0415
+
         for p, part in self.parts.items():
-            cfg = ConsumerConfig(durable_name=f"{self.durable}_{p}", filter_subject=f"{self.stream}.{p}",
-                                 ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-                                 ack_wait=ACK_WAIT, max_ack_pending=MAX_ACK_PENDING, max_deliver=-1)
-            part.sub = await js.pull_subscribe(f"{self.stream}.{p}", durable=f"{self.durable}_{p}",
-                                               stream=self.stream, config=cfg)
+            name = f"{self.durable}_{p}"
+            start: dict[str, Any] = {"deliver_policy": DeliverPolicy.ALL}
+            if self.resumed:
+                # The sidecar, not the server's ack floor, says where the state ends: what a killed
+                # worker had fetched but not acknowledged would come back only after ack_wait, behind
+                # newer messages (out of packet order). So the durable restarts right after the floor.
+                try:
+                    await js.delete_consumer(self.stream, name)
+                except NotFoundError:
+                    pass
+                start = {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": part.floor + 1}
+            cfg = ConsumerConfig(durable_name=name, filter_subject=f"{self.stream}.{p}",
+                                 ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT,
+                                 max_ack_pending=MAX_ACK_PENDING, max_deliver=-1, **start)
+            part.sub = await js.pull_subscribe(f"{self.stream}.{p}", durable=name, stream=self.stream, config=cfg)
 
     def _read_sidecar(self) -> None:
         try:
@@ -432,6 +445,7 @@ class NatsSource:
                 if part is not None:
                     part.floor = int(v["floor"])
                     part.above = {int(x) for x in v["above"]}
+            self.resumed = True
         except FileNotFoundError:
             return
         except (ValueError, KeyError, TypeError, OSError) as e:
@@ -484,6 +498,7 @@ class NatsSource:
         quiet_since = time.monotonic()  #: wall time of the last release
         last_cp = time.monotonic()
         checkpoint_due = False
+        released = 0
         inbox = self.inbox
         parts = self.parts
         st = self.stats
@@ -493,8 +508,9 @@ class NatsSource:
                 checkpoint_due = False
                 self._checkpoint()
                 last_cp = time.monotonic()
-            try:
-                got: tuple[int, list[Any]] | None = inbox.get(timeout=0.05) if not heap else inbox.get_nowait()
+            try:  # block only when there is nothing to do: an empty heap, or one still waiting
+                got: tuple[int, list[Any]] | None = (
+                    inbox.get_nowait() if released else inbox.get(timeout=0.01 if heap else 0.05))
             except queue.Empty:
                 got = None
             now = time.monotonic()
