@@ -537,6 +537,8 @@ def _check_txn(t: Any, seen: set[int]) -> None:
             t.acc.avps = _NO_AVPS  # shared again, as the engine made it
     if not isinstance(t.branches, (list, tuple)) or not isinstance(t.final_ts, float) or not isinstance(t.size, int):
         raise _bad("transaction fields")
+    if type(t.first_branch) is not int or t.first_branch < 0:
+        raise _bad("transaction failure round")
     if not isinstance(t.to_tags_2xx, (tuple, frozenset)) or not isinstance(t.acked, (tuple, frozenset)):
         raise _bad("transaction To-tags")
     for b in t.branches:
@@ -698,7 +700,7 @@ def _past(t: Transaction, now: float, tr: TransactionTracker) -> bool:
     max(32 s, wait_timer)."""
     if t.final is not None:
         return not now - t.final_ts < max(RETAIN, tr.wait_timer)
-    return not now - t.created < tr._timeout(t) + RETAIN
+    return not now - tr._started(t) < tr._timeout(t) + RETAIN  # (a serial fork's round: its branch)
 
 
 def _apply(plan: _Plan, acc: AccPipeline, now: float | None, res: LoadResult) -> None:
@@ -720,7 +722,7 @@ def _apply(plan: _Plan, acc: AccPipeline, now: float | None, res: LoadResult) ->
         if t.final is not None:
             heap.append((t.final_ts + max(RETAIN, tr.wait_timer), k))
         else:
-            heap.append((t.created + tr._timeout(t) + RETAIN, k))
+            heap.append((tr._started(t) + tr._timeout(t) + RETAIN, k))
     heapq.heapify(heap)
     tr.by_cseq = by_cseq
     tr._deadlines = heap
@@ -732,7 +734,7 @@ def _apply(plan: _Plan, acc: AccPipeline, now: float | None, res: LoadResult) ->
     if getattr(tr, "open_as_408", False) and isinstance(getattr(tr, "_timers", None), list):
         # --open-as-408 during the run (the proxy's timer 408): the open server transactions' timers
         grace = float(getattr(tracker_module, "TIMER_GRACE", 0.0))
-        timers = [(t.created + tr._timeout(t) + grace, k) for k, t in plan.txns.items()
+        timers = [(tr._started(t) + tr._timeout(t) + grace, k) for k, t in plan.txns.items()
                   if t.role == "server" and t.final is None and not getattr(t, "timer_408", False)
                   and t.method not in ("ACK", "CANCEL")]
         heapq.heapify(timers)

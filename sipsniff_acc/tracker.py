@@ -683,7 +683,11 @@ class TransactionTracker:
         got = self._pick(txn, branches, msg.ts)
         if got is not None:
             out.append(BranchesFailed(*got))
-        txn.first_branch = len(txn.branches)
+        txn.first_branch = len(txn.branches)  # the new branch's place: the next round starts with it
+        timeout = self._timeout(txn)
+        self._deadline(msg.ts + timeout + RETAIN, txn.key)
+        if self.open_as_408:
+            self._timer(msg.ts + timeout + TIMER_GRACE, txn.key)
 
     def _dialog(self, txn: Transaction, reply: SipMessage) -> None:
         req = txn.request
@@ -711,6 +715,13 @@ class TransactionTracker:
     def _timeout(self, txn: Transaction) -> float:
         return self.fr_inv_timer if txn.method == "INVITE" else self.fr_timer
 
+    @staticmethod
+    def _started(txn: Transaction) -> float:
+        """When the fr timer now running for ``txn`` started: its request, or after a failed
+        serial round the current round's first branch (each branch has its own timer)."""
+        branches, i = txn.branches, txn.first_branch
+        return branches[i].created if 0 < i < len(branches) else txn.created
+
     def advance(self, now: float) -> list[Event]:
         """The clock moved to ``now`` without a message (a live source's Idle, or the packet
         time of frames that carried no SIP): with ``open_as_408`` the proxy's timer 408s that
@@ -727,6 +738,8 @@ class TransactionTracker:
             _at, key = heapq.heappop(timers)
             t = self.txns.get(key)
             if t is not None and t.final is None and not t.timer_408:
+                if t.first_branch and _at < self._started(t) + self._timeout(t) + TIMER_GRACE:
+                    continue  # a serial fork's earlier round: its next round pushed its own timer
                 self._timer_408(t, out)
         if now >= self._next_sweep:
             self._sweep(now, out)
@@ -754,8 +767,8 @@ class TransactionTracker:
             if t.final is not None:
                 if now - t.final_ts < max(RETAIN, self.wait_timer):
                     continue  # the entry pushed at its final reply comes later
-            elif now - t.created < self._timeout(t) + RETAIN:
-                continue
+            elif now - self._started(t) < self._timeout(t) + RETAIN:
+                continue  # (a serial fork's next round pushed a later deadline)
             elif t.role == "server" and not t.timer_408:
                 if self.open_as_408 and t.method not in ("ACK", "CANCEL"):
                     self._timer_408(t, out)  # nobody called advance() in time: accounted before forgotten
@@ -776,13 +789,13 @@ class TransactionTracker:
     def _timer_408(self, t: Transaction, out: list[Event]) -> None:
         """The 408 the proxy's fr timer sends for a server transaction with no final reply, dated
         when the timer fired (what ``finish(open_as_408=True)`` gives at the end of the input)."""
-        ts = t.created + self._timeout(t)
+        ts = self._started(t) + self._timeout(t)
         t.timer_408 = True
         t.final_ts = ts
         t.final_local = True
         self.stats.timer_408[method_key(t.method)] += 1
         if t.method == "INVITE":
-            out.append(BranchesFailed(t, None, 408, ts, None))
+            out.append(BranchesFailed(t, None, 408, ts, None, failure_route=not t.first_branch))
         out.append(ReplyOut(t, None, 408, ts, True))
 
     def _deadline(self, at: float, key: Key) -> None:
@@ -843,11 +856,11 @@ class TransactionTracker:
                 continue
             self.stats.open_at_end[method_key(t.method)] += 1
             if open_as_408:
-                ts = t.created + self._timeout(t)
+                ts = self._started(t) + self._timeout(t)
                 t.final_ts = ts
                 t.final_local = True
                 if t.method == "INVITE":
-                    out.append(BranchesFailed(t, None, 408, ts, None))
+                    out.append(BranchesFailed(t, None, 408, ts, None, failure_route=not t.first_branch))
                 out.append(ReplyOut(t, None, 408, ts, True))
         for d in self.dialogs.values():
             self.stats.dialogs[d.state] += 1

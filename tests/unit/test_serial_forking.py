@@ -130,3 +130,83 @@ def test_the_crc_suffix_reads_the_top_via_and_call_id() -> None:
     sa, sb, sd = tm_tag_suffix(a), tm_tag_suffix(b), tm_tag_suffix(d)
     assert len(sa) == 8 and sa[4:] == sb[4:] and sa[:4] != sb[:4]  # the branch is in the first half only
     assert sa[:4] == sd[:4] and sa[4:] != sd[4:]  # the Call-ID in the second half only
+
+
+def test_a_later_round_gets_its_own_fr_timer() -> None:
+    """--open-as-408 (the timer 408s accounted during a run) and the forgetting of open
+    transactions count from the current round's branch: a second callee answering within its
+    own fr_inv_timer is not cut off by the timer of the first, already failed, round."""
+    c = Call()
+    msgs = [
+        c.request("INVITE", 1000.0, UAC, PROXY, [C]),
+        c.request("INVITE", 1000.002, PROXY, UAS, [P, C]),
+        c.request("INVITE", 1002.0, PROXY, UAS2, [P2, C]),  # UAS timed out (fr_inv_timer 2 s)
+        c.reply(180, "Ringing", 1002.1, UAS2, PROXY, [P2, C], to_tag="t2"),
+        c.reply(180, "Ringing", 1002.101, PROXY, UAC, [C], to_tag="t2"),
+        c.reply(200, "OK", 1003.9, UAS2, PROXY, [P2, C], to_tag="t2"),
+        c.reply(200, "OK", 1003.901, PROXY, UAC, [C], to_tag="t2"),
+    ]
+    t = TransactionTracker([(PROXY, 5060)], fr_inv_timer=2.0, open_as_408=True)
+    evs = []
+    for m in msgs:
+        evs += t.advance(m.ts)
+        evs += t.feed(m)
+    finals = [(type(e).__name__, e.code) for e in evs if isinstance(e, (ReplyOut, BranchesFailed)) and e.code >= 200]
+    assert finals == [("BranchesFailed", 408), ("ReplyOut", 200)]
+    assert not t.stats.timer_408
+    # nobody answers the second callee either: the proxy's 408 comes at its own timer
+    t = TransactionTracker([(PROXY, 5060)], fr_inv_timer=2.0, open_as_408=True)
+    evs = [e for m in msgs[:5] for e in (*t.advance(m.ts), *t.feed(m))] + t.advance(1003.9) + t.advance(1010.0)
+    timer = [e for e in evs if isinstance(e, ReplyOut) and e.code == 408]
+    assert [(e.ts, e.local) for e in timer] == [(1004.0, True)]
+    # and a run that ends before it: the 408 the proxy would send, at the second round's timer
+    t = TransactionTracker([(PROXY, 5060)], fr_inv_timer=2.0)
+    for m in msgs[:5]:
+        t.feed(m)
+    assert [(type(e).__name__, e.ts) for e in t.finish(open_as_408=True)] == [("BranchesFailed", 1004.0),
+                                                                              ("ReplyOut", 1004.0)]
+
+
+SERIAL_RULES = """
+profile: kamailio-5.6
+tm: {fr_inv_timer: 120}
+acc: {log_flag: 1, log_missed_flag: 2, db_flag: 1, db_missed_flag: 2, failed_transaction_flag: 3}
+route:
+  - if: {method: INVITE, in_dialog: false}
+    setflag: [1, 2, 3]
+"""
+
+
+def test_a_restart_during_a_later_round_keeps_the_call(tmp_path: Path) -> None:
+    """--state saved while the second callee rings, 153 s after the INVITE (past the first
+    round's fr_inv_timer + 32 s, inside the second's): restored, the 200 is still accounted."""
+    from sipsniff_acc.processrun import AccPipeline
+    from sipsniff_acc.rules import parse_rules
+    from sipsniff_acc.state import load_state, save_state
+
+    def flow() -> list[SipMessage]:
+        c = Call()
+        return [
+            c.request("INVITE", 1000.0, UAC, PROXY, [C]),
+            c.request("INVITE", 1000.002, PROXY, UAS, [P, C]),
+            c.reply(180, "Ringing", 1000.1, UAS, PROXY, [P, C], to_tag="t1"),
+            c.reply(180, "Ringing", 1000.101, PROXY, UAC, [C], to_tag="t1"),
+            c.request("INVITE", 1120.0, PROXY, UAS2, [P2, C]),  # UAS timed out
+            c.reply(180, "Ringing", 1120.1, UAS2, PROXY, [P2, C], to_tag="t2"),
+            c.reply(200, "OK", 1160.0, UAS2, PROXY, [P2, C], to_tag="t2"),
+            c.reply(200, "OK", 1160.001, PROXY, UAC, [C], to_tag="t2"),
+        ]
+
+    rules = parse_rules(SERIAL_RULES)
+    whole = AccPipeline(rules)
+    expected = [r.as_dict() for m in flow() for r in whole.feed(m)] + [r.as_dict() for r in whole.finish()]
+    assert [(r["kind"], r["code"]) for r in expected] == [("missed", "408"), ("answered", "200")]
+    msgs = flow()
+    first = AccPipeline(rules)
+    got = [r.as_dict() for m in msgs[:6] for r in first.feed(m)]
+    save_state(tmp_path / "st", first, 1153.0)
+    second = AccPipeline(rules)
+    res = load_state(tmp_path / "st", second, 1153.0)
+    got += [r.as_dict() for m in msgs[6:] for r in second.feed(m)] + [r.as_dict() for r in second.finish()]
+    assert res.transactions >= 1
+    assert got == expected
