@@ -51,4 +51,9 @@ ANOMALIES: Final[dict[str, str]] = {
     "sip_missing_via": "SIP message without a Via header",
     "sip_too_many_headers": "more than 512 header lines; only the first 512 are looked at",
     "sip_too_many_vias": "more than 128 Via entries; only the first 128 are looked at",
+    # HEP input (--hep-listen): the order of what a sender mirrored
+    "hep_reorder_late": "a HEP message came after a later one had gone on (beyond --hep-reorder); accounted late",
+    "hep_reorder_overflow": "the HEP reorder buffer was full; the oldest message went on early",
+    "hep_reply_before_request": "a HEP reply stamped before its request (a sender's clock read order); put after it",
+    "hep_reply_hold_expired": "a HEP reply whose request never came within --hep-reorder; let go without it",
 }

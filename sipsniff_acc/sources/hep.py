@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import hmac
 import os
+import re
 import heapq
 import select
 import socket
 import struct
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
@@ -372,6 +373,95 @@ class ReorderBuffer:
         return d
 
 
+#: the top Via's branch and the CSeq method of a raw SIP message (RequestFirst's key), without a parse
+_BRANCH = re.compile(rb"\n(?:via|v)[ \t]*:[^\n]*?;[ \t]*branch[ \t]*=[ \t]*([^;,\s]+)", re.IGNORECASE)
+_CSEQ_METHOD = re.compile(rb"\n(?:cseq)[ \t]*:[ \t]*\d+[ \t]+([!-~]+)", re.IGNORECASE)
+MAX_BRANCHES: Final = 65536  #: requests remembered for RequestFirst (the oldest forgotten first)
+
+
+class RequestFirst:
+    """A reply released before its request (same top-Via branch and CSeq method) waits for it,
+    at most ``hold`` seconds of HEP time, and goes right after it.
+
+    Why: Kamailio stamps a message it sends once sent and one it receives once read, so over
+    TCP the callee's 180 carried an earlier HEP time than the INVITE the proxy had forwarded
+    (hep-notes): sorting by time cannot put them back. Pure: the caller gives the times.
+    ``matched``: replies put after their request; ``expired``: held ``hold`` seconds and let go
+    without one (a request this agent never saw: normal for a partial view, only delayed)."""
+
+    def __init__(self, hold: float, max_branches: int = MAX_BRANCHES, max_held: int = MAX_HELD) -> None:
+        self.hold = hold
+        self.max_branches, self.max_held = max_branches, max_held
+        self._requests: dict[tuple[bytes, bytes], None] = {}  #: insertion order: the oldest first
+        self._waiting: dict[tuple[bytes, bytes], list[Datagram]] = {}
+        self._deadlines: deque[tuple[float, tuple[bytes, bytes], Datagram]] = deque()
+        self.held = 0
+        self.matched = 0
+        self.expired = 0
+
+    def oldest(self) -> float | None:
+        """The HEP time of the oldest reply held (the stream's time may not pass it)."""
+        q = self._deadlines
+        while q and not self._is_held(q[0][1], q[0][2]):
+            q.popleft()  # released after its request: its deadline goes too
+        return q[0][2].ts if q else None
+
+    def _is_held(self, key: tuple[bytes, bytes], d: Datagram) -> bool:
+        waiting = self._waiting.get(key)
+        return waiting is not None and any(w is d for w in waiting)
+
+    def feed(self, items: list[Datagram]) -> list[Datagram]:
+        if self.hold <= 0:
+            return items
+        out: list[Datagram] = []
+        for d in items:
+            payload = d.payload
+            m = _BRANCH.search(payload)
+            c = _CSEQ_METHOD.search(payload)
+            if m is None or c is None:
+                out.append(d)
+                continue
+            key = (m.group(1), c.group(1).upper())
+            if payload[:8] == b"SIP/2.0 ":
+                if key in self._requests or self.held >= self.max_held:
+                    out.append(d)
+                    continue
+                self._waiting.setdefault(key, []).append(d)
+                self._deadlines.append((d.ts + self.hold, key, d))
+                self.held += 1
+                continue
+            out.append(d)
+            if key not in self._requests:
+                self._requests[key] = None
+                if len(self._requests) > self.max_branches:
+                    del self._requests[next(iter(self._requests))]
+            waiting = self._waiting.pop(key, None)
+            if waiting:
+                out += waiting
+                self.matched += len(waiting)
+                self.held -= len(waiting)
+        return out
+
+    def due(self, now: float) -> list[Datagram]:
+        """Replies held past their time without their request, oldest first."""
+        out: list[Datagram] = []
+        q = self._deadlines
+        while q and (q[0][0] <= now or not self._is_held(q[0][1], q[0][2])):
+            _t, key, d = q.popleft()
+            if self._is_held(key, d):
+                waiting = self._waiting[key]
+                waiting[:] = [w for w in waiting if w is not d]
+                if not waiting:
+                    del self._waiting[key]
+                out.append(d)
+                self.expired += 1
+                self.held -= 1
+        return out
+
+    def drain(self) -> list[Datagram]:
+        return self.due(float("inf"))
+
+
 # --- the listener --------------------------------------------------------------------------
 
 
@@ -431,6 +521,7 @@ class HepListener:
         self.count, self.duration, self.on_open = count, duration, on_open
         self.max_payload, self.max_connections = max_payload, max_connections
         self.reorder = ReorderBuffer(reorder, max_held)
+        self.first = RequestFirst(reorder, max_held=max_held)
         self.counters = Counters()  #: replaced by the run's counters (cli)
         self.agents: Counter[int] = Counter()  #: packets taken per capture agent id (bounded: see _agent)
         self.path = "hep:" + ",".join(urls)
@@ -594,7 +685,7 @@ class HepListener:
         skew = 0.0  #: the newest packet's HEP time minus our wall clock at its arrival
         last_out = clock
         last_ts = float("-inf")
-        reorder = self.reorder
+        reorder, first = self.reorder, self.first
         anomalies = self.counters.anomalies
         while True:
             now = time.monotonic()
@@ -604,6 +695,8 @@ class HepListener:
             wait = IDLE_AFTER
             if len(reorder):
                 wait = min(wait, max(0.0, reorder._heap[0][0] + reorder.window - (time.time() + skew)))
+            if first.oldest() is not None:
+                wait = min(wait, max(0.0, first._deadlines[0][0] + reorder.window - (time.time() + skew)))
             if deadline is not None:
                 wait = min(wait, deadline - now)
             events = poller.poll(max(0, int(wait * 1000) + 1))
@@ -623,7 +716,15 @@ class HepListener:
             for d in got:
                 out += reorder.push(d)
             late, over = reorder.late, reorder.overflow
-            out += reorder.due(time.time() + skew)
+            sender_now = time.time() + skew
+            out += reorder.due(sender_now)
+            matched, expired = first.matched, first.expired
+            out = first.feed(out)
+            out += first.due(sender_now - reorder.window)
+            if first.matched != matched:
+                anomalies["hep_reply_before_request"] += first.matched - matched
+            if first.expired != expired:
+                anomalies["hep_reply_hold_expired"] += first.expired - expired
             if reorder.late != late:
                 anomalies["hep_reorder_late"] += reorder.late - late
             if reorder.overflow != over:
@@ -639,10 +740,14 @@ class HepListener:
                 last_out = time.monotonic()
             elif time.monotonic() - last_out >= IDLE_AFTER:
                 # the sender's clock, less the window: what is due was released, time never goes back
-                yield Idle(max(last_ts, time.time() + skew - reorder.window))
+                # (nor past a reply still waiting for its request)
+                held = first.oldest()
+                now_ts = time.time() + skew - reorder.window
+                yield Idle(max(last_ts, now_ts if held is None else min(now_ts, held)))
                 last_out = time.monotonic()
-        late = reorder.late
-        rest: list[Datagram | CaptureGap] = list(reorder.drain())
+        late, expired_before = reorder.late, first.expired
+        rest: list[Datagram | CaptureGap] = [*first.feed(reorder.drain()), *first.drain()]
+        anomalies["hep_reply_hold_expired"] += first.expired - expired_before
         if reorder.late != late:
             anomalies["hep_reorder_late"] += reorder.late - late
         if self.udp and (gap := self._gap(max([last_ts, *(d.ts for d in rest)]))) is not None:
@@ -723,7 +828,8 @@ def summary_line(listener: HepListener) -> str:
     line = (f"  hep {', '.join(listener.urls)}: {listener.packets} packets; by capture agent: {agents or 'none'}{more}; "
             f"dropped: {', '.join(f'{k} {n}' for k, n in drops.items()) or 'none'}; "
             f"reorder window {listener.reorder.window * 1000:g} ms: {listener.reorder.late} late, "
-            f"{listener.reorder.overflow} released early")
+            f"{listener.reorder.overflow} released early, {listener.first.matched} replies put after their request, "
+            f"{listener.first.expired} without one")
     return line
 
 
@@ -732,7 +838,8 @@ def stats_doc(listener: HepListener) -> dict[str, object]:
     return {"hep": {"listen": listener.urls, "packets": listener.packets,
                     "agents": {str(a): n for a, n in listener.agents.items()},
                     "dropped": reasons_of(listener.counters), "reorder_window_ms": listener.reorder.window * 1000,
-                    "reorder_late": listener.reorder.late, "reorder_overflow": listener.reorder.overflow}}
+                    "reorder_late": listener.reorder.late, "reorder_overflow": listener.reorder.overflow,
+                    "replies_after_request": listener.first.matched, "replies_without_request": listener.first.expired}}
 
 
 __all__ = ["HepError", "HepListener", "HepPacket", "HepUsageError", "ReorderBuffer", "decode", "encode",

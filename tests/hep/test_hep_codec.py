@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from sipsniff_acc.events import CaptureGap, Datagram, Idle, Transport
 from sipsniff_acc.sources import hep
-from sipsniff_acc.sources.hep import HepError, HepListener, HepUsageError, ReorderBuffer, decode, encode
+from sipsniff_acc.sources.hep import HepError, HepListener, HepUsageError, ReorderBuffer, RequestFirst, decode, encode
 
 A, B = socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.2")
 SIP = (b"INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bK1\r\n"
@@ -243,3 +243,30 @@ def test_datagrams_the_kernel_dropped_are_a_capture_gap_and_counted() -> None:
     gaps = [x for x in items if isinstance(x, CaptureGap)]
     assert gaps and sum(g.dropped for g in gaps) == sent - got
     assert listener.counters.skipped["hep_kernel_drops"] == sent - got > 0
+
+
+def _sip(first_line: str, branch: str, cseq: str = "1 INVITE") -> bytes:
+    return (f"{first_line}\r\nVia: SIP/2.0/TCP 10.0.0.1;branch={branch}\r\nCall-ID: c\r\nCSeq: {cseq}\r\n"
+            "Content-Length: 0\r\n\r\n").encode()
+
+
+def _m(ts: float, payload: bytes, n: int) -> Datagram:
+    return Datagram(ts, n, Transport.TCP, A, 1, B, 2, payload, ("hep3",))
+
+
+def test_a_reply_stamped_before_its_request_goes_after_it() -> None:
+    """hep-notes: the callee's 180 carried an earlier HEP time than the INVITE the proxy
+    forwarded; it waits (bounded) for that INVITE and goes right after it."""
+    f = RequestFirst(hold=0.05)
+    ringing = _m(10.0005, _sip("SIP/2.0 180 Ringing", "z9hG4bKfwd"), 1)
+    invite = _m(10.0010, _sip("INVITE sip:b@x SIP/2.0", "z9hG4bKfwd"), 2)
+    other = _m(10.0007, _sip("SIP/2.0 200 OK", "z9hG4bKnever", "5 OPTIONS"), 3)
+    cancel_ok = _m(10.002, _sip("SIP/2.0 200 OK", "z9hG4bKfwd", "1 CANCEL"), 4)
+    assert f.feed([ringing, other, invite]) == [invite, ringing]
+    assert f.matched == 1 and f.held == 1 and f.oldest() == 10.0007
+    assert f.feed([cancel_ok]) == []  # the CANCEL (same branch, other method) was not seen: held
+    assert f.due(10.04) == [] and f.due(10.051) == [other]  # held 50 ms, then let go without its request
+    assert f.expired == 1 and f.drain() == [cancel_ok] and f.held == 0
+    retrans = _m(10.5, _sip("SIP/2.0 180 Ringing", "z9hG4bKfwd"), 5)
+    assert f.feed([retrans]) == [retrans]  # its request was seen: no wait
+    assert RequestFirst(hold=0).feed([ringing, invite]) == [ringing, invite]  # --hep-reorder 0: off

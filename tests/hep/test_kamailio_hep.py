@@ -142,6 +142,8 @@ def test_siptrace_mirror_gives_kamailios_records(case: str, tmp_path: Path) -> N
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["hep"]["packets"] == stats["sip_messages"] > 0
     assert stats["hep"]["dropped"] == {} and stats["hep"]["agents"] == {str(AGENT_ID): stats["hep"]["packets"]}
+    # replies Kamailio stamped before their request (tcp_caller: 3 before RequestFirst) were put after it
+    assert stats["tracker"]["replies_without_request"] == 0
 
 
 def test_a_wrong_password_gets_nothing_in(tmp_path: Path) -> None:
