@@ -586,7 +586,7 @@ def _run_sharded(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile,
                         first = ts
                 parts[shard_of(item[7], workers)].append((seq, item))
                 if tap is not None:
-                    tap(ts, item[2], item[3], item[4], item[5], item[6], item[7])  # type: ignore[misc]
+                    tap(ts, item[2], item[3], item[4], item[5], item[6], item[7])
                 seq += 1
                 n += 1
                 if ts >= next_poll:  # live: results already back are handed on while packets flow

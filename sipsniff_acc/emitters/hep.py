@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from typing import IO, Final
+from typing import IO, Any, Final
 
 from sipsniff_acc.records import AccRecord
 from sipsniff_acc.sources.hep import HepUsageError, encode, parse_url
@@ -51,7 +51,8 @@ class HepOut:
                                       flags=socket.AI_NUMERICSERV)
         except (OSError, UnicodeError) as e:
             raise HepUsageError(f"--hep-out {url}: cannot resolve {host!r} ({getattr(e, 'strerror', None) or e})") from None
-        self.family, _t, _p, _c, self.addr = info[0]
+        self.family: int = info[0][0]
+        self.addr: tuple[Any, ...] = info[0][4]
         self.sent = 0  #: HEP packets handed to the kernel
         self.lost: Counter[str] = Counter()  #: copies not sent, by reason
         self._buf = bytearray()

@@ -64,7 +64,7 @@ PROTO_SIP: Final = 1  #: chunk 11's value for SIP
 AF_INET_HEP, AF_INET6_HEP = 2, 10  #: the family values senders write (Linux's AF_INET/AF_INET6)
 _TRANSPORT = {17: Transport.UDP, 6: Transport.TCP, 132: Transport.SCTP}
 _IP_PROTO = {Transport.UDP: 17, Transport.TCP: 6, Transport.SCTP: 132, Transport.TLS: 6, Transport.WS: 6}
-_IP_PROTO_BY_NAME: dict[object, int] = {**_IP_PROTO, **{t.value: n for t, n in _IP_PROTO.items()}}
+_IP_PROTO_BY_NAME: dict[object, int] = {**{t: n for t, n in _IP_PROTO.items()}, **{t.value: n for t, n in _IP_PROTO.items()}}
 #: fixed chunk body sizes (any other length is a malformed chunk); AGENT_ID: some senders use 16 bits
 _FIXED = {IP_FAMILY: (1,), IP_PROTO: (1,), SRC4: (4,), DST4: (4,), SRC6: (16,), DST6: (16,), SPORT: (2,),
           DPORT: (2,), TS_SEC: (4,), TS_USEC: (4,), PROTO_TYPE: (1,), AGENT_ID: (4, 2), KEEPALIVE: (2,)}
