@@ -136,3 +136,44 @@ def test_drops_by_reason_in_metrics_and_duration_ends_the_run(tmp_path: Path) ->
     stats = json.loads((tmp_path / "s.json").read_text())
     assert stats["hep"]["dropped"] == {"auth_missing": 1, "auth_wrong": 1, "truncated": 1}
     assert "dropped: auth_missing 1, auth_wrong 1, truncated 1" in (tmp_path / "ours.err").read_text()
+
+
+CAPTURE = Path(__file__).resolve().parents[1] / "conformance" / "cases" / "tcp_caller" / "capture.pcap"
+
+
+def test_hep_out_over_tcp_and_a_relay_keep_every_message_as_it_was(tmp_path: Path) -> None:
+    """process FILE --hep-out tcp:// → process --hep-listen tcp:// --hep-out udp:// → a collector:
+    every SIP message of the capture arrives once, with its addresses, ports, transport and time
+    (µs) as in the capture, and the relay's agent id."""
+    from sipsniff_acc.sources.hep import decode
+
+    msgs = [json.loads(ln) for ln in subprocess.run(
+        [sys.executable, "-m", "sipsniff_acc", "messages", "-q", str(CAPTURE)], capture_output=True, text=True,
+        timeout=120, check=True).stdout.splitlines()]
+    collector = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    collector.bind((HOST, 0))
+    collector.settimeout(0.5)
+    with collector:
+        relay = start_ours(["--hep-listen", f"tcp://{HOST}:0", "--no-db", "--log", "none", "--hep-out",
+                            f"udp://{HOST}:{collector.getsockname()[1]}", "--hep-agent-id", "31"], tmp_path, "relay")
+        try:
+            port = int(re.search(r"listening on tcp://[\d.]+:(\d+)", (tmp_path / "relay.err").read_text()).group(1))  # type: ignore[union-attr]
+            res = _run(str(CAPTURE), "--no-db", "--log", "none", "-j", "0", "--hep-out", f"tcp://{HOST}:{port}",
+                       "--hep-agent-id", "30", "--stats", str(tmp_path / "sender.json"))
+            assert res.returncode == 0, res.stderr
+            got = []
+            deadline = time.monotonic() + 30
+            while len(got) < len(msgs) and time.monotonic() < deadline:
+                try:
+                    got.append(decode(collector.recv(65536)))
+                except TimeoutError:
+                    continue
+        finally:
+            stop(relay)
+    assert json.loads((tmp_path / "sender.json").read_text())["hep_out"]["lost"] == {}
+    want = sorted((round(m["ts"] * 1e6), m["src"], m["sport"], m["dst"], m["dport"], m["transport"]) for m in msgs)
+    names = {17: "UDP", 6: "TCP"}
+    assert sorted((p.ts_sec * 1_000_000 + p.ts_usec, socket.inet_ntoa(p.src), p.sport, socket.inet_ntoa(p.dst),
+                   p.dport, names[p.proto]) for p in got) == want
+    assert {p.agent_id for p in got} == {31}
+    assert {m["transport"] for m in msgs} == {"UDP", "TCP"}
