@@ -35,6 +35,7 @@ class TxnAcc:
     registered: bool = False  #: acc callbacks installed at creation (an acc, missed or prepare flag was set)
     dropped: bool = False
     upstream: bool = False  #: detect_direction: the request goes callee -> caller
+    rearmed: bool = False  #: a failure_route rule ran t_on_failure: the next failure round runs failure_route
 
 
 #: the AVPs of a transaction that set none, shared (an empty dict each was 64 bytes); _run
@@ -153,6 +154,8 @@ class AccEngine:
                     self.stats.hdr_scans_cut += ctx.hdr_cut
             for backends, comment, table in rule.calls:
                 self._script_record(msg, state, list(backends), comment, table, ts, new_uri, out)
+            if rule.t_on_failure:
+                state.rearmed = True
             if rule.drop:
                 state.dropped = True
             if rule.stop or rule.drop:
@@ -197,8 +200,9 @@ class AccEngine:
             return
         if st.registered:
             self._missed(txn, st, ev.reply, ev.code, ev.ts, ev.branch, out)
-        if not ev.failure_route:  # a last round after a serial fork: t_on_failure was used up
+        if not (ev.failure_route or st.rearmed):  # a last round after a serial fork: t_on_failure was used up
             return
+        st.rearmed = False  # each run disarms it (tm); a rule with t_on_failure arms it again
         new_uri = ev.branch.request.ruri if ev.branch is not None else None
         self._run(self.failure_route, txn.request, st, ev.code, ev.ts, out, new_uri)
 

@@ -618,6 +618,7 @@ class CompiledRule:
     stop: bool
     dlg_manage: bool = False
     dlg_vars: tuple[tuple[str, str], ...] = ()  #: set_dlg_var (cdr.py runs them; the acc engine does not)
+    t_on_failure: bool = False  #: failure_route: armed again for the transaction's next failure round
 
 
 def compile_rule(rule: Rule) -> CompiledRule:
@@ -640,7 +641,7 @@ def compile_rule(rule: Rule) -> CompiledRule:
     reset_mask = sum(1 << f for f in set(rule.flags_reset))
     calls = tuple((tuple(b.split("+")), c.comment, c.table) for b, c in rule.acc_calls())
     return CompiledRule(matches, set_mask, reset_mask, tuple(rule.set_avp.items()), calls, rule.drop, rule.stop,
-                        rule.dlg_manage, tuple(rule.set_dlg_var.items()))
+                        rule.dlg_manage, tuple(rule.set_dlg_var.items()), rule.t_on_failure)
 
 
 def _network(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None]:
@@ -690,6 +691,9 @@ class Rule(_Strict):
     stop: bool = False  #: like exit: later rules do not run
     dlg_manage: bool = False  #: the script's dlg_manage(): the dialog module tracks the call (CDRs)
     set_dlg_var: dict[str, str] = {}  #: $dlg_var(name) = value (pseudo-variables allowed), on the request's dialog
+    #: failure_route: the script's t_on_failure() there, arming it for the next failure round of a
+    #: serial fork; without it the round after the last relay runs no failure_route (tm disarms it)
+    t_on_failure: bool = False
 
     @field_validator("set_avp", "set_dlg_var")
     @classmethod
@@ -798,6 +802,9 @@ class RulesFile(_Strict):
         for i, r in enumerate(self.route):
             if r.if_.code is not None:
                 out.append((("route", i, "if", "code"), "'code' is a failure_route condition (a request has no status code)"))
+            if r.t_on_failure:
+                out.append((("route", i, "t_on_failure"), "t_on_failure is a failure_route action (failure_route rules "
+                            "run at a transaction's first failure without it)"))
         out += self._cdr_problems()
         return out
 

@@ -56,6 +56,7 @@ EXPECTED: dict[str, dict[str, int]] = {
     "serial_486_then_480": {"no_answer/480/callee/error_reply": 1},
     "serial_timeout_then_200": {"answered/200/caller/bye": 1},
     "serial_failure_setflag": {"no_answer/480/callee/error_reply": 1},
+    "serial_failure_rearm": {"no_answer/480/callee/error_reply": 1},
     "cdr_serial_486_then_200": {"answered/200/caller/bye": 1},
     "cdr_serial_486_then_480": {"no_answer/480/callee/error_reply": 1},
     "cdr_serial_timeout_then_200": {"answered/200/caller/bye": 1},
@@ -67,6 +68,7 @@ FORKS = {"cdr_parallel_fork": 2, "parallel_fork_one_answers": 2,
 #: that timed out ends 487: the proxy CANCELs it after its fr timer)
 SERIAL_LEG_CODES = {"serial_486_then_200": [486, 200], "serial_486_then_480": [486, 480],
                     "serial_timeout_then_200": [487, 200], "serial_failure_setflag": [486, 480],
+                    "serial_failure_rearm": [486, 480],
                     "cdr_serial_486_then_200": [486, 200], "cdr_serial_486_then_480": [486, 480],
                     "cdr_serial_timeout_then_200": [487, 200]}
 

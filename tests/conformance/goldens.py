@@ -59,6 +59,7 @@ def rules_for(case: str, proxy_addresses: bool = True) -> str:
         + f"  - if: {{method: {methods}}}\n    setflag: {json.dumps(list(c.invite_flags))}\n"
         + "".join(f"  - if: {{method: {methods}}}\n    set_avp: {{{k}: {json.dumps(v)}}}\n" for k, v in c.avps)
         + (f"failure_route:\n  - setflag: {json.dumps(list(c.failure_flags))}\n" if c.failure_flags else "")
+        + ("    t_on_failure: true\n" if c.failure_rearm else "")
     )
 
 

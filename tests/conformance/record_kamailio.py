@@ -56,6 +56,9 @@ class Case(NamedTuple):
     #: failure_route runs these setflag()s and relays again to the second callee (uas2)
     serial: bool = False
     failure_flags: tuple[int, ...] = ()
+    #: the failure_route calls t_on_failure("SERIAL") again (an LCR script's re-arm): it runs at the
+    #: second failure too, where it relays no more
+    failure_rearm: bool = False
 
 
 #: the cdr_extra of the CDR cases: PVs evaluated on the BYE, the failed reply or (FAKED) the INVITE
@@ -128,6 +131,10 @@ CASES: dict[str, Case] = {
     # the failure_route sets the missed flag again: the second failure is a missed call too
     "serial_failure_setflag": Case("uac_serial.xml", "uas_busy.xml", uas2="uas_unavailable.xml", serial=True,
                                    invite_flags=(1, 2, 3), failure_flags=(2,)),
+    # ... and t_on_failure() again there: the failure_route runs at the last failure too (relays no
+    # more); its setflag(missed) makes acc_onreply write one more missed row for the reply sent upstream
+    "serial_failure_rearm": Case("uac_serial.xml", "uas_busy.xml", uas2="uas_unavailable.xml", serial=True,
+                                 invite_flags=(1, 2, 3), failure_flags=(2,), failure_rearm=True),
     # ... with dialog CDRs: one CDR per call across the rounds
     "cdr_serial_486_then_200": Case("uac_serial.xml", "uas_busy.xml", uas2="uas", serial=True, invite_flags=(1, 2, 3),
                                     cdr=True),
@@ -204,8 +211,10 @@ def record(case: str, cases_dir: Path = CASES_DIR) -> Path:
         serial = failure_route = ""
         if c.serial:
             serial = '\tif ($rU == "serial") {\n\t\tt_on_failure("SERIAL");\n\t}\n'
+            rearm = ('\tt_on_failure("SERIAL");\n\tif ($avp(relayed) != $null) {\n\t\texit;\n\t}\n'
+                     '\t$avp(relayed) = "1";\n') if c.failure_rearm else ""
             failure_route = ("failure_route[SERIAL] {\n\tif (t_is_canceled()) {\n\t\texit;\n\t}\n"
-                             + "".join(f"\tsetflag({f});\n" for f in c.failure_flags)
+                             + "".join(f"\tsetflag({f});\n" for f in c.failure_flags) + rearm
                              + f'\t$ru = "sip:serial2@{UAS2}:5080";\n\tt_relay();\n}}\n')
         cfg.write_text((HERE / "kamailio.cfg.in").read_text().format(serial=serial, failure_route=failure_route,
             proxy=PROXY, db=db, invite_flags=flags, fr_inv_timer=c.fr_inv_timer, modparams=params,

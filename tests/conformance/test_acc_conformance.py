@@ -97,7 +97,7 @@ def test_the_serial_cases_cover_issue_12() -> None:
     """Serial forking (a failure_route relaying again): 486 then 200, 486 then 480, timeout then
     200, failure_route setflag(missed); each with a missed row per failed round."""
     assert {"serial_486_then_200", "serial_486_then_480", "serial_timeout_then_200",
-            "serial_failure_setflag"} <= set(SERIAL_CASES)
+            "serial_failure_setflag", "serial_failure_rearm"} <= set(SERIAL_CASES)
     import json
 
     for case in SERIAL_CASES:

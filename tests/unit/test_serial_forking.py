@@ -210,3 +210,15 @@ def test_a_restart_during_a_later_round_keeps_the_call(tmp_path: Path) -> None:
     got += [r.as_dict() for m in msgs[6:] for r in second.feed(m)] + [r.as_dict() for r in second.finish()]
     assert res.transactions >= 1
     assert got == expected
+
+
+def test_t_on_failure_is_a_failure_route_action() -> None:
+    """check-rules: in a route rule it means nothing (failure_route rules run at the first
+    failure without it): one FILE:LINE line naming it."""
+    from sipsniff_acc.rules import RulesError, parse_rules
+
+    text = "profile: kamailio-5.6\nroute:\n  - if: {method: INVITE}\n    t_on_failure: true\n"
+    with pytest.raises(RulesError) as e:
+        parse_rules(text, "r.yaml")
+    assert e.value.problems == ["r.yaml:4: route.0.t_on_failure: t_on_failure is a failure_route action (failure_route "
+                                "rules run at a transaction's first failure without it)"]
