@@ -775,6 +775,8 @@ class TransactionTracker:
                 else:
                     self.stats.timed_out[method_key(t.method)] += 1
             self._forget(key, t)
+            if t.branches:  # a branch keeps its parent, never the reverse: no cycle left for the collector
+                t.branches = ()
         acks = self.acks
         while acks:
             first = next(iter(acks))
@@ -828,6 +830,7 @@ class TransactionTracker:
                 if self.txns.get(b.key) is b:
                     self._forget(b.key, b)
                     stats.evicted_transactions += 1
+            t.branches = ()  # as in _sweep: no parent <-> branch cycle
 
     def _forget(self, key: Key, t: Transaction) -> None:
         del self.txns[key]
