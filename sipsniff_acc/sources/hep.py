@@ -276,6 +276,29 @@ def hep3_length(buf: bytes | bytearray) -> int:
     return int.from_bytes(buf[4:6], "big")
 
 
+def split_stream(buf: bytearray) -> tuple[list[bytes], list[str]]:
+    """The whole HEPv3 packets at the start of a TCP buffer, taken out of it (a partial one
+    stays), and the reasons of what was skipped: bytes that are not a packet are skipped to
+    the next ``HEP3`` (one ``bad_version``/``bad_length`` per skip). Every step removes at
+    least one byte or stops: no input makes it loop."""
+    packets: list[bytes] = []
+    bad: list[str] = []
+    while True:
+        n = hep3_length(buf)
+        if n == 0:
+            break
+        if n < 6:  # not HEP3 here (-1), or a length shorter than its own header
+            bad.append("bad_version" if n < 0 else "bad_length")
+            at = buf.find(HEP3_MAGIC, 1)
+            del buf[:at if at > 0 else max(1, len(buf) - 3)]  # keep a tail that may begin "HEP3"
+            continue
+        if len(buf) < n:
+            break
+        packets.append(bytes(buf[:n]))
+        del buf[:n]
+    return packets, bad
+
+
 def _chunk(ctype: int, body: bytes) -> bytes:
     return _CHUNK.pack(0, ctype, 6 + len(body)) + body
 
@@ -791,19 +814,11 @@ class HepListener:
             data = b""
         buf = conn.buf
         buf += data
-        while True:  # every whole packet in the buffer (it holds at most one partial packet + a read)
-            n = hep3_length(buf)
-            if n == 0:
-                break
-            if n < 0 or n < 6:  # not HEP3 here: skip to the next magic (counted once per resync)
-                self._drop("bad_version" if n < 0 else "bad_length")
-                at = buf.find(HEP3_MAGIC, 1)
-                del buf[:at if at > 0 else max(0, len(buf) - 3)]
-                continue
-            if len(buf) < n:
-                break
-            d = self._take(bytes(buf[:n]))
-            del buf[:n]
+        packets, bad = split_stream(buf)
+        for reason in bad:
+            self._drop(reason)
+        for pkt in packets:
+            d = self._take(pkt)
             if d is not None:
                 got.append(d)
         if not data:  # closed by the sender (or reset): a partial packet left is truncated

@@ -270,3 +270,36 @@ def test_a_reply_stamped_before_its_request_goes_after_it() -> None:
     retrans = _m(10.5, _sip("SIP/2.0 180 Ringing", "z9hG4bKfwd"), 5)
     assert f.feed([retrans]) == [retrans]  # its request was seen: no wait
     assert RequestFirst(hold=0).feed([ringing, invite]) == [ringing, invite]  # --hep-reorder 0: off
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=40), st.sampled_from([b"H", b"HE", b"HEP", b"HEP3", b"HEP3\x00\x02"]),
+                          st.just(b"@PKT@")), max_size=12),
+       st.lists(st.integers(1, 64), min_size=1, max_size=8))
+def test_a_tcp_stream_of_anything_is_split_without_looping_and_keeps_every_packet(
+        parts: list[bytes], cuts: list[int]) -> None:
+    """Garbage and packets in any mix, delivered in reads of any size: every whole packet
+    not overlapped by garbage comes out, the rest is skipped with a reason; never a hang."""
+    from sipsniff_acc.sources.hep import split_stream
+
+    pkt = encode(1.0, "TCP", A, 1, B, 2, SIP, 4)
+    stream = b"".join(pkt if p == b"@PKT@" else p for p in parts)
+    buf = bytearray()
+    out: list[bytes] = []
+    at = i = 0
+    while at < len(stream):
+        step = cuts[i % len(cuts)]
+        i += 1
+        buf += stream[at:at + step]
+        at += step
+        got, bad = split_stream(buf)
+        out += got
+        assert len(buf) <= max(len(stream), 6)
+        assert all(r in hep.REASONS for r in bad)
+    for p in out:  # whatever came out decodes or is refused with a reason, never crashes
+        try:
+            decode(p)
+        except HepError as e:
+            assert e.reason in hep.REASONS
+    if all(p == b"@PKT@" for p in parts):  # a clean stream: every packet, in order
+        assert out == [pkt] * len(parts) and not buf
