@@ -16,6 +16,9 @@ So messages wait in a bounded reorder buffer and go out in HEP-timestamp order o
 comes after a later one was released is delivered at once and counted (``hep_reorder_late``);
 past ``max_held`` the oldest goes early (``hep_reorder_overflow``). In silence an ``Idle``
 heartbeat carries the sender's estimated clock, so timers fire as with a live capture.
+A reply stamped before its request (Kamailio reads its clock for a sent message once it is
+sent: over TCP the callee's 180 was stamped before the forwarded INVITE) waits for that
+request, bounded by the same window, and goes right after it (``RequestFirst``).
 
 Every packet is bounded by what arrived: each length (the packet's, each chunk's) is checked
 against the bytes received, at most ``MAX_CHUNKS`` chunks, a compressed payload is inflated
@@ -523,8 +526,13 @@ class HepListener:
 
     The sockets are bound here, so an address that is taken or not ours is a usage error
     before the work starts. ``counters`` (the run's, set by the caller) gets ``frames`` and
-    ``bytes`` per HEP packet and the drops per reason in ``skipped["hep_<reason>"]``;
-    ``anomalies["hep_reorder_late"/"hep_reorder_overflow"]`` count the reorder bound."""
+    ``bytes`` per HEP packet and the drops per reason in ``skipped["hep_<reason>"]`` (the
+    kernel's own drops on our UDP sockets too, also yielded as a ``CaptureGap``);
+    ``anomalies["hep_reorder_late"/"hep_reorder_overflow"/"hep_reply_before_request"/
+    "hep_reply_hold_expired"]`` count what the order repairs did.
+
+    The API other commands use (``capture --hep-listen``): construct, set ``counters``,
+    iterate (Datagram | Idle | CaptureGap), read ``stats_doc()``/``summary_line()``."""
 
     def __init__(self, urls: list[str], password: str | bytes | None = None, reorder: float = DEFAULT_REORDER,
                  count: int | None = None, duration: float | None = None,
@@ -546,7 +554,7 @@ class HepListener:
         self.reorder = ReorderBuffer(reorder, max_held)
         self.first = RequestFirst(reorder, max_held=max_held)
         self.counters = Counters()  #: replaced by the run's counters (cli)
-        self.agents: Counter[int] = Counter()  #: packets taken per capture agent id (bounded: see _agent)
+        self.agents: Counter[int] = Counter()  #: packets taken per capture agent id (the first 4096 agents)
         self.path = "hep:" + ",".join(urls)
         self.size = 0
         self._bytes = 0
