@@ -42,7 +42,7 @@ import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from sipsniff_acc.events import CaptureGap, Counters, Datagram, Idle, Transport
@@ -564,6 +564,8 @@ class HepListener:
         self.conns: dict[int, _Conn] = {}
         self._closed = False
         self._kernel_dropped = 0  #: the kernel's drop count on our UDP sockets at the last look
+        self._got: list[Datagram] = []  #: read in this round, not yet in the reorder buffer
+        self._out: deque[Any] = deque()  #: released, not yet handed on
         try:
             for scheme, host, port in parsed:
                 self._bind(scheme, host, port)
@@ -686,8 +688,9 @@ class HepListener:
         try:
             yield from self._run()
         finally:
-            held = len(self.reorder)
-            if held:  # a stop in the wait: what the reorder buffer held is not accounted, and said so
+            held = (len(self.reorder) + self.first.held + len(self._got)
+                    + sum(1 for x in self._out if x.__class__ is Datagram))
+            if held:  # a stop: what was read but not handed on is not accounted, and said so
                 self.counters.skipped["hep_held_at_stop"] += held
             self.close()
 
@@ -722,7 +725,8 @@ class HepListener:
             now = time.monotonic()
             if deadline is not None and now >= deadline or left is not None and left <= 0:
                 break
-            got: list[Datagram] = []
+            got = self._got  # read, not yet in the reorder buffer (counted if a stop cuts in)
+            got.clear()
             wait = IDLE_AFTER
             if len(reorder):
                 wait = min(wait, max(0.0, reorder._heap[0][0] + reorder.window - (time.time() + skew)))
@@ -746,6 +750,7 @@ class HepListener:
             out: list[Datagram] = []
             for d in got:
                 out += reorder.push(d)
+            got.clear()
             late, over = reorder.late, reorder.overflow
             sender_now = time.time() + skew
             out += reorder.due(sender_now)
@@ -766,8 +771,8 @@ class HepListener:
                 if gap is not None:
                     out.append(gap)  # type: ignore[arg-type]  # after what was read before the drops were seen
             if out:
-                yield from out
                 last_ts = max(last_ts, out[-1].ts)
+                yield from self._hand_on(out)
                 last_out = time.monotonic()
             elif time.monotonic() - last_out >= IDLE_AFTER:
                 # the sender's clock, less the window: what is due was released, time never goes back
@@ -783,7 +788,14 @@ class HepListener:
             anomalies["hep_reorder_late"] += reorder.late - late
         if self.udp and (gap := self._gap(max([last_ts, *(d.ts for d in rest)]))) is not None:
             rest.append(gap)
-        yield from rest
+        yield from self._hand_on(rest)
+
+    def _hand_on(self, items: list[Any]) -> Iterator[Any]:
+        """Yield ``items``; what a stop leaves unyielded stays in ``_out`` (counted at the end)."""
+        pending = self._out
+        pending.extend(items)
+        while pending:
+            yield pending.popleft()
 
     def _read_udp(self, s: socket.socket, got: list[Datagram], left: int | None) -> None:
         for _ in range(UDP_BURST if left is None else max(1, min(UDP_BURST, left - len(got)))):
