@@ -188,9 +188,10 @@ HELP_HEP_LISTEN = ("receive HEP (v2/v3, as Kamailio siptrace, heplify, Asterisk 
 
 def _open_hep(urls: list[str] | None, files: list[str], interface: list[str] | None, count: int | None,
               duration: float | None, quiet: bool, password: str | None, reorder_ms: float, workers: int,
-              capture_options: bool, rules: RulesFile) -> Any:
+              capture_options: bool, max_payload: int | None = None) -> Any:
     """--hep-listen's source (sources/hep.py), its sockets bound: every mistake (a bad URL, an
-    address taken, files or -i beside it, -j N) is one line, exit 2, before the work."""
+    address taken, files or -i beside it, -j N) is one line, exit 2, before the work.
+    ``max_payload``: limits.max_sip_message (None: its default)."""
     if not urls:
         return None
     from sipsniff_acc.sources.hep import HepListener, HepUsageError  # noqa: PLC0415 - only with --hep-listen
@@ -200,12 +201,12 @@ def _open_hep(urls: list[str] | None, files: list[str], interface: list[str] | N
     if capture_options:
         raise usage_error("-f/--filter, --ring-size and --no-promisc go with --interface, not --hep-listen")
     if workers > 0:
-        raise usage_error(f"--hep-listen accounts in one process: use -j 0 (or leave -j out), not -j {workers}")
+        raise usage_error(f"--hep-listen runs in one process: use -j 0 (or leave -j out), not -j {workers}")
     if not reorder_ms == reorder_ms or reorder_ms in (float("inf"), float("-inf")):
         raise usage_error("--hep-reorder: give milliseconds, 0 to 10000")
     try:
         return HepListener(urls, password, reorder_ms / 1000, count, duration, None if quiet else _listening,
-                           rules.limits.max_sip_message)
+                           *(() if max_payload is None else (max_payload,)))
     except HepUsageError as e:
         raise usage_error(str(e)) from None
 
@@ -328,6 +329,9 @@ def messages(
     ring_mb: Annotated[float | None, typer.Option("--ring-size", help=HELP_RING)] = None,
     no_promisc: Annotated[bool, typer.Option("--no-promisc", help=HELP_NO_PROMISC)] = False,
     rules_file: Annotated[Path | None, typer.Option(*RULES_FLAGS, help="rules.yaml: its limits: apply (max_sip_message: bytes of one SIP message over TCP/SCTP/WebSocket, default 1 MiB)")] = None,
+    hep_listen: Annotated[list[str] | None, typer.Option("--hep-listen", help=HELP_HEP_LISTEN)] = None,
+    hep_password: Annotated[str | None, typer.Option("--hep-password", envvar="SIPSNIFF_HEP_PASSWORD", help="--hep-listen: drop HEP packets without this auth key (counted)")] = None,
+    hep_reorder: Annotated[float, typer.Option("--hep-reorder", help="--hep-listen: ms a message waits for earlier ones; 0 to 10000")] = 50.0,
 ) -> None:
     """Every SIP message found in the captures, one per line (like `tshark -Y sip`).
 
@@ -335,11 +339,17 @@ def messages(
     """
     _check_workers(workers)
     limits = _rules_or_exit(rules_file).limits if rules_file is not None else None
-    readers = _open_sources([*(read or ()), *(files or ())], interface, count, duration, quiet, capture_filter,
-                            not no_promisc, ring_mb)
+    hep = _open_hep(hep_listen, [*(read or ()), *(files or ())], interface or None, count, duration, quiet,
+                    hep_password, hep_reorder, workers,
+                    capture_filter is not None or ring_mb is not None or no_promisc,
+                    limits.max_sip_message if limits is not None else None)
+    readers = [hep] if hep is not None else _open_sources([*(read or ()), *(files or ())], interface, count, duration,
+                                                          quiet, capture_filter, not no_promisc, ring_mb)
     _check_outputs(readers, output=output, stats=stats)
     errors: list[SourceError] = []
     counters = Counters()
+    if hep is not None:
+        hep.counters = counters
     workers = _auto_workers(workers)
     decrypted = _decrypt_tls(readers, tls_keylog) if tls_keylog is not None else []
     out: IO[bytes] = open_private(output, "wb") if output else sys.stdout.buffer
@@ -353,8 +363,13 @@ def messages(
             write(TABLE_HEADER)
         if show:
             frames = _with_progress(frames, readers, total)
-        for text in message_lines(frames, fmt.value, workers, counters, decrypted, limits):
-            write(text)
+        if hep is not None:  # whole messages from HEP senders, printed as they are handed on
+            for text in _hep_lines(frames, fmt.value, counters):
+                write(text)
+                out.flush()
+        else:
+            for text in message_lines(frames, fmt.value, workers, counters, decrypted, limits):
+                write(text)
         out.flush()
     if writing.reader_left:  # `| head`: the reader left; not an error of ours
         raise typer.Exit(0)
@@ -365,10 +380,14 @@ def messages(
     stats_ok = True
     if stats:
         doc = counters.as_dict() | {"errors": [str(e) for e in errors]} | _capture_doc(_live_capture(readers))
+        if hep is not None:
+            doc |= hep.stats_doc()
         stats_ok = write_private_or_say(stats, json.dumps(doc, indent=1) + "\n", f"--stats {stats}")
     if not quiet:
         _summary(counters, errors, sys.stderr)
         _capture_summary(_live_capture(readers), TerminalSafe(sys.stderr))  # type: ignore[arg-type]
+        if hep is not None:
+            print(escape(hep.summary_line()), file=sys.stderr)
     if failed:
         print(escape(failed), file=sys.stderr)
     if quiet:
@@ -378,6 +397,31 @@ def messages(
         raise typer.Exit(EXIT_OUTPUT_ERROR)
     if errors:
         raise typer.Exit(EXIT_INPUT_ERROR)
+
+
+def _hep_lines(items: Any, fmt: str, counters: Counters) -> Any:
+    """``messages --hep-listen``: the lines of HEP's whole SIP messages, a chunk per batch
+    handed on (at most 256 messages, and at every heartbeat)."""
+    from sipsniff_acc.messagerun import as_candidate, format_batch  # noqa: PLC0415
+
+    work = format_batch(fmt)
+    batch: list[Any] = []
+    for item in items:
+        if item.__class__ is Datagram:
+            batch.append(as_candidate(item))
+            if len(batch) < 256:
+                continue
+        if batch:
+            text, (parsed, anomalies) = work(batch)
+            batch = []
+            counters.sip_messages += parsed
+            counters.anomalies.update(anomalies)
+            yield text
+    if batch:
+        text, (parsed, anomalies) = work(batch)
+        counters.sip_messages += parsed
+        counters.anomalies.update(anomalies)
+        yield text
 
 
 def _check_tls(readers: list[FrameSource], keylog: Path) -> None:
@@ -532,7 +576,7 @@ def process(
     files = [*(read or ()), *(files or ())]
     interface = interface or None  # (typer may give [] for an option never given)
     hep = _open_hep(hep_listen, files, interface, count, duration, quiet, hep_password, hep_reorder, workers,
-                    capture_filter is not None or ring_mb is not None or no_promisc, rules)
+                    capture_filter is not None or ring_mb is not None or no_promisc, rules.limits.max_sip_message)
     if hep is not None:
         workers = 0
     consumer = None

@@ -53,7 +53,7 @@ def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize("args, says", [
     (["--hep-listen", "http://127.0.12.1:9060"], "use udp://ADDR:PORT or tcp://ADDR:PORT"),
     (["--hep-listen", "udp://127.0.12.1"], "use udp://ADDR:PORT"),
-    (["--hep-listen", "udp://127.0.12.1:0", "-j", "2"], "--hep-listen accounts in one process: use -j 0"),
+    (["--hep-listen", "udp://127.0.12.1:0", "-j", "2"], "--hep-listen runs in one process: use -j 0"),
     (["--hep-listen", "udp://127.0.12.1:0", "tests/pcaps/sample.pcap"], "not two of them"),
     (["--hep-listen", "udp://127.0.12.1:0", "-f", "udp"], "go with --interface, not --hep-listen"),
     (["--hep-listen", "udp://127.0.12.1:0", "--hep-reorder", "20000"], "--hep-reorder 20000 ms: use 0 to 10000"),
@@ -177,3 +177,29 @@ def test_hep_out_over_tcp_and_a_relay_keep_every_message_as_it_was(tmp_path: Pat
                    p.dport, names[p.proto]) for p in got) == want
     assert {p.agent_id for p in got} == {31}
     assert {m["transport"] for m in msgs} == {"UDP", "TCP"}
+
+
+def test_messages_lists_what_hep_senders_mirror(tmp_path: Path) -> None:
+    """`messages --hep-listen`: one line per SIP message, with the sender's addresses and time."""
+    err = open(tmp_path / "m.err", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "sipsniff_acc", "messages", "--hep-listen", f"udp://{HOST}:0",
+                             "--hep-password", "pw", "--duration", "4", "-o", str(tmp_path / "m.jsonl"),
+                             "--stats", str(tmp_path / "m.json")], stderr=err)
+    try:
+        deadline = time.monotonic() + 60
+        while "listening on" not in (tmp_path / "m.err").read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        port = _port(tmp_path / "m.err")
+        for kind in ("INVITE", "200", "ACK"):
+            _send(port, kind)
+            time.sleep(0.01)
+        _send(port, "ACK", password=b"bad")
+        assert proc.wait(60) == 0
+    finally:
+        stop(proc)
+        err.close()
+    lines = [json.loads(ln) for ln in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [(m["method"], m["status"], m["src"], m["dst"]) for m in lines] == [
+        ("INVITE", None, "127.0.12.2", "127.0.12.3"), (None, 200, "127.0.12.3", "127.0.12.2"),
+        ("ACK", None, "127.0.12.2", "127.0.12.3")]
+    assert json.loads((tmp_path / "m.json").read_text())["hep"]["dropped"] == {"auth_wrong": 1}
