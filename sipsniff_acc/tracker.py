@@ -633,7 +633,10 @@ class TransactionTracker:
         if got is None:  # no branch in sight: the upstream reply is all we know
             return BranchesFailed(txn, upstream if relayed is not None or not txn.branches else None,
                                   upstream.code, upstream.ts, relayed)
-        return BranchesFailed(*got, failure_route=txn.first_branch == 0)
+        # after earlier rounds tm runs the failure_route again only if re-armed; a reply of its
+        # own (no branch's, another code) shows it ran
+        own_reply = relayed is None and got[2] != upstream.code
+        return BranchesFailed(*got, failure_route=txn.first_branch == 0 or own_reply)
 
     def _pick(self, txn: Transaction, branches: list[Transaction] | tuple[()], fallback_ts: float
               ) -> tuple[Transaction, SipMessage | None, int, float, Transaction] | None:

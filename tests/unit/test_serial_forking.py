@@ -222,3 +222,16 @@ def test_t_on_failure_is_a_failure_route_action() -> None:
         parse_rules(text, "r.yaml")
     assert e.value.problems == ["r.yaml:4: route.0.t_on_failure: t_on_failure is a failure_route action (failure_route "
                                 "rules run at a transaction's first failure without it)"]
+
+
+@pytest.mark.parametrize("proxies", [True, False])
+def test_a_reply_of_the_failure_routes_own_shows_it_ran_again(proxies: bool) -> None:
+    """An LCR script's last failure_route (re-armed) answers itself, t_reply("503"): the reply
+    upstream is no branch's, so the failure_route ran at that round; a relayed last reply
+    (the 480 itself) does not say so."""
+    from tests.flows import TM_TAG
+
+    msgs = serial(486, 480)
+    msgs[-1] = Call().reply(503, "No more gateways", 1000.401, PROXY, UAC, [C], to_tag=f"{TM_TAG}-0badcafe")
+    assert [(f.code, f.failure_route) for f in failures(msgs, proxies)] == [(486, True), (480, True)]
+    assert [(f.code, f.failure_route) for f in failures(serial(486, 480), proxies)] == [(486, True), (480, False)]
