@@ -53,7 +53,7 @@ class HepOut:
             raise HepUsageError(f"--hep-out {url}: cannot resolve {host!r} ({getattr(e, 'strerror', None) or e})") from None
         self.family: int = info[0][0]
         self.addr: tuple[Any, ...] = info[0][4]
-        self.sent = 0  #: HEP packets handed to the kernel
+        self.sent = 0  #: HEP packets handed to the kernel (TCP: queued for it, less what was lost since)
         self.lost: Counter[str] = Counter()  #: copies not sent, by reason
         self._buf = bytearray()
         self._sock: socket.socket | None = None
@@ -120,8 +120,7 @@ class HepOut:
                 if self._buf:
                     time.sleep(0.01)
             if self._buf:
-                self._lose("unsent_at_end", self._buf.count(b"HEP3"))
-                self._buf.clear()
+                self._lose_queued("unsent_at_end")
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -142,6 +141,14 @@ class HepOut:
     def _lose(self, reason: str, n: int = 1) -> None:
         self.lost[reason] += n
         self._alarm()
+
+    def _lose_queued(self, reason: str) -> None:
+        """The TCP buffer's packets will not be sent: counted lost, no longer sent (whole packets,
+        by their magic; the head may be a packet already partly written)."""
+        n = min(self.sent, max(1, self._buf.count(b"HEP3")))
+        self.sent -= n
+        self._buf.clear()
+        self._lose(reason, n)
 
     def _alarm(self, force: bool = False) -> None:
         """One line per ALARM_EVERY seconds at most, when copies were lost since the last one."""
@@ -205,9 +212,7 @@ class HepOut:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                # what was in the buffer is gone with the connection: counted (whole packets)
-                self._lose("connection_lost", max(1, self._buf.count(b"HEP3")))
-                self._buf.clear()
+                self._lose_queued("connection_lost")  # what was in the buffer is gone with the connection
                 self._lose_connection(e.errno or 0)
                 return
             del self._buf[:n]
