@@ -233,7 +233,7 @@ class Batcher:
         batch = self.parts[p]
         if not batch:
             self.first[p] = time.monotonic()
-        batch.append((d.ts, d.no, _TEXT[d.transport], d.src, d.sport, d.dst, d.dport, d.payload, d.encap))
+        batch.append((d.ts, d.no, _TEXT[d.transport], d.src, d.sport, d.dst, d.dport, d.payload, d.encap, d.source))
         self.sizes[p] += len(d.payload)
         self.messages += 1
         if d.ts > self.clock:
@@ -321,7 +321,7 @@ def capture(
         except ImportError:
             raise usage_error("--hep-listen: this build has no HEP input") from None
         try:
-            hep = HepListener(list(hep_listen), hep_password)
+            hep = HepListener(list(hep_listen), hep_password, on_open=None if quiet else _listening)
         except HepUsageError as e:
             raise usage_error(str(e)) from None
         hep.counters = counters
@@ -358,7 +358,8 @@ def capture(
     doc = {"sensor": sensor, "stream": stream, "partitions": partitions, "frames": counters.frames,
            "sip_messages": batcher.messages, "published": pub.published, "nats_messages": pub.nats_messages,
            "heartbeats": pub.heartbeats, "dropped": pub.dropped, "unacknowledged": unacked,
-           "retries": pub.retries} | pub.events | {"errors": [str(e) for e in errors]}
+           "retries": pub.retries, "skipped": dict(counters.skipped), "anomalies": dict(counters.anomalies)} \
+        | pub.events | {"errors": [str(e) for e in errors]}
     failed = False
     if stats is not None and not write_private_or_say(stats, json.dumps(doc, indent=1) + "\n", f"--stats {stats}"):
         failed = True
@@ -399,8 +400,10 @@ def _pump(frames: Any, stage: CaptureStage, batcher: Batcher, stop: Any) -> None
                 for d in release(item.ts):
                     if d.__class__ is Datagram:
                         add(d)
-            if item.ts > batcher.clock:
-                batcher.clock = item.ts  # a live source's clock in silence: the heartbeats carry it
+            if batcher.messages and item.ts > batcher.clock:
+                # a live source's clock in silence: the heartbeats carry it (not before the first
+                # message: HEP's clock before any packet is our wall clock, not the sender's)
+                batcher.clock = item.ts
             batcher.poll(heartbeat=True)
         n += 1
         if not n & 255:
@@ -410,6 +413,11 @@ def _pump(frames: Any, stage: CaptureStage, batcher: Batcher, stop: Any) -> None
     for d in stage.finish():
         if d.__class__ is Datagram:
             add(d)
+
+
+def _listening(addresses: str) -> None:
+    """tcpdump's start line: the sockets are bound, packets from now on are taken."""
+    print(f"listening on {addresses}", file=sys.stderr, flush=True)
 
 
 def register(app: typer.Typer) -> None:

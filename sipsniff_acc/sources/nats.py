@@ -51,8 +51,9 @@ VERSION: Final = 1
 _HEAD = struct.Struct("<3sBB")
 _COUNT = struct.Struct("<dH")
 #: one SIP message: capture time, frame number, transport, address family (4 or 6), ports,
-#: encapsulation text length, payload length; then src, dst, encap text, payload
-_REC = struct.Struct("<dIBBHHBI")
+#: encapsulation text length, provenance text length, payload length; then src, dst, encap
+#: text, provenance ("hep:<agent id>" for HEP, else empty), payload
+_REC = struct.Struct("<dIBBHHBBI")
 TRANSPORTS: Final = (Transport.UDP, Transport.TCP, Transport.SCTP, Transport.TLS, Transport.WS)
 _TCODE: Final = {t: i for i, t in enumerate(TRANSPORTS)}
 MAX_SENSOR_ID: Final = 64
@@ -64,7 +65,7 @@ DEFAULT_WINDOW_MS: Final = 200.0
 CHECKPOINT_EVERY: Final = 1.0  #: wall seconds between checkpoints (state saved, messages acknowledged)
 HEARTBEAT: Final = 0.5  #: wall seconds of silence between Idles (timers fire, outputs flush)
 FETCH_BATCH: Final = 256
-MAX_HELD: Final = 200_000  #: messages held in the reorder heap, at most
+MAX_HELD: Final = 100_000  #: SIP messages held in the reorder heap, at most (~100 MB at 1 kB each)
 MAX_ACK_PENDING: Final = 20_000  #: NATS messages delivered and not yet acknowledged, per partition
 ACK_WAIT: Final = 60.0  #: seconds before the server redelivers an unacknowledged message (skipped: seen)
 CONNECT_TIMEOUT: Final = 5.0
@@ -125,17 +126,19 @@ def check_name(name: str, option: str) -> str:
 # --- the bus format -------------------------------------------------------------------
 
 def encode_batch(sensor: bytes, clock: float,
-                 records: list[tuple[float, int, str, bytes, int, bytes, int, bytes, tuple[str, ...]]]) -> bytes:
-    """Candidates (processrun's tuples, without the source) of one partition → one NATS message;
-    ``clock``: the sensor's packet time now (no records: a heartbeat)."""
+                 records: list[tuple[float, int, str, bytes, int, bytes, int, bytes, tuple[str, ...], str]]) -> bytes:
+    """Candidates (processrun's tuples) of one partition → one NATS message; a source is kept
+    only when it is a HEP agent's (provenance); ``clock``: the sensor's packet time now (no
+    records: a heartbeat)."""
     out = [_HEAD.pack(MAGIC, VERSION, len(sensor)), sensor, _COUNT.pack(clock, len(records))]
     pack = _REC.pack
     codes = _TCODE
-    for ts, no, transport, src, sport, dst, dport, payload, encap in records:
-        enc = ",".join(encap).encode()[:255]
+    for ts, no, transport, src, sport, dst, dport, payload, encap, source in records:
+        enc = ",".join(encap).encode()[:255] if encap else b""
+        prov = source.encode("utf-8", "replace")[:255] if source[:4] == "hep:" else b""
         out.append(pack(ts, no & 0xFFFFFFFF, codes[transport], 4 if len(src) == 4 else 6,
-                        sport, dport, len(enc), len(payload)))
-        out += (src, dst, enc, payload)
+                        sport, dport, len(enc), len(prov), len(payload)))
+        out += (src, dst, enc, prov, payload)
     return b"".join(out)
 
 
@@ -169,14 +172,14 @@ def decode_batch(data: bytes, max_payload: int = MAX_PAYLOAD) -> tuple[str, floa
     for _ in range(count):
         if off + rsize > n:
             raise BadMessage("short record")
-        ts, no, tcode, fam, sport, dport, elen, plen = unpack(data, off)
+        ts, no, tcode, fam, sport, dport, elen, vlen, plen = unpack(data, off)
         off += rsize
         alen = 4 if fam == 4 else 16 if fam == 6 else -1
         if alen < 0 or tcode >= len(TRANSPORTS):
             raise BadMessage("bad address family or transport")
         if plen > max_payload:
             raise BadMessage("payload beyond the message size limit")
-        end = off + 2 * alen + elen + plen
+        end = off + 2 * alen + elen + vlen + plen
         if end > n:
             raise BadMessage("record beyond the message")
         if not (ts == ts and 0 <= ts < 1e11):  # NaN, negative or absurd capture times
@@ -185,9 +188,11 @@ def decode_batch(data: bytes, max_payload: int = MAX_PAYLOAD) -> tuple[str, floa
         dst = data[off + alen:off + 2 * alen]
         p = off + 2 * alen
         encap = tuple(data[p:p + elen].decode("ascii", "replace").split(",")) if elen else ()
-        payload = data[p + elen:end]
+        p += elen
+        source = data[p:p + vlen].decode("utf-8", "replace") if vlen else sensor
+        payload = data[p + vlen:end]
         off = end
-        out.append(Datagram(ts, no, TRANSPORTS[tcode], src, sport, dst, dport, payload, encap, sensor))
+        out.append(Datagram(ts, no, TRANSPORTS[tcode], src, sport, dst, dport, payload, encap, source))
     if off != n:
         raise BadMessage("trailing bytes")
     return sensor, clock, out
@@ -370,7 +375,7 @@ class NatsSource:
         self.alarm = alarm
         self.stats = ConsumeStats()
         self.parts: dict[int, _Partition] = {p: _Partition() for p in partitions}
-        self.inbox: queue.Queue[tuple[int, list[Any]]] = queue.Queue(maxsize=64)
+        self.inbox: queue.Queue[tuple[int, list[Any]]] = queue.Queue(maxsize=8)  # fetched batches waiting: bounded
         self.acc: Any = None
         self.nc: Any = None
         self.io: LoopThread | None = None

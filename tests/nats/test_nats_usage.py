@@ -119,10 +119,11 @@ def test_partitions_spec() -> None:
 
 def test_bus_format_round_trip_and_bounds() -> None:
     rec = (1.5e9, 7, "UDP", b"\x0a\x00\x00\x01", 5060, b"\x0a\x00\x00\x02", 5070, b"INVITE sip:a SIP/2.0\r\n\r\n",
-           ("eth", "ip4"))
-    data = encode_batch(b"s1", 1.6e9, [rec, rec[:3] + (bytes(16), 1, bytes(range(16)), 2, b"x", ())])
+           ("eth", "ip4"), "file.pcap")
+    data = encode_batch(b"s1", 1.6e9, [rec, rec[:3] + (bytes(16), 1, bytes(range(16)), 2, b"x", (), "hep:2001")])
     sensor, clock, ds = decode_batch(data)
     assert sensor == "s1" and clock == 1.6e9 and len(ds) == 2
+    assert ds[0].source == "s1" and ds[1].source == "hep:2001"  # a HEP agent's provenance goes through
     d = ds[0]
     assert (d.ts, d.no, d.transport, d.src, d.sport, d.dport, d.payload, d.encap) == (
         1.5e9, 7, Transport.UDP, rec[3], 5060, 5070, rec[7], ("eth", "ip4"))
