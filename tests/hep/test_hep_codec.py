@@ -303,3 +303,21 @@ def test_a_tcp_stream_of_anything_is_split_without_looping_and_keeps_every_packe
             assert e.reason in hep.REASONS
     if all(p == b"@PKT@" for p in parts):  # a clean stream: every packet, in order
         assert out == [pkt] * len(parts) and not buf
+
+
+def test_listener_on_ipv6_loopback_takes_ipv6_packets() -> None:
+    try:
+        listener = HepListener(["udp://[::1]:0"], reorder=0.0, count=1)
+    except HepUsageError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    url = listener.addresses()[0]
+    assert url.startswith("udp://[::1]:")
+    six = socket.inet_pton(socket.AF_INET6, "2001:db8::5")
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.extend(listener), daemon=True)
+    t.start()
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+        s.sendto(encode(time.time(), "UDP", six, 5060, six, 5062, SIP, 8), ("::1", int(url.rsplit(":", 1)[1])))
+    t.join(20)
+    msgs = [x for x in got if isinstance(x, Datagram)]
+    assert [(m.src, m.dport, m.source) for m in msgs] == [(six, 5062, "hep:8")]
