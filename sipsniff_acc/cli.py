@@ -588,8 +588,9 @@ def process(
         except NatsUsageError as e:
             raise usage_error(escape(str(e))) from None
         workers = 0
-    sources = [hep] if hep is not None else [consumer] if consumer is not None else _open_sources(  # type: ignore[list-item]
-        files, interface, count, duration, quiet, capture_filter, not no_promisc, ring_mb)
+    sources: list[FrameSource] = (
+        [hep] if hep is not None else [consumer] if consumer is not None  # type: ignore[list-item]
+        else _open_sources(files, interface, count, duration, quiet, capture_filter, not no_promisc, ring_mb))
     hep_copy = _open_hep_out(hep_out, hep_agent_id, hep_password)
     _check_outputs(sources, log=log, jsonl=jsonl_file, stats=stats, spool=None if no_db else spool_path, calls=calls_file)
     if state_file is not None:
@@ -659,7 +660,7 @@ def process(
     if hep is not None:
         hep.counters = counters  # drops by reason: --stats, the summary, /metrics
     decrypted = _decrypt_tls(sources, tls_keylog) if tls_keylog is not None else []
-    frames = consumer if consumer is not None else open_captures(sources, errors)
+    frames: Any = consumer if consumer is not None else open_captures(sources, errors)  # (NatsSource: Datagram, Tick, Idle)
     total = sum(getattr(r, "size", 0) for r in sources)
     show = progress if progress is not None else (sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES)
     if show:

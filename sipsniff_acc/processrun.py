@@ -13,7 +13,6 @@ so a file and a live capture of the same traffic give the same records.
 from __future__ import annotations
 
 import heapq
-import re
 import time
 import zlib
 from collections import Counter, deque
@@ -32,7 +31,7 @@ from sipsniff_acc import stopping
 from sipsniff_acc.shard import BATCH, sharded_map
 from sipsniff_acc.records import AccRecord
 from sipsniff_acc.rules import RulesFile, parse_address
-from sipsniff_acc.sip import SipMessage
+from sipsniff_acc.sip import SipMessage, call_id_line
 from sipsniff_acc.tracker import AckIn, Event, RequestIn, TrackerStats, TransactionTracker
 
 
@@ -346,7 +345,7 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
                                         deliver(recs)
                 timers(frame.ts, True)
                 continue
-            elif cls is Tick:  # a source of Datagrams telling packet time went on (sources/nats.py)
+            elif cls is Tick:  # type: ignore[comparison-overlap]  # a Datagram source's packet time (sources/nats.py)
                 timers(frame.ts, False)
                 continue
             else:  # CaptureGap
@@ -434,10 +433,6 @@ def _save_state(path: str, acc: AccPipeline, now: float | None, shard: int = 0, 
 
 # --- several processes: shards by Call-ID ------------------------------------------------
 
-#: Call-ID header line in a raw message (long or compact form): the front process shards on
-#: it without parsing the message (a regex search, ~0.5 µs, against ~4 µs for a parse).
-_CALL_ID = re.compile(rb"\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
-
 #: a round's share for one worker: (first packet time of the run, [(sequence, candidate, or a
 #: Tick's time: advance the timers)], control or None); None: finish. Control keys, applied
 #: before the items: "gap": [times] (CaptureGap), "rules": RulesFile (reload); after them: "save": (path, now) (state)
@@ -457,8 +452,8 @@ LIVE_POLL = 0.02  #: live: seconds of packet time between looks for results alre
 
 
 def shard_of(payload: bytes, shards: int) -> int:
-    m = _CALL_ID.search(payload)
-    return zlib.crc32(m.group(1).strip() if m else b"") % shards
+    cid = call_id_line(payload)  # C: 0.15 µs where the regex search was 0.76 µs, in the front process
+    return zlib.crc32(cid.strip() if cid is not None else b"") % shards
 
 
 def acc_worker(rules: RulesFile, open_as_408: bool, shards: int = 1, state: str | None = None,

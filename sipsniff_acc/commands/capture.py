@@ -368,8 +368,8 @@ def capture(
               f"{escape(stream)}.0-{partitions - 1} and acknowledged in {pub.nats_messages - pub.heartbeats} NATS "
               f"message(s); {pub.dropped} dropped (buffer full), {unacked} unacknowledged, {pub.retries} resent",
               file=sys.stderr)
-    for e in errors:
-        print(f"error: {escape(str(e))}", file=sys.stderr)
+    for err in errors:
+        print(f"error: {escape(str(err))}", file=sys.stderr)
     if stopped:
         raise typer.Exit(128 + stopped)
     if pub.dropped or unacked or not drained or failed:

@@ -55,7 +55,7 @@ _COUNT = struct.Struct("<dH")
 #: text, provenance ("hep:<agent id>" for HEP, else empty), payload
 _REC = struct.Struct("<dIBBHHBBI")
 TRANSPORTS: Final = (Transport.UDP, Transport.TCP, Transport.SCTP, Transport.TLS, Transport.WS)
-_TCODE: Final = {t: i for i, t in enumerate(TRANSPORTS)}
+_TCODE: Final[dict[str, int]] = {t.value: i for i, t in enumerate(TRANSPORTS)}  # (a str Enum looks up as its text)
 MAX_SENSOR_ID: Final = 64
 MAX_BATCH_RECORDS: Final = 1000  #: SIP messages in one NATS message, at most
 MAX_PAYLOAD: Final = 1 << 20  #: bytes of one SIP message, at most (limits.max_sip_message's default)
