@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -66,16 +68,27 @@ def test_stream_and_partitions_must_agree(tmp_path: Path, nats_server: NatsServe
 
 
 def test_nats_down_mid_run_is_counted_and_retried(tmp_path: Path, nats_server: NatsServer) -> None:
-    """A sensor reading a pipe while the server goes away and comes back: an alarm line, the
-    messages wait in its buffer and are published after the reconnect; exit 0, all acknowledged."""
+    """The server goes away and comes back under a sensor reading a pipe and a worker consuming:
+    alarm lines, the sensor's messages wait in its buffer and are published after the
+    reconnect (exit 0, all acknowledged), the worker's fetches fail (counted) and resume; its
+    records are those of the offline run."""
+    offline = tmp_path / "offline.jsonl"
+    p = run("process", str(SAMPLE), "--no-db", "--log", "none", "--jsonl", str(offline), "-q")
+    assert p.returncode == 0, p.stderr
+    want = sorted(offline.read_text().splitlines())
+    asyncio.run(make_stream(nats_server.url, 2))
     data = SAMPLE.read_bytes()
     records = _pcap_records(data)
     half = len(records) // 2
     stats = tmp_path / "stats.json"
+    out = tmp_path / "worker.jsonl"
+    worker = subprocess.Popen([sys.executable, "-m", "sipsniff_acc", "process", "--consume", nats_server.url,
+                               "--partitions", "0-1", "--state", str(tmp_path / "w.state"), "--no-db", "--log", "none",
+                               "--jsonl", str(out)], stderr=subprocess.PIPE, cwd=tmp_path)
     sensor = subprocess.Popen([sys.executable, "-m", "sipsniff_acc", "capture", "-", "--publish", nats_server.url,
                                "--partitions", "2", "--sensor-id", "pipe", "--stats", str(stats)],
-                              stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=False)
-    assert sensor.stdin is not None and sensor.stderr is not None
+                              stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert sensor.stdin is not None and sensor.stderr is not None and worker.stderr is not None
     try:
         sensor.stdin.write(data[:24] + b"".join(records[:half]))
         sensor.stdin.flush()
@@ -87,16 +100,33 @@ def test_nats_down_mid_run_is_counted_and_retried(tmp_path: Path, nats_server: N
         nats_server.start()
         sensor.stdin.close()
         assert sensor.wait(180) == 0
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < len(want)):
+            time.sleep(0.2)
+        time.sleep(1)
     finally:
-        if sensor.poll() is None:
-            sensor.send_signal(signal.SIGKILL)
-            sensor.wait(10)
+        for proc in (sensor, worker):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM if proc is worker else signal.SIGKILL)
+            proc.wait(60)
     err = sensor.stderr.read().decode()
     assert "alarm: NATS" in err and "connection lost" in err, err
-    import json
     doc = json.loads(stats.read_text())
     assert doc["published"] == doc["sip_messages"] > 0 and doc["unacknowledged"] == 0 and doc["dropped"] == 0, doc
     assert doc["disconnects"] >= 1
+    werr = worker.stderr.read().decode()
+    assert "connection lost" in werr and "reconnected" in werr, werr
+    assert sorted(out.read_text().splitlines()) == want
+
+
+async def make_stream(url: str, partitions: int) -> None:
+    import nats
+    from sipsniff_acc.sources.nats import ensure_stream
+    nc = await nats.connect(url)
+    try:
+        await ensure_stream(nc.jetstream(), "sip", partitions, "--publish")
+    finally:
+        await nc.close()
 
 
 def _pcap_records(data: bytes) -> list[bytes]:
