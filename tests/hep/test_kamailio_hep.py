@@ -131,6 +131,14 @@ def test_siptrace_mirror_gives_kamailios_records(case: str, tmp_path: Path) -> N
     ours = start_ours(_our_args(tmp_path), tmp_path)
     try:
         relayed = relay_with_siptrace(case, tmp_path)
+        # on a busy machine we may still be reading the mirror: wait (bounded) for as many
+        # records as Kamailio wrote ACC lines before the stop, rather than guess a time
+        deadline = time.monotonic() + 60
+        out = tmp_path / "ours.jsonl"  # whole lines only: a line may be half written while we look
+        while (out.read_bytes().count(b"\n") if out.exists() else 0) < len(relayed.kam_lines) \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)  # anything beyond Kamailio's records would show up too
     finally:
         status = stop(ours)
     err = (tmp_path / "ours.err").read_text()
