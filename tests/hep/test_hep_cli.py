@@ -83,10 +83,15 @@ def test_sigterm_saves_the_state_and_the_next_run_accounts_the_call(tmp_path: Pa
     the 200 and ACK reach the second: one answered record, made of both runs' messages."""
     common = ["--hep-listen", f"udp://{HOST}:0", "--hep-password", "pw", "--no-db", "--log", "none",
               "--state", str(tmp_path / "state"), "--hep-reorder", "20"]
-    first = start_ours([*common, "--jsonl", str(tmp_path / "a.jsonl")], tmp_path, "first")
+    metrics = free_port()
+    first = start_ours([*common, "--jsonl", str(tmp_path / "a.jsonl"), "--metrics", f"127.0.0.1:{metrics}"],
+                       tmp_path, "first")
     try:
         _send(_port(tmp_path / "first.err"), "INVITE")
-        time.sleep(1.0)  # the reorder window and a heartbeat pass: the INVITE is in the tracker
+        deadline = time.monotonic() + 30  # until the INVITE is in the tracker (a busy machine: no fixed sleep)
+        while time.monotonic() < deadline and "sipsniff_open_transactions 1.0" not in urllib.request.urlopen(
+                f"http://127.0.0.1:{metrics}/metrics", timeout=10).read().decode():
+            time.sleep(0.1)
     finally:
         status = stop(first)
     assert status == 128 + signal.SIGTERM, (tmp_path / "first.err").read_text()
