@@ -399,6 +399,25 @@ def messages(
         raise typer.Exit(EXIT_INPUT_ERROR)
 
 
+def _hep_candidates(items: Any) -> Any:
+    """``process --hep-listen -j N``: HEP's whole messages (Datagrams) as the round loop's
+    candidates, with the Ticks of packet time frames would give (messagerun.timed_candidates
+    passes both through); heartbeats and gaps as they are."""
+    from sipsniff_acc.messagerun import TICK, Tick, as_candidate  # noqa: PLC0415
+
+    next_tick = float("-inf")
+    for item in items:
+        if item.__class__ is Datagram:
+            ts = item.ts
+            if ts >= next_tick:
+                if next_tick != float("-inf"):
+                    yield Tick(ts)
+                next_tick = ts + TICK
+            yield as_candidate(item)
+        else:
+            yield item
+
+
 def _hep_lines(items: Any, fmt: str, counters: Counters) -> Any:
     """``messages --hep-listen``: the lines of HEP's whole SIP messages, a chunk per batch
     handed on (at most 256 messages, and at every heartbeat)."""
@@ -575,16 +594,22 @@ def process(
     rules = _rules_or_exit(rules_file)
     files = [*(read or ()), *(files or ())]
     interface = interface or None  # (typer may give [] for an option never given)
-    hep = _open_hep(hep_listen, files, interface, count, duration, quiet, hep_password, hep_reorder, workers,
+    hep = _open_hep(hep_listen, files, interface, count, duration, quiet, hep_password, hep_reorder, min(workers, 0),
                     capture_filter is not None or ring_mb is not None or no_promisc, rules.limits.max_sip_message)
     if hep is not None:
-        workers = 0
+        if consume is not None or partitions is not None:
+            hep.close()
+            raise usage_error("--hep-listen or --consume, not both (a sensor publishes HEP: sipsniff-acc capture "
+                              "--hep-listen ... --publish)")
+        workers = max(workers, 0)  # live: one process unless -j N is given (as -i)
     consumer = None
     if consume is not None or partitions is not None:  # a NATS JetStream worker (sources/nats.py)
         from sipsniff_acc.sources.nats import NatsUsageError, consumer_from_options  # noqa: PLC0415
         try:
             consumer = consumer_from_options(consume, partitions, durable, nats_stream, reorder_window, files,
-                                             interface, state_file, workers)
+                                             interface, state_file, workers,
+                                             "--count" if count is not None else "--duration" if duration is not None
+                                             else "-f/--filter" if capture_filter is not None else None)
         except NatsUsageError as e:
             raise usage_error(escape(str(e))) from None
         workers = 0
@@ -690,6 +715,8 @@ def process(
                 if workers < 0 and (interface is not None or "-" in (files or [])):
                     workers = 0  # live or a pipe: every record goes out at once, not a round later
                 copies = [CopyOutput(em, _output_name(em, paths)) for em in emitters if em not in spooled]
+                if hep is not None and workers > 0:
+                    frames = _hep_candidates(frames)  # -j N: the round loop takes whole messages as candidates
                 result = run(frames, rules, [*spooled, *copies], counters, open_as_408, result,
                              _auto_workers(workers), decrypted, control=control,
                              state=str(state_file) if state_file is not None else None,

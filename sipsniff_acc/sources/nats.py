@@ -544,12 +544,14 @@ class NatsSource:
                         clock = ts
                         yield Tick(ts)
                     next_tick = ts + TICK
+                released += 1
+                yield d
+                # counted fed only once the run came back for more: a stop raised in between
+                # (stopping.waiting_on) leaves it unacknowledged, to be redelivered
                 entry.left -= 1
                 if entry.left == 0:
                     self.unacked += 1
                 st.sip_messages += 1
-                released += 1
-                yield d
             if released:
                 quiet_since = time.monotonic()
             now = time.monotonic()
@@ -703,11 +705,15 @@ def get_nowait(q: queue.Queue[Any]) -> Any:
 
 
 def consumer_from_options(url: str | None, partitions: str | None, durable: str, stream: str, window_ms: float,
-                          files: list[str], interface: list[str] | None, state: Any, workers: int) -> NatsSource:
+                          files: list[str], interface: list[str] | None, state: Any, workers: int,
+                          live_option: str | None = None) -> NatsSource:
     """``process --consume``'s options checked together (``NatsUsageError``, one line); the
-    connection is made by ``open()``, after the other checks of the command."""
+    connection is made by ``open()``, after the other checks of the command. ``live_option``:
+    an option of live captures that was given (meaningless here)."""
     if url is None or partitions is None:
         raise NatsUsageError("--consume nats://HOST:PORT and --partitions (e.g. 0-3) go together")
+    if live_option is not None:
+        raise NatsUsageError(f"{live_option} goes with --interface, not --consume (a worker runs until stopped)")
     if files or interface:
         raise NatsUsageError("--consume reads from NATS: give no capture files or --interface")
     if state is None:

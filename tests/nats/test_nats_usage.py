@@ -49,6 +49,7 @@ def test_unreachable_nats_is_one_line_at_start(tmp_path: Path) -> None:
     (["--consume", "nats://127.0.13.1:4222", "--partitions", "0-3", "--state", "s", "-j", "2"], "one process"),
     (["--consume", "nats://127.0.13.1:4222", "--partitions", "0", "--state", "s", "--stream", "a.b"], "--stream"),
     (["--consume", "nats://127.0.13.1:4222", "--partitions", "0", "--state", "s", str(SAMPLE)], "no capture files"),
+    (["--consume", "nats://127.0.13.1:4222", "--partitions", "0", "--state", "s", "--duration", "1"], "--duration"),
 ])
 def test_consume_option_mistakes(tmp_path: Path, args: list[str], says: str) -> None:
     p = run("process", *args, "--log", "none", cwd=tmp_path)
