@@ -362,9 +362,44 @@ done:
 #undef ERR
 }
 
+/*
+ * call_id(data) -> bytes or None: the value of the first Call-ID line anywhere in data, as the
+ * -j N front shards by it without parsing (processrun.shard_of); the regex it replaces:
+ *     \n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]*)      (any case; value up to the end of the line)
+ * 0.15 us where the regex search cost 0.76 us a message in the one process that cannot be split.
+ */
+static PyObject *call_id(PyObject *self, PyObject *arg) {
+    Py_buffer buf;
+    (void)self;
+    if (PyObject_GetBuffer(arg, &buf, PyBUF_SIMPLE) < 0) return NULL;
+    const char *d = (const char *)buf.buf;
+    Py_ssize_t end = buf.len, i = 0;
+    while (i < end) {
+        const char *nl = memchr(d + i, '\n', (size_t)(end - i));
+        if (nl == NULL) break;
+        Py_ssize_t j = (nl - d) + 1;
+        i = j;
+        if (j < end && lower((unsigned char)d[j]) == 'i') j += 1;
+        else if (end - j >= 7 && lower((unsigned char)d[j]) == 'c' && same(d + j, 7, "call-id")) j += 7;
+        else continue;
+        while (j < end && (d[j] == ' ' || d[j] == '\t')) j++;
+        if (j >= end || d[j] != ':') continue;
+        j++;
+        while (j < end && (d[j] == ' ' || d[j] == '\t')) j++;
+        Py_ssize_t e = j;
+        while (e < end && d[e] != '\r' && d[e] != '\n') e++;
+        PyObject *out = PyBytes_FromStringAndSize(d + j, e - j);
+        PyBuffer_Release(&buf);
+        return out;
+    }
+    PyBuffer_Release(&buf);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS, "Find the eager SIP header values in data[start:end]; None if folded."},
     {"param", param, METH_VARARGS, "The first ;name=value parameter in data[start:stop], or None."},
+    {"call_id", call_id, METH_O, "The value of the first Call-ID line in data (any case, compact too), or None."},
     {"fill", fill, METH_VARARGS, "Parse a well-formed SIP message's eager fields into msg; False: use the Python path."},
     {NULL, NULL, 0, NULL},
 };

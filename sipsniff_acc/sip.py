@@ -325,6 +325,21 @@ def eager_headers(data: bytes, start: int, end: int) -> Scan:
     return found[0], found[1], found[2], found[3], found[4], found[5], nlines, nvias
 
 
+_CALL_ID_LINE = re.compile(rb"\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
+
+
+def _call_id_line_py(data: bytes) -> bytes | None:
+    """The value of the first Call-ID line anywhere in data (up to the end of its line), or None."""
+    m = _CALL_ID_LINE.search(data)
+    return m.group(1) if m else None
+
+
+#: the Call-ID line's value without a parse (what -j N shards by): the C one when built
+call_id_line: Callable[[bytes], bytes | None] = _call_id_line_py
+if _fill is not None:
+    call_id_line = _speedups.call_id
+
+
 def _number(digits: bytes) -> int | None:
     """An unsigned decimal of at most MAX_DIGITS significant digits, else None.
 

@@ -319,3 +319,14 @@ def test_vias_are_the_same_whether_or_not_the_headers_were_parsed(pieces: list[b
     assert isinstance(fast, sip.SipMessage) and isinstance(full, sip.SipMessage)
     full.headers  # noqa: B018 - parse every header first
     assert fast.vias() == full.vias()
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(HEADER_LINE, st.sampled_from([b"I:x", b"call-ID\t :\t y \r", b"callid: n", b"ix: n",
+                                                         b"Call-Id:", b"i", b"\n"])), max_size=8),
+       st.sampled_from([b"\r\n", b"\n", b"\r"]), st.binary(max_size=20))
+def test_c_call_id_agrees_with_regex(lines: list[bytes], sep: bytes, noise: bytes) -> None:
+    """The -j N front's Call-ID (``_speedups.call_id``, what shard_of hashes) is the regex's."""
+    speedups = pytest.importorskip("sipsniff_acc._speedups")
+    data = b"INVITE sip:a SIP/2.0" + sep + sep.join(lines) + noise
+    assert speedups.call_id(data) == sip._call_id_line_py(data)
