@@ -239,6 +239,8 @@ class _Shape:
 
     def __init__(self, table: Table) -> None:
         self.table = table
+        self.keys = frozenset(table.c.keys())  #: a set: `k in table.c` per column per row was a third of _fitted
+        self.insert: Any = None  #: its INSERT ... ignoring duplicates, built once (then SQLAlchemy's compiled cache)
         self.widths: dict[str, int | None] = {}
         self.strings: set[str] = set()
         for c in table.columns:
@@ -383,7 +385,10 @@ class SqlEmitter:
             if groups:
                 with self.engine.begin() as con:
                     for (name, _cols), rows in groups.items():
-                        con.execute(_insert_ignore(self._shape(name).table, self.engine.dialect.name), rows)
+                        shape = self._shape(name)
+                        if shape.insert is None:
+                            shape.insert = _insert_ignore(shape.table, self.engine.dialect.name)
+                        con.execute(shape.insert, rows)
         except (DataError, IntegrityError) as e:
             raise RecordRejected(f"{type(e).__name__}: {_short(e)}") from None
         except StatementError as e:
@@ -409,8 +414,8 @@ class SqlEmitter:
         out = []
         for stored in doc["rows"]:
             row = dict(stored)
-            missing = [k for k in row if k not in shape.table.c]
-            if missing:
+            if not shape.keys.issuperset(row):
+                missing = [k for k in row if k not in shape.keys]
                 raise RecordRejected(f"table {name} has no column(s) {', '.join(missing)} "
                                      "(the record was spooled under other rules)")
             for k in dts:
