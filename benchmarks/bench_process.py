@@ -41,7 +41,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.runs < 1:
         raise SystemExit("--runs must be at least 1")
-    tshark = shutil.which("tshark")
+    tshark = shutil.which("tshark") or ""
     if not tshark and not a.no_tshark:
         raise SystemExit("tshark is not installed: the benchmark compares against it (or pass --no-tshark)")
     work = Path(a.workdir)
