@@ -168,36 +168,64 @@ def records_just_begun(work: Path, slack_s: float) -> set[tuple[str, str, str, s
 _LINE_ID = re.compile(r"timestamp=(\d+);method=([^;]*);from_tag=([^;]*);to_tag=([^;]*);call_id=([^;]*);code=([^;]*);")
 
 
+def _pair(ours: list[tuple[int, object, bool]], theirs: list[tuple[int, object]]) -> list[tuple[int, object]]:
+    """Kamailio's (second, rest) items as compared with ours (second, rest, within the slack):
+    items with the same rest are paired in time order; Kamailio's second is lifted to ours
+    only where it is one below and ours came within the slack after the tick."""
+    mine: dict[object, list[tuple[int, bool]]] = {}
+    for sec, rest, ok in ours:
+        mine.setdefault(rest, []).append((sec, ok))
+    groups: dict[object, list[int]] = {}
+    for sec, rest in theirs:
+        groups.setdefault(rest, []).append(sec)
+    out: list[tuple[int, object]] = []
+    for rest, secs in groups.items():
+        paired = sorted(mine.get(rest, []))
+        for i, sec in enumerate(sorted(secs)):
+            if i < len(paired) and paired[i][1] and paired[i][0] == sec + 1:
+                sec += 1
+            out.append((sec, rest))
+    return out
+
+
+_TIMESTAMP = re.compile(r"timestamp=(\d+);")
+
+
 def assert_same_records_paired(folder: Path, work: Path, rules_text: str, slack_s: float) -> tuple[int, int]:
     """assert_same_records for a recording made during the run, with the second-boundary slack
-    applied record by record: a Kamailio timestamp one second below ours is forgiven only for
-    the record of the same identity (method, tags, Call-ID, code) whose packet came less than
-    ``slack_s`` after the tick. (seconds_just_begun lifts every Kamailio record of the second
-    before such a tick, so a record of the same call written a moment before it — a serial
-    fork's first missed row, a call's INVITE row before its BYE's — is lifted wrongly.)"""
+    applied record by record: Kamailio's and our records with the same fields but the time are
+    paired in time order, and Kamailio's may be one second below its partner only if ours came
+    less than ``slack_s`` after the tick. (seconds_just_begun lifts every Kamailio record of
+    the second before such a tick, so a record of the same call written a moment before it — a
+    serial fork's first missed row, a call's INVITE row before its BYE's — is lifted wrongly.)"""
     lines, rows = run_process(folder / "capture.pcap", rules_text, work)
     begun = records_just_begun(work, slack_s)
 
-    def kam_line(line: str) -> str:
-        text = line.split("ACC: ", 1)[1]
+    def split(text: str) -> tuple[int, str]:
+        m = _TIMESTAMP.search(text)
+        return (int(m.group(1)), text[: m.start()] + text[m.end() :]) if m else (0, text)
+
+    def ok(text: str) -> bool:
         m = _LINE_ID.search(text)
-        if m is None or (*m.groups()[1:], int(m.group(1)) + 1) not in begun:
-            return text
-        return text.replace(f"timestamp={m.group(1)};", f"timestamp={int(m.group(1)) + 1};", 1)
+        return m is not None and (*m.groups()[1:], int(m.group(1))) in begun
 
-    def kam_row(row: dict[str, object]) -> tuple[object, ...]:
-        c = comparable(row)
-        ident = (row["method"], row["from_tag"] or "", row["to_tag"] or "", row["callid"] or "", str(row["sip_code"]),
-                 c[0] + 1)  # type: ignore[operator]
-        return (c[0] + 1, *c[1:]) if ident in begun else c  # type: ignore[operator]
-
-    ours = sorted(line.split("ACC: ", 1)[1] for line in lines if "ACC: " in line)
-    theirs = sorted(kam_line(line) for line in (folder / "acc.log").read_text().splitlines())
-    assert ours == theirs
+    ours = [line.split("ACC: ", 1)[1] for line in lines if "ACC: " in line]
+    theirs = [line.split("ACC: ", 1)[1] for line in (folder / "acc.log").read_text().splitlines()]
+    assert sorted(map(split, ours)) == sorted(_pair([(*split(t), ok(t)) for t in ours], list(map(split, theirs))))
     n = 0
     for table in ("acc", "missed_calls"):
         kam = json.loads((folder / f"{table}.json").read_text())
-        assert sorted(map(comparable, rows[table])) == sorted(map(kam_row, kam)), table
+
+        def item(r: dict[str, object]) -> tuple[int, object]:
+            c = comparable(r)
+            return c[0], c[1:]  # type: ignore[return-value]
+
+        def row_ok(r: dict[str, object]) -> bool:
+            return (r["method"], r["from_tag"] or "", r["to_tag"] or "", r["callid"] or "", str(r["sip_code"]),
+                    item(r)[0]) in begun
+
+        mine = sorted(map(item, rows[table]))
+        assert mine == sorted(_pair([(*item(r), row_ok(r)) for r in rows[table]], list(map(item, kam)))), table
         n += len(kam)
     return len(theirs), n
 

@@ -82,7 +82,9 @@ def test_live_kamailio_and_us_agree(case: str, tmp_path: Path) -> None:
     folder = record(case, tmp_path / "recorded")
     # recorded now, on a machine the rest of the suite keeps busy: Kamailio's clock read and the
     # packet it sends may fall on both sides of a second boundary (goldens.seconds_just_begun)
-    lines, rows = assert_same_records(folder, tmp_path / "ours", rules_for(case), slack_s=LIVE_SECOND_SLACK_S)
+    # (paired record by record: seconds_just_begun also lifted records of the same call written just
+    # before the tick, failing 4 of 9 recordings of answered_bye_from_caller, reinvite, extras_and_legs)
+    lines, rows = assert_same_records_paired(folder, tmp_path / "ours", rules_for(case), LIVE_SECOND_SLACK_S)
     assert lines > 0 and rows > 0
     if CASES[case].cdr:
         # recorded now on a shared machine: Kamailio's processing delay may be longer than in the goldens
@@ -123,6 +125,33 @@ def test_live_serial_forking_agrees(case: str, tmp_path: Path) -> None:
         assert lines == 3 and rows == 3
         assert assert_same_cdrs(folder, tmp_path / f"cdr_{proxy}", rules_for(case, proxy == "configured"),
                                 tolerance_ms=5)["lines"] == 1
+
+
+
+@pytest.mark.parametrize("case", ["busy_486_failed_and_missed", "reinvite", "serial_486_then_480"])
+def test_the_paired_slack_forgives_only_a_boundary(case: str, tmp_path: Path) -> None:
+    """goldens.assert_same_records_paired: every Kamailio record one second early is forgiven when
+    each of ours came within the slack after the tick; without slack, or a shorter one, not.
+    (reinvite: an INVITE and its re-INVITE share method, tags and code; serial: two rows of one call.)"""
+    import json
+    import re
+    import shutil
+
+    folder = tmp_path / case
+    shutil.copytree(HERE / "cases" / case, folder)
+    rules = rules_for(case)
+    assert assert_same_records_paired(folder, tmp_path / "as_recorded", rules, 0.0)[0] > 0
+    fracs = [float(json.loads(line)["ts"]) % 1 for line in (tmp_path / "as_recorded" / "acc.jsonl").read_text().splitlines()]
+    log = folder / "acc.log"
+    log.write_text(re.sub(r"timestamp=(\d+)", lambda m: f"timestamp={int(m.group(1)) - 1}", log.read_text()))
+    for table in ("acc", "missed_calls"):
+        f = folder / f"{table}.json"
+        f.write_text(json.dumps([{**r, "time": float(r["time"]) - 1 / 86400} for r in json.loads(f.read_text())]))
+    with pytest.raises(AssertionError):
+        assert_same_records_paired(folder, tmp_path / "strict", rules, 0.0)
+    with pytest.raises(AssertionError):
+        assert_same_records_paired(folder, tmp_path / "short", rules, min(fracs) - 1e-6)
+    assert assert_same_records_paired(folder, tmp_path / "slack", rules, max(fracs) + 1e-6)[0] > 0
 
 
 def test_the_live_second_slack_forgives_only_a_boundary(tmp_path: Path) -> None:
