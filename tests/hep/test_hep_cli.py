@@ -53,7 +53,7 @@ def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize("args, says", [
     (["--hep-listen", "http://127.0.12.1:9060"], "use udp://ADDR:PORT or tcp://ADDR:PORT"),
     (["--hep-listen", "udp://127.0.12.1"], "use udp://ADDR:PORT"),
-    (["--hep-listen", "udp://127.0.12.1:0", "-j", "2"], "--hep-listen runs in one process: use -j 0"),
+    (["--hep-listen", "udp://127.0.12.1:0", "--consume", "nats://127.0.12.1:14222"], "--hep-listen or --consume"),
     (["--hep-listen", "udp://127.0.12.1:0", "tests/pcaps/sample.pcap"], "not two of them"),
     (["--hep-listen", "udp://127.0.12.1:0", "-f", "udp"], "go with --interface, not --hep-listen"),
     (["--hep-listen", "udp://127.0.12.1:0", "--hep-reorder", "20000"], "--hep-reorder 20000 ms: use 0 to 10000"),

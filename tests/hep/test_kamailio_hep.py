@@ -34,8 +34,8 @@ BOUNDARY_SLACK_S = 0.010
 CASES = ("answered_bye_from_caller", "busy_486_failed_and_missed", "cancel_after_180", "tcp_caller", "volume_mixed")
 
 
-def _our_args(work: Path, password: str = SECRET) -> list[str]:
-    return ["--hep-listen", f"udp://{PROXY}:{HEP_PORT}", "--hep-password", password, "-m", str(work / "rules.yaml"),
+def _our_args(work: Path, password: str = SECRET, workers: str = "0") -> list[str]:
+    return ["-j", workers, "--hep-listen", f"udp://{PROXY}:{HEP_PORT}", "--hep-password", password, "-m", str(work / "rules.yaml"),
             "--db-url", f"sqlite:///{work / 'ours.db'}", "--log", str(work / "ours.log"),
             "--jsonl", str(work / "ours.jsonl"), "--spool", str(work / "ours.spool"), "--stats", str(work / "stats.json")]
 
@@ -124,11 +124,12 @@ def assert_equal_to_kamailio(work: Path, kam_rows: dict[str, list[dict[str, obje
     return n
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_siptrace_mirror_gives_kamailios_records(case: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("case, workers", [*((c, "0") for c in CASES), ("volume_mixed", "2")])
+def test_siptrace_mirror_gives_kamailios_records(case: str, workers: str, tmp_path: Path) -> None:
+    """-j 0, and -j 2 (calls sharded over two worker processes) on the 300 calls."""
     require_kamailio("siptrace", "acc", "tm")
     (tmp_path / "rules.yaml").write_text(_rules(case))
-    ours = start_ours(_our_args(tmp_path), tmp_path)
+    ours = start_ours(_our_args(tmp_path, workers=workers), tmp_path)
     try:
         relayed = relay_with_siptrace(case, tmp_path)
         # on a busy machine we may still be reading the mirror: wait (bounded) for as many
