@@ -32,6 +32,7 @@ import hashlib
 import heapq
 import re
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -638,7 +639,7 @@ class TransactionTracker:
         own_reply = relayed is None and got[2] != upstream.code
         return BranchesFailed(*got, failure_route=txn.first_branch == 0 or own_reply)
 
-    def _pick(self, txn: Transaction, branches: list[Transaction] | tuple[()], fallback_ts: float
+    def _pick(self, txn: Transaction, branches: Sequence[Transaction], fallback_ts: float
               ) -> tuple[Transaction, SipMessage | None, int, float, Transaction] | None:
         """t_pick_branch over one round's INVITE branches: (txn, reply or None for FAKED, code,
         time, branch). The time is the last branch reply's receipt when all replied (Kamailio
