@@ -4,7 +4,8 @@ Fed ``SipMessage``s in capture order, returns events for the acc engine, h11-sty
 
 * ``RequestIn``: a request created a transaction at the proxy (its server side), first copy only.
 * ``AckIn``: an ACK for a 2xx reached the proxy (a new transaction in RFC 3261 terms).
-* ``BranchesFailed``: every branch of an INVITE ended negatively (Kamailio's TMCB_ON_FAILURE).
+* ``BranchesFailed``: every branch of an INVITE ended negatively (Kamailio's TMCB_ON_FAILURE);
+  with serial forking once per failed round, when the failure_route's next branch shows up.
 * ``ReplyOut``: the proxy sent a reply upstream (TMCB_RESPONSE_OUT): relayed provisionals,
   the final reply, and 2xx from other forks after completion (``late``).
 
