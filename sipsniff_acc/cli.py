@@ -684,6 +684,8 @@ def process(
     counters = Counters()
     if hep is not None:
         hep.counters = counters  # drops by reason: --stats, the summary, /metrics
+    if consumer is not None:
+        consumer.counters = counters  # the bus's anomalies (late, heap full, bad messages) in the same places
     decrypted = _decrypt_tls(sources, tls_keylog) if tls_keylog is not None else []
     frames: Any = consumer if consumer is not None else open_captures(sources, errors)  # (NatsSource: Datagram, Tick, Idle)
     total = sum(getattr(r, "size", 0) for r in sources)

@@ -41,7 +41,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from sipsniff_acc import stopping
-from sipsniff_acc.events import Datagram, Idle, Transport
+from sipsniff_acc.events import Counters, Datagram, Idle, Transport
 from sipsniff_acc.messagerun import TICK, Tick
 
 MAGIC: Final = b"SSA"  #: the bus format's mark
@@ -377,6 +377,7 @@ class NatsSource:
         self.parts: dict[int, _Partition] = {p: _Partition() for p in partitions}
         self.inbox: queue.Queue[tuple[int, list[Any]]] = queue.Queue(maxsize=8)  # fetched batches waiting: bounded
         self.acc: Any = None
+        self.counters = Counters()  #: the run's (set by the CLI): anomalies nats_* for --stats, summary, /metrics
         self.nc: Any = None
         self.io: LoopThread | None = None
         self.fetchers: list[Any] = []
@@ -532,11 +533,13 @@ class NatsSource:
                 ts, _o, arrived, d, entry = heap[0]
                 if len(heap) > self.max_held:
                     st.held_full += 1
+                    self.counters.anomalies["nats_reorder_full"] += 1
                 elif not caught_up or now - arrived < window:
                     break
                 pop(heap)
                 if ts < last_ts:
                     st.late += 1
+                    self.counters.anomalies["nats_reorder_late"] += 1
                 else:
                     last_ts = ts
                 if ts >= next_tick:  # Ticks at the messages where an offline run ticks at frames
@@ -597,6 +600,7 @@ class NatsSource:
             _sensor, clock, datagrams = decode_batch(m.data)
         except BadMessage:
             st.bad += 1
+            self.counters.anomalies["nats_bad_message"] += 1
             self._ack([m])
             return
         if clock > self.sensor_clock:

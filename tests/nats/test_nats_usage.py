@@ -179,3 +179,40 @@ def test_bus_format_round_trip_and_bounds() -> None:
         except BadMessage:
             continue
         assert sum(len(x.payload) for x in got) <= len(data)
+
+
+def test_bad_bus_messages_are_counted_and_dropped(tmp_path: Path, nats_server: NatsServer) -> None:
+    """Someone else's bytes on our subjects: counted (anomaly nats_bad_message in --stats),
+    acknowledged, dropped; the good messages around them are accounted as offline."""
+    offline = tmp_path / "offline.jsonl"
+    p = run("process", str(SAMPLE), "--no-db", "--log", "none", "--jsonl", str(offline), "-q")
+    assert p.returncode == 0, p.stderr
+    want = sorted(offline.read_text().splitlines())
+    asyncio.run(make_stream(nats_server.url, 2))
+
+    async def junk() -> None:
+        import nats
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        good = encode_batch(b"x", 1.0, [(1.0, 1, "UDP", bytes(4), 1, bytes(4), 2, b"OPTIONS", (), "")])
+        for data in (b"", b"hello", b"SSA\x01\x05x", good[:-3], good[:4] + b"\xff" * 40):
+            await js.publish("sip.0", data)
+        await nc.close()
+
+    asyncio.run(junk())
+    p = run("capture", "-r", str(SAMPLE), "--publish", nats_server.url, "--partitions", "2", "-q")
+    assert p.returncode == 0, p.stderr
+    out, stats = tmp_path / "w.jsonl", tmp_path / "stats.json"
+    worker = subprocess.Popen([sys.executable, "-m", "sipsniff_acc", "process", "--consume", nats_server.url,
+                               "--partitions", "0-1", "--state", str(tmp_path / "w.state"), "--no-db", "--log", "none",
+                               "--jsonl", str(out), "--stats", str(stats)], stderr=subprocess.PIPE, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < len(want)):
+            time.sleep(0.2)
+        time.sleep(1)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 128 + signal.SIGTERM
+    assert sorted(out.read_text().splitlines()) == want
+    assert json.loads(stats.read_text())["anomalies"].get("nats_bad_message") == 5
