@@ -234,3 +234,33 @@ def test_two_sensors_three_workers_one_killed(tmp_path: Path, nats_server: NatsS
         assert "restored 0 transactions, 0 dialogs" not in restarted, restarted  # and the calls in it
     for w in workers:
         assert " 0 bad" in w.text(), w.text()
+
+
+def test_late_sensor_is_counted(tmp_path: Path, nats_server: NatsServer) -> None:
+    """A sensor whose messages reach the worker after the window, behind the other leg's later
+    messages: they are fed anyway and counted (anomaly nats_reorder_late), never dropped."""
+    capture = tmp_path / "all.pcap"
+    generate(capture, calls=20, window=10)
+    names = {k: tmp_path / f"{k}.pcap" for k in ("a", "b")}
+    split_pcap(capture, names, lambda _ts, fr: "a" if uac_side(fr) else "b")
+    sensors(tmp_path, nats_server.url, {"span-a": names["a"]})
+    stats = tmp_path / "stats.json"
+    w = Worker(tmp_path, "late", "0-5", nats_server.url, "sqlite:///" + str(tmp_path / "acc.db"))
+    w.args += ["--stats", str(stats)]
+    w.args[w.args.index("--reorder-window") + 1] = "0"
+    try:
+        w.start()
+        # leg A is released (its messages acknowledged) before leg B is even published
+        wait_for(lambda: (tmp_path / "late.state.nats").exists() and "floor\": 0" not in
+                 (tmp_path / "late.state.nats").read_text(), "leg A consumed", [w])
+        sensors(tmp_path, nats_server.url, {"span-b": names["b"]})
+        time.sleep(3)
+        assert w.proc is not None
+        w.proc.send_signal(signal.SIGTERM)
+        assert w.proc.wait(WAIT) == 128 + signal.SIGTERM, w.text()
+    finally:
+        stop_process(w.proc, signal.SIGKILL)
+    import json
+    doc = json.loads(stats.read_text())
+    assert doc["anomalies"].get("nats_reorder_late", 0) > 0, doc["anomalies"]
+    assert doc["sip_messages"] == sum(1 for _ in pcap_times(capture))  # every message fed, late or not
