@@ -97,59 +97,21 @@ def comparable(row: dict[str, object]) -> tuple[object, ...]:
     return (t, *rest)
 
 
-def seconds_just_begun(work: Path, slack_s: float) -> set[int]:
-    """The seconds in which one of our records fell less than ``slack_s`` after the tick.
-
-    Kamailio reads its clock while it handles a message, before it sends what it relays; we
-    take the time of the packet on the wire. On a busy machine the two can straddle a second
-    boundary, so Kamailio's timestamp is then one second below ours."""
-    out: set[int] = set()
-    for line in (work / "acc.jsonl").read_text().splitlines():
-        ts = float(json.loads(line)["ts"])
-        if ts - int(ts) < slack_s:
-            out.add(int(ts))
-    return out
-
-
-def _lifted(theirs: int, begun: set[int]) -> int:
-    return theirs + 1 if theirs + 1 in begun else theirs
-
-
-def assert_same_records(folder: Path, work: Path, rules_text: str, slack_s: float = 0.0) -> tuple[int, int]:
+def assert_same_records(folder: Path, work: Path, rules_text: str) -> tuple[int, int]:
     """Our log lines and rows against Kamailio's for a recorded case; returns (lines, rows) compared.
 
     Log lines are compared from "ACC: " on, timestamp included, so the time must agree to
-    the second; rows column by column (extras and legs too), time to the second. ``slack_s``
-    (recordings made during the run, on a loaded machine): a Kamailio timestamp one second
-    below ours counts as equal when our record's packet came less than ``slack_s`` after
-    the second ticked (seconds_just_begun); the stored goldens use none."""
+    the second; rows column by column (extras and legs too), time to the second."""
     lines, rows = run_process(folder / "capture.pcap", rules_text, work)
-    begun = seconds_just_begun(work, slack_s) if slack_s > 0 else set()
-
-    def kam_line(line: str) -> str:
-        text = line.split("ACC: ", 1)[1]
-        head, sep, rest = text.partition("timestamp=")
-        if not sep or not begun:
-            return text
-        num, semi, tail = rest.partition(";")
-        return f"{head}timestamp={_lifted(int(num), begun)}{semi}{tail}" if num.isdigit() else text
-
-    def kam_row(row: dict[str, object]) -> tuple[object, ...]:
-        unix = comparable(row)[0]
-        if _lifted(unix, begun) != unix:  # type: ignore[arg-type]
-            row = {**row, "time": float(row["time"]) + 1 / 86400}  # type: ignore[arg-type]
-        return comparable(row)
-
     ours = sorted(line.split("ACC: ", 1)[1] for line in lines if "ACC: " in line)
-    theirs = sorted(kam_line(line) for line in (folder / "acc.log").read_text().splitlines())
+    theirs = sorted(line.split("ACC: ", 1)[1] for line in (folder / "acc.log").read_text().splitlines())
     assert ours == theirs
     n = 0
     for table in ("acc", "missed_calls"):
         kam = json.loads((folder / f"{table}.json").read_text())
-        assert sorted(map(comparable, rows[table])) == sorted(map(kam_row, kam)), table
+        assert sorted(map(comparable, rows[table])) == sorted(map(comparable, kam)), table
         n += len(kam)
     return len(theirs), n
-
 
 
 def records_just_begun(work: Path, slack_s: float) -> set[tuple[str, str, str, str, str, int]]:
@@ -195,7 +157,7 @@ def assert_same_records_paired(folder: Path, work: Path, rules_text: str, slack_
     """assert_same_records for a recording made during the run, with the second-boundary slack
     applied record by record: Kamailio's and our records with the same fields but the time are
     paired in time order, and Kamailio's may be one second below its partner only if ours came
-    less than ``slack_s`` after the tick. (seconds_just_begun lifts every Kamailio record of
+    less than ``slack_s`` after the tick. (Lifting every Kamailio record of
     the second before such a tick, so a record of the same call written a moment before it — a
     serial fork's first missed row, a call's INVITE row before its BYE's — is lifted wrongly.)"""
     lines, rows = run_process(folder / "capture.pcap", rules_text, work)
