@@ -12,6 +12,7 @@ usage: bench_messages.py [--calls 10000 50000] [--runs 3] [--tcp-share 0] [--wor
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -25,11 +26,23 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+KEEP_OUTPUT = 1 << 20  #: stdout kept whole up to this size; past it, its line count and digest
+
+
 def run(cmd: list[str]) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS in MB, and stdout of one run."""
+    """Wall seconds, peak RSS in MB, and stdout of one run (a long one as "<N lines, sha256 ...>":
+    a parent holding megabytes of earlier outputs inflates every later child's peak RSS, since
+    the fork copies the parent before the exec)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out = proc.stdout.read() if proc.stdout else ""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    digest, lines, kept, size = hashlib.sha256(), 0, [], 0
+    for chunk in iter(lambda: proc.stdout.read(1 << 16) if proc.stdout else b"", b""):
+        digest.update(chunk)
+        lines += chunk.count(b"\n")
+        size += len(chunk)
+        if size <= KEEP_OUTPUT:
+            kept.append(chunk)
+    out = b"".join(kept).decode() if size <= KEEP_OUTPUT else f"<{lines} lines, sha256 {digest.hexdigest()}>"
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:

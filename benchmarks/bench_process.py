@@ -30,6 +30,13 @@ from bench_messages import interleaved, report, workload  # noqa: E402 - shared 
 TSHARK_FILTER = 'sip.Status-Code >= 200 && (sip.CSeq.method == "INVITE" || sip.CSeq.method == "BYE")'
 
 
+def _lines(out: str) -> int:
+    """Lines of an output as run() keeps it (whole, or "<N lines, sha256 ...>")."""
+    if out.startswith("<") and " lines, sha256 " in out:
+        return int(out[1:].split(" ", 1)[0])
+    return len(out.splitlines())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--calls", type=int, nargs="+", default=[10000, 50000])
@@ -71,10 +78,10 @@ def main() -> None:
                 pairs.append(("messages -j 0", "tshark sip,stat"))
         print(f"== {calls} calls: {meta['frames']} frames, {os.path.getsize(pcap) >> 20} MB, {a.runs} rounds", flush=True)
         res = interleaved(cmds, a.runs, before=lambda name: db.unlink(missing_ok=True))
-        records = len(res["process -j 0 (log)"][0][3].splitlines())
+        records = _lines(res["process -j 0 (log)"][0][3])
         same = all(r[3] == res["process -j 0 (log)"][0][3] for n in ("process -j 0 (log)", "process -j 2 (log)")
                    for r in res[n])
-        finals = len(res["tshark listing"][0][3].splitlines()) if "tshark listing" in res else -1
+        finals = _lines(res["tshark listing"][0][3]) if "tshark listing" in res else -1
         print(f"records {records} (-j 0 and -j 2 logs identical: {same}); tshark finals {finals}")
         report(res, pairs)
     db.unlink(missing_ok=True)
