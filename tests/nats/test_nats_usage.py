@@ -74,7 +74,7 @@ def test_nats_down_mid_run_is_counted_and_retried(tmp_path: Path, nats_server: N
     reconnect (exit 0, all acknowledged), the worker's fetches fail (counted) and resume; its
     records are those of the offline run."""
     offline = tmp_path / "offline.jsonl"
-    p = run("process", str(SAMPLE), "--no-db", "--log", "none", "--jsonl", str(offline), "-q")
+    p = run("process", str(SAMPLE), "--no-db", "--log", "none", "--jsonl", str(offline), "-q", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     want = sorted(offline.read_text().splitlines())
     asyncio.run(make_stream(nats_server.url, 2))
@@ -185,7 +185,7 @@ def test_bad_bus_messages_are_counted_and_dropped(tmp_path: Path, nats_server: N
     """Someone else's bytes on our subjects: counted (anomaly nats_bad_message in --stats),
     acknowledged, dropped; the good messages around them are accounted as offline."""
     offline = tmp_path / "offline.jsonl"
-    p = run("process", str(SAMPLE), "--no-db", "--log", "none", "--jsonl", str(offline), "-q")
+    p = run("process", str(SAMPLE), "--no-db", "--log", "none", "--jsonl", str(offline), "-q", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     want = sorted(offline.read_text().splitlines())
     asyncio.run(make_stream(nats_server.url, 2))
