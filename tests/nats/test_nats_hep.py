@@ -53,7 +53,7 @@ def records(path: Path) -> list[dict[str, object]]:
 def test_hep_sensor_to_worker(tmp_path: Path, nats_server: NatsServer) -> None:
     offline = tmp_path / "offline.jsonl"
     p = subprocess.run(cli("process", str(SAMPLE), "--no-db", "--log", "none", "--jsonl", str(offline), "-q"),
-                       capture_output=True, timeout=WAIT)
+                       capture_output=True, timeout=WAIT, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     want = records(offline)
     assert want
