@@ -603,6 +603,7 @@ def process(
                               "--hep-listen ... --publish)")
         workers = max(workers, 0)  # live: one process unless -j N is given (as -i)
     consumer = None
+    consumer_saved = False  #: --consume: the run's state holds every message fed (set when the run ends)
     if consume is not None or partitions is not None:  # a NATS JetStream worker (sources/nats.py)
         from sipsniff_acc.sources.nats import NatsUsageError, consumer_from_options  # noqa: PLC0415
         try:
@@ -729,9 +730,9 @@ def process(
                 stop.closing = True  # from here on a signal only marks the stop: the close is not cut
                 if server is not None:
                     server.close()
-                if consumer is not None:  # acknowledged what the state just saved holds (a clean stop)
+                if consumer is not None:  # the state was saved whole (a clean stop): acknowledged after the close
                     failure = sys.exc_info()[1]
-                    consumer.close(failure is None or isinstance(failure, stopping.Stopped) and not stop.forced, quiet)
+                    consumer_saved = failure is None or isinstance(failure, stopping.Stopped) and not stop.forced
         except BrokenPipeError:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
@@ -761,8 +762,11 @@ def process(
         if broken and stopped_by == 0:
             stopped_by = -1
         live = [em for em in emitters if not any(c.em is em for c in broken)]
-        if _close_outputs(live, opened, paths) and stopped_by == 0:
+        outputs_failed = _close_outputs(live, opened, paths)
+        if outputs_failed and stopped_by == 0:
             stopped_by = -1
+        if consumer is not None:  # records in the spool, state saved: now what they cover is acknowledged
+            consumer.close(consumer_saved and not outputs_failed, quiet)
         if not quiet:
             for c in broken:
                 print(f"  {escape(c.what)}: {c.lost} record(s) not written after it failed "
