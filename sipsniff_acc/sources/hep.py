@@ -30,6 +30,7 @@ but ``HepError``.
 
 from __future__ import annotations
 
+import bisect
 import hmac
 import os
 import re
@@ -54,11 +55,13 @@ DEFAULT_MAX_PAYLOAD: Final = 1 << 20  #: limits.max_sip_message's default
 DEFAULT_REORDER: Final = 0.05  #: seconds a message waits for earlier ones (hep-notes: 0-4.6 ms late, swaps within ms)
 MAX_REORDER: Final = 10.0
 MAX_HELD: Final = 65536  #: messages the reorder buffer holds at most (then the oldest goes early, counted)
-MAX_TCP_CONNECTIONS: Final = 256  #: senders connected at once over TCP (more are closed at once, counted)
+MAX_TCP_CONNECTIONS: Final = 256  #: senders connected at once over TCP (then the idlest goes, counted)
 IDLE_AFTER: Final = 0.1  #: seconds without a message before an Idle heartbeat (as the live capture)
 UDP_BURST: Final = 256  #: datagrams read from one socket before looking at the others
 RCVBUF: Final = 4 << 20  #: asked of the kernel for each UDP socket (a burst of a busy proxy)
 DROPS_EVERY: Final = 1.0  #: seconds between two reads of the kernel's drop counters of our UDP sockets
+MAX_CLOCK_JUMP: Final = 300.0  #: seconds a packet's HEP time may be off the senders' clock (else set aside)
+CLOCK_SAMPLES: Final = 15  #: recent packets whose clock offsets vote for the senders' clock (the median)
 
 #: HEPv3 chunk types of vendor 0 (the generic chunks; RFC-like spec at github.com/sipcapture/HEP)
 IP_FAMILY, IP_PROTO, SRC4, DST4, SRC6, DST6, SPORT, DPORT, TS_SEC, TS_USEC, PROTO_TYPE, AGENT_ID, KEEPALIVE, \
@@ -92,7 +95,7 @@ class HepError(Exception):
 #: every reason decode() and the listener count (``hep_`` + reason in Counters.skipped)
 REASONS: Final = ("truncated", "bad_version", "bad_length", "bad_chunk", "too_many_chunks", "missing_chunk",
                   "bad_family", "decompress", "too_big", "auth_missing", "auth_wrong", "not_sip", "keepalive",
-                  "tcp_refused", "held_at_stop", "kernel_drops")
+                  "tcp_evicted", "held_at_stop", "kernel_drops", "bad_time")
 
 
 @dataclass(slots=True)
@@ -419,8 +422,11 @@ class RequestFirst:
         self.hold = hold
         self.max_branches, self.max_held = max_branches, max_held
         self._requests: dict[tuple[bytes, bytes], None] = {}  #: insertion order: the oldest first
-        self._waiting: dict[tuple[bytes, bytes], list[Datagram]] = {}
-        self._deadlines: deque[tuple[float, tuple[bytes, bytes], Datagram]] = deque()
+        #: replies held, by key, by their number here: found and taken out in O(1) (a list made a
+        #: flood of 65,536 replies of one key cost 30 s of CPU: each expiry scanned the list)
+        self._waiting: dict[tuple[bytes, bytes], dict[int, Datagram]] = {}
+        self._deadlines: deque[tuple[float, tuple[bytes, bytes], Datagram, int]] = deque()
+        self._seq = 0
         self.held = 0
         self.matched = 0
         self.expired = 0
@@ -428,13 +434,13 @@ class RequestFirst:
     def oldest(self) -> float | None:
         """The HEP time of the oldest reply held (the stream's time may not pass it)."""
         q = self._deadlines
-        while q and not self._is_held(q[0][1], q[0][2]):
+        while q and not self._is_held(q[0][1], q[0][3]):
             q.popleft()  # released after its request: its deadline goes too
         return q[0][2].ts if q else None
 
-    def _is_held(self, key: tuple[bytes, bytes], d: Datagram) -> bool:
+    def _is_held(self, key: tuple[bytes, bytes], seq: int) -> bool:
         waiting = self._waiting.get(key)
-        return waiting is not None and any(w is d for w in waiting)
+        return waiting is not None and seq in waiting
 
     def feed(self, items: list[Datagram]) -> list[Datagram]:
         if self.hold <= 0:
@@ -452,8 +458,9 @@ class RequestFirst:
                 if key in self._requests or self.held >= self.max_held:
                     out.append(d)
                     continue
-                self._waiting.setdefault(key, []).append(d)
-                self._deadlines.append((d.ts + self.hold, key, d))
+                self._seq += 1
+                self._waiting.setdefault(key, {})[self._seq] = d
+                self._deadlines.append((d.ts + self.hold, key, d, self._seq))
                 self.held += 1
                 continue
             out.append(d)
@@ -463,7 +470,7 @@ class RequestFirst:
                     del self._requests[next(iter(self._requests))]
             waiting = self._waiting.pop(key, None)
             if waiting:
-                out += waiting
+                out += waiting.values()
                 self.matched += len(waiting)
                 self.held -= len(waiting)
         return out
@@ -472,11 +479,10 @@ class RequestFirst:
         """Replies held past their time without their request, oldest first."""
         out: list[Datagram] = []
         q = self._deadlines
-        while q and (q[0][0] <= now or not self._is_held(q[0][1], q[0][2])):
-            _t, key, d = q.popleft()
-            if self._is_held(key, d):
-                waiting = self._waiting[key]
-                waiting[:] = [w for w in waiting if w is not d]
+        while q and (q[0][0] <= now or not self._is_held(q[0][1], q[0][3])):
+            _t, key, d, seq = q.popleft()
+            waiting = self._waiting.get(key)
+            if waiting is not None and waiting.pop(seq, None) is not None:
                 if not waiting:
                     del self._waiting[key]
                 out.append(d)
@@ -513,10 +519,17 @@ def parse_url(url: str, option: str = "--hep-listen") -> tuple[str, str, int]:
 
 
 class _Conn:
-    __slots__ = ("sock", "buf", "peer")
+    __slots__ = ("sock", "buf", "peer", "since", "good")
 
-    def __init__(self, sock: socket.socket, peer: str) -> None:
+    def __init__(self, sock: socket.socket, peer: str, since: float) -> None:
         self.sock, self.buf, self.peer = sock, bytearray(), peer
+        self.since = since  #: when it was accepted (monotonic)
+        self.good = 0.0  #: when it last brought a packet we took (0: never)
+
+    def rank(self) -> tuple[bool, float]:
+        """The first to go when the connections are all taken: one that never brought a packet
+        we took (the oldest first), then the one idle the longest."""
+        return (self.good > 0, self.good or self.since)
 
 
 class HepListener:
@@ -566,6 +579,12 @@ class HepListener:
         self._kernel_dropped = 0  #: the kernel's drop count on our UDP sockets at the last look
         self._got: list[Datagram] = []  #: read in this round, not yet in the reorder buffer
         self._out: deque[Any] = deque()  #: released, not yet handed on
+        #: the offsets (HEP time - our wall clock) of the last packets, taken or not, oldest first;
+        #: our own clock (0) votes first. Their median is the senders' clock: one packet cannot move it.
+        self._offsets: deque[float] = deque([0.0], maxlen=CLOCK_SAMPLES)
+        self._sorted: list[float] = [0.0]
+        self.skew = 0.0  #: the senders' clock minus ours (the median of ``_offsets``)
+        self._suspects: list[tuple[int, float, Datagram]] = []  #: (packet number, offset, message) off the clock
         try:
             for scheme, host, port in parsed:
                 self._bind(scheme, host, port)
@@ -652,13 +671,55 @@ class HepListener:
         if p.proto_type != PROTO_SIP:
             self._drop("not_sip")
             return None
-        ts = p.ts if p.ts is not None else time.time()  # HEPv1: no time header, the arrival is the best
+        wall = time.time()
+        ts = p.ts if p.ts is not None else wall  # HEPv1: no time header, the arrival is the best
         agent = p.agent_id
         if agent is not None and (agent in self.agents or len(self.agents) < 4096):
             self.agents[agent] += 1
         transport = _TRANSPORT.get(p.proto, Transport.UDP)
-        return Datagram(ts, self.packets, transport, p.src, p.sport, p.dst, p.dport, p.payload,
-                        (f"hep{p.version}",), "" if agent is None else f"hep:{agent}")
+        d = Datagram(ts, self.packets, transport, p.src, p.sport, p.dst, p.dport, p.payload,
+                     (f"hep{p.version}",), "" if agent is None else f"hep:{agent}")
+        return self._on_time(d, ts - wall)
+
+    def _on_time(self, d: Datagram, offset: float) -> Datagram | None:
+        """``d`` if its HEP time (``offset`` seconds off our clock) agrees with the senders'
+        clock within ``MAX_CLOCK_JUMP``, else None: ``d`` waits as a suspect.
+
+        Why: the stream's time (the reorder buffer's releases, the Idles, every timer) follows
+        the senders' clock; one packet stamped 2100 made every timer of every open call fire,
+        one stamped 1970 held the reorder buffer until the next packet. The senders' clock is
+        the median offset of the last ``CLOCK_SAMPLES`` packets (our own clock votes first),
+        so one packet cannot move it. A suspect is taken (into this round's messages) once the
+        vote comes round to it: a sender whose clock was stepped, or the first packets of a
+        replayed capture, are followed after a few packets and none is lost; one still out
+        after ``CLOCK_SAMPLES`` later packets, or at the end, is set aside (``hep_bad_time``)."""
+        offsets, ranked = self._offsets, self._sorted
+        if len(offsets) == offsets.maxlen:
+            del ranked[bisect.bisect_left(ranked, offsets[0])]
+        offsets.append(offset)
+        bisect.insort(ranked, offset)
+        n = len(ranked)
+        if n & 1:
+            self.skew = ranked[n >> 1]
+        else:  # a tie: the side nearer our own clock
+            lo, hi = ranked[(n >> 1) - 1], ranked[n >> 1]
+            self.skew = lo if abs(lo) <= abs(hi) else hi
+        skew = self.skew
+        suspects = self._suspects
+        if suspects:
+            keep: list[tuple[int, float, Datagram]] = []
+            for no, off, s in suspects:
+                if abs(off - skew) <= MAX_CLOCK_JUMP:
+                    self._got.append(s)
+                elif self.packets - no >= CLOCK_SAMPLES:
+                    self._drop("bad_time")
+                else:
+                    keep.append((no, off, s))
+            suspects[:] = keep
+        if abs(offset - skew) <= MAX_CLOCK_JUMP:
+            return d
+        suspects.append((self.packets, offset, d))
+        return None
 
     def kernel_drops(self) -> int:
         """Datagrams the kernel dropped on our UDP sockets (their receive buffer was full):
@@ -692,6 +753,9 @@ class HepListener:
                     + sum(1 for x in self._out if x.__class__ is Datagram))
             if held:  # a stop: what was read but not handed on is not accounted, and said so
                 self.counters.skipped["hep_held_at_stop"] += held
+            if self._suspects:  # never agreed with the senders' clock
+                self.counters.skipped["hep_bad_time"] += len(self._suspects)
+                self._suspects.clear()
             self.close()
 
     def _gap(self, ts: float) -> CaptureGap | None:
@@ -716,7 +780,7 @@ class HepListener:
         next_drops = clock + DROPS_EVERY
         deadline = None if self.duration is None else clock + self.duration
         left = self.count
-        skew = 0.0  #: the newest packet's HEP time minus our wall clock at its arrival
+        idle_ts = float("-inf")  #: the last Idle's time (the stream's time never goes back)
         last_out = clock
         last_ts = float("-inf")
         reorder, first = self.reorder, self.first
@@ -729,9 +793,9 @@ class HepListener:
             got.clear()
             wait = IDLE_AFTER
             if len(reorder):
-                wait = min(wait, max(0.0, reorder._heap[0][0] + reorder.window - (time.time() + skew)))
+                wait = min(wait, max(0.0, reorder._heap[0][0] + reorder.window - (time.time() + self.skew)))
             if first.oldest() is not None:
-                wait = min(wait, max(0.0, first._deadlines[0][0] + reorder.window - (time.time() + skew)))
+                wait = min(wait, max(0.0, first._deadlines[0][0] + reorder.window - (time.time() + self.skew)))
             if deadline is not None:
                 wait = min(wait, deadline - now)
             events = poller.poll(max(0, int(wait * 1000) + 1))
@@ -743,8 +807,6 @@ class HepListener:
                 else:
                     self._read_tcp(fd, what, poller, got)
             if got:
-                wall = time.time()
-                skew = got[-1].ts - wall
                 if left is not None:
                     left -= len(got)
             out: list[Datagram] = []
@@ -752,7 +814,7 @@ class HepListener:
                 out += reorder.push(d)
             got.clear()
             late, over = reorder.late, reorder.overflow
-            sender_now = time.time() + skew
+            sender_now = time.time() + self.skew
             out += reorder.due(sender_now)
             matched, expired = first.matched, first.expired
             out = first.feed(out)
@@ -778,8 +840,9 @@ class HepListener:
                 # the sender's clock, less the window: what is due was released, time never goes back
                 # (nor past a reply still waiting for its request)
                 held = first.oldest()
-                now_ts = time.time() + skew - reorder.window
-                yield Idle(max(last_ts, now_ts if held is None else min(now_ts, held)))
+                now_ts = time.time() + self.skew - reorder.window
+                idle_ts = max(idle_ts, last_ts, now_ts if held is None else min(now_ts, held))
+                yield Idle(idle_ts)
                 last_out = time.monotonic()
         late, expired_before = reorder.late, first.expired
         rest: list[Datagram | CaptureGap] = [*first.feed(reorder.drain()), *first.drain()]
@@ -815,11 +878,18 @@ class HepListener:
         except (BlockingIOError, InterruptedError, OSError):
             return
         if len(self.conns) >= self.max_connections:
-            self._drop("tcp_refused")
-            s.close()
-            return
+            # all taken: the newcomer gets the slot of the one that never brought a packet we
+            # took (or idle the longest); refusing it let 256 half-packets held open (slowloris,
+            # no password needed) shut every real sender out for good
+            fd, old = min(self.conns.items(), key=lambda kv: kv[1].rank())
+            self._drop("tcp_evicted")
+            if old.buf:
+                self._drop("truncated")
+            poller.unregister(fd)
+            old.sock.close()
+            del self.conns[fd]
         s.setblocking(False)
-        self.conns[s.fileno()] = _Conn(s, str(peer))
+        self.conns[s.fileno()] = _Conn(s, str(peer), time.monotonic())
         poller.register(s.fileno(), select.POLLIN)
 
     def _read_tcp(self, fd: int, what: int, poller: select.poll, got: list[Datagram]) -> None:
@@ -841,6 +911,7 @@ class HepListener:
             d = self._take(pkt)
             if d is not None:
                 got.append(d)
+                conn.good = time.monotonic()
         if not data:  # closed by the sender (or reset): a partial packet left is truncated
             if buf:
                 self._drop("truncated")
