@@ -69,6 +69,9 @@ MAX_HELD: Final = 100_000  #: SIP messages held in the reorder heap, at most (~1
 MAX_ACK_PENDING: Final = 20_000  #: NATS messages delivered and not yet acknowledged, per partition
 ACK_WAIT: Final = 60.0  #: seconds before the server redelivers an unacknowledged message (skipped: seen)
 CONNECT_TIMEOUT: Final = 5.0
+#: seconds a bus message's packet time (or a sensor's clock) may be ahead of this worker's clock;
+#: past it the message is set aside (``nats_future_time``): the packet time is every timer's clock
+MAX_AHEAD: Final = 300.0
 
 
 class NatsUsageError(Exception):
@@ -337,6 +340,7 @@ class ConsumeStats:
     late: int = 0  #: released after a message with a later packet time
     held_full: int = 0  #: released early because the reorder heap was full
     bad: int = 0  #: not our format or beyond its bounds: acknowledged and dropped
+    future: int = 0  #: SIP messages (and sensor clocks) stamped more than MAX_AHEAD past our clock: set aside
     redelivered_skipped: int = 0  #: already in the state (sidecar) or already held
     acked: int = 0
     checkpoints: int = 0
@@ -603,6 +607,17 @@ class NatsSource:
             self.counters.anomalies["nats_bad_message"] += 1
             self._ack([m])
             return
+        limit = time.time() + MAX_AHEAD
+        if clock > limit or (datagrams and max(d.ts for d in datagrams) > limit):
+            # a sensor's clock far ahead (or someone else's batch stamped 2100): fed, its Tick
+            # and the heartbeats after it would fire every timer of every open call at once
+            # and count every later message late; set aside, counted, the rest of it fed
+            ahead = [d for d in datagrams if d.ts > limit]
+            st.future += len(ahead) + (clock > limit)
+            self.counters.anomalies["nats_future_time"] += len(ahead) + (clock > limit)
+            datagrams = [d for d in datagrams if d.ts <= limit]
+            if clock > limit:
+                clock = float("-inf")
         if clock > self.sensor_clock:
             self.sensor_clock = clock
         entry = _Entry(m, sseq, len(datagrams))

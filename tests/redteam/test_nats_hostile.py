@@ -1,0 +1,68 @@
+"""Red team on process --consume: a batch on our subjects stamped 2100, and a sensor whose
+clock is far ahead (its heartbeat says 2100). Fed, the first made the worker's packet clock
+jump 74 years and the heartbeat kept it there: every later message of every sensor was
+counted late and went to a tracker whose timers had all fired. Now a bus message or a sensor
+clock more than MAX_AHEAD past the worker's own clock is set aside, counted
+``nats_future_time``, and the real traffic after it is accounted as an offline run does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sipsniff_acc.sources.nats import encode_batch
+from tests.nats.natsserver import NatsServer, nats_server  # noqa: F401 - fixture
+from tests.nats.test_nats_usage import make_stream, run
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = ROOT / "tests" / "pcaps" / "sample.pcap"
+YEAR_2100 = 4102444800.0
+OPTIONS = (b"OPTIONS sip:x@10.0.0.2 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bK-future\r\n"
+           b"From: <sip:a@10.0.0.1>;tag=1\r\nTo: <sip:x@10.0.0.2>\r\nCall-ID: from-2100\r\nCSeq: 1 OPTIONS\r\n"
+           b"Content-Length: 0\r\n\r\n")
+
+
+def test_a_batch_and_a_sensor_clock_from_2100_are_set_aside(tmp_path: Path, nats_server: NatsServer) -> None:
+    offline = tmp_path / "offline.jsonl"
+    p = run("process", str(SAMPLE), "--no-db", "--log", "none", "--jsonl", str(offline), "-q", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    want = sorted(offline.read_text().splitlines())
+    assert want
+    asyncio.run(make_stream(nats_server.url, 2))
+    out, stats = tmp_path / "w.jsonl", tmp_path / "stats.json"
+    worker = subprocess.Popen([sys.executable, "-m", "sipsniff_acc", "process", "--consume", nats_server.url,
+                               "--partitions", "0-1", "--state", str(tmp_path / "w.state"), "--no-db", "--log", "none",
+                               "--jsonl", str(out), "--stats", str(stats)], stderr=subprocess.PIPE, cwd=tmp_path)
+
+    async def from_2100() -> None:
+        import nats
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        rec = (YEAR_2100, 1, "UDP", bytes([10, 0, 0, 1]), 5060, bytes([10, 0, 0, 2]), 5060, OPTIONS, (), "")
+        await js.publish("sip.0", encode_batch(b"evil", YEAR_2100, [rec]))  # a record from 2100
+        await js.publish("sip.1", encode_batch(b"ahead", YEAR_2100, []))  # a heartbeat from 2100
+        await nc.close()
+
+    try:
+        asyncio.run(from_2100())
+        time.sleep(3)  # the worker takes them, its window passes, a heartbeat goes by
+        p = run("capture", "-r", str(SAMPLE), "--publish", nats_server.url, "--partitions", "2", "-q", cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < len(want)):
+            time.sleep(0.2)
+        time.sleep(1)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 128 + signal.SIGTERM
+    err = worker.stderr.read().decode()  # type: ignore[union-attr]
+    assert "Traceback" not in err, err
+    anomalies = json.loads(stats.read_text())["anomalies"]
+    assert anomalies.get("nats_future_time") == 3, anomalies  # the record and the two sensor clocks, counted
+    assert "nats_reorder_late" not in anomalies, anomalies  # the sensors' real traffic was not late
+    assert sorted(out.read_text().splitlines()) == want  # and accounted as offline
