@@ -22,7 +22,7 @@ from collections import Counter
 from typing import IO, Any, Final
 
 from sipsniff_acc.records import AccRecord
-from sipsniff_acc.sources.hep import HepUsageError, encode, parse_url
+from sipsniff_acc.sources.hep import HepUsageError, check_password, encode, parse_url
 from sipsniff_acc.sysloglines import escape
 
 MAX_BUFFER: Final = 4 << 20  #: bytes of HEP waiting for a TCP collector (~8,000 messages)
@@ -43,7 +43,7 @@ class HepOut:
         if not 0 <= agent_id <= 0xFFFFFFFF:
             raise HepUsageError(f"--hep-agent-id {agent_id}: use 0 to 4294967295 (HEP's 32-bit capture id)")
         self.agent_id = agent_id
-        self.password = password.encode() if isinstance(password, str) else password
+        self.password = check_password(password)
         self.alarms = alarms if alarms is not None else sys.stderr
         self.max_buffer = max_buffer
         try:

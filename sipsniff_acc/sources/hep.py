@@ -501,6 +501,23 @@ class HepUsageError(ValueError):
     """A --hep-listen/--hep-out mistake found before the work: one line, exit 2."""
 
 
+MAX_PASSWORD: Final = 256  #: bytes of --hep-password (it rides in every packet, beside a 16-bit total length)
+
+
+def check_password(password: str | bytes | None) -> bytes | None:
+    """--hep-password as the bytes of the auth key chunk. Empty (an unset variable in a unit
+    file) dropped every packet of a real sender as ``auth_missing``; 70,000 bytes made each
+    --hep-out packet pass HEP's 16-bit length (a traceback). Both are one line before the work."""
+    if password is None:
+        return None
+    raw = password.encode() if isinstance(password, str) else bytes(password)
+    if not raw:
+        raise HepUsageError("--hep-password is empty: give the password, or leave the option out for none")
+    if len(raw) > MAX_PASSWORD:
+        raise HepUsageError(f"--hep-password: {len(raw)} bytes; at most {MAX_PASSWORD}")
+    return raw
+
+
 def parse_url(url: str, option: str = "--hep-listen") -> tuple[str, str, int]:
     """'udp://ADDR:PORT' or 'tcp://[v6]:PORT' -> (scheme, host, port)."""
     form = f"{option} {url!r}: use udp://ADDR:PORT or tcp://ADDR:PORT (e.g. udp://0.0.0.0:9060)"
@@ -509,6 +526,8 @@ def parse_url(url: str, option: str = "--hep-listen") -> tuple[str, str, int]:
         port = parts.port
     except ValueError:
         raise HepUsageError(form) from None
+    if parts.username is not None or parts.password is not None:
+        raise HepUsageError(f"{option}: no user or password in the URL; give the password with --hep-password")
     if parts.scheme not in ("udp", "tcp") or not parts.hostname or port is None or parts.path not in ("", "/") \
             or parts.query or parts.username is not None:
         raise HepUsageError(form)
@@ -561,7 +580,7 @@ class HepListener:
         if not 0 <= reorder <= MAX_REORDER:
             raise HepUsageError(f"--hep-reorder {reorder * 1000:g} ms: use 0 to {MAX_REORDER * 1000:g}")
         self.urls = list(urls)
-        self.password = password.encode() if isinstance(password, str) else password
+        self.password = check_password(password)
         self.count, self.duration, self.on_open = count, duration, on_open
         self.max_payload, self.max_connections = max_payload, max_connections
         self.reorder = ReorderBuffer(reorder, max_held)
@@ -846,7 +865,8 @@ class HepListener:
                 last_out = time.monotonic()
         late, expired_before = reorder.late, first.expired
         rest: list[Datagram | CaptureGap] = [*first.feed(reorder.drain()), *first.drain()]
-        anomalies["hep_reply_hold_expired"] += first.expired - expired_before
+        if first.expired != expired_before:
+            anomalies["hep_reply_hold_expired"] += first.expired - expired_before
         if reorder.late != late:
             anomalies["hep_reorder_late"] += reorder.late - late
         if self.udp and (gap := self._gap(max([last_ts, *(d.ts for d in rest)]))) is not None:

@@ -11,8 +11,13 @@ nothing."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
+
+import pytest
 
 from sipsniff_acc.events import Datagram, Idle, Transport
 from sipsniff_acc.sources.hep import CLOCK_SAMPLES, MAX_CLOCK_JUMP, HepListener, RequestFirst, encode
@@ -138,3 +143,32 @@ def test_a_flood_of_replies_of_one_transaction_is_linear() -> None:
     t.join(120)
     assert done == [n], "the flood of replies took minutes (quadratic), or lost some"
     assert first.expired == n and first.held == 0
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    log = ["--log", "none"] if args[0] == "process" else []
+    return subprocess.run([sys.executable, "-m", "sipsniff_acc", *args, *log], capture_output=True,
+                          text=True, timeout=120, cwd=cwd)
+
+
+SAMPLE = Path(__file__).resolve().parents[1] / "pcaps" / "sample.pcap"
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    # 70,000 bytes: each --hep-out packet passed HEP's 16-bit length, a traceback per message
+    (["process", str(SAMPLE), "--no-db", "--hep-out", f"udp://{HOST}:19070", "--hep-password", "x" * 70000],
+     "--hep-password: 70000 bytes; at most 256"),
+    # empty (an unset variable): every packet of a real sender dropped as auth_missing, silently
+    (["process", "--hep-listen", f"udp://{HOST}:0", "--no-db", "--duration", "0.3", "--hep-password", ""],
+     "--hep-password is empty"),
+    (["process", str(SAMPLE), "--no-db", "--hep-out", f"udp://{HOST}:19070", "--hep-password", ""],
+     "--hep-password is empty"),
+    (["capture", "--hep-listen", f"udp://{HOST}:0", "--publish", "nats://127.0.13.1:14299", "--hep-password", ""],
+     "--hep-password is empty"),
+    (["process", "--hep-listen", f"udp://user:pw@{HOST}:0", "--no-db", "--duration", "0.3"],
+     "give the password with --hep-password"),
+])
+def test_password_mistakes_are_one_line(args: list[str], says: str, tmp_path: Path) -> None:
+    p = _cli(*args, cwd=tmp_path)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and says in lines[0], p.stderr
