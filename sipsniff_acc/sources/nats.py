@@ -72,6 +72,7 @@ CONNECT_TIMEOUT: Final = 5.0
 #: seconds a bus message's packet time (or a sensor's clock) may be ahead of this worker's clock;
 #: past it the message is set aside (``nats_future_time``): the packet time is every timer's clock
 MAX_AHEAD: Final = 300.0
+CONSUMER_CHECK: Final = 5  #: empty fetches (1 s each) in a row before a look that the partition's consumer is there
 
 
 class NatsUsageError(Exception):
@@ -345,7 +346,8 @@ class ConsumeStats:
     acked: int = 0
     checkpoints: int = 0
     fetch_errors: int = 0
-    events: dict[str, int] = field(default_factory=lambda: {"disconnects": 0, "reconnects": 0, "errors": 0})
+    events: dict[str, int] = field(default_factory=lambda: {"disconnects": 0, "reconnects": 0, "errors": 0,
+                                                            "consumers_recreated": 0})
 
     def as_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "events"}
@@ -413,7 +415,7 @@ class NatsSource:
             raise NatsUsageError(f"--consume {self.servers[0]}: {e.__class__.__name__}: {e}") from None
 
     async def _open(self) -> None:
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy  # noqa: PLC0415
+        from nats.js.api import DeliverPolicy  # noqa: PLC0415
 
         self.nc = await connect(self.servers, "--consume", f"sipsniff-acc worker {self.durable}",
                                 self.stats.events, self.alarm)
@@ -442,10 +444,41 @@ class NatsSource:
                 except NotFoundError:
                     pass
                 start = {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": part.floor + 1}
-            cfg = ConsumerConfig(durable_name=name, filter_subject=f"{self.stream}.{p}",
-                                 ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT,
-                                 max_ack_pending=MAX_ACK_PENDING, max_deliver=-1, **start)
-            part.sub = await js.pull_subscribe(f"{self.stream}.{p}", durable=name, stream=self.stream, config=cfg)
+            part.sub = await self._subscribe(js, p, start)
+
+    async def _subscribe(self, js: Any, p: int, start: dict[str, Any]) -> Any:
+        from nats.js.api import AckPolicy, ConsumerConfig  # noqa: PLC0415
+
+        cfg = ConsumerConfig(durable_name=f"{self.durable}_{p}", filter_subject=f"{self.stream}.{p}",
+                             ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT,
+                             max_ack_pending=MAX_ACK_PENDING, max_deliver=-1, **start)
+        return await js.pull_subscribe(f"{self.stream}.{p}", durable=f"{self.durable}_{p}", stream=self.stream,
+                                       config=cfg)
+
+    async def _check_consumer(self, p: int, part: _Partition) -> None:
+        """A quiet partition's durable consumer still there? Deleted (``nats consumer rm``, a
+        cleanup script), its fetches only time out: the partition was read as empty for good,
+        its calls never accounted, nothing said. Made again from the first message we did not
+        take, with an alarm line (counted ``consumers_recreated``)."""
+        from nats.js.api import DeliverPolicy  # noqa: PLC0415
+        from nats.js.errors import NotFoundError  # noqa: PLC0415
+
+        js = self.nc.jetstream()
+        try:
+            await js.consumer_info(self.stream, f"{self.durable}_{p}")
+            return
+        except NotFoundError:
+            pass
+        first = max(part.seen, part.floor) + 1
+        old, part.sub = part.sub, await self._subscribe(
+            js, p, {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": first})
+        try:
+            await old.unsubscribe()
+        except Exception:  # noqa: BLE001 - the old subscription is gone with its consumer
+            pass
+        self.stats.events["consumers_recreated"] += 1
+        self.alarm(f"alarm: --consume: the consumer {self.durable}_{p} of partition {p} was deleted; "
+                   f"made again from stream sequence {first}")
 
     def _read_sidecar(self) -> None:
         try:
@@ -471,11 +504,21 @@ class NatsSource:
         from nats.errors import TimeoutError as NatsTimeout  # noqa: PLC0415
 
         inbox = self.inbox
+        quiet = 0
         while self._running:
             try:
                 msgs = await part.sub.fetch(FETCH_BATCH, timeout=1.0)
+                quiet = 0
             except (NatsTimeout, asyncio.TimeoutError):
                 part.caught_up = True
+                quiet += 1
+                if quiet % CONSUMER_CHECK == 0:
+                    try:
+                        await self._check_consumer(p, part)
+                    except asyncio.CancelledError:
+                        return
+                    except Exception:  # noqa: BLE001 - the server away: counted, looked at again later
+                        self.stats.fetch_errors += 1
                 continue
             except asyncio.CancelledError:
                 return

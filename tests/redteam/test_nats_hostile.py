@@ -66,3 +66,49 @@ def test_a_batch_and_a_sensor_clock_from_2100_are_set_aside(tmp_path: Path, nats
     assert anomalies.get("nats_future_time") == 3, anomalies  # the record and the two sensor clocks, counted
     assert "nats_reorder_late" not in anomalies, anomalies  # the sensors' real traffic was not late
     assert sorted(out.read_text().splitlines()) == want  # and accounted as offline
+
+
+def test_a_deleted_consumer_is_made_again_and_its_partition_accounted(tmp_path: Path,
+                                                                       nats_server: NatsServer) -> None:
+    """An operator (or a cleanup script) deletes a worker's durable consumer mid-run: its
+    fetches only timed out, the partition read as empty for good, half the calls never
+    accounted and nothing said. Now it is made again from the first message not taken, with
+    an alarm line, and every call is accounted as offline."""
+    offline = tmp_path / "offline.jsonl"
+    p = run("process", str(SAMPLE), "--no-db", "--log", "none", "--jsonl", str(offline), "-q", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    want = sorted(offline.read_text().splitlines())
+    asyncio.run(make_stream(nats_server.url, 2))
+    out = tmp_path / "w.jsonl"
+    worker = subprocess.Popen([sys.executable, "-m", "sipsniff_acc", "process", "--consume", nats_server.url,
+                               "--partitions", "0-1", "--state", str(tmp_path / "w.state"), "--no-db", "--log", "none",
+                               "--jsonl", str(out)], stderr=subprocess.PIPE, cwd=tmp_path)
+
+    async def delete() -> None:
+        import nats
+        nc = await nats.connect(nats_server.url)
+        deadline = time.monotonic() + 60
+        while True:  # once the worker made it
+            try:
+                await nc.jetstream().delete_consumer("sip", "sipsniff_1")
+                break
+            except Exception:  # noqa: BLE001 - not there yet
+                assert time.monotonic() < deadline, "the worker never made its consumer"
+                await asyncio.sleep(0.2)
+        await nc.close()
+
+    try:
+        asyncio.run(delete())
+        p = run("capture", "-r", str(SAMPLE), "--publish", nats_server.url, "--partitions", "2", "-q", cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < len(want)):
+            time.sleep(0.2)
+        time.sleep(1)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 128 + signal.SIGTERM
+    err = worker.stderr.read().decode()  # type: ignore[union-attr]
+    assert "Traceback" not in err, err
+    assert "the consumer sipsniff_1 of partition 1 was deleted; made again" in err, err
+    assert sorted(out.read_text().splitlines()) == want
