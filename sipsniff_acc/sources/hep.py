@@ -622,7 +622,10 @@ class HepListener:
         fam, typ, _p, _c, addr = info[0]
         s = socket.socket(fam, typ)
         try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if scheme == "tcp":  # a restart over connections in TIME_WAIT; never over a live listener
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # not on UDP: there SO_REUSEADDR let us bind beside a proxy's own socket on that port
+            # (Kamailio sets it on its UDP listeners) and take its SIP from it, with no error
             if scheme == "udp":
                 try:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)

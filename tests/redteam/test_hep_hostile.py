@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from sipsniff_acc.events import Datagram, Idle, Transport
-from sipsniff_acc.sources.hep import CLOCK_SAMPLES, MAX_CLOCK_JUMP, HepListener, RequestFirst, encode
+from sipsniff_acc.sources.hep import CLOCK_SAMPLES, MAX_CLOCK_JUMP, HepListener, HepUsageError, RequestFirst, encode
 
 HOST = "127.0.12.1"
 A, B = socket.inet_aton("127.0.12.2"), socket.inet_aton("127.0.12.3")
@@ -172,3 +172,27 @@ def test_password_mistakes_are_one_line(args: list[str], says: str, tmp_path: Pa
     p = _cli(*args, cwd=tmp_path)
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2 and len(lines) == 1 and says in lines[0], p.stderr
+
+
+def test_a_udp_port_a_proxy_listens_on_is_refused_not_shared() -> None:
+    """--hep-listen udp://…:5060 on the proxy's own box: with SO_REUSEADDR on our socket the
+    bind succeeded beside the proxy's (Kamailio, heplify-server, another sipsniff-acc set it on
+    theirs) and the kernel gave us the proxy's SIP, which we dropped as bad HEP: the proxy
+    went deaf, nothing said. Now the port is taken: one line, before the work."""
+    theirs = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    theirs.bind((HOST, 0))
+    port = theirs.getsockname()[1]
+    with theirs:
+        with pytest.raises(HepUsageError, match="cannot listen: Address already in use"):
+            HepListener([f"udp://{HOST}:{port}"])
+        theirs.settimeout(5)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"OPTIONS sip:x SIP/2.0\r\n\r\n", (HOST, port))
+        assert theirs.recv(100).startswith(b"OPTIONS")  # still theirs
+    first = HepListener([f"udp://{HOST}:0"])  # and a second instance of ours on the same port
+    try:
+        with pytest.raises(HepUsageError, match="Address already in use"):
+            HepListener([first.addresses()[0]])
+    finally:
+        first.close()
