@@ -66,6 +66,9 @@ CHECKPOINT_EVERY: Final = 1.0  #: wall seconds between checkpoints (state saved,
 HEARTBEAT: Final = 0.5  #: wall seconds of silence between Idles (timers fire, outputs flush)
 FETCH_BATCH: Final = 256
 MAX_HELD: Final = 100_000  #: SIP messages held in the reorder heap, at most (~100 MB at 1 kB each)
+#: bytes of SIP held in the reorder heap, at most: the count alone let a backlog of 1 MB messages
+#: (each batch may carry one: MAX_PAYLOAD) hold 100 GB
+MAX_HELD_BYTES: Final = 256 << 20
 MAX_ACK_PENDING: Final = 20_000  #: NATS messages delivered and not yet acknowledged, per partition
 ACK_WAIT: Final = 60.0  #: seconds before the server redelivers an unacknowledged message (skipped: seen)
 CONNECT_TIMEOUT: Final = 5.0
@@ -367,6 +370,7 @@ class NatsSource:
     def __init__(self, url: str, partitions: list[int], state: str, stream: str = DEFAULT_STREAM,
                  durable: str = DEFAULT_DURABLE, window: float = DEFAULT_WINDOW_MS / 1000,
                  max_held: int = MAX_HELD, checkpoint_every: float = CHECKPOINT_EVERY,
+                 max_held_bytes: int = MAX_HELD_BYTES,
                  alarm: Callable[[str], None] = say) -> None:
         self.servers = parse_servers(url, "--consume")
         self.path = f"{url} {stream}.{{{','.join(map(str, partitions))}}}"
@@ -377,6 +381,8 @@ class NatsSource:
         self.sidecar = Path(state + ".nats")
         self.window = window
         self.max_held = max_held
+        self.max_held_bytes = max_held_bytes
+        self.held_bytes = 0  #: payload bytes in the reorder heap now
         self.checkpoint_every = checkpoint_every
         self.alarm = alarm
         self.stats = ConsumeStats()
@@ -578,12 +584,13 @@ class NatsSource:
             released = 0
             while heap and released < 1000:
                 ts, _o, arrived, d, entry = heap[0]
-                if len(heap) > self.max_held:
+                if len(heap) > self.max_held or self.held_bytes > self.max_held_bytes:
                     st.held_full += 1
                     self.counters.anomalies["nats_reorder_full"] += 1
                 elif not caught_up or now - arrived < window:
                     break
                 pop(heap)
+                self.held_bytes -= len(d.payload)
                 if ts < last_ts:
                     st.late += 1
                     self.counters.anomalies["nats_reorder_late"] += 1
@@ -672,6 +679,7 @@ class NatsSource:
         order = self.order
         for d in datagrams:
             heapq.heappush(heap, (d.ts, order, now, d, entry))
+            self.held_bytes += len(d.payload)
             order += 1
         self.order = order
 
