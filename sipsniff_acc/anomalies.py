@@ -58,7 +58,7 @@ ANOMALIES: Final[dict[str, str]] = {
     "hep_reply_hold_expired": "a HEP reply whose request never came within --hep-reorder; let go without it",
     # NATS JetStream input (process --consume): the merge of sensors, the bus format
     "nats_reorder_late": "a message from the bus came after a later one had gone on (beyond --reorder-window); accounted late",
-    "nats_reorder_full": "the bus reorder heap was full (a backlog past 100,000 messages); the oldest went on early",
+    "nats_reorder_full": "the bus reorder heap was full (a backlog past 100,000 messages or 256 MB); the oldest went on early",
     "nats_bad_message": "a bus message not in the sipsniff-acc format or beyond its bounds; acknowledged and dropped",
     "nats_future_time": "a bus message (or a sensor's clock) stamped more than 5 minutes ahead of the worker's clock; set aside",
 }
