@@ -55,6 +55,12 @@ class Limits:
     #: bytes of one SIP message over TCP, SCTP or WebSocket (UDP is bound by the datagram); a
     #: longer one is counted (tcp_message_too_long, ...) and its stream resyncs
     max_sip_message: int = DEFAULT_MAX_SIP_MESSAGE
+    #: branches one server transaction holds: its first and the current failure round's (a
+    #: serial fork's earlier rounds are let go once accounted). Kamailio's tm refuses a branch
+    #: past its max_branches (12 by default), counted over all rounds, and that setting is
+    #: capped below MAX_BRANCHES_LIMIT (32, core/config.h): 32 holds whatever any tm sends,
+    #: whatever max_branches it was given; a branch past it is counted (branches_cut)
+    max_branches: int = 32
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -67,7 +73,7 @@ class Limits:
 
     def shard(self, n: int) -> Limits:
         """The bounds of one of n workers (calls are spread evenly by Call-ID): counts and
-        bytes divided by n, the time window and the per-message scan unchanged."""
+        bytes divided by n, the time window and the per-message and per-transaction bounds unchanged."""
         if n <= 1:
             return self
         return replace(self, max_transactions=max(1, self.max_transactions // n),

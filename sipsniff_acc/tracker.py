@@ -97,7 +97,10 @@ class Transaction:
     size: int = 0  #: bytes of SIP messages this transaction holds (request + final reply)
     timer_408: bool = False  #: --open-as-408 accounted the proxy's timer 408 (no final reply came in time)
     #: serial forking: index in ``branches`` of the current failure round's first branch (tm's
-    #: first_branch); the branches before it failed and a failure_route relayed again
+    #: first_branch); the branches before it failed and a failure_route relayed again. Once a
+    #: round is accounted its branches leave the list but the transaction's very first (the
+    #: start of the call, its R-URI), so in every later round this is 1 and the list stays
+    #: within ``Limits.max_branches`` however many rounds an endless failure_route makes
     first_branch: int = 0
 
     @property
@@ -180,6 +183,9 @@ class TrackerStats:
     evicted_acks: int = 0  #: ACKs forgotten before 32 s (max_transactions): a retransmitted one may count again
     hdr_scans_cut: int = 0  #: $hdr() lookups that stopped at max_hdr_scan header lines
     record_ids_cut: int = 0  #: times the record-id table was emptied early (max_record_ids)
+    #: branches not held by their server transaction: one failure round past max_branches
+    #: (tm itself never sends so many); tracked as transactions, left out of t_pick_branch
+    branches_cut: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -192,6 +198,7 @@ class TrackerStats:
             "evicted_transactions": self.evicted_transactions, "evicted_open": dict(self.evicted_open),
             "evicted_dialogs": self.evicted_dialogs, "evicted_acks": self.evicted_acks,
             "hdr_scans_cut": self.hdr_scans_cut, "record_ids_cut": self.record_ids_cut,
+            "branches_cut": self.branches_cut,
         }
 
     def merge(self, other: TrackerStats) -> None:
@@ -213,6 +220,7 @@ class TrackerStats:
         self.evicted_acks += other.evicted_acks
         self.hdr_scans_cut += other.hdr_scans_cut
         self.record_ids_cut += other.record_ids_cut
+        self.branches_cut += other.branches_cut
 
     def evictions(self) -> str:
         """One summary line of what the bounds let go ('' when nothing was): for the CLI."""
@@ -229,6 +237,8 @@ class TrackerStats:
             parts.append(f"{self.hdr_scans_cut} $hdr() lookups cut at max_hdr_scan")
         if self.record_ids_cut:
             parts.append(f"record-id table emptied early {self.record_ids_cut} times")
+        if self.branches_cut:
+            parts.append(f"{self.branches_cut} branches past max_branches")
         return ("limits reached (rules.yaml limits:): " + "; ".join(parts)) if parts else ""
 
 
@@ -347,6 +357,7 @@ class TransactionTracker:
         self.limits = limits = limits or Limits()
         self._max_txns = limits.max_transactions
         self._max_bytes = limits.max_transaction_bytes
+        self._max_branches = limits.max_branches
         self.txns: dict[Key, Transaction] = {}
         #: the same transactions in eviction order (OrderedDict: O(1) pop of the oldest; a plain
         #: dict's next(iter()) rescans the deleted slots at its front, quadratic under churn)
@@ -433,10 +444,12 @@ class TransactionTracker:
         if parent is not None:
             if role == "branch" and method == "INVITE" and parent.role == "server" and parent.branches:
                 self._next_round(parent, msg, out)
-            if isinstance(parent.branches, list):
-                parent.branches.append(txn)
-            else:
+            if not isinstance(parent.branches, list):
                 parent.branches = [txn]
+            elif len(parent.branches) < self._max_branches:
+                parent.branches.append(txn)
+            else:  # a hostile capture's (tm refuses past max_branches): tracked, not held
+                self.stats.branches_cut += 1
         if method == "CANCEL":
             invite = self.txns.get((key[0], "INVITE", key[2], key[3]))
             if invite is not None:
@@ -688,7 +701,11 @@ class TransactionTracker:
         got = self._pick(txn, branches, msg.ts)
         if got is not None:
             out.append(BranchesFailed(*got))
-        txn.first_branch = len(txn.branches)  # the new branch's place: the next round starts with it
+        # the round is accounted: its branches go (they keep no memory once evicted), but the
+        # first of all, which the call's start time and R-URI come from; the new branch, next
+        # in the list, starts the next round
+        del txn.branches[1:]
+        txn.first_branch = 1
         timeout = self._timeout(txn)
         self._deadline(msg.ts + timeout + RETAIN, txn.key)
         if self.open_as_408:

@@ -5,8 +5,9 @@ Found: every branch stays in its server transaction's ``branches`` list for as l
 server transaction is open, after the branch itself was evicted from the bounded tables
 (``evicted_transactions`` counts it, ``held_bytes`` forgets it): memory grows ~2.3 KB per
 branch with no bound (100,000 branches: 250 MB with ``max_transactions: 1000``). Kamailio's tm
-itself stops at ``max_branches`` (12 by default, at most 31). tracker.py belongs to another
-slice (H4/H1): the test is xfail(strict) until a bound lands there (then drop the mark)."""
+itself stops at ``max_branches`` (12 by default, at most 31). Fixed: a server transaction holds
+its first branch and the current round's, within ``limits.max_branches`` (32); a branch past
+it is counted (``branches_cut``)."""
 
 from __future__ import annotations
 
@@ -65,7 +66,6 @@ def peak_rss_mb(tmp_path: Path, capture: Path) -> float:
     return float(out.stdout.strip())
 
 
-@pytest.mark.xfail(strict=True, reason="tracker.py (H4/H1): a server transaction's branches list is unbounded")
 def test_an_endless_serial_fork_stays_within_the_bounds(tmp_path: Path) -> None:
     small, big = tmp_path / "small.pcap", tmp_path / "big.pcap"
     endless_fork(small, 1_000)

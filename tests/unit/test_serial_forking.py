@@ -235,3 +235,74 @@ def test_a_reply_of_the_failure_routes_own_shows_it_ran_again(proxies: bool) -> 
     msgs[-1] = Call().reply(503, "No more gateways", 1000.401, PROXY, UAC, [C], to_tag=f"{TM_TAG}-0badcafe")
     assert [(f.code, f.failure_route) for f in failures(msgs, proxies)] == [(486, True), (480, True)]
     assert [(f.code, f.failure_route) for f in failures(serial(486, 480), proxies)] == [(486, True), (480, False)]
+
+
+def _rounds(c: Call, n: int, last: int = 480) -> list[SipMessage]:
+    """One INVITE a failure_route relays ``n`` times: each branch to its own callee answers 486
+    and is ACKed (a new round each time); the last round's ``last`` goes upstream."""
+    msgs = [c.request("INVITE", 1000.0, UAC, PROXY, [C])]
+    ts = 1000.0
+    for i in range(n):
+        ts += 0.01
+        v = (PROXY, f"z9hG4bK-round{i}")
+        callee = f"10.0.1.{i % 250 + 1}"
+        code = last if i == n - 1 else 486
+        msgs += [c.request("INVITE", ts, PROXY, callee, [v, C], ruri=f"sip:bob@{callee}"),
+                 c.reply(code, "No", ts + 0.002, callee, PROXY, [v, C], to_tag=f"t{i}"),
+                 c.request("ACK", ts + 0.003, PROXY, callee, [v], to_tag=f"t{i}")]
+    return [*msgs, c.reply(last, "No", ts + 0.005, PROXY, UAC, [C], to_tag=f"t{n - 1}")]
+
+
+@pytest.mark.parametrize("proxies", [True, False])
+def test_an_endless_serial_fork_holds_only_the_first_and_the_current_rounds_branch(proxies: bool) -> None:
+    """Every round is still accounted (one ON_FAILURE each, picked among its own branch), but
+    the server transaction keeps its first branch and the current round's only: 200 rounds
+    of one INVITE hold 2 branches, not 200, and nothing is cut (max_branches is per round)."""
+    c = Call()
+    msgs = _rounds(c, 200)
+    t = TransactionTracker([(PROXY, 5060)] if proxies else None)
+    got = [e for m in msgs for e in t.feed(m) if isinstance(e, BranchesFailed)]
+    assert [f.code for f in got] == [486] * 199 + [480]
+    assert [f.branch.request.dst for f in got] == [f"10.0.1.{i % 250 + 1}" for i in range(200)]  # type: ignore[union-attr]
+    assert [f.failure_route for f in got] == [True] * 199 + [False]
+    server = next(x for x in t.txns.values() if x.role == "server")
+    assert [b.request.dst for b in server.branches] == ["10.0.1.1", "10.0.1.200"]  # type: ignore[union-attr]
+    assert server.first_branch == 1 and t.stats.branches_cut == 0
+
+
+def test_a_many_round_fork_gives_the_records_of_a_short_one() -> None:
+    """Letting earlier rounds go changes no record: 40 rounds give what 3 give (the first
+    round's missed call, then the last round's failure), with the last round's To-tag."""
+    from sipsniff_acc.processrun import AccPipeline
+    from sipsniff_acc.rules import parse_rules
+
+    def records(n: int) -> list[tuple[object, ...]]:
+        p = AccPipeline(parse_rules(SERIAL_RULES))
+        out = [r.as_dict() for m in _rounds(Call(), n) for r in p.feed(m)] + [r.as_dict() for r in p.finish()]
+        return [(r["kind"], r["code"], r["to_tag"]) for r in out]
+
+    assert records(40) == [("missed", "486", "t0"), ("answered", "480", "t39")]
+    assert records(3) == [("missed", "486", "t0"), ("answered", "480", "t2")]
+
+
+@pytest.mark.parametrize("proxies", [True, False])
+def test_a_round_past_max_branches_is_cut_and_counted(proxies: bool) -> None:
+    """One INVITE forked to 40 callees at once (tm refuses past max_branches): the server
+    transaction holds 32 (limits.max_branches), the other 8 are counted, and the reply
+    upstream is still accounted, picked among those held."""
+    from sipsniff_acc.limits import Limits
+
+    c = Call()
+    msgs = [c.request("INVITE", 1000.0, UAC, PROXY, [C])]
+    msgs += [c.request("INVITE", 1000.01 + i / 1000, PROXY, f"10.0.1.{i + 1}", [(PROXY, f"z9hG4bK-par{i}"), C])
+             for i in range(40)]
+    msgs += [c.reply(486, "Busy", 1001.0 + i / 1000, f"10.0.1.{i + 1}", PROXY, [(PROXY, f"z9hG4bK-par{i}"), C],
+                     to_tag=f"t{i}") for i in range(40)]
+    msgs.append(c.reply(486, "Busy", 1002.0, PROXY, UAC, [C], to_tag="t0"))
+    for limits, held in ((None, 32), (Limits(max_branches=4), 4)):
+        t = TransactionTracker([(PROXY, 5060)] if proxies else None, limits=limits)
+        got = [e for m in msgs for e in t.feed(m) if isinstance(e, BranchesFailed)]
+        server = next(x for x in t.txns.values() if x.role == "server")
+        assert len(server.branches) == held and t.stats.branches_cut == 40 - held
+        assert [(f.code, f.reply.to_tag if f.reply else None) for f in got] == [(486, "t0")]
+        assert f"{40 - held} branches past max_branches" in t.stats.evictions()
