@@ -442,14 +442,19 @@ class TransactionTracker:
             self._timer(msg.ts + self._timeout(txn) + TIMER_GRACE, key)
         self.stats.transactions[role] += 1
         if parent is not None:
-            if role == "branch" and method == "INVITE" and parent.role == "server" and parent.branches:
-                self._next_round(parent, msg, out)
+            new_round = (role == "branch" and method == "INVITE" and parent.role == "server" and bool(parent.branches)
+                         and self._next_round(parent, msg, out))
             if not isinstance(parent.branches, list):
                 parent.branches = [txn]
             elif len(parent.branches) < self._max_branches:
                 parent.branches.append(txn)
             else:  # a hostile capture's (tm refuses past max_branches): tracked, not held
                 self.stats.branches_cut += 1
+            if new_round:  # its own fr timer, from its first branch (pushed once it is in the list)
+                timeout = self._timeout(parent)
+                self._deadline(msg.ts + timeout + RETAIN, parent.key)
+                if self.open_as_408:
+                    self._timer(msg.ts + timeout + TIMER_GRACE, parent.key)
         if method == "CANCEL":
             invite = self.txns.get((key[0], "INVITE", key[2], key[3]))
             if invite is not None:
@@ -679,25 +684,25 @@ class TransactionTracker:
         return (txn, reply, reply.code if reply is not None else 408, last if all_final and last else fallback_ts,
                 branch)
 
-    def _next_round(self, txn: Transaction, msg: SipMessage, out: list[Event]) -> None:
+    def _next_round(self, txn: Transaction, msg: SipMessage, out: list[Event]) -> bool:
         """A new INVITE branch of a server transaction that has branches already. If every branch
         of the current round has failed (a final reply >= 300, or none for as long as tm's fr
         timer runs), a failure_route relayed again (serial forking): the round's ON_FAILURE,
         picked among that round's branches only, and the new branch opens the next round.
-        Otherwise it is one more parallel branch of the same relay."""
+        Otherwise it is one more parallel branch of the same relay. True: a new round."""
         if txn.final is not None or txn.timer_408:
-            return
+            return False
         branches = txn.branches[txn.first_branch :]
         if not branches:
-            return
+            return False
         patience = min(self.fr_timer, self.fr_inv_timer) - FR_EARLY
         for b in branches:
             f = b.final
             if f is None:
                 if msg.ts - b.created < patience:
-                    return  # still pending: a parallel branch
+                    return False  # still pending: a parallel branch
             elif f.code < 300:
-                return
+                return False
         got = self._pick(txn, branches, msg.ts)
         if got is not None:
             out.append(BranchesFailed(*got))
@@ -706,10 +711,7 @@ class TransactionTracker:
         # in the list, starts the next round
         del txn.branches[1:]
         txn.first_branch = 1
-        timeout = self._timeout(txn)
-        self._deadline(msg.ts + timeout + RETAIN, txn.key)
-        if self.open_as_408:
-            self._timer(msg.ts + timeout + TIMER_GRACE, txn.key)
+        return True
 
     def _dialog(self, txn: Transaction, reply: SipMessage) -> None:
         req = txn.request
@@ -772,8 +774,10 @@ class TransactionTracker:
         timers = self._timers
         heapq.heappush(timers, (at, key))
         if len(timers) > self._timers_cap:  # entries of evicted transactions: dropped as in _deadline
-            txns = self.txns
-            self._timers = timers = [e for e in timers if e[1] in txns]
+            # (and a serial fork's earlier rounds', skipped when popped: one per round)
+            t_of, grace = self.txns.get, TIMER_GRACE - 1e-6
+            self._timers = timers = [e for e in timers if (t := t_of(e[1])) is not None and (not t.first_branch or (
+                t.final is None and not t.timer_408 and e[0] >= self._started(t) + self._timeout(t) + grace))]
             heapq.heapify(timers)
             self._timers_cap = len(timers) + len(timers) // 2 + 4096
 
@@ -810,6 +814,12 @@ class TransactionTracker:
                 self.stats.dialogs[self.dialogs.pop(k).state] += 1
             self._dialog_limit = max(4096, 2 * len(self.dialogs))
 
+    def _due(self, t: Transaction) -> float:
+        """When the sweep forgets ``t`` as it is now (the time its deadline entry was pushed for)."""
+        if t.final is not None:
+            return t.final_ts + max(RETAIN, self.wait_timer)
+        return self._started(t) + self._timeout(t) + RETAIN
+
     def _timer_408(self, t: Transaction, out: list[Event]) -> None:
         """The 408 the proxy's fr timer sends for a server transaction with no final reply, dated
         when the timer fired (what ``finish(open_as_408=True)`` gives at the end of the input)."""
@@ -827,9 +837,12 @@ class TransactionTracker:
         heapq.heappush(heap, (at, key))
         if len(heap) > self._heap_cap:
             # evicted transactions leave their entries (and keys) behind: drop them, O(n) once
-            # per n/2 pushes, so stale entries stay under half the live ones (+4096)
-            txns = self.txns
-            self._deadlines = heap = [e for e in heap if e[1] in txns]
+            # per n/2 pushes, so stale entries stay under half the live ones (+4096); and a
+            # serial fork's entries before its own deadline (popped, they would be skipped, and
+            # the entry at that deadline is in the heap): its earlier rounds', one per round
+            t_of = self.txns.get
+            self._deadlines = heap = [e for e in heap if (t := t_of(e[1])) is not None
+                                      and (not t.first_branch or e[0] >= self._due(t) - 1e-6)]
             heapq.heapify(heap)
             self._heap_cap = len(heap) + len(heap) // 2 + 4096
 

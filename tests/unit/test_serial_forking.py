@@ -306,3 +306,16 @@ def test_a_round_past_max_branches_is_cut_and_counted(proxies: bool) -> None:
         assert len(server.branches) == held and t.stats.branches_cut == 40 - held
         assert [(f.code, f.reply.to_tag if f.reply else None) for f in got] == [(486, "t0")]
         assert f"{40 - held} branches past max_branches" in t.stats.evictions()
+
+
+def test_an_endless_serial_fork_leaves_no_timer_per_round_behind() -> None:
+    """Each round pushes its deadline (and --open-as-408 timer); the earlier rounds' are dropped
+    when the heaps are compacted, or 12,000 rounds of one INVITE would leave 12,000 of each
+    (the branches themselves are let go at max_transactions)."""
+    from sipsniff_acc.limits import Limits
+
+    t = TransactionTracker([(PROXY, 5060)], open_as_408=True, limits=Limits(max_transactions=500))
+    for m in _rounds(Call(), 12_000):
+        t.advance(m.ts)
+        t.feed(m)
+    assert len(t._deadlines) < 7000 and len(t._timers) < 7000, (len(t._deadlines), len(t._timers))
