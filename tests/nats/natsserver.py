@@ -65,3 +65,23 @@ def nats_server() -> Iterator[NatsServer]:
     finally:
         server.stop()
         shutil.rmtree(server.dir, ignore_errors=True)
+
+
+async def make_stream(url: str, partitions: int) -> None:
+    """The stream as a sensor makes it (a worker checks it at start)."""
+    import nats
+
+    from sipsniff_acc.sources.nats import ensure_stream
+    nc = await nats.connect(url)
+    try:
+        await ensure_stream(nc.jetstream(), "sip", partitions, "--publish")
+    finally:
+        await nc.close()
+
+
+def wait_for_lines(out: Path, n: int, timeout: float) -> None:
+    """Until a worker's JSON-lines file holds ``n`` lines (bounded), then a second for any extra."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < n):
+        time.sleep(0.2)
+    time.sleep(1)

@@ -18,7 +18,7 @@ import pytest
 from sipsniff_acc.events import Counters, Datagram
 from sipsniff_acc.pipeline import CaptureStage
 from sipsniff_acc.sources import CaptureReader, open_captures
-from tests.nats.natsserver import HOST, NatsServer, free_port, nats_server  # noqa: F401 - fixture
+from tests.nats.natsserver import HOST, NatsServer, free_port, make_stream, nats_server  # noqa: F401 - fixture
 
 hep = pytest.importorskip("sipsniff_acc.sources.hep")
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,16 +34,6 @@ def sip_of(path: Path) -> list[Datagram]:
     stage = CaptureStage(Counters())
     out = [d for f in open_captures([CaptureReader(str(path))], []) for d in stage.feed(f) if isinstance(d, Datagram)]
     return out + [d for d in stage.finish() if isinstance(d, Datagram)]
-
-
-async def make_stream(url: str, partitions: int) -> None:
-    import nats
-    from sipsniff_acc.sources.nats import ensure_stream
-    nc = await nats.connect(url)
-    try:
-        await ensure_stream(nc.jetstream(), "sip", partitions, "--publish")
-    finally:
-        await nc.close()
 
 
 def records(path: Path) -> list[dict[str, object]]:

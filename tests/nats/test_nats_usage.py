@@ -14,7 +14,7 @@ import pytest
 
 from sipsniff_acc.events import Transport
 from sipsniff_acc.sources.nats import BadMessage, decode_batch, encode_batch, parse_partitions, NatsUsageError
-from tests.nats.natsserver import NatsServer, free_port, nats_server  # noqa: F401 - fixture
+from tests.nats.natsserver import NatsServer, free_port, make_stream, nats_server, wait_for_lines  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "tests" / "pcaps" / "sample.pcap"
@@ -101,10 +101,7 @@ def test_nats_down_mid_run_is_counted_and_retried(tmp_path: Path, nats_server: N
         nats_server.start()
         sensor.stdin.close()
         assert sensor.wait(180) == 0
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < len(want)):
-            time.sleep(0.2)
-        time.sleep(1)
+        wait_for_lines(out, len(want), 180)
     finally:
         for proc in (sensor, worker):
             if proc.poll() is None:
@@ -118,16 +115,6 @@ def test_nats_down_mid_run_is_counted_and_retried(tmp_path: Path, nats_server: N
     werr = worker.stderr.read().decode()
     assert "connection lost" in werr and "reconnected" in werr, werr
     assert sorted(out.read_text().splitlines()) == want
-
-
-async def make_stream(url: str, partitions: int) -> None:
-    import nats
-    from sipsniff_acc.sources.nats import ensure_stream
-    nc = await nats.connect(url)
-    try:
-        await ensure_stream(nc.jetstream(), "sip", partitions, "--publish")
-    finally:
-        await nc.close()
 
 
 def _pcap_records(data: bytes) -> list[bytes]:
@@ -207,10 +194,7 @@ def test_bad_bus_messages_are_counted_and_dropped(tmp_path: Path, nats_server: N
                                "--partitions", "0-1", "--state", str(tmp_path / "w.state"), "--no-db", "--log", "none",
                                "--jsonl", str(out), "--stats", str(stats)], stderr=subprocess.PIPE, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < len(want)):
-            time.sleep(0.2)
-        time.sleep(1)
+        wait_for_lines(out, len(want), 180)
     finally:
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(60) == 128 + signal.SIGTERM

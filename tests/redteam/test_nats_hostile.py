@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from sipsniff_acc.sources.nats import encode_batch
-from tests.nats.natsserver import NatsServer, nats_server  # noqa: F401 - fixture
-from tests.nats.test_nats_usage import make_stream, run
+from tests.nats.natsserver import NatsServer, make_stream, nats_server, wait_for_lines  # noqa: F401 - fixture
+from tests.nats.test_nats_usage import run
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "tests" / "pcaps" / "sample.pcap"
@@ -53,10 +53,7 @@ def test_a_batch_and_a_sensor_clock_from_2100_are_set_aside(tmp_path: Path, nats
         time.sleep(3)  # the worker takes them, its window passes, a heartbeat goes by
         p = run("capture", "-r", str(SAMPLE), "--publish", nats_server.url, "--partitions", "2", "-q", cwd=tmp_path)
         assert p.returncode == 0, p.stderr
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < len(want)):
-            time.sleep(0.2)
-        time.sleep(1)
+        wait_for_lines(out, len(want), 90)
     finally:
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(60) == 128 + signal.SIGTERM
@@ -101,10 +98,7 @@ def test_a_deleted_consumer_is_made_again_and_its_partition_accounted(tmp_path: 
         asyncio.run(delete())
         p = run("capture", "-r", str(SAMPLE), "--publish", nats_server.url, "--partitions", "2", "-q", cwd=tmp_path)
         assert p.returncode == 0, p.stderr
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < len(want)):
-            time.sleep(0.2)
-        time.sleep(1)
+        wait_for_lines(out, len(want), 120)
     finally:
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(60) == 128 + signal.SIGTERM
