@@ -19,6 +19,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,12 +30,23 @@ HERE = Path(__file__).resolve().parent
 KEEP_OUTPUT = 1 << 20  #: stdout kept whole up to this size; past it, its line count and digest
 
 
+def _scratch() -> str:
+    global _SCRATCH
+    if _SCRATCH is None:
+        _SCRATCH = tempfile.mkdtemp(prefix="sipsniff-bench-")
+    return _SCRATCH
+
+
+_SCRATCH: str | None = None
+
+
 def run(cmd: list[str]) -> tuple[float, int, str]:
     """Wall seconds, peak RSS in MB, and stdout of one run (a long one as "<N lines, sha256 ...>":
     a parent holding megabytes of earlier outputs inflates every later child's peak RSS, since
     the fork copies the parent before the exec)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    # in a scratch folder: a run's default files (the spool, acc.db) never land in the checkout
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=_scratch())
     digest, lines, kept, size = hashlib.sha256(), 0, [], 0
     for chunk in iter(lambda: proc.stdout.read(1 << 16) if proc.stdout else b"", b""):
         digest.update(chunk)
@@ -123,7 +135,7 @@ def main() -> None:
     tshark = shutil.which("tshark")
     if not tshark:
         raise SystemExit("tshark is not installed: the benchmark compares against it")
-    work = Path(a.workdir)
+    work = Path(a.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     ours_base = [sys.executable, "-m", "sipsniff_acc", "messages", "--quiet", "--no-progress", "-o", os.devnull]
     if a.workers:

@@ -51,7 +51,7 @@ def main() -> None:
     tshark = shutil.which("tshark") or ""
     if not tshark and not a.no_tshark:
         raise SystemExit("tshark is not installed: the benchmark compares against it (or pass --no-tshark)")
-    work = Path(a.workdir)
+    work = Path(a.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     rules = HERE.parent / "rules.yaml"
     db = work / "bench.db"

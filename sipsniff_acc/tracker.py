@@ -709,7 +709,8 @@ class TransactionTracker:
         # the round is accounted: its branches go (they keep no memory once evicted), but the
         # first of all, which the call's start time and R-URI come from; the new branch, next
         # in the list, starts the next round
-        del txn.branches[1:]
+        if isinstance(txn.branches, list):  # (a list whenever a branch was seen)
+            del txn.branches[1:]
         txn.first_branch = 1
         return True
 
