@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sipsniff_acc.sources.nats import encode_batch
@@ -26,6 +27,23 @@ OPTIONS = (b"OPTIONS sip:x@10.0.0.2 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1;branch=
            b"From: <sip:a@10.0.0.1>;tag=1\r\nTo: <sip:x@10.0.0.2>\r\nCall-ID: from-2100\r\nCSeq: 1 OPTIONS\r\n"
            b"Content-Length: 0\r\n\r\n")
 
+
+
+def sample_through(nats_server: NatsServer, worker: subprocess.Popen[bytes], first: Callable[[], None], out: Path,
+                   lines: int, timeout: float, tmp_path: Path) -> str:
+    """``first`` (the attack), then the sample published by a sensor, the worker given time to
+    write ``lines`` records, then stopped by SIGTERM: its stderr, which has no traceback."""
+    try:
+        first()
+        p = run("capture", "-r", str(SAMPLE), "--publish", nats_server.url, "--partitions", "2", "-q", cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+        wait_for_lines(out, lines, timeout)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 128 + signal.SIGTERM
+    err = worker.stderr.read().decode()  # type: ignore[union-attr]
+    assert "Traceback" not in err, err
+    return err
 
 def test_a_batch_and_a_sensor_clock_from_2100_are_set_aside(tmp_path: Path, nats_server: NatsServer) -> None:
     offline = tmp_path / "offline.jsonl"
@@ -48,17 +66,11 @@ def test_a_batch_and_a_sensor_clock_from_2100_are_set_aside(tmp_path: Path, nats
         await js.publish("sip.1", encode_batch(b"ahead", YEAR_2100, []))  # a heartbeat from 2100
         await nc.close()
 
-    try:
+    def first() -> None:
         asyncio.run(from_2100())
         time.sleep(3)  # the worker takes them, its window passes, a heartbeat goes by
-        p = run("capture", "-r", str(SAMPLE), "--publish", nats_server.url, "--partitions", "2", "-q", cwd=tmp_path)
-        assert p.returncode == 0, p.stderr
-        wait_for_lines(out, len(want), 90)
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        assert worker.wait(60) == 128 + signal.SIGTERM
-    err = worker.stderr.read().decode()  # type: ignore[union-attr]
-    assert "Traceback" not in err, err
+
+    sample_through(nats_server, worker, first, out, len(want), 90, tmp_path)
     anomalies = json.loads(stats.read_text())["anomalies"]
     assert anomalies.get("nats_future_time") == 3, anomalies  # the record and the two sensor clocks, counted
     assert "nats_reorder_late" not in anomalies, anomalies  # the sensors' real traffic was not late
@@ -94,16 +106,7 @@ def test_a_deleted_consumer_is_made_again_and_its_partition_accounted(tmp_path: 
                 await asyncio.sleep(0.2)
         await nc.close()
 
-    try:
-        asyncio.run(delete())
-        p = run("capture", "-r", str(SAMPLE), "--publish", nats_server.url, "--partitions", "2", "-q", cwd=tmp_path)
-        assert p.returncode == 0, p.stderr
-        wait_for_lines(out, len(want), 120)
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        assert worker.wait(60) == 128 + signal.SIGTERM
-    err = worker.stderr.read().decode()  # type: ignore[union-attr]
-    assert "Traceback" not in err, err
+    err = sample_through(nats_server, worker, lambda: asyncio.run(delete()), out, len(want), 120, tmp_path)
     assert "the consumer sipsniff_1 of partition 1 was deleted; made again" in err, err
     assert sorted(out.read_text().splitlines()) == want
 
