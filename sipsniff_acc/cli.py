@@ -34,7 +34,7 @@ from sipsniff_acc.emitters.jsonl import JsonlEmitter
 from sipsniff_acc.emitters.diameter import DiameterConfigError, DiameterEmitter, DiscEmitter
 from sipsniff_acc.emitters.radius import RadiusConfigError, RadiusEmitter
 from sipsniff_acc.emitters.spool import DEFAULT_SPOOL, Backend, DurableSpool, SpooledEmitter, SpoolFull, create_private
-from sipsniff_acc.emitters.sql import SqlEmitter, SqlError, SqlUsageError, check_url, missing_columns, safe_url, sqlite_file
+from sipsniff_acc.emitters.sqlurl import SqlError, SqlUsageError, check_url, safe_url, sqlite_file  # no SQLAlchemy yet
 from sipsniff_acc.emitters.syslog import LogEmitter, SyslogTargetError
 from sipsniff_acc.outfiles import (
     EXIT_OUTPUT_ERROR, OutputPathError, Writing, check_output, open_private, release_stdout, write_failed,
@@ -943,6 +943,7 @@ def _backends(rules: RulesFile, no_db: bool, db_url: str | None, password_file: 
         plain = db_url or os.environ.get("SIPSNIFF_DB_URL") or rules.acc.db_url or DEFAULT_DB_URL
         try:  # a URL that can never work is a usage mistake (exit 2) before the work, not an outage to retry
             check_url(plain)
+            from sipsniff_acc.emitters.sql import SqlEmitter  # SQLAlchemy: only when a database is used
             out.append(SqlEmitter(with_password(plain, password_file), rules, connect="try", timezone=timezone))
         except SqlUsageError as e:
             raise usage_error(str(e)) from None
@@ -957,11 +958,7 @@ def _backends(rules: RulesFile, no_db: bool, db_url: str | None, password_file: 
 
 def _backend_kind(b: Backend) -> str:
     """The name the rules' flags give this backend (by_backend's keys): db, radius, diameter."""
-    if isinstance(b, SqlEmitter):
-        return "db"
-    if isinstance(b, RadiusEmitter):
-        return "radius"
-    return "diameter" if isinstance(b, (DiameterEmitter, DiscEmitter)) else b.name
+    return getattr(b, "kind", b.name)  # SqlEmitter "db", RadiusEmitter "radius", the Diameter ones "diameter"
 
 
 def _acc_summary(result: RunResult, rules: RulesFile, spooled: list[SpooledEmitter], out: TextIO,
@@ -1047,8 +1044,8 @@ def deliver(
     password; RADIUS/Diameter peers from --rules); others stay, and a note says how to deliver them.
     """
     from sipsniff_acc.emitters.spool import SpoolError
-    from sipsniff_acc.emitters.sql import OVERLONG_POLICIES
-    from sipsniff_acc.emitters.sql import destination as sql_destination
+    from sipsniff_acc.emitters.sql import OVERLONG_POLICIES, SqlEmitter
+    from sipsniff_acc.emitters.sqlurl import destination as sql_destination
 
     rules = _rules_or_exit(rules_file)
     if on_overlong is not None and on_overlong not in OVERLONG_POLICIES:
@@ -1201,6 +1198,8 @@ def init_db(
     Exit status: 0 ready (or --check: nothing missing); 2 a bad URL, unknown driver or rules
     error; 3 the database cannot be reached or refused us, or --check found something missing.
     """
+    from sipsniff_acc.emitters.sql import SqlEmitter, missing_columns
+
     rules = _rules_or_exit(rules_file)
     try:  # the same URL checks as process and deliver: exit 2 for a URL that can never work
         check_url(url)

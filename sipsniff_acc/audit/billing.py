@@ -134,7 +134,7 @@ class SqlBilling:
         from sqlalchemy import MetaData, Table, create_engine, inspect
         from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
-        from sipsniff_acc.emitters.sql import SqlUsageError, check_url, safe_url, sqlite_file
+        from sipsniff_acc.emitters.sqlurl import SqlUsageError, check_url, safe_url, sqlite_file
         self.where = safe_url(url)
         self.local = timezone == "local"
         try:

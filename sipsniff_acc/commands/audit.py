@@ -236,7 +236,7 @@ def against_label(against: str) -> str:
     """The billing side as shown in the report: a URL without its password."""
     if _is_csv(against):
         return redact(against)
-    from sipsniff_acc.emitters.sql import safe_url
+    from sipsniff_acc.emitters.sqlurl import safe_url
     return redact(safe_url(against))
 
 

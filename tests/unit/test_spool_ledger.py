@@ -15,7 +15,8 @@ import pytest
 from sipsniff_acc.emitters.spool import (
     DurableSpool, RecordRejected, SpooledEmitter, SpoolDiskFull, SpoolError,
 )
-from sipsniff_acc.emitters.sql import SqlEmitter, SqlError, destination
+from sipsniff_acc.emitters.sql import SqlEmitter
+from sipsniff_acc.emitters.sqlurl import SqlError, destination
 from sipsniff_acc.records import AccRecord
 from sipsniff_acc.rules import RulesFile, parse_rules
 
