@@ -103,8 +103,11 @@ def unfold(block: bytes) -> bytes:
     return b" ".join([p.rstrip(b" \t") for p in parts] + [last])
 
 
-def looks_like_sip(payload: bytes) -> bool:
-    """Cheap content check, any port: a status line, or a request line ending in SIP/2.0."""
+def looks_like_sip_py(payload: bytes) -> bool:
+    """Cheap content check, any port: a status line, or a request line ending in SIP/2.0.
+
+    ``looks_like_sip`` is this, or ``_capture.looks_like_sip`` (the same in C: 0.05 us against
+    0.5 us, on every UDP payload of a capture) when it is built."""
     if payload[:8] == b"SIP/2.0 ":
         return True
     sp = payload.find(b" ", 0, 32)
@@ -114,6 +117,13 @@ def looks_like_sip(payload: bytes) -> bool:
     if nl < 0:
         return False
     return payload[nl - 9 : nl].rstrip(b"\r").endswith(b" SIP/2.0")
+
+
+looks_like_sip: Callable[[bytes], bool] = looks_like_sip_py
+try:
+    from sipsniff_acc._capture import looks_like_sip
+except ImportError:  # not built
+    pass
 
 
 def is_keepalive(payload: bytes) -> bool:

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, Final, Protocol
 
+from sipsniff_acc.decode import speedups
 from sipsniff_acc.events import Frame
 from sipsniff_acc.sysloglines import escape
 
@@ -134,6 +135,8 @@ class CaptureReader:
         pos = 0
         base = 24  # file offset of buf[0]
         no = 0
+        walk = speedups.pcap_frames if speedups is not None else None
+        big = order == ">"
         while True:
             chunk = _read_some(stream, CHUNK)
             if chunk:
@@ -141,6 +144,11 @@ class CaptureReader:
                 base += pos
                 pos = 0
             end = len(buf)
+            if walk is not None:
+                # the whole records of the chunk in one C call: 0.3 us a frame against 1.1 us;
+                # it stops before a corrupt or partial record, which the loop below handles
+                frames, pos, no = walk(buf, pos, big, unit, linktype, no, path)
+                yield from frames
             while pos + 16 <= end:
                 sec, frac, caplen, _orig = unpack(buf, pos)
                 if caplen > MAX_RECORD:
