@@ -28,6 +28,8 @@ from sipsniff_acc.sipmethods import METHODS
 from sipsniff_acc.tcpstream import TcpReassembler
 
 looks_like_sip = sip.looks_like_sip
+#: the C decode of a plain UDP frame (None: decode_py decides), when _capture is built
+_decode_udp = dec.speedups.udp if dec.speedups is not None else None
 
 DUP_WINDOW = 0.02  #: seconds; mirror copies arrive within microseconds, SIP retransmissions >= 250 ms apart
 ADDR_CACHE = 1 << 16  #: distinct addresses remembered as text before the cache is reset
@@ -50,14 +52,15 @@ class AddressText:
     per message was a tenth of the parse cost."""
 
     def __init__(self) -> None:
-        self._cache: dict[bytes, str] = {}
+        #: the texts known so far (one dict for good: a hot caller looks here before calling)
+        self.known: dict[bytes, str] = {}
 
     def __call__(self, addr: bytes) -> str:
-        text = self._cache.get(addr)
+        text = self.known.get(addr)
         if text is None:
-            if len(self._cache) > ADDR_CACHE:
-                self._cache.clear()
-            text = self._cache[addr] = _ntop(_AF[len(addr)], addr)
+            if len(self.known) > ADDR_CACHE:
+                self.known.clear()
+            text = self.known[addr] = _ntop(_AF[len(addr)], addr)
         return text
 
 
@@ -152,7 +155,12 @@ class CaptureStage:
         out: list[Datagram | Anomaly] = []
         if frame.ts >= self._next_advance:
             self._advance(frame.ts, out)
-        item = dec.decode(frame)
+        if _decode_udp is not None:
+            item = _decode_udp(frame)
+            if item is not None:  # plain UDP: straight to the SIP check (no decode() or _datagram call)
+                self._udp(item, out)
+                return out
+        item = dec.decode_py(frame)
         if item.__class__ is Datagram:
             self._datagram(item, out)
         elif item is None:
@@ -188,14 +196,17 @@ class CaptureStage:
             self.counters.skipped["nested_fragment"] += 1
 
     def _datagram(self, d: Datagram, out: list[Datagram | Anomaly]) -> None:
-        c = self.counters
         t = d.transport
         if t is Transport.TCP:
             self._stream(self.tcp.feed(d), out)
-            return
-        if t is Transport.SCTP:
+        elif t is Transport.SCTP:
             self._stream(self.sctp.feed(d), out)
-            return
+        else:
+            self._udp(d, out)
+
+    def _udp(self, d: Datagram, out: list[Datagram | Anomaly]) -> None:
+        """A UDP payload: a SIP candidate unless a mirrored copy, a keep-alive or not SIP."""
+        c = self.counters
         payload = d.payload
         if looks_like_sip(payload):
             dedup = self.dedup
@@ -261,13 +272,23 @@ class SipParser:
         self.last_error = sip.SipError("none")
 
     def feed(self, d: Datagram) -> list[sip.SipMessage | Anomaly]:
-        return self.parse(d.ts, d.no, d.transport.value, d.src, d.sport, d.dst, d.dport, d.payload, d.encap, d.source)
+        # message() directly, the transport's text by a dict (Enum.value is a property): 0.3 us
+        # a message less than through parse()
+        msg = self.message(d.ts, d.no, _TEXT[d.transport], d.src, d.sport, d.dst, d.dport, d.payload, d.encap,
+                           d.source)
+        if msg is not None and not msg.defects:
+            return [msg]
+        return self._found(msg, d.ts, d.no, d.source)
 
     def parse(
         self, ts: float, no: int, transport: str, src: bytes, sport: int, dst: bytes, dport: int,
         payload: bytes, encap: tuple[str, ...], source: str,
     ) -> list[sip.SipMessage | Anomaly]:
         msg = self.message(ts, no, transport, src, sport, dst, dport, payload, encap, source)
+        return self._found(msg, ts, no, source)
+
+    def _found(self, msg: sip.SipMessage | None, ts: float, no: int, source: str) -> list[sip.SipMessage | Anomaly]:
+        """The message, after an anomaly for each of its defects; or the anomaly of its parse error."""
         if msg is None:
             err = self.last_error
             return [Anomaly(err.name, ts, no, err.detail, source)]
@@ -292,11 +313,12 @@ class SipParser:
             self.last_error = err
             return None
         addr = self._addr
+        known = addr.known  # a dict lookup, the call only for a new address: 0.15 us a message less
         msg.ts = ts
         msg.no = no
-        msg.src = addr(src)
+        msg.src = known.get(src) or addr(src)
         msg.sport = sport
-        msg.dst = addr(dst)
+        msg.dst = known.get(dst) or addr(dst)
         msg.dport = dport
         msg.transport = transport
         msg.encap = encap
@@ -308,6 +330,8 @@ class SipParser:
                 c.anomalies[name] += 1
         return msg
 
+
+_TEXT = {t: t.value for t in Transport}
 
 #: a message's kind for Counters.sip_by_kind: a request's method (if registered, else "other"),
 #: a response's status class by code ("2xx"); anything else (a code past 699) is "other"
@@ -323,8 +347,11 @@ class MessagePipeline:
         self.parser = SipParser(self.counters)
 
     def feed(self, frame: Frame) -> list[sip.SipMessage | Anomaly]:
+        items = self.capture.feed(frame)
+        if len(items) == 1 and items[0].__class__ is Datagram:  # the common frame: one candidate
+            return self.parser.feed(items[0])  # type: ignore[arg-type]
         out: list[sip.SipMessage | Anomaly] = []
-        for item in self.capture.feed(frame):
+        for item in items:
             if item.__class__ is Datagram:
                 out.extend(self.parser.feed(item))
             else:
