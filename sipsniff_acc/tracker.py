@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import re
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -341,6 +341,44 @@ def _via_id(via: str) -> str:
 
 
 Key = tuple[str, str, str, int]
+Entry = tuple[float, Key]  #: a deadline: (time, transaction key)
+#: runs of deadlines a tracker keeps (one per timer length: fr_timer, fr_inv_timer, wait_timer;
+#: a rules reload may add some); past it, deadlines of a new length go to the heap
+MAX_RUNS = 8
+
+
+def _push(runs: dict[float, deque[Entry]], heap: list[Entry], at: float, key: Key, delay: float) -> None:
+    """Add the deadline ``at`` (message time + ``delay``) for ``key``. Deadlines of one delay
+    come in packet-time order, so each delay has a FIFO run (append/popleft: no comparisons;
+    heappush/heappop of ~2 entries per transaction cost 13 % of the tracker and engine on the
+    10k-call workload); an entry older than its run's last (packet time went back) goes to
+    the heap, as does one of a delay past MAX_RUNS."""
+    run = runs.get(delay)
+    if run is None:
+        if len(runs) >= MAX_RUNS:
+            heapq.heappush(heap, (at, key))
+            return
+        run = runs[delay] = deque()
+    if run and run[-1][0] > at:
+        heapq.heappush(heap, (at, key))
+    else:
+        run.append((at, key))
+
+
+def _pop_due(runs: dict[float, deque[Entry]], heap: list[Entry], now: float) -> list[Entry]:
+    """The deadlines at or before ``now``, taken out, in the order one heap of them all would
+    pop them: by time, then key (the records of timers come out in that order)."""
+    due: list[Entry] = []
+    for run in runs.values():
+        if run and run[0][0] <= now:
+            take = run.popleft
+            while run and run[0][0] <= now:
+                due.append(take())
+    while heap and heap[0][0] <= now:
+        due.append(heapq.heappop(heap))
+    if len(due) > 1:
+        due.sort()
+    return due
 
 
 class TransactionTracker:
@@ -372,11 +410,14 @@ class TransactionTracker:
         self.dialogs: OrderedDict[tuple[str, str], Dialog] = OrderedDict()
         #: for replies without a Via: the transaction, or a list when several share the key
         self.by_cseq: dict[tuple[str, int, str], Transaction | list[Transaction]] = {}
-        #: (time, key): ties compare the keys (str/int tuples), no counter needed (72 bytes a transaction)
-        self._deadlines: list[tuple[float, Key]] = []
+        #: when the sweep looks at a transaction: (time, key) in FIFO runs by delay (_push), and
+        #: a heap of the rest (a loaded state's, state.py); ties compare the keys (str/int tuples)
+        self._deadline_runs: dict[float, deque[Entry]] = {}
+        self._deadlines: list[Entry] = []
         self._heap_cap = 4096
         #: --open-as-408: (fr timer + TIMER_GRACE, key) of open server transactions, read by advance()
-        self._timers: list[tuple[float, Key]] = []
+        self._timer_runs: dict[float, deque[Entry]] = {}
+        self._timers: list[Entry] = []
         self._timers_cap = 4096
         self._dialog_limit = 4096
         self.stats = TrackerStats()
@@ -437,9 +478,10 @@ class TransactionTracker:
             same.append(txn)
         else:
             self.by_cseq[ckey] = [same, txn]
-        self._deadline(msg.ts + self._timeout(txn) + RETAIN, key)
+        timeout = self._timeout(txn)
+        self._deadline(msg.ts + timeout + RETAIN, key, timeout)
         if self.open_as_408 and role == "server" and method not in ("ACK", "CANCEL"):
-            self._timer(msg.ts + self._timeout(txn) + TIMER_GRACE, key)
+            self._timer(msg.ts + timeout + TIMER_GRACE, key, timeout)
         self.stats.transactions[role] += 1
         if parent is not None:
             new_round = (role == "branch" and method == "INVITE" and parent.role == "server" and bool(parent.branches)
@@ -452,9 +494,9 @@ class TransactionTracker:
                 self.stats.branches_cut += 1
             if new_round:  # its own fr timer, from its first branch (pushed once it is in the list)
                 timeout = self._timeout(parent)
-                self._deadline(msg.ts + timeout + RETAIN, parent.key)
+                self._deadline(msg.ts + timeout + RETAIN, parent.key, timeout)
                 if self.open_as_408:
-                    self._timer(msg.ts + timeout + TIMER_GRACE, parent.key)
+                    self._timer(msg.ts + timeout + TIMER_GRACE, parent.key, timeout)
         if method == "CANCEL":
             invite = self.txns.get((key[0], "INVITE", key[2], key[3]))
             if invite is not None:
@@ -584,7 +626,7 @@ class TransactionTracker:
         key = txn.key
         if self._open.pop(key, None) is not None:
             self._done[key] = txn
-        self._deadline(msg.ts + max(RETAIN, self.wait_timer), key)
+        self._deadline(msg.ts + max(RETAIN, self.wait_timer), key, -1.0)  # (its own run: no timeout is < 0)
 
     def _hold(self, msg: SipMessage) -> int:
         """Keep only the header block of a message a transaction holds (nothing reads a held
@@ -758,9 +800,7 @@ class TransactionTracker:
         out in the same order. (Only a transaction nobody advanced past its timer for RETAIN
         seconds gets its 408 from ``feed``'s sweep, just before it is forgotten.)"""
         out: list[Event] = []
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            _at, key = heapq.heappop(timers)
+        for _at, key in _pop_due(self._timer_runs, self._timers, now):
             t = self.txns.get(key)
             if t is not None and t.final is None and not t.timer_408:
                 if t.first_branch and _at < self._started(t) + self._timeout(t) + TIMER_GRACE:
@@ -771,23 +811,30 @@ class TransactionTracker:
             self._next_sweep = now + SWEEP_EVERY
         return out
 
-    def _timer(self, at: float, key: Key) -> None:
-        timers = self._timers
-        heapq.heappush(timers, (at, key))
-        if len(timers) > self._timers_cap:  # entries of evicted transactions: dropped as in _deadline
+    def _timer(self, at: float, key: Key, delay: float) -> None:
+        runs = self._timer_runs
+        _push(runs, self._timers, at, key, delay)
+        n = len(self._timers) + sum(map(len, runs.values()))
+        if n > self._timers_cap:  # entries of evicted transactions: dropped as in _deadline
             # (and a serial fork's earlier rounds', skipped when popped: one per round)
             t_of, grace = self.txns.get, TIMER_GRACE - 1e-6
-            self._timers = timers = [e for e in timers if (t := t_of(e[1])) is not None and (not t.first_branch or (
-                t.final is None and not t.timer_408 and e[0] >= self._started(t) + self._timeout(t) + grace))]
+
+            def keep(e: Entry) -> bool:
+                t = t_of(e[1])
+                return t is not None and (not t.first_branch or (
+                    t.final is None and not t.timer_408 and e[0] >= self._started(t) + self._timeout(t) + grace))
+
+            self._timers = timers = [e for e in self._timers if keep(e)]
             heapq.heapify(timers)
-            self._timers_cap = len(timers) + len(timers) // 2 + 4096
+            for d, run in runs.items():
+                runs[d] = deque(e for e in run if keep(e))
+            n = len(timers) + sum(map(len, runs.values()))
+            self._timers_cap = n + n // 2 + 4096
 
     def _sweep(self, now: float, out: list[Event]) -> None:
         """Forget transactions whose time is up (a heap of deadlines: O(log n) per transaction);
         count the server transactions that never got a final reply."""
-        heap = self._deadlines
-        while heap and heap[0][0] <= now:
-            _deadline, key = heapq.heappop(heap)
+        for _deadline, key in _pop_due(self._deadline_runs, self._deadlines, now):
             t = self.txns.get(key)
             if t is None:
                 continue
@@ -833,19 +880,33 @@ class TransactionTracker:
             out.append(BranchesFailed(t, None, 408, ts, None, failure_route=not t.first_branch))
         out.append(ReplyOut(t, None, 408, ts, True))
 
-    def _deadline(self, at: float, key: Key) -> None:
-        heap = self._deadlines
-        heapq.heappush(heap, (at, key))
-        if len(heap) > self._heap_cap:
+    def _deadline(self, at: float, key: Key, delay: float) -> None:
+        """When the sweep looks at ``key`` next: ``at``, message time + ``delay`` (names its run)."""
+        runs = self._deadline_runs
+        _push(runs, self._deadlines, at, key, delay)
+        n = len(self._deadlines) + sum(map(len, runs.values()))
+        if n > self._heap_cap:
             # evicted transactions leave their entries (and keys) behind: drop them, O(n) once
             # per n/2 pushes, so stale entries stay under half the live ones (+4096); and a
             # serial fork's entries before its own deadline (popped, they would be skipped, and
-            # the entry at that deadline is in the heap): its earlier rounds', one per round
+            # the entry at that deadline is pending): its earlier rounds', one per round
             t_of = self.txns.get
-            self._deadlines = heap = [e for e in heap if (t := t_of(e[1])) is not None
-                                      and (not t.first_branch or e[0] >= self._due(t) - 1e-6)]
+
+            def keep(e: Entry) -> bool:
+                t = t_of(e[1])
+                return t is not None and (not t.first_branch or e[0] >= self._due(t) - 1e-6)
+
+            self._deadlines = heap = [e for e in self._deadlines if keep(e)]
             heapq.heapify(heap)
-            self._heap_cap = len(heap) + len(heap) // 2 + 4096
+            for d, run in runs.items():
+                runs[d] = deque(e for e in run if keep(e))
+            n = len(heap) + sum(map(len, runs.values()))
+            self._heap_cap = n + n // 2 + 4096
+
+    def pending_deadlines(self) -> tuple[int, int]:
+        """How many sweep deadlines and --open-as-408 timers are held (the bounds' tests)."""
+        return (len(self._deadlines) + sum(map(len, self._deadline_runs.values())),
+                len(self._timers) + sum(map(len, self._timer_runs.values())))
 
     def _evict(self) -> None:
         """Over a bound: forget the oldest completed transactions, then the oldest open ones,

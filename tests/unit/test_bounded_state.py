@@ -60,7 +60,7 @@ def test_open_invites_flood_stays_inside_the_limits_and_is_counted() -> None:
         if i % 997 == 0:
             assert len(t.txns) <= 1000 and len(t.invites) <= 1000 and len(t.by_cseq) <= 1000
             assert len(t.dialogs) <= 500
-            assert len(t._deadlines) <= 3 * 1000 + 4096
+            assert t.pending_deadlines()[0] <= 3 * 1000 + 4096
     assert len(t.txns) == 1000
     assert t.stats.evicted_transactions == n - 1000 and t.stats.evicted_open == {"INVITE": n - 1000}
     assert t.stats.evicted_dialogs == n - 500
