@@ -527,7 +527,16 @@ def _run_sharded(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile,
 
     A round closes at BATCH messages or ROUND_SPAN of packet time (LIVE_ROUND_SPAN live), at
     a live source's Idle (then its records are waited for: nothing else is coming) and at a
-    rules reload. Ticks of packet time go to every worker, in sequence with the messages."""
+    rules reload. Ticks of packet time go to every worker, in sequence with the messages.
+
+    Capture files with nothing else that needs the one front (TLS, --hep-out, --state): every
+    worker reads them itself instead (filerun.py)."""
+    if not (extra or tap or state or live):
+        from sipsniff_acc import filerun  # noqa: PLC0415 - filerun imports this module
+        files = filerun.file_frames(frames)
+        if files is not None:
+            filerun.run_files(files[0], files[1], rules, deliver, counters, open_as_408, workers, result, control)
+            return
     capture = CaptureStage(counters, limits=getattr(rules, "limits", None))  # limits.max_sip_message
     stop = stopping.STATE
 

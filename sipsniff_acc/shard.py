@@ -29,7 +29,7 @@ import queue
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any, Final, TypeVar
 
 from sipsniff_acc import stopping
@@ -80,6 +80,27 @@ def _serve(inbox: Any, outbox: Any, work: Callable[[Any], Any], parent: int) -> 
         outbox.put(pickle.dumps(work(pickle.loads(data)), pickle.HIGHEST_PROTOCOL))
 
 
+#: a producing worker's view of its inbox: the next control item the front sent, or None
+Inbox = Callable[[], Any]
+
+
+def _produce(inbox: Any, outbox: Any, produce: Callable[[Inbox], Iterable[Any]], parent: int) -> None:
+    """A worker that makes its own input (``streamed_map``): every item ``produce`` yields goes
+    to the front, then None. Not niced: the front only merges, the workers are the work."""
+    for s in (signal.SIGINT, signal.SIGTERM):  # the front decides, as in _serve
+        signal.signal(s, signal.SIG_IGN)
+    _die_with(parent)
+
+    def poll() -> Any:
+        return None if inbox.empty() else pickle.loads(inbox.get())  # empty() is one poll(2): ~1 µs
+
+    for item in produce(poll):
+        outbox.put(pickle.dumps(item, pickle.HIGHEST_PROTOCOL))  # blocks while ``depth`` wait unread
+    outbox.put(pickle.dumps(None))
+    outbox.close()
+    outbox.join_thread()
+
+
 def _die_with(parent: int) -> None:
     """Linux: the kernel kills this worker when the front dies (SIGKILL, OOM killer). The
     polling of getppid() in ``_serve`` is not enough alone: a front killed in the middle of
@@ -106,17 +127,21 @@ class _Pool:
     lands inside one (a queue lock left taken makes the interpreter's exit hang on it), and
     reads use a timeout so that a dead or stuck worker, or a stop, is noticed."""
 
-    def __init__(self, work: Callable[[Any], Any], workers: int) -> None:
+    def __init__(self, works: Sequence[Callable[..., Any]], serve: Callable[..., None] = _serve,
+                 depth: int = 0) -> None:
+        """Worker k runs ``serve(inbox, outbox, works[k], front's pid)``; ``depth`` > 0 bounds
+        its outbox (a producing worker blocks there until the front catches up)."""
+        workers = len(works)
         if not 0 < workers <= max_workers():
             raise ValueError(f"{workers} workers: 1 to {max_workers()}")
         ctx = mp.get_context("fork")  # fork: the work function and its config need no pickling
         self.procs, self.inboxes, self.outboxes = [], [], []
         with stopping.locked():
             _LIVE.add(self)
-            for _ in range(workers):
-                inbox, outbox = ctx.Queue(), ctx.Queue()
+            for work in works:
+                inbox, outbox = ctx.Queue(), ctx.Queue(depth)
                 inbox.cancel_join_thread()  # never wait at exit for a feeder writing to a dead worker
-                p = ctx.Process(target=_serve, args=(inbox, outbox, work, os.getpid()), daemon=True)
+                p = ctx.Process(target=serve, args=(inbox, outbox, work, os.getpid()), daemon=True)
                 p.start()
                 self.procs.append(p)
                 self.inboxes.append(inbox)
@@ -179,7 +204,7 @@ def _kill_workers() -> None:
 
 def ordered_map(batches: Iterable[B], work: Callable[[B], R], workers: int, depth: int = DEPTH) -> Iterator[R]:
     """``map(work, batches)`` over ``workers`` forked processes, in order, bounded in memory."""
-    pool = _Pool(work, workers)
+    pool = _Pool([work] * workers)
     inflight: deque[int] = deque()
     try:
         k = 0
@@ -205,7 +230,7 @@ def sharded_map(rounds: Iterable[tuple[list[B] | None, bool]], work: Callable[[B
     ``rounds`` yields ``(parts, urgent)``: ``parts`` None is a poll (time passed: hand on the
     results already back, put nothing); ``urgent`` waits for every round in flight (a live
     source fell silent: nothing else is coming, the records must not wait for the next round)."""
-    pool = _Pool(work, workers)
+    pool = _Pool([work] * workers)
     pending = 0
     try:
         for parts, urgent in rounds:
@@ -226,6 +251,32 @@ def sharded_map(rounds: Iterable[tuple[list[B] | None, bool]], work: Callable[[B
         while pending:
             yield [pool.get(k) for k in range(workers)]
             pending -= 1
+    except BaseException:  # a stop, a dead worker, or the consumer gone (GeneratorExit)
+        pool.abort()
+        raise
+    pool.close()
+
+
+def streamed_map(produces: Sequence[Callable[[Inbox], Iterable[R]]], depth: int = DEPTH,
+                 control: Callable[[], Any] | None = None) -> Generator[list[R], None, None]:
+    """Workers that read their input themselves: worker k runs ``produces[k]``; yields, round
+    by round, the list of the workers' k-th items (every worker must yield as many). At most
+    ``depth`` items per worker wait unread. ``control()``, asked after each round: something
+    to hand every worker (its ``Inbox`` returns it), or None."""
+    pool = _Pool(produces, _produce, depth)
+    workers = len(produces)
+    try:
+        while True:
+            items = [pool.get(k) for k in range(workers)]
+            if any(item is None for item in items):
+                if not all(item is None for item in items):
+                    raise RuntimeError("workers out of step: one ended before the others")
+                break
+            yield items
+            note = control() if control is not None else None
+            if note is not None:
+                for k in range(workers):
+                    pool.put(k, note)
     except BaseException:  # a stop, a dead worker, or the consumer gone (GeneratorExit)
         pool.abort()
         raise

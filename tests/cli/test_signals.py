@@ -88,15 +88,17 @@ def group_gone(pgid: int, timeout: float = 5.0) -> bool:
 
 
 def wait_opened(proc: subprocess.Popen[bytes], path: Path, timeout: float = 60.0, err: Path | None = None) -> None:
-    """Until the process has the capture open: `process` has started (the interpreter's own
-    start-up, before any code of ours runs, is not what is tested)."""
+    """Until the process, or one of its workers (-j N on files: each reads the capture), has
+    the capture open: `process` has started (the interpreter's own start-up, before any code
+    of ours runs, is not what is tested)."""
     deadline = time.monotonic() + timeout
-    fds = Path(f"/proc/{proc.pid}/fd")
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if any(os.readlink(fd) == str(path) for fd in fds.iterdir()):
-                return
-        except OSError:  # an fd closed while listing
+            kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            for pid in [str(proc.pid), *kids]:
+                if any(os.readlink(fd) == str(path) for fd in Path(f"/proc/{pid}/fd").iterdir()):
+                    return
+        except OSError:  # an fd closed or a worker gone while listing
             pass
         time.sleep(0.01)
     why = f"exited with {proc.returncode}" if proc.poll() is not None else f"not within {timeout:g} s"
