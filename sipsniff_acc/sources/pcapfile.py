@@ -128,6 +128,9 @@ class CaptureReader:
             raise SourceError(self.path, 4, "truncated pcap file header")
         _vmaj, _vmin, _zone, _sig, _snap, linktype = struct.unpack(order + "HHiIII", rest)
         linktype &= 0x0FFFFFFF  # the upper bits carry FCS length flags (pcap-linktype(7))
+        if speedups is not None and isinstance(stream, io.BufferedReader):
+            yield from self._pcap_c(stream, order, unit, linktype)
+            return
         rec = struct.Struct(order + "IIII")
         unpack = rec.unpack_from
         path = self.path
@@ -135,8 +138,6 @@ class CaptureReader:
         pos = 0
         base = 24  # file offset of buf[0]
         no = 0
-        walk = speedups.pcap_frames if speedups is not None else None
-        big = order == ">"
         while True:
             chunk = _read_some(stream, CHUNK)
             if chunk:
@@ -144,11 +145,6 @@ class CaptureReader:
                 base += pos
                 pos = 0
             end = len(buf)
-            if walk is not None:
-                # the whole records of the chunk in one C call: 0.3 us a frame against 1.1 us;
-                # it stops before a corrupt or partial record, which the loop below handles
-                frames, pos, no = walk(buf, pos, big, unit, linktype, no, path)
-                yield from frames
             while pos + 16 <= end:
                 sec, frac, caplen, _orig = unpack(buf, pos)
                 if caplen > MAX_RECORD:
@@ -162,12 +158,40 @@ class CaptureReader:
             self.frames = no
             if not chunk:
                 if pos < end:
-                    missing = (struct.unpack_from(order + "I", buf, pos + 8)[0] + 16 if end - pos >= 12 else 16) - (end - pos)
-                    raise SourceError(
-                        path, base + pos,
-                        f"truncated record after frame {no}: file ends {missing} bytes short of its end",
-                    )
+                    raise _truncated(path, buf, pos, end, base, no, order)
                 return
+
+    def _pcap_c(self, stream: io.BufferedReader, order: str, unit: float, linktype: int) -> Iterator[Frame]:
+        """``_pcap`` with the record loop in C (``_capture.pcap_frames``: whole records of a chunk in
+        one call) over one buffer read into again and again. Per frame 0.5 us against 1.0 us: no
+        Frame.__init__ call, no copy of each chunk onto the last one's tail, no fresh 4 MiB of
+        pages a chunk. The same frames and the same errors at the same offsets as ``_pcap``."""
+        walk = speedups.pcap_frames
+        path = self.path
+        big = order == ">"
+        # room for a chunk after the tail of a record cut by the previous one (< 16 + MAX_RECORD)
+        buf = bytearray(CHUNK + MAX_RECORD + 16)
+        view = memoryview(buf)
+        have = 0  #: bytes of buf holding data (the tail of the last chunk, then the new one)
+        base = 24  #: file offset of buf[0]
+        no = 0
+        while True:
+            n = stream.readinto1(view[have : have + CHUNK])  # one read at most: a pipe's data as it comes
+            end = have + n
+            frames, pos, no = walk(view[:end], 0, big, unit, linktype, no, path)
+            yield from frames
+            self.frames = no
+            if end - pos >= 16:  # a whole header the C loop stopped at: a corrupt one
+                caplen = struct.unpack_from(order + "I", view, pos + 8)[0]
+                if caplen > MAX_RECORD:
+                    raise SourceError(path, base + pos, f"corrupt record header (captured length {caplen})")
+            if not n:
+                if pos < end:
+                    raise _truncated(path, bytes(view[pos:end]), 0, end - pos, base + pos, no, order)
+                return
+            have = end - pos
+            buf[:have] = bytes(view[pos:end])  # a copy: the two ranges may overlap
+            base += pos
 
     # -- pcapng --------------------------------------------------------------------------
 
@@ -249,6 +273,12 @@ class CaptureReader:
                 yield Frame(last_ts, ifaces[0][0], buf[body + 4 : body + 4 + caplen], no, path)
             pos += blen
             self.frames = no
+
+
+def _truncated(path: str, buf: bytes, pos: int, end: int, base: int, no: int, order: str) -> SourceError:
+    """The error of a file that ends inside the record at buf[pos:end]."""
+    missing = (struct.unpack_from(order + "I", buf, pos + 8)[0] + 16 if end - pos >= 12 else 16) - (end - pos)
+    return SourceError(path, base + pos, f"truncated record after frame {no}: file ends {missing} bytes short of its end")
 
 
 class _GuardedStream:
