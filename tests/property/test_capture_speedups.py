@@ -192,3 +192,37 @@ def test_c_pcap_walk_across_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(pcapfile, "speedups", None)
     assert fast == _read(path)
     assert len(fast[0]) == 500 and not fast[1]
+
+
+@settings(max_examples=150)
+@given(st.data())
+def test_pcapng_batches_keep_every_frame_before_the_damage(tmp_path_factory: pytest.TempPathFactory,
+                                                            data: st.DataObject) -> None:
+    """pcapng frames come in a list per read: any chunk size gives the same frames, and a file cut
+    anywhere still gives every whole packet block before the cut, then its error."""
+    def block(btype: int, body: bytes) -> bytes:
+        body += bytes(-len(body) % 4)
+        return struct.pack("<II", btype, len(body) + 12) + body + struct.pack("<I", len(body) + 12)
+
+    payloads = data.draw(st.lists(st.binary(max_size=70), max_size=8))
+    blob = block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))
+    bounds = [len(blob)]
+    blob += block(1, struct.pack("<HHI", 1, 0, 0))
+    bounds.append(len(blob))
+    ends: list[int] = []
+    for i, p in enumerate(payloads):
+        blob += block(6, struct.pack("<IIIII", 0, 0, 1000 + i, len(p), len(p)) + p)
+        ends.append(len(blob))
+    cut = data.draw(st.integers(0, len(blob)))
+    path = tmp_path_factory.mktemp("ng") / "n.pcapng"
+    path.write_bytes(blob[:cut] if cut >= 4 else blob)
+    whole = _read(path)
+    if cut >= 4:
+        assert len(whole[0]) == sum(1 for e in ends if e <= cut)
+        assert bool(whole[1]) == (cut not in bounds + ends)
+    saved = pcapfile.CHUNK
+    pcapfile.CHUNK = data.draw(st.integers(12, 200))
+    try:
+        assert _read(path) == whole
+    finally:
+        pcapfile.CHUNK = saved
