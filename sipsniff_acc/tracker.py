@@ -242,10 +242,20 @@ class TrackerStats:
         return ("limits reached (rules.yaml limits:): " + "; ".join(parts)) if parts else ""
 
 
+_PREFIXES: dict[tuple[str, int, bool], str] = {}
+
+
 def tm_tag_prefix(ip: str, port: int, stateless: bool = False) -> str:
-    """Kamailio's local To-tag prefix (core/tags.h init_tags) for a listen address."""
-    sig = "KAMAILIO-stateless" if stateless else "SER-TM/tags"
-    return hashlib.md5(f"{sig}{ip}{port}".encode()).hexdigest()  # noqa: S324 - Kamailio's tag format, not security
+    """Kamailio's local To-tag prefix (core/tags.h init_tags) for a listen address. Remembered
+    for up to 4096 addresses: the tracker asks for every final reply (an MD5 each was 1.5 % of
+    the tracker and engine); past that, computed each time (a spoofed-address flood)."""
+    got = _PREFIXES.get((ip, port, stateless))
+    if got is None:
+        sig = "KAMAILIO-stateless" if stateless else "SER-TM/tags"
+        got = hashlib.md5(f"{sig}{ip}{port}".encode()).hexdigest()  # noqa: S324 - Kamailio's tag format, not security
+        if len(_PREFIXES) < 4096:
+            _PREFIXES[(ip, port, stateless)] = got
+    return got
 
 
 def _ccitt_table() -> tuple[int, ...]:
@@ -317,19 +327,10 @@ def _upper(method: str) -> str:
     return up
 
 
+#: One shared copy of a short, often repeated string (addresses, methods, reasons) for the
+#: messages transactions hold (_hold): each held message had its own ~55-byte copies. Bounded:
+#: past 4096 distinct strings new ones are kept as they are.
 _SHARED: dict[str, str] = {}
-
-
-def _shared(s: str) -> str:
-    """One shared copy of a short, often repeated string (addresses, methods, reasons) for the
-    messages transactions hold: each held message had its own ~55-byte copies. Bounded: past
-    4096 distinct strings new ones are kept as they are."""
-    got = _SHARED.get(s)
-    if got is None:
-        if len(_SHARED) >= 4096 or len(s) > 64:
-            return s
-        _SHARED[s] = got = s
-    return got
 
 
 def _via_id(via: str) -> str:
@@ -414,6 +415,7 @@ class TransactionTracker:
         #: a heap of the rest (a loaded state's, state.py); ties compare the keys (str/int tuples)
         self._deadline_runs: dict[float, deque[Entry]] = {}
         self._deadlines: list[Entry] = []
+        self._deadline_count = 0  #: entries pushed and not popped (a loaded heap's left out: the next compaction counts)
         self._heap_cap = 4096
         #: --open-as-408: (fr timer + TIMER_GRACE, key) of open server transactions, read by advance()
         self._timer_runs: dict[float, deque[Entry]] = {}
@@ -616,11 +618,16 @@ class TransactionTracker:
         txn.final, txn.final_ts = msg, msg.ts
         req = txn.request
         # the reply repeats the request's Call-ID, From-tag, CSeq method, branch: hold one copy
-        for name, value in (("call_id", txn.key[2]), ("from_tag", req.from_tag), ("cseq_method", req.cseq_method),
-                            ("branch", req.branch)):
-            mine = getattr(msg, name)
-            if value is not None and mine is not value and mine == value:
-                setattr(msg, name, value)
+        # (written out: a loop over (name, value) pairs with getattr/setattr cost twice as much)
+        call_id, from_tag, cseq_method, branch = txn.key[2], req.from_tag, req.cseq_method, req.branch
+        if msg.call_id is not call_id and msg.call_id == call_id:
+            msg.call_id = call_id
+        if from_tag is not None and msg.from_tag is not from_tag and msg.from_tag == from_tag:
+            msg.from_tag = from_tag
+        if msg.cseq_method is not cseq_method and msg.cseq_method == cseq_method:
+            msg.cseq_method = cseq_method
+        if branch is not None and msg.branch is not branch and msg.branch == branch:
+            msg.branch = branch
         n = self._hold(msg)
         txn.size += n
         key = txn.key
@@ -637,10 +644,16 @@ class TransactionTracker:
         raw = msg.raw
         if len(raw) > msg.body_start > 0:
             msg.raw = raw = raw[: msg.body_start]
-        for name in _SHAREABLE:
+        shared = _SHARED
+        for name in _SHAREABLE:  # (a function call per field was 2 % of the tracker and engine)
             value = getattr(msg, name)
-            if value and _shared(value) is not value:  # set only what changes (defaults stay on the class)
-                setattr(msg, name, _SHARED[value])
+            if value:
+                got = shared.get(value)
+                if got is None:
+                    if len(shared) < 4096 and len(value) <= 64:
+                        shared[value] = value
+                elif got is not value:  # set only what changes (defaults stay on the class)
+                    setattr(msg, name, got)
         if msg._vias is not None:
             msg._vias = None
         n = len(raw) + (len(msg.call_id or "") + REQUEST_OVERHEAD if msg.is_request else REPLY_OVERHEAD)
@@ -832,9 +845,11 @@ class TransactionTracker:
             self._timers_cap = n + n // 2 + 4096
 
     def _sweep(self, now: float, out: list[Event]) -> None:
-        """Forget transactions whose time is up (a heap of deadlines: O(log n) per transaction);
+        """Forget transactions whose time is up (deadlines in FIFO runs, _push: O(1) per transaction);
         count the server transactions that never got a final reply."""
-        for _deadline, key in _pop_due(self._deadline_runs, self._deadlines, now):
+        due = _pop_due(self._deadline_runs, self._deadlines, now)
+        self._deadline_count -= len(due)
+        for _deadline, key in due:
             t = self.txns.get(key)
             if t is None:
                 continue
@@ -884,7 +899,7 @@ class TransactionTracker:
         """When the sweep looks at ``key`` next: ``at``, message time + ``delay`` (names its run)."""
         runs = self._deadline_runs
         _push(runs, self._deadlines, at, key, delay)
-        n = len(self._deadlines) + sum(map(len, runs.values()))
+        self._deadline_count = n = self._deadline_count + 1
         if n > self._heap_cap:
             # evicted transactions leave their entries (and keys) behind: drop them, O(n) once
             # per n/2 pushes, so stale entries stay under half the live ones (+4096); and a
@@ -900,7 +915,7 @@ class TransactionTracker:
             heapq.heapify(heap)
             for d, run in runs.items():
                 runs[d] = deque(e for e in run if keep(e))
-            n = len(heap) + sum(map(len, runs.values()))
+            self._deadline_count = n = len(heap) + sum(map(len, runs.values()))
             self._heap_cap = n + n // 2 + 4096
 
     def pending_deadlines(self) -> tuple[int, int]:
