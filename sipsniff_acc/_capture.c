@@ -13,6 +13,11 @@
  *   Stops at the first record that is not whole in buf, or whose captured length is above
  *   MAX_RECORD: the Python loop takes over from the returned pos and raises its error.
  *
+ * pcapng_frames(buf, pos, big_endian, ifaces, no, last_ts, source) -> (frames, pos, no, last_ts)
+ *   The same for a run of Enhanced Packet Blocks in pcapng (CaptureReader._pcapng_blocks):
+ *   ifaces is its list of (linktype, tick, offset). Stops at any other block, and at one that
+ *   is not whole, sane and of a known interface: the Python loop reads it (or names the damage).
+ *
  * udp(frame) -> Datagram | None
  *   decode.decode() for the bulk of a capture: Ethernet (+ 802.1Q/802.1ad/QinQ tags), Linux
  *   SLL/SLL2 or raw IP; IPv4 (options allowed) not fragmented, or IPv6 without extension
@@ -168,6 +173,73 @@ done:
     return Py_BuildValue("(NnL)", frames, pos, no);
 }
 
+static PyObject *pcapng_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "pcapng_frames() takes 7 arguments");
+        return NULL;
+    }
+    if (frame_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "setup() was not called");
+        return NULL;
+    }
+    PyObject *ifaces = args[3], *source = args[6];
+    if (!PyList_CheckExact(ifaces)) {
+        PyErr_SetString(PyExc_TypeError, "ifaces must be a list");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    int big = PyObject_IsTrue(args[2]);
+    long long no = PyLong_AsLongLong(args[4]);
+    double last_ts = PyFloat_AsDouble(args[5]);
+    PyObject *frames = NULL;
+    if (PyErr_Occurred() || big < 0 || pos < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad position");
+        goto done;
+    }
+    frames = PyList_New(0);
+    if (frames == NULL) goto done;
+    const unsigned char *buf = view.buf;
+    Py_ssize_t end = view.len;
+    while (pos <= end - 12) {
+        const unsigned char *b = buf + pos;
+        uint32_t btype = rd32(b, big), blen = rd32(b + 4, big);
+        /* an Enhanced Packet Block, whole, sane and in buf; anything else is the Python loop's */
+        if (btype != 6 || blen < 32 || blen % 4 || blen > MAX_RECORD || (Py_ssize_t)blen > end - pos) break;
+        uint32_t iface = rd32(b + 8, big), hi = rd32(b + 12, big), lo = rd32(b + 16, big), caplen = rd32(b + 20, big);
+        if (iface >= (uint64_t)PyList_GET_SIZE(ifaces) || caplen > blen - 32) break;
+        PyObject *desc = PyList_GET_ITEM(ifaces, iface); /* (linktype, tick, offset) */
+        if (!PyTuple_CheckExact(desc) || PyTuple_GET_SIZE(desc) != 3 || !PyFloat_CheckExact(PyTuple_GET_ITEM(desc, 1))
+            || !PyFloat_CheckExact(PyTuple_GET_ITEM(desc, 2)))
+            break;
+        /* ((hi << 32) | lo) * tick + offset, in Python's order: the integer rounded to a double once */
+        double ticks = (double)(((uint64_t)hi << 32) | lo);
+        double part = ticks * PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(desc, 1));
+        last_ts = part + PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(desc, 2));
+        no += 1;
+        PyObject *v[F_N];
+        v[F_TS] = PyFloat_FromDouble(last_ts);
+        v[F_LINKTYPE] = Py_NewRef(PyTuple_GET_ITEM(desc, 0));
+        v[F_DATA] = PyBytes_FromStringAndSize((const char *)b + 28, caplen);
+        v[F_NO] = PyLong_FromLongLong(no);
+        v[F_SOURCE] = Py_NewRef(source);
+        PyObject *frame = build(frame_type, frame_off, v, F_N);
+        if (frame == NULL || PyList_Append(frames, frame) < 0) {
+            Py_XDECREF(frame);
+            Py_CLEAR(frames);
+            goto done;
+        }
+        Py_DECREF(frame);
+        pos += blen;
+    }
+done:
+    PyBuffer_Release(&view);
+    if (frames == NULL) return NULL;
+    return Py_BuildValue("(NnLd)", frames, pos, no, last_ts);
+}
+
 /* The Datagram of a frame in the common case, or None (decode_py decides). */
 static PyObject *udp(PyObject *self, PyObject *frame) {
     (void)self;
@@ -320,6 +392,8 @@ static PyMethodDef methods[] = {
     {"setup", setup, METH_VARARGS, "setup(Frame, Datagram, udp): the classes to build"},
     {"pcap_frames", (PyCFunction)(void (*)(void))pcap_frames, METH_FASTCALL,
      "pcap_frames(buf, pos, big_endian, unit, linktype, no, source) -> (frames, pos, no)"},
+    {"pcapng_frames", (PyCFunction)(void (*)(void))pcapng_frames, METH_FASTCALL,
+     "pcapng_frames(buf, pos, big_endian, ifaces, no, last_ts, source) -> (frames, pos, no, last_ts)"},
     {"udp", udp, METH_O, "udp(frame) -> Datagram | None: decode's common case"},
     {"looks_like_sip", looks_like_sip, METH_O, "looks_like_sip(payload) -> bool"},
     {NULL, NULL, 0, NULL},
