@@ -6,7 +6,7 @@ import re
 import time
 from typing import Final
 
-from sipsniff_acc.records import AccRecord
+from sipsniff_acc.records import KIND_TEXT, AccRecord
 
 FACILITIES: Final[dict[str, int]] = {
     "LOG_KERN": 0, "LOG_USER": 1, "LOG_MAIL": 2, "LOG_DAEMON": 3, "LOG_AUTH": 4, "LOG_SYSLOG": 5, "LOG_LPR": 6,
@@ -76,22 +76,27 @@ def payload(r: AccRecord, time_mode: int = 0, time_attr: str = "time_attr", time
     let a peer forge a second ACC line in the log, the syslog datagram or a terminal.
     """
     sec = int(r.ts)
-    parts = [f"ACC: {r.text}: timestamp={sec}"]
+    stamp = ""
     if time_mode == 1:
-        parts.append(f";{time_exten}={int(round((r.ts - sec) * 1e6)) % 1000000}")
+        stamp = f";{time_exten}={int(round((r.ts - sec) * 1e6)) % 1000000}"
     elif time_mode == 2:
-        parts.append(f";{time_attr}={r.ts:.3f}")
+        stamp = f";{time_attr}={r.ts:.3f}"
     elif time_mode in (3, 4):
         tm = time.localtime(sec) if time_mode == 3 else time.gmtime(sec)
-        parts.append(f";{time_attr}={time.strftime(time_format, tm)}")
-    parts.append(f";method={r.method};from_tag={r.from_tag or ''};to_tag={r.to_tag or ''};"
-                 f"call_id={r.call_id or ''};code={r.code};reason={r.reason}")
-    for name, value in r.extras.get("log", ()):
-        parts.append(f";{name}={value or ''}")
-    for leg in r.legs:
-        for name, value in leg:
+        stamp = f";{time_attr}={time.strftime(time_format, tm)}"
+    # one f-string for the fixed fields (a list of parts joined cost ~2x for the usual record)
+    text = (f"ACC: {KIND_TEXT[r.kind]}: timestamp={sec}{stamp};method={r.method};from_tag={r.from_tag or ''};"
+            f"to_tag={r.to_tag or ''};call_id={r.call_id or ''};code={r.code};reason={r.reason}")
+    extras = r.extras.get("log")
+    if extras or r.legs:
+        parts = [text]
+        for name, value in extras or ():
             parts.append(f";{name}={value or ''}")
-    return escape("".join(parts))
+        for leg in r.legs:
+            for name, value in leg:
+                parts.append(f";{name}={value or ''}")
+        text = "".join(parts)
+    return escape(text)
 
 
 def level_of(level: int) -> tuple[int, str]:
