@@ -114,6 +114,11 @@ class AccEngine:
         self._missed_flags = self.acc.flags(missed=True)
         self._watch = 0
         self.route = [compile_rule(r) for r in rules.route]
+        #: the route's outcome (flags, dropped, rearmed) by (method, in-dialog), when every rule
+        #: only sets flags on a method/in-dialog condition (the usual rules.yaml): walked once
+        #: per kind of request instead of once per request (None: rules that read more)
+        self._route_memo: dict[tuple[str, bool], tuple[int, bool, bool]] | None = (
+            {} if all(r.simple and not r.avps and not r.calls for r in self.route) else None)
         self.failure_route = [compile_rule(r) for r in rules.failure_route]
         self.early_media = self.acc.early_media
         self.failed_flag = self.acc.failed_transaction_flag
@@ -178,10 +183,25 @@ class AccEngine:
             if rule.stop or rule.drop:
                 break
 
+    def _route(self, msg: SipMessage, state: TxnAcc, out: list[AccRecord]) -> None:
+        """request_route for a request (``state`` as new): from the memo when the rules allow."""
+        memo = self._route_memo
+        if memo is None:
+            self._run(self.route, msg, state, 0, msg.ts, out)
+            return
+        key = (msg.method or msg.cseq_method, bool(msg.to_tag))  # what simple conditions read
+        got = memo.get(key)
+        if got is None:
+            self._run(self.route, msg, state, 0, msg.ts, out)
+            if len(memo) < 256:  # (methods are tokens from the wire: bounded)
+                memo[key] = (state.flags, state.dropped, state.rearmed)
+            return
+        state.flags, state.dropped, state.rearmed = got
+
     def _request_in(self, txn: Transaction, msg: SipMessage, out: list[AccRecord]) -> None:
         state = TxnAcc(0, _NO_AVPS)
         txn.acc = state
-        self._run(self.route, msg, state, 0, msg.ts, out)
+        self._route(msg, state, out)
         if state.dropped:
             return
         if txn.method == "CANCEL" and not self.report_cancels:
@@ -194,7 +214,7 @@ class AccEngine:
     def _ack_in(self, ev: AckIn, out: list[AccRecord]) -> None:
         msg = ev.msg
         ack_state = TxnAcc()
-        self._run(self.route, msg, ack_state, 0, msg.ts, out)
+        self._route(msg, ack_state, out)
         inv = ev.invite
         if not ev.first or inv is None or inv.acc is None or ack_state.dropped:
             return

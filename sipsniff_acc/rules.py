@@ -619,6 +619,8 @@ class CompiledRule:
     dlg_manage: bool = False
     dlg_vars: tuple[tuple[str, str], ...] = ()  #: set_dlg_var (cdr.py runs them; the acc engine does not)
     t_on_failure: bool = False  #: failure_route: armed again for the transaction's next failure round
+    #: the condition reads only the method (request's, else CSeq's) and whether there is a To-tag
+    simple: bool = False
 
 
 def compile_rule(rule: Rule) -> CompiledRule:
@@ -641,7 +643,7 @@ def compile_rule(rule: Rule) -> CompiledRule:
     reset_mask = sum(1 << f for f in set(rule.flags_reset))
     calls = tuple((tuple(b.split("+")), c.comment, c.table) for b, c in rule.acc_calls())
     return CompiledRule(matches, set_mask, reset_mask, tuple(rule.set_avp.items()), calls, rule.drop, rule.stop,
-                        rule.dlg_manage, tuple(rule.set_dlg_var.items()), rule.t_on_failure)
+                        rule.dlg_manage, tuple(rule.set_dlg_var.items()), rule.t_on_failure, simple)
 
 
 def _network(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None]:

@@ -170,3 +170,30 @@ def test_proxy_not_involved_is_not_accounted_with_addresses() -> None:
     direct = [c.request("INVITE", 1000.0, UAC, UAS, [C]), c.reply(200, "OK", 1000.5, UAS, UAC, [C], to_tag="t")]
     assert recs(direct) == []
     assert PROXY
+
+
+def test_route_memo_gives_the_flags_the_walk_gives() -> None:
+    """The request_route outcome remembered per (method, in-dialog) equals the walk of the rules,
+    for every method spelling and dialog state, and is not used for rules that read more."""
+    from sipsniff_acc import sip
+    from sipsniff_acc.acc import AccEngine, TxnAcc
+
+    extra = "  - if: {method: [OPTIONS, register]}\n    setflag: [4]\n    resetflag: [2]\n" \
+            "  - if: {method: CANCEL}\n    drop: true\n"
+    simple = AccEngine(parse_rules(BASE % ("", "[1, 2]") + extra))
+    walked = AccEngine(parse_rules(BASE % ("", "[1, 2]") + extra))
+    walked._route_memo = None
+    assert simple._route_memo == {}
+    reading = AccEngine(parse_rules(BASE % ("", "[1, 2]") + "  - if: {ruri: '^sip:9'}\n    setflag: [5]\n"))
+    assert reading._route_memo is None
+    for method in ("INVITE", "invite", "BYE", "OPTIONS", "Register", "CANCEL", "ACK", "FOO"):
+        for to in ("", ";tag=x"):
+            for _again in range(2):  # the first fills the memo, the second reads it
+                msg = sip.parse(f"{method} sip:b@h SIP/2.0\r\nVia: SIP/2.0/UDP 1.2.3.4;branch=z9hG4bK1\r\n"
+                                f"From: <sip:a@h>;tag=f\r\nTo: <sip:b@h>{to}\r\nCall-ID: c\r\n"
+                                f"CSeq: 1 {method}\r\nContent-Length: 0\r\n\r\n".encode())
+                a, b = TxnAcc(0), TxnAcc(0)
+                simple._route(msg, a, [])
+                walked._route(msg, b, [])
+                assert (a.flags, a.dropped, a.rearmed) == (b.flags, b.dropped, b.rearmed), (method, to)
+    assert simple._route_memo and len(simple._route_memo) == 16
