@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import operator
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
@@ -35,10 +36,17 @@ from sipsniff_acc.rules import RulesFile
 from sipsniff_acc.shard import BATCH, Inbox, streamed_map
 from sipsniff_acc.sip import call_id_line
 from sipsniff_acc.sources.pcapfile import CaptureReader, SourceError
+from sipsniff_acc.tracker import TrackerStats
 
-#: what a worker's round carries besides its PartResult: at the end, worker 0's capture
+#: a worker's round: processrun's PartResult with each record as the tuple of its fields
+Shipped = tuple[list[tuple[int, tuple[Any, ...]]], int, dict[str, int], TrackerStats | None, dict[str, int]]
+#: what a worker's round carries besides: at the end, worker 0's capture
 #: counters and its source errors as (path, offset, reason) (SourceError does not pickle)
 Tail = tuple[Counters, list[tuple[str, int, str]]] | None
+
+#: a record crosses the pipe as the tuple of its fields: a slots dataclass pickles through
+#: dataclasses' Python __getstate__/__setstate__ (fields() per record): 3.4 % of a worker
+_record_values = operator.attrgetter(*(f.name for f in fields(AccRecord)))
 
 _PCAPFILE = "sipsniff_acc.sources.pcapfile"
 
@@ -85,11 +93,11 @@ def file_frames(frames: Iterable[Frame]) -> tuple[Callable[[int], Iterable[Frame
 
 
 def _producer(frames: Iterable[Frame], k: int, workers: int, rules: RulesFile, open_as_408: bool,
-              errors: list[SourceError]) -> Callable[[Inbox], Iterator[tuple[PartResult, Tail]]]:
+              errors: list[SourceError]) -> Callable[[Inbox], Iterator[tuple[Shipped, Tail]]]:
     """Worker k's run: the whole capture stage, the parse and accounting of shard k."""
     round_size = BATCH * workers  #: candidates (of every shard) per round: ~BATCH of this worker's
 
-    def produce(inbox: Inbox) -> Iterator[tuple[PartResult, Tail]]:
+    def produce(inbox: Inbox) -> Iterator[tuple[Shipped, Tail]]:
         # The collector as in the -j 0 loop (processrun.GC_YOUNG: the per-message path makes no
         # cycles), and the objects forked from the front (modules, rules: ~60k) out of its way.
         # 50k calls, a worker's gc time: 1.3-1.6 s at 700, 1.0-1.1 s frozen, ~0.05 s both.
@@ -100,12 +108,12 @@ def _producer(frames: Iterable[Frame], k: int, workers: int, rules: RulesFile, o
         counters = Counters()
         parser = SipParser(counters)
         acc = AccPipeline(rules, open_as_408, workers)
-        message, feed, advance, crc32 = parser.message, acc.feed, acc.advance, zlib.crc32
-        out: list[tuple[int, AccRecord]] = []
+        message, feed, advance, crc32, values = parser.message, acc.feed, acc.advance, zlib.crc32, _record_values
+        out: list[tuple[int, tuple[Any, ...]]] = []
         seq = n = reported = 0
         first = True
 
-        def part() -> PartResult:
+        def part() -> Shipped:
             nonlocal out, n, reported
             done = (out, counters.sip_messages - reported, dict(counters.anomalies), None,
                     dict(counters.sip_by_kind))
@@ -126,7 +134,7 @@ def _producer(frames: Iterable[Frame], k: int, workers: int, rules: RulesFile, o
                     msg = message(*item)
                     if msg is not None:
                         for r in feed(msg):
-                            out.append((seq, r))
+                            out.append((seq, values(r)))
                 seq += 1
                 n += 1
                 if n >= round_size:
@@ -136,10 +144,10 @@ def _producer(frames: Iterable[Frame], k: int, workers: int, rules: RulesFile, o
                         acc.replace_rules(rules_now)
             elif item.__class__ is Tick:  # the timers, at the same packet time as with -j 0
                 for r in advance(item.ts):
-                    out.append((seq, r))
+                    out.append((seq, values(r)))
                 seq += 1
         yield part(), None
-        last: PartResult = ([(1 << 62, r) for r in acc.finish()], 0, {}, acc.tracker.stats, {})
+        last: Shipped = ([(1 << 62, values(r)) for r in acc.finish()], 0, {}, acc.tracker.stats, {})
         yield last, ((capture_counters, [(e.path, e.offset, e.reason) for e in errors]) if k == 0 else None)
 
     return produce
@@ -178,7 +186,8 @@ def run_files(open_frames: Callable[[int], Iterable[Frame]], errors: list[Source
                     capture_counters, errs = tail
                     add_counters(counters, capture_counters)
                     errors.extend(SourceError(*e) for e in errs)
-            yield [p for p, _tail in round_]
+            yield [([(seq, AccRecord(*v)) for seq, v in recs], parsed, anomalies, stats, kinds)
+                   for (recs, parsed, anomalies, stats, kinds), _tail in round_]
 
     try:
         _deliver_rounds(parts(), deliver, counters, result, stop)
