@@ -19,7 +19,6 @@ tracker counters are summed, source errors come from worker 0.
 from __future__ import annotations
 
 import gc
-import inspect
 import operator
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -28,69 +27,22 @@ from typing import Any
 
 from sipsniff_acc import stopping
 from sipsniff_acc.events import Counters, Frame
-from sipsniff_acc.messagerun import Tick, timed_candidates
+from sipsniff_acc.messagerun import Tail, Tick, add_counters, timed_candidates
 from sipsniff_acc.pipeline import CaptureStage, SipParser
 from sipsniff_acc.processrun import GC_YOUNG, AccPipeline, Control, PartResult, RunResult, _deliver_rounds
 from sipsniff_acc.records import AccRecord
 from sipsniff_acc.rules import RulesFile
 from sipsniff_acc.shard import BATCH, Inbox, streamed_map
 from sipsniff_acc.sip import call_id_line
-from sipsniff_acc.sources.pcapfile import CaptureReader, SourceError
+from sipsniff_acc.sources.pcapfile import SourceError
 from sipsniff_acc.tracker import TrackerStats
 
 #: a worker's round: processrun's PartResult with each record as the tuple of its fields
 Shipped = tuple[list[tuple[int, tuple[Any, ...]]], int, dict[str, int], TrackerStats | None, dict[str, int]]
-#: what a worker's round carries besides: at the end, worker 0's capture
-#: counters and its source errors as (path, offset, reason) (SourceError does not pickle)
-Tail = tuple[Counters, list[tuple[str, int, str]]] | None
 
 #: a record crosses the pipe as the tuple of its fields: a slots dataclass pickles through
 #: dataclasses' Python __getstate__/__setstate__ (fields() per record): 3.4 % of a worker
 _record_values = operator.attrgetter(*(f.name for f in fields(AccRecord)))
-
-_PCAPFILE = "sipsniff_acc.sources.pcapfile"
-
-
-def _unstarted(gen: Any, module: str, name: str) -> dict[str, Any] | None:
-    """The arguments of generator ``module.name`` if ``gen`` is one that has not started."""
-    if not inspect.isgenerator(gen) or inspect.getgeneratorstate(gen) != inspect.GEN_CREATED:
-        return None
-    frame = gen.gi_frame
-    if frame is None or gen.gi_code.co_name != name or frame.f_globals.get("__name__") != module:
-        return None
-    return frame.f_locals
-
-
-def file_frames(frames: Iterable[Frame]) -> tuple[Callable[[int], Iterable[Frame]], list[SourceError]] | None:
-    """If ``frames`` is the command line's unstarted stream over capture files (open_captures,
-    maybe inside cli's progress bar): a function giving worker k its frames, and the run's
-    error list. A forked worker iterates its own copy of the unstarted generators, and each
-    CaptureReader opens its file when iterated, so every worker reads the files afresh. Any
-    other shape (stdin, a live capture, a consumer): None.
-
-    Recognised from the generators' own arguments because cli.py hands ``run`` only the
-    stream; an explicit ``reread`` argument from cli.py would replace this."""
-    outer = inner = frames
-    progress = _unstarted(frames, "sipsniff_acc.cli", "_with_progress")
-    if progress is not None:
-        inner = progress["frames"]
-    merged = _unstarted(inner, "heapq", "merge")
-    parts = list(merged["iterables"]) if merged is not None else [inner]
-    errors: list[SourceError] | None = None
-    for part in parts:
-        args = _unstarted(part, _PCAPFILE, "_guarded")
-        if args is None:
-            return None
-        reader = args["reader"]
-        if reader.__class__ is not CaptureReader or reader.path == "-":
-            return None
-        if errors is not None and args["errors"] is not errors:
-            return None
-        errors = args["errors"]
-    if errors is None:
-        return None
-    return (lambda k: outer if k == 0 else inner), errors  # the progress bar: drawn by worker 0 only
-
 
 def _producer(frames: Iterable[Frame], k: int, workers: int, rules: RulesFile, open_as_408: bool,
               errors: list[SourceError]) -> Callable[[Inbox], Iterator[tuple[Shipped, Tail]]]:
@@ -151,16 +103,6 @@ def _producer(frames: Iterable[Frame], k: int, workers: int, rules: RulesFile, o
         yield last, ((capture_counters, [(e.path, e.offset, e.reason) for e in errors]) if k == 0 else None)
 
     return produce
-
-
-def add_counters(into: Counters, other: Counters) -> None:
-    """``into`` += ``other``, field by field (ints and Counters)."""
-    for f in fields(Counters):
-        mine = getattr(into, f.name)
-        if isinstance(mine, int):
-            setattr(into, f.name, mine + getattr(other, f.name))
-        else:
-            mine.update(getattr(other, f.name))
 
 
 def run_files(open_frames: Callable[[int], Iterable[Frame]], errors: list[SourceError], rules: RulesFile,

@@ -26,7 +26,7 @@ from sipsniff_acc.cdr import CdrEngine
 from sipsniff_acc.emitters import Emitter
 from sipsniff_acc.events import CaptureGap, Counters, Datagram, Frame, Idle
 from sipsniff_acc.limits import Limits
-from sipsniff_acc.messagerun import TICK, Candidate, Tick, as_candidate, item_time, timed_candidates
+from sipsniff_acc.messagerun import TICK, Candidate, Tick, as_candidate, file_frames, item_time, timed_candidates
 from sipsniff_acc.pipeline import CaptureStage, MessagePipeline, SipParser
 from sipsniff_acc import stopping
 from sipsniff_acc.shard import BATCH, sharded_map
@@ -547,9 +547,9 @@ def _run_sharded(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile,
     Capture files with nothing else that needs the one front (TLS, --hep-out, --state): every
     worker reads them itself instead (filerun.py)."""
     if not (extra or tap or state or live):
-        from sipsniff_acc import filerun  # noqa: PLC0415 - filerun imports this module
-        files = filerun.file_frames(frames)
+        files = file_frames(frames)
         if files is not None:
+            from sipsniff_acc import filerun  # noqa: PLC0415 - filerun imports this module
             filerun.run_files(files[0], files[1], rules, deliver, counters, open_as_408, workers, result, control)
             return
     capture = CaptureStage(counters, limits=getattr(rules, "limits", None))  # limits.max_sip_message

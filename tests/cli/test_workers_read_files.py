@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from sipsniff_acc import filerun
+from sipsniff_acc.messagerun import file_frames
 from sipsniff_acc.events import Counters, Frame
 from sipsniff_acc.processrun import RunResult
 from sipsniff_acc.rules import load_rules
@@ -68,24 +69,41 @@ def test_workers_reading_the_files_give_the_records_of_one_process(tmp_path: Pat
     assert outs["0"] == outs["2"] == outs["3"]
 
 
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_messages_from_workers_reading_the_files_equal_one_process(tmp_path: Path, group: str) -> None:
+    """`messages -j N`: the same lines in the same order, and the same counters (--stats)."""
+    captures = [str(p) for p in GROUPS[group]]
+    outs = {}
+    for fmt in ("table", "jsonl"):
+        for j in ("0", "2", "3"):
+            res = sipsniff("messages", *captures, "-T", fmt, "-j", j, "-o", str(tmp_path / f"m{j}"),
+                           "--stats", str(tmp_path / f"s{j}"), "-q", cwd=tmp_path)
+            assert res.returncode == 0, res.stderr
+            stats = json.loads((tmp_path / f"s{j}").read_text())
+            outs[j] = ((tmp_path / f"m{j}").read_bytes(),
+                       {k: v for k, v in stats.items() if "time" not in k and "elapsed" not in k and "rate" not in k})
+        assert outs["0"][0].count(b"\n") > 20
+        assert outs["0"] == outs["2"] == outs["3"]
+
+
 def test_only_unstarted_streams_over_files_are_read_again(tmp_path: Path) -> None:
     """file_frames knows open_captures' shapes (one file, several, in the progress bar); stdin,
     or a stream already started, stays with the front's round loop."""
     errors: list[SourceError] = []
     one = open_captures([CaptureReader(PCAPS / "sample.pcap")], errors)
-    found = filerun.file_frames(one)
+    found = file_frames(one)
     assert found is not None and found[1] is errors and found[0](0) is one and found[0](1) is one
     several = open_captures([CaptureReader(PCAPS / "sample.pcap"), CaptureReader(PCAPS / "ipv6.pcap")], errors)
-    assert filerun.file_frames(several) is not None
+    assert file_frames(several) is not None
     from sipsniff_acc.cli import _with_progress  # noqa: PLC0415
     wrapped = _with_progress(one, [], 1)
-    found = filerun.file_frames(wrapped)
+    found = file_frames(wrapped)
     assert found is not None and found[0](0) is wrapped and found[0](1) is one  # the bar: worker 0 only
-    assert filerun.file_frames(open_captures([CaptureReader("-")], errors)) is None
+    assert file_frames(open_captures([CaptureReader("-")], errors)) is None
     started = open_captures([CaptureReader(PCAPS / "sample.pcap")], errors)
     next(started)
-    assert filerun.file_frames(started) is None
-    assert filerun.file_frames(iter([])) is None
+    assert file_frames(started) is None
+    assert file_frames(iter([])) is None
 
 
 def test_a_worker_that_dies_fails_the_run() -> None:
