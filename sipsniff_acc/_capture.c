@@ -25,6 +25,11 @@
  *   frame; None for anything else (fragments, tunnels, TCP, SCTP, odd or truncated lengths,
  *   bad headers), and decode_py() then decodes it and names its anomalies.
  *
+ * sip_udp(frame) -> Datagram | 1 | 2 | None
+ *   udp() for CaptureStage, with the content check of its payload folded in: the Datagram only
+ *   when it looks like SIP; 1 for a keep-alive (sip.is_keepalive), 2 for anything else (RTP...),
+ *   so that no Datagram (nor the copies of its addresses and payload) is made for noise.
+ *
  * looks_like_sip(payload) -> bool: sip.looks_like_sip (a status line, or a request line
  *   whose first token is upper case and which ends in SIP/2.0).
  *
@@ -240,9 +245,49 @@ done:
     return Py_BuildValue("(NnLd)", frames, pos, no, last_ts);
 }
 
+/* sip.looks_like_sip_py on p[0:n] */
+static int sip_like(const unsigned char *p, Py_ssize_t n) {
+    Py_ssize_t sp = -1, nl = -1, i;
+    if (n >= 8 && memcmp(p, "SIP/2.0 ", 8) == 0) return 1;
+    for (i = 0; i < n && i < 32; i++) {
+        if (p[i] == ' ') {
+            sp = i;
+            break;
+        }
+    }
+    if (sp < 3) return 0;
+    int upper = 0; /* bytes.isupper(): an upper-case letter and no lower-case one */
+    for (i = 0; i < sp; i++) {
+        if (p[i] >= 'a' && p[i] <= 'z') return 0;
+        if (p[i] >= 'A' && p[i] <= 'Z') upper = 1;
+    }
+    if (!upper) return 0;
+    for (i = sp; i < n && i < MAX_START_LINE; i++) {
+        if (p[i] == '\n') {
+            nl = i;
+            break;
+        }
+    }
+    if (nl < 0) return 0;
+    /* payload[nl - 9 : nl] with Python's slice rules (a negative start counts from the end) */
+    Py_ssize_t start = nl - 9, stop = nl;
+    if (start < 0) start += n;
+    if (start < 0) start = 0;
+    if (start > stop) start = stop;
+    while (stop > start && p[stop - 1] == '\r') stop--; /* .rstrip(b"\r") */
+    return stop - start >= 8 && memcmp(p + stop - 8, " SIP/2.0", 8) == 0;
+}
+
+/* sip.is_keepalive on p[0:n]: nothing but CR, LF, NUL and spaces */
+static int keepalive(const unsigned char *p, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (p[i] != '\r' && p[i] != '\n' && p[i] != 0 && p[i] != ' ') return 0;
+    }
+    return 1;
+}
+
 /* The Datagram of a frame in the common case, or None (decode_py decides). */
-static PyObject *udp(PyObject *self, PyObject *frame) {
-    (void)self;
+static PyObject *udp_impl(PyObject *frame, int classify) {
     if (datagram_type == NULL || Py_TYPE(frame) != frame_type) Py_RETURN_NONE;
     PyObject *data_obj = SLOT(frame, frame_off[F_DATA]), *lt_obj = SLOT(frame, frame_off[F_LINKTYPE]);
     if (data_obj == NULL || lt_obj == NULL || !PyBytes_CheckExact(data_obj) || !PyLong_CheckExact(lt_obj))
@@ -310,6 +355,8 @@ static PyObject *udp(PyObject *self, PyObject *frame) {
     Py_ssize_t ulen = be16(d + at + 4);
     if (ulen >= 8 && at + ulen <= end) end = at + ulen; /* trims Ethernet padding */
     if (dport == VXLAN_PORT || dport == TZSP_PORT) Py_RETURN_NONE;
+    if (classify && !sip_like(d + at + 8, end - at - 8)) /* no Datagram for RTP and other noise */
+        return PyLong_FromLong(keepalive(d + at + 8, end - at - 8) ? 1 : 2);
     PyObject *encap;
     if (tags == 0) {
         encap = Py_NewRef(encaps[link][v6]);
@@ -345,45 +392,21 @@ static PyObject *udp(PyObject *self, PyObject *frame) {
     return out;
 }
 
+static PyObject *udp(PyObject *self, PyObject *frame) {
+    (void)self;
+    return udp_impl(frame, 0);
+}
+
+static PyObject *sip_udp(PyObject *self, PyObject *frame) {
+    (void)self;
+    return udp_impl(frame, 1);
+}
+
 static PyObject *looks_like_sip(PyObject *self, PyObject *arg) {
     (void)self;
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
-    const unsigned char *p = view.buf;
-    Py_ssize_t n = view.len, sp = -1, nl = -1, i;
-    int yes = 0;
-    if (n >= 8 && memcmp(p, "SIP/2.0 ", 8) == 0) {
-        yes = 1;
-        goto done;
-    }
-    for (i = 0; i < n && i < 32; i++) {
-        if (p[i] == ' ') {
-            sp = i;
-            break;
-        }
-    }
-    if (sp < 3) goto done;
-    int upper = 0; /* bytes.isupper(): an upper-case letter and no lower-case one */
-    for (i = 0; i < sp; i++) {
-        if (p[i] >= 'a' && p[i] <= 'z') goto done;
-        if (p[i] >= 'A' && p[i] <= 'Z') upper = 1;
-    }
-    if (!upper) goto done;
-    for (i = sp; i < n && i < MAX_START_LINE; i++) {
-        if (p[i] == '\n') {
-            nl = i;
-            break;
-        }
-    }
-    if (nl < 0) goto done;
-    /* payload[nl - 9 : nl] with Python's slice rules (a negative start counts from the end) */
-    Py_ssize_t start = nl - 9, stop = nl;
-    if (start < 0) start += n;
-    if (start < 0) start = 0;
-    if (start > stop) start = stop;
-    while (stop > start && p[stop - 1] == '\r') stop--; /* .rstrip(b"\r") */
-    yes = stop - start >= 8 && memcmp(p + stop - 8, " SIP/2.0", 8) == 0;
-done:
+    int yes = sip_like(view.buf, view.len);
     PyBuffer_Release(&view);
     return PyBool_FromLong(yes);
 }
@@ -395,6 +418,7 @@ static PyMethodDef methods[] = {
     {"pcapng_frames", (PyCFunction)(void (*)(void))pcapng_frames, METH_FASTCALL,
      "pcapng_frames(buf, pos, big_endian, ifaces, no, last_ts, source) -> (frames, pos, no, last_ts)"},
     {"udp", udp, METH_O, "udp(frame) -> Datagram | None: decode's common case"},
+    {"sip_udp", sip_udp, METH_O, "sip_udp(frame) -> Datagram (looks like SIP) | 1 (keep-alive) | 2 (other) | None"},
     {"looks_like_sip", looks_like_sip, METH_O, "looks_like_sip(payload) -> bool"},
     {NULL, NULL, 0, NULL},
 };

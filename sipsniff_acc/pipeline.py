@@ -28,8 +28,10 @@ from sipsniff_acc.sipmethods import METHODS
 from sipsniff_acc.tcpstream import TcpReassembler
 
 looks_like_sip = sip.looks_like_sip
-#: the C decode of a plain UDP frame (None: decode_py decides), when _capture is built
-_decode_udp = dec.speedups.udp if dec.speedups is not None else None
+#: the C decode of a plain UDP frame with its content check: a Datagram if it looks like SIP,
+#: 1 for a keep-alive, 2 for anything else, None when decode_py decides; when _capture is built
+_sip_udp = dec.speedups.sip_udp if dec.speedups is not None else None
+_KEEPALIVE = 1
 
 DUP_WINDOW = 0.02  #: seconds; mirror copies arrive within microseconds, SIP retransmissions >= 250 ms apart
 ADDR_CACHE = 1 << 16  #: distinct addresses remembered as text before the cache is reset
@@ -155,10 +157,15 @@ class CaptureStage:
         out: list[Datagram | Anomaly] = []
         if frame.ts >= self._next_advance:
             self._advance(frame.ts, out)
-        if _decode_udp is not None:
-            item = _decode_udp(frame)
-            if item is not None:  # plain UDP: straight to the SIP check (no decode() or _datagram call)
-                self._udp(item, out)
+        if _sip_udp is not None:
+            item = _sip_udp(frame)
+            if item is not None:  # plain UDP, checked (no decode(), _datagram or Datagram for RTP)
+                if item.__class__ is Datagram:
+                    self._sip(item, out)
+                elif item == _KEEPALIVE:
+                    c.keepalives += 1
+                else:
+                    c.skipped["udp_not_sip"] += 1
                 return out
         item = dec.decode_py(frame)
         if item.__class__ is Datagram:
@@ -206,22 +213,25 @@ class CaptureStage:
 
     def _udp(self, d: Datagram, out: list[Datagram | Anomaly]) -> None:
         """A UDP payload: a SIP candidate unless a mirrored copy, a keep-alive or not SIP."""
-        c = self.counters
         payload = d.payload
         if looks_like_sip(payload):
-            dedup = self.dedup
-            overflows = dedup.overflows
-            if dedup.duplicate(d):
-                c.duplicates += 1
-            else:
-                out.append(d)
-            if dedup.overflows != overflows:
-                self._note(out, (Anomaly("udp_dedup_overflow", d.ts, d.no, f"{dedup.max_entries} datagrams in "
-                                         f"{dedup.window * 1000:g} ms", d.source),))
+            self._sip(d, out)
         elif sip.is_keepalive(payload):
-            c.keepalives += 1
+            self.counters.keepalives += 1
         else:
-            c.skipped["udp_not_sip"] += 1
+            self.counters.skipped["udp_not_sip"] += 1
+
+    def _sip(self, d: Datagram, out: list[Datagram | Anomaly]) -> None:
+        """A datagram that looks like SIP: a candidate, unless a mirrored copy of one."""
+        dedup = self.dedup
+        overflows = dedup.overflows
+        if dedup.duplicate(d):
+            self.counters.duplicates += 1
+        else:
+            out.append(d)
+        if dedup.overflows != overflows:
+            self._note(out, (Anomaly("udp_dedup_overflow", d.ts, d.no, f"{dedup.max_entries} datagrams in "
+                                     f"{dedup.window * 1000:g} ms", d.source),))
 
     def _stream(self, items: list[Datagram | Anomaly], out: list[Datagram | Anomaly]) -> None:
         for item in items:
