@@ -2,8 +2,8 @@
  * The capture front's common case in C (optional: every function here has its Python twin,
  * which stays the reference and the path for everything this file declines).
  *
- * setup(Frame, Datagram, udp) -> None
- *   Remembers the two slot classes of events.py and Transport.UDP. Objects of these classes
+ * setup(Frame, Datagram, udp, tcp, sctp) -> None
+ *   Remembers the two slot classes of events.py and Transport.UDP, .TCP, .SCTP. Objects of these classes
  *   are then built here by writing their slots directly (their generated __init__ is a Python
  *   call: ~0.27 us per object, a third of what reading a record costs).
  *
@@ -21,13 +21,14 @@
  * udp(frame) -> Datagram | None
  *   decode.decode() for the bulk of a capture: Ethernet (+ 802.1Q/802.1ad/QinQ tags), Linux
  *   SLL/SLL2 or raw IP; IPv4 (options allowed) not fragmented, or IPv6 without extension
- *   headers; UDP not to a tunnel port. The same Datagram decode_py() returns for such a
- *   frame; None for anything else (fragments, tunnels, TCP, SCTP, odd or truncated lengths,
- *   bad headers), and decode_py() then decodes it and names its anomalies.
+ *   headers; UDP not to a tunnel port, or TCP or SCTP (the whole segment, as decode_py hands
+ *   it to reassembly). The same Datagram decode_py() returns for such a frame; None for
+ *   anything else (fragments, tunnels, ICMP, odd or truncated lengths, bad headers), and
+ *   decode_py() then decodes it and names its anomalies. (The name is the common case's.)
  *
  * sip_udp(frame) -> Datagram | 1 | 2 | None
- *   udp() for CaptureStage, with the content check of its payload folded in: the Datagram only
- *   when it looks like SIP; 1 for a keep-alive (sip.is_keepalive), 2 for anything else (RTP...),
+ *   udp() for CaptureStage, with the content check of a UDP payload folded in: a UDP Datagram
+ *   only when it looks like SIP (TCP and SCTP ones always); 1 for a keep-alive (sip.is_keepalive), 2 for anything else (RTP...),
  *   so that no Datagram (nor the copies of its addresses and payload) is made for noise.
  *
  * looks_like_sip(payload) -> bool: sip.looks_like_sip (a status line, or a request line
@@ -57,7 +58,7 @@ static const char *datagram_fields[D_N] = {"ts", "no", "transport", "src", "spor
 
 static PyTypeObject *frame_type, *datagram_type;
 static Py_ssize_t frame_off[F_N], datagram_off[D_N];
-static PyObject *udp_transport;
+static PyObject *udp_transport, *tcp_transport, *sctp_transport;
 /* encap tuples without VLAN tags: [link][ip], link 0 none, 1 eth, 2 sll, 3 sll2; ip 0 ip4, 1 ip6 */
 static PyObject *encaps[4][2];
 static PyObject *s_eth, *s_sll, *s_sll2, *s_ip4, *s_ip6;
@@ -90,16 +91,17 @@ static int slot_offsets(PyTypeObject *type, const char **names, Py_ssize_t *offs
 
 static PyObject *setup(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *ft, *dt, *udp;
-    if (!PyArg_ParseTuple(args, "O!O!O", &PyType_Type, &ft, &PyType_Type, &dt, &udp)) return NULL;
+    PyObject *ft, *dt, *udp, *tcp, *sctp;
+    if (!PyArg_ParseTuple(args, "O!O!OOO", &PyType_Type, &ft, &PyType_Type, &dt, &udp, &tcp, &sctp)) return NULL;
     if (slot_offsets((PyTypeObject *)ft, frame_fields, frame_off, F_N) < 0) return NULL;
     if (slot_offsets((PyTypeObject *)dt, datagram_fields, datagram_off, D_N) < 0) return NULL;
     Py_INCREF(ft);
     Py_INCREF(dt);
-    Py_INCREF(udp);
     Py_XSETREF(frame_type, (PyTypeObject *)ft);
     Py_XSETREF(datagram_type, (PyTypeObject *)dt);
-    Py_XSETREF(udp_transport, udp);
+    Py_XSETREF(udp_transport, Py_NewRef(udp));
+    Py_XSETREF(tcp_transport, Py_NewRef(tcp));
+    Py_XSETREF(sctp_transport, Py_NewRef(sctp));
     Py_RETURN_NONE;
 }
 
@@ -334,29 +336,44 @@ static PyObject *udp_impl(PyObject *frame, int classify) {
     int v6, version = d[off] >> 4;
     Py_ssize_t end, at, alen;
     long ipid;
+    int proto;
     const unsigned char *ip = d + off;
     if (version == 4) {
         if (len < off + 20) Py_RETURN_NONE;
         Py_ssize_t hl = (ip[0] & 0x0F) * 4, total = be16(ip + 2);
         if (hl < 20 || total < hl || off + total > len) Py_RETURN_NONE;
-        if ((be16(ip + 6) & 0x3FFF) || ip[9] != 17) Py_RETURN_NONE; /* a fragment; not UDP */
+        if (be16(ip + 6) & 0x3FFF) Py_RETURN_NONE; /* a fragment */
+        proto = ip[9];
         v6 = 0, end = off + total, at = off + hl, alen = 4, ipid = be16(ip + 4);
     } else if (version == 6) {
         if (len < off + 40) Py_RETURN_NONE;
         Py_ssize_t plen = be16(ip + 4);
         /* a jumbogram (0) or an extension header: decode_py */
-        if (plen == 0 || off + 40 + plen > len || ip[6] != 17) Py_RETURN_NONE;
+        if (plen == 0 || off + 40 + plen > len) Py_RETURN_NONE;
+        proto = ip[6];
         v6 = 1, end = off + 40 + plen, at = off + 40, alen = 16, ipid = -1;
     } else {
         Py_RETURN_NONE;
     }
-    if (end - at < 8) Py_RETURN_NONE;
-    long sport = be16(d + at), dport = be16(d + at + 2);
-    Py_ssize_t ulen = be16(d + at + 4);
-    if (ulen >= 8 && at + ulen <= end) end = at + ulen; /* trims Ethernet padding */
-    if (dport == VXLAN_PORT || dport == TZSP_PORT) Py_RETURN_NONE;
-    if (classify && !sip_like(d + at + 8, end - at - 8)) /* no Datagram for RTP and other noise */
-        return PyLong_FromLong(keepalive(d + at + 8, end - at - 8) ? 1 : 2);
+    long sport, dport;
+    Py_ssize_t pay; /* where the Datagram's payload starts */
+    PyObject *transport;
+    if (proto == 17) {
+        if (end - at < 8) Py_RETURN_NONE;
+        sport = be16(d + at), dport = be16(d + at + 2);
+        Py_ssize_t ulen = be16(d + at + 4);
+        if (ulen >= 8 && at + ulen <= end) end = at + ulen; /* trims Ethernet padding */
+        if (dport == VXLAN_PORT || dport == TZSP_PORT) Py_RETURN_NONE;
+        pay = at + 8, transport = udp_transport;
+        if (classify && !sip_like(d + pay, end - pay)) /* no Datagram for RTP and other noise */
+            return PyLong_FromLong(keepalive(d + pay, end - pay) ? 1 : 2);
+    } else if (proto == 6 || proto == 132) { /* the whole segment or packet, for reassembly */
+        if (end - at < 4) Py_RETURN_NONE;
+        sport = be16(d + at), dport = be16(d + at + 2);
+        pay = at, transport = proto == 6 ? tcp_transport : sctp_transport;
+    } else {
+        Py_RETURN_NONE; /* ICMP, tunnels, IPv6 extension headers: decode_py */
+    }
     PyObject *encap;
     if (tags == 0) {
         encap = Py_NewRef(encaps[link][v6]);
@@ -378,12 +395,12 @@ static PyObject *udp_impl(PyObject *frame, int classify) {
     PyObject *v[D_N];
     v[D_TS] = Py_XNewRef(SLOT(frame, frame_off[F_TS]));
     v[D_NO] = Py_XNewRef(SLOT(frame, frame_off[F_NO]));
-    v[D_TRANSPORT] = Py_NewRef(udp_transport);
+    v[D_TRANSPORT] = Py_NewRef(transport);
     v[D_SRC] = PyBytes_FromStringAndSize((const char *)ip + src_at, alen);
     v[D_SPORT] = PyLong_FromLong(sport);
     v[D_DST] = PyBytes_FromStringAndSize((const char *)ip + dst_at, alen);
     v[D_DPORT] = PyLong_FromLong(dport);
-    v[D_PAYLOAD] = PyBytes_FromStringAndSize((const char *)d + at + 8, end - at - 8);
+    v[D_PAYLOAD] = PyBytes_FromStringAndSize((const char *)d + pay, end - pay);
     v[D_ENCAP] = encap;
     v[D_SOURCE] = Py_XNewRef(SLOT(frame, frame_off[F_SOURCE]));
     v[D_IPID] = PyLong_FromLong(ipid);
@@ -412,7 +429,7 @@ static PyObject *looks_like_sip(PyObject *self, PyObject *arg) {
 }
 
 static PyMethodDef methods[] = {
-    {"setup", setup, METH_VARARGS, "setup(Frame, Datagram, udp): the classes to build"},
+    {"setup", setup, METH_VARARGS, "setup(Frame, Datagram, udp, tcp, sctp): the classes to build"},
     {"pcap_frames", (PyCFunction)(void (*)(void))pcap_frames, METH_FASTCALL,
      "pcap_frames(buf, pos, big_endian, unit, linktype, no, source) -> (frames, pos, no)"},
     {"pcapng_frames", (PyCFunction)(void (*)(void))pcapng_frames, METH_FASTCALL,

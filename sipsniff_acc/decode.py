@@ -29,7 +29,7 @@ from sipsniff_acc.events import Anomaly, Datagram, Fragment, Frame, Transport
 try:  # the C walk and decode of the common frame (setup.py builds it when a compiler is there)
     from sipsniff_acc import _capture as speedups
 
-    speedups.setup(Frame, Datagram, Transport.UDP)
+    speedups.setup(Frame, Datagram, Transport.UDP, Transport.TCP, Transport.SCTP)
 except ImportError:  # not built: decode_py and CaptureReader's Python walk do all of it
     speedups = None  # type: ignore[assignment]
 
@@ -101,7 +101,7 @@ _ENCAP_ETH_IP4: Final = ("eth", "ip4")
 def decode(frame: Frame) -> Decoded:
     """Decode one frame down to its transport payload."""
     if speedups is not None:
-        # C for plain UDP over Ethernet/SLL/raw IP: 0.2 us a frame against decode_py's 0.9
+        # C for plain UDP/TCP/SCTP over Ethernet/SLL/raw IP: 0.2 us a frame against decode_py's 0.9
         d = speedups.udp(frame)
         if d is not None:
             return d  # type: ignore[no-any-return]

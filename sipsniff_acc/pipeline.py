@@ -28,10 +28,12 @@ from sipsniff_acc.sipmethods import METHODS
 from sipsniff_acc.tcpstream import TcpReassembler
 
 looks_like_sip = sip.looks_like_sip
-#: the C decode of a plain UDP frame with its content check: a Datagram if it looks like SIP,
-#: 1 for a keep-alive, 2 for anything else, None when decode_py decides; when _capture is built
+#: the C decode of a plain UDP/TCP/SCTP frame, a UDP payload's content check with it: a Datagram
+#: (UDP: if it looks like SIP), 1 for a keep-alive, 2 for other UDP, None when decode_py decides;
+#: when _capture is built
 _sip_udp = dec.speedups.sip_udp if dec.speedups is not None else None
 _KEEPALIVE = 1
+_UDP = Transport.UDP
 
 DUP_WINDOW = 0.02  #: seconds; mirror copies arrive within microseconds, SIP retransmissions >= 250 ms apart
 ADDR_CACHE = 1 << 16  #: distinct addresses remembered as text before the cache is reset
@@ -161,7 +163,10 @@ class CaptureStage:
             item = _sip_udp(frame)
             if item is not None:  # plain UDP, checked (no decode(), _datagram or Datagram for RTP)
                 if item.__class__ is Datagram:
-                    self._sip(item, out)
+                    if item.transport is _UDP:
+                        self._sip(item, out)
+                    else:  # TCP, SCTP: to reassembly
+                        self._datagram(item, out)
                 elif item == _KEEPALIVE:
                     c.keepalives += 1
                 else:
