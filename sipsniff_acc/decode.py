@@ -22,16 +22,19 @@ the duplicate filter uses it to tell a SPAN copy (same ID) from a retransmission
 from __future__ import annotations
 
 import struct
+from types import ModuleType
 from typing import Final
 
 from sipsniff_acc.events import Anomaly, Datagram, Fragment, Frame, Transport
 
+speedups: ModuleType | None = None  #: sipsniff_acc._capture, when built
 try:  # the C walk and decode of the common frame (setup.py builds it when a compiler is there)
-    from sipsniff_acc import _capture as speedups
+    from sipsniff_acc import _capture
 
-    speedups.setup(Frame, Datagram, Transport.UDP, Transport.TCP, Transport.SCTP)
+    _capture.setup(Frame, Datagram, Transport.UDP, Transport.TCP, Transport.SCTP)
+    speedups = _capture
 except ImportError:  # not built: decode_py and CaptureReader's Python walk do all of it
-    speedups = None  # type: ignore[assignment]
+    pass
 
 _U16 = struct.Struct("!H").unpack_from
 _IP4 = struct.Struct("!BBHHHBBH4s4s").unpack_from

@@ -161,7 +161,7 @@ class CaptureStage:
             self._advance(frame.ts, out)
         if _sip_udp is not None:
             item = _sip_udp(frame)
-            if item is not None:  # plain UDP, checked (no decode(), _datagram or Datagram for RTP)
+            if item is not None:  # plain UDP/TCP/SCTP, decoded in C (and no Datagram made for RTP)
                 if item.__class__ is Datagram:
                     if item.transport is _UDP:
                         self._sip(item, out)
@@ -364,7 +364,7 @@ class MessagePipeline:
     def feed(self, frame: Frame) -> list[sip.SipMessage | Anomaly]:
         items = self.capture.feed(frame)
         if len(items) == 1 and items[0].__class__ is Datagram:  # the common frame: one candidate
-            return self.parser.feed(items[0])  # type: ignore[arg-type]
+            return self.parser.feed(items[0])
         out: list[sip.SipMessage | Anomaly] = []
         for item in items:
             if item.__class__ is Datagram:
