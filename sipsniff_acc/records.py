@@ -88,10 +88,8 @@ class RecordIds:
         return len(self._seen) + len(self._old)
 
     def assign(self, r: AccRecord) -> str:
-        key = "\x1f".join((
-            r.kind, r.table, r.method, r.from_tag or "", r.to_tag or "", r.call_id or "", r.code, r.reason,
-            str(r.cseq), f"{r.ts:.6f}",
-        )).encode()
+        key = (f"{r.kind}\x1f{r.table}\x1f{r.method}\x1f{r.from_tag or ''}\x1f{r.to_tag or ''}\x1f"
+               f"{r.call_id or ''}\x1f{r.code}\x1f{r.reason}\x1f{r.cseq}\x1f{r.ts:.6f}").encode()
         digest = hashlib.blake2b(key, digest_size=16).digest()
         seen = self._seen
         if r.ts >= self._start + self.window or len(seen) >= self.max_ids // 2:
