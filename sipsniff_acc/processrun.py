@@ -479,14 +479,16 @@ def acc_worker(rules: RulesFile, open_as_408: bool, shards: int = 1, state: str 
     counters = Counters()
     parser = SipParser(counters)
     acc = AccPipeline(rules, open_as_408, shards)
-    loaded = [state is None]
+    loaded = [False]
 
     def work(part: Part) -> PartResult:
         out: list[tuple[int, AccRecord]] = []
         if not loaded[0]:  # in the worker process (the pool forks before the first part)
             loaded[0] = True
-            assert state is not None
-            _load_state(state, acc, time.time() if live else None, shard, shards)
+            gc.freeze()  # the collector as in the -j 0 loop, the forked objects out of its way (filerun)
+            gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
+            if state is not None:
+                _load_state(state, acc, time.time() if live else None, shard, shards)
         if part is None:
             if state:  # --state: the open calls are saved (the front said so), not ended
                 return out, 0, {}, acc.tracker.stats, {}
