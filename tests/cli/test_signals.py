@@ -401,6 +401,10 @@ def collecting(phase, _info):
             pass
 gc.callbacks.append(collecting)
 sys.argv = ["sipsniff-acc", *sys.argv[1:]]
+import sipsniff_acc.processrun
+# The run raises the young generation's threshold (GC_YOUNG) so far that this capture may never
+# start a collection; the default one makes the callback's moment come (a __del__ can at any time).
+sipsniff_acc.processrun.GC_YOUNG = 700
 from sipsniff_acc.cli import main
 main()
 """
