@@ -10,7 +10,7 @@ import sqlite3
 import sys
 from enum import Enum
 from pathlib import Path
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, Annotated, Any, TextIO
 
 import typer
@@ -354,7 +354,7 @@ def messages(
     decrypted = _decrypt_tls(readers, tls_keylog) if tls_keylog is not None else []
     out: IO[bytes] = open_private(output, "wb") if output else sys.stdout.buffer
     write = out.write
-    frames = open_captures(readers, errors)
+    frames: Iterable[Any] = open_captures(readers, errors)
     total = sum(r.size for r in readers)
     show = progress if progress is not None else (sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES)
     # the output failed (disk full...): the run stops there, one line, exit 3
@@ -362,7 +362,7 @@ def messages(
         if fmt is MessageFormat.table:
             write(TABLE_HEADER)
         if show:
-            frames = _with_progress(frames, readers, total)
+            frames = _WithProgress(frames, readers, total)
         if hep is not None:  # whole messages from HEP senders, printed as they are handed on
             for text in _hep_lines(frames, fmt.value, counters):
                 write(text)
@@ -464,27 +464,37 @@ def _decrypt_tls(readers: list[FrameSource], keylog: Path) -> list[Datagram]:
     return decrypted
 
 
-def _with_progress(frames, readers: list[FrameSource], total: int):  # type: ignore[no-untyped-def]
-    """Wrap the frame iterator in a rich progress bar (on stderr) driven by bytes read.
+class _WithProgress:
+    """The frames, behind a rich progress bar (on stderr) driven by bytes read.
 
-    Refreshed by hand, not by rich's timer thread: worker processes are forked, and a fork
-    should not copy a process with a thread running.
+    ``inner`` is what it wraps: with -j N on files, worker 0 iterates the bar and the others
+    the files alone (messagerun.file_frames). Refreshed by hand, not by rich's timer thread:
+    worker processes are forked, and a fork should not copy a process with a thread running.
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-    with Progress(
-        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), transient=True, auto_refresh=False, console=Console(stderr=True),
-    ) as bar:
-        task = bar.add_task("reading", total=total)
-        for i, frame in enumerate(frames):
-            if not i & 0x3FFF:
-                bar.update(task, completed=sum(r.bytes_read for r in readers))
-                bar.refresh()
-            yield frame
-        bar.update(task, completed=total)
-        bar.refresh()
+    def __init__(self, frames: Any, readers: list[FrameSource], total: int) -> None:
+        self.inner, self.readers, self.total = frames, readers, total
+        self.started = False
+
+    def __iter__(self) -> Any:
+        self.started = True
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+        readers, total = self.readers, self.total
+        with Progress(
+            "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            TimeRemainingColumn(), transient=True, auto_refresh=False, console=Console(stderr=True),
+        ) as bar:
+            task = bar.add_task("reading", total=total)
+            for i, frame in enumerate(self.inner):
+                if not i & 0x3FFF:
+                    bar.update(task, completed=sum(r.bytes_read for r in readers))
+                    bar.refresh()
+                yield frame
+            bar.update(task, completed=total)
+            bar.refresh()
+
 
 
 EXIT_BACKEND_ERROR = 3  #: a backend refused records; they were saved to an unsent file (named in the message)
@@ -692,7 +702,7 @@ def process(
     total = sum(getattr(r, "size", 0) for r in sources)
     show = progress if progress is not None else (sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES)
     if show:
-        frames = _with_progress(frames, sources, total)
+        frames = _WithProgress(frames, sources, total)
     stopped_by = 0
     result = RunResult()
     # SIGHUP: rules reloaded and files reopened at the run's safe points (service.py)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import heapq
-import inspect
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
@@ -24,7 +23,7 @@ from sipsniff_acc.messagelog import jsonl, table
 from sipsniff_acc.limits import Limits
 from sipsniff_acc.pipeline import AddressText, CaptureStage
 from sipsniff_acc.shard import BATCH, Inbox, batched, ordered_map, streamed_map
-from sipsniff_acc.sources.pcapfile import CaptureReader, SourceError
+from sipsniff_acc.sources.pcapfile import CaptureStream, SourceError
 
 #: what crosses the process boundary: a Datagram as a plain tuple (cheaper to pickle)
 Candidate = tuple[float, int, str, bytes, int, bytes, int, bytes, tuple[str, ...], str]
@@ -186,48 +185,16 @@ def message_lines(
 #: reason) (SourceError does not pickle); None from the other workers, and before the end
 Tail = tuple[Counters, list[tuple[str, int, str]]] | None
 
-_PCAPFILE = "sipsniff_acc.sources.pcapfile"
-
-
-def _unstarted(gen: Any, module: str, name: str) -> dict[str, Any] | None:
-    """The arguments of generator ``module.name`` if ``gen`` is one that has not started."""
-    if not inspect.isgenerator(gen) or inspect.getgeneratorstate(gen) != inspect.GEN_CREATED:
-        return None
-    frame = gen.gi_frame
-    if frame is None or gen.gi_code.co_name != name or frame.f_globals.get("__name__") != module:
-        return None
-    return frame.f_locals
-
-
 def file_frames(frames: Iterable[Any]) -> tuple[Callable[[int], Iterable[Frame]], list[SourceError]] | None:
-    """If ``frames`` is the command line's unstarted stream over capture files (open_captures,
-    maybe inside cli's progress bar): a function giving worker k its frames, and the run's
-    error list. A forked worker iterates its own copy of the unstarted generators, and each
-    CaptureReader opens its file when iterated, so every worker reads the files afresh. Any
-    other shape (stdin, a live capture, a consumer): None.
-
-    Recognised from the generators' own arguments because cli.py hands ``run`` only the
-    stream; an explicit ``reread`` argument from cli.py would replace this."""
-    outer = inner = frames
-    progress = _unstarted(frames, "sipsniff_acc.cli", "_with_progress")
-    if progress is not None:
-        inner = progress["frames"]
-    merged = _unstarted(inner, "heapq", "merge")
-    parts = list(merged["iterables"]) if merged is not None else [inner]
-    errors: list[SourceError] | None = None
-    for part in parts:
-        args = _unstarted(part, _PCAPFILE, "_guarded")
-        if args is None:
-            return None
-        reader = args["reader"]
-        if reader.__class__ is not CaptureReader or reader.path == "-":
-            return None
-        if errors is not None and args["errors"] is not errors:
-            return None
-        errors = args["errors"]
-    if errors is None:
+    """If ``frames`` is the command line's unbegun stream over capture files (open_captures'
+    CaptureStream, maybe inside cli's progress bar, whose ``inner`` it is): a function giving
+    worker k its frames, and the run's error list. A forked worker begins its own copy of the
+    stream, and each CaptureReader opens its file when iterated, so every worker reads the
+    files afresh. Any other shape (stdin, a live capture, a consumer, a begun stream): None."""
+    inner = getattr(frames, "inner", frames)
+    if not isinstance(inner, CaptureStream) or not inner.rereadable or getattr(frames, "started", False):
         return None
-    return (lambda k: outer if k == 0 else inner), errors  # the progress bar: drawn by worker 0 only
+    return (lambda k: frames if k == 0 else inner), inner.errors  # the progress bar: drawn by worker 0 only
 
 
 def add_counters(into: Counters, other: Counters) -> None:

@@ -445,15 +445,36 @@ def _guarded(reader: FrameSource, errors: list[SourceError]) -> Iterator[Frame]:
         errors.append(exc)
 
 
-def open_captures(readers: Sequence[FrameSource], errors: list[SourceError]) -> Iterator[Frame]:
+class CaptureStream:
     """All frames of all readers in timestamp order (each file is assumed in order).
 
     A damaged file ends its own stream; its error is appended to ``errors`` and the
     other files go on, so one bad file loses nothing of the others.
-    """
-    if len(readers) == 1:
-        return _guarded(readers[0], errors)
-    return heapq.merge(*(_guarded(r, errors) for r in readers), key=_frame_ts)
+
+    An iterable, not an iterator: while nobody has begun it, ``process``/``messages -j N``
+    (filerun.py, messagerun.file_frames) can give each forked worker a pass of its own over
+    the same files."""
+
+    def __init__(self, readers: Sequence[FrameSource], errors: list[SourceError]) -> None:
+        self.readers = list(readers)
+        self.errors = errors
+        self.started = False
+
+    def __iter__(self) -> Iterator[Frame]:
+        self.started = True
+        if len(self.readers) == 1:
+            return _guarded(self.readers[0], self.errors)
+        return heapq.merge(*(_guarded(r, self.errors) for r in self.readers), key=_frame_ts)
+
+    @property
+    def rereadable(self) -> bool:
+        """Files that each open afresh when iterated (not stdin, not a live source), not begun."""
+        return not self.started and all(r.__class__ is CaptureReader and r.path != "-" for r in self.readers)
+
+
+def open_captures(readers: Sequence[FrameSource], errors: list[SourceError]) -> CaptureStream:
+    """The frames of ``readers`` in timestamp order (CaptureStream)."""
+    return CaptureStream(readers, errors)
 
 
 def _frame_ts(frame: Frame) -> float:

@@ -95,14 +95,17 @@ def test_only_unstarted_streams_over_files_are_read_again(tmp_path: Path) -> Non
     assert found is not None and found[1] is errors and found[0](0) is one and found[0](1) is one
     several = open_captures([CaptureReader(PCAPS / "sample.pcap"), CaptureReader(PCAPS / "ipv6.pcap")], errors)
     assert file_frames(several) is not None
-    from sipsniff_acc.cli import _with_progress  # noqa: PLC0415
-    wrapped = _with_progress(one, [], 1)
+    from sipsniff_acc.cli import _WithProgress  # noqa: PLC0415
+    wrapped = _WithProgress(one, [], 1)
     found = file_frames(wrapped)
     assert found is not None and found[0](0) is wrapped and found[0](1) is one  # the bar: worker 0 only
     assert file_frames(open_captures([CaptureReader("-")], errors)) is None
     started = open_captures([CaptureReader(PCAPS / "sample.pcap")], errors)
-    next(started)
+    next(iter(started))
     assert file_frames(started) is None
+    begun_bar = _WithProgress(open_captures([CaptureReader(PCAPS / "sample.pcap")], errors), [], 1)
+    next(iter(begun_bar))
+    assert file_frames(begun_bar) is None
     assert file_frames(iter([])) is None
 
 
