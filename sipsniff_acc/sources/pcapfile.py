@@ -265,7 +265,9 @@ class CaptureReader:
                     raise SourceError(path, base + pos, "pcapng section header with a bad byte-order magic")
                 ifaces = []
             btype_n, blen = struct.unpack_from(order + "II", buf, pos)
-            if blen < 12 or blen % 4 or blen > MAX_RECORD:
+            # a packet block shorter than its fixed fields (32 bytes) was read past its end, into
+            # the next block or out of the buffer (struct.error out of the reader)
+            if blen < 12 or blen % 4 or blen > MAX_RECORD or (blen < 32 and btype_n in (6, 2)):
                 raise SourceError(path, base + pos, f"corrupt pcapng block (type {btype_n:#x}, length {blen})")
             if end - pos < blen:
                 if eof:
