@@ -34,7 +34,7 @@ from sipsniff_acc.records import AccRecord
 from sipsniff_acc.rules import RulesFile
 from sipsniff_acc.shard import BATCH, Inbox, streamed_map
 from sipsniff_acc.sip import call_id_line
-from sipsniff_acc.sources.pcapfile import SourceError
+from sipsniff_acc.sources.pcapfile import CaptureChanged, SourceError
 from sipsniff_acc.tracker import TrackerStats
 
 #: a worker's round: processrun's PartResult with each record as the tuple of its fields
@@ -119,7 +119,7 @@ def run_files(open_frames: Callable[[int], Iterable[Frame]], errors: list[Source
 
     produces = [_producer(open_frames(k), k, workers, rules, open_as_408, errors) for k in range(workers)]
 
-    stream = streamed_map(produces, control=reload)
+    stream = streamed_map(produces, control=reload, fatal=(CaptureChanged,))
 
     def parts() -> Iterator[list[PartResult]]:
         for round_ in stream:

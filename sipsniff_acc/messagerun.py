@@ -19,11 +19,11 @@ from typing import Any
 
 from sipsniff_acc import sip
 from sipsniff_acc.events import CaptureGap, Counters, Datagram, Frame, Idle, Transport
-from sipsniff_acc.messagelog import jsonl, table
+from sipsniff_acc.messagelog import fast_jsonl, jsonl, table
 from sipsniff_acc.limits import Limits
 from sipsniff_acc.pipeline import AddressText, CaptureStage
 from sipsniff_acc.shard import BATCH, Inbox, batched, ordered_map, streamed_map
-from sipsniff_acc.sources.pcapfile import CaptureStream, SourceError
+from sipsniff_acc.sources.pcapfile import CaptureChanged, CaptureStream, SourceError
 
 #: what crosses the process boundary: a Datagram as a plain tuple (cheaper to pickle)
 Candidate = tuple[float, int, str, bytes, int, bytes, int, bytes, tuple[str, ...], str]
@@ -121,14 +121,25 @@ def batched_until_idle(frames: Iterable[Frame | Idle | CaptureGap], capture: Cap
 def format_batch(fmt: str) -> Callable[[list[Candidate]], tuple[bytes, Delta]]:
     """A function that parses a batch of candidates and formats each message as one line."""
     line = jsonl if fmt == "jsonl" else table
+    fast = fast_jsonl if fmt == "jsonl" else None
     addr = AddressText()
+    known = addr.known
     encaps: dict[tuple[str, ...], str] = {}
     parse, SipError = sip.parse, sip.SipError
 
     def work(batch: list[Candidate]) -> tuple[bytes, Delta]:
         anomalies: Counter[str] = Counter()
         lines = []
+        append = lines.append
         for ts, no, transport, src, sport, dst, dport, payload, encap, _source in batch:
+            src_text = known.get(src) or addr(src)
+            dst_text = known.get(dst) or addr(dst)
+            encap_text = encaps.get(encap) or encaps.setdefault(encap, "/".join(encap))
+            if fast is not None:  # parse and format in C: see messagelog.fast_jsonl
+                text = fast(ts, no, src_text, sport, dst_text, dport, transport, encap_text, payload)
+                if text is not None:
+                    append(text)
+                    continue
             try:
                 m = parse(payload)
             except SipError as err:
@@ -136,10 +147,7 @@ def format_batch(fmt: str) -> Callable[[list[Candidate]], tuple[bytes, Delta]]:
                 continue
             if m.defects:
                 anomalies.update(m.defects)
-            lines.append(line(
-                ts, no, addr(src), sport, addr(dst), dport, transport,
-                encaps.get(encap) or encaps.setdefault(encap, "/".join(encap)), m,
-            ))
+            append(line(ts, no, src_text, sport, dst_text, dport, transport, encap_text, m))
         return b"".join(lines), (len(lines), dict(anomalies))
 
     return work
@@ -190,10 +198,13 @@ def file_frames(frames: Iterable[Any]) -> tuple[Callable[[int], Iterable[Frame]]
     CaptureStream, maybe inside cli's progress bar, whose ``inner`` it is): a function giving
     worker k its frames, and the run's error list. A forked worker begins its own copy of the
     stream, and each CaptureReader opens its file when iterated, so every worker reads the
-    files afresh. Any other shape (stdin, a live capture, a consumer, a begun stream): None."""
+    files afresh: each reads the files as they are now (pinned: a capture still being written
+    is read to its present size by every worker alike). Any other shape (stdin, a FIFO, a live
+    capture, a consumer, a begun stream): None."""
     inner = getattr(frames, "inner", frames)
     if not isinstance(inner, CaptureStream) or not inner.rereadable or getattr(frames, "started", False):
         return None
+    inner.pin()
     return (lambda k: frames if k == 0 else inner), inner.errors  # the progress bar: drawn by worker 0 only
 
 
@@ -237,7 +248,7 @@ def _reread_lines(open_frames: Callable[[int], Iterable[Frame]], errors: list[So
     Saves the front the capture stage and the pickling of every candidate (50k calls: 370 MB
     of payloads through the pipes, ~1.8 s of system time)."""
     produces = [_line_producer(open_frames(k), k, workers, fmt, limits, errors) for k in range(workers)]
-    stream = streamed_map(produces)
+    stream = streamed_map(produces, fatal=(CaptureChanged,))
     try:
         for round_ in stream:
             for (text, (parsed, anomalies)), tail in round_:

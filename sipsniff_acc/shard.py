@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import fcntl
+import functools
 import multiprocessing as mp
 import os
 import pickle
@@ -90,9 +91,19 @@ def _serve(inbox: Any, outbox: Any, work: Callable[[Any], Any], parent: int) -> 
 Inbox = Callable[[], Any]
 
 
-def _produce(inbox: Any, outbox: Connection, produce: Callable[[Inbox], Iterable[Any]], parent: int) -> None:
+class _Failed:
+    """A producing worker's last item when it raised one of ``streamed_map``'s ``fatal``
+    exceptions: the front fails the run with this reason (one line, no traceback)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _produce(inbox: Any, outbox: Connection, produce: Callable[[Inbox], Iterable[Any]], parent: int,
+             fatal: tuple[type[BaseException], ...] = ()) -> None:
     """A worker that makes its own input (``streamed_map``): every item ``produce`` yields goes
-    to the front, then None. Not niced: the front only merges, the workers are the work."""
+    to the front, then None (or a _Failed). Not niced: the front only merges, the workers are
+    the work."""
     for s in (signal.SIGINT, signal.SIGTERM):  # the front decides, as in _serve
         signal.signal(s, signal.SIG_IGN)
     _die_with(parent)
@@ -102,9 +113,13 @@ def _produce(inbox: Any, outbox: Connection, produce: Callable[[Inbox], Iterable
 
     # Straight into the pipe, no Queue feeder thread: its GIL hand-offs cost a worker ~8 % (py-spy,
     # 50k calls). A full pipe blocks the worker until the front reads: the backpressure.
-    for item in produce(poll):
-        outbox.send_bytes(pickle.dumps(item, pickle.HIGHEST_PROTOCOL))
-    outbox.send_bytes(pickle.dumps(None))
+    try:
+        for item in produce(poll):
+            outbox.send_bytes(pickle.dumps(item, pickle.HIGHEST_PROTOCOL))
+    except fatal as exc:
+        outbox.send_bytes(pickle.dumps(_Failed(str(exc))))
+    else:
+        outbox.send_bytes(pickle.dumps(None))
     outbox.close()
 
 
@@ -224,11 +239,11 @@ class _Streams(_Pool):
         self.readers.append(reader)
         return writer
 
-    def __init__(self, works: Sequence[Callable[..., Any]]) -> None:
+    def __init__(self, works: Sequence[Callable[..., Any]], fatal: tuple[type[BaseException], ...] = ()) -> None:
         self.readers: list[Connection] = []
         self.backlog: list[deque[bytes]] = [deque() for _ in works]
         self.ended: list[bool] = [False] * len(works)  #: the pipe is at EOF
-        super().__init__(works, _produce)
+        super().__init__(works, functools.partial(_produce, fatal=fatal))
         self.outboxes = []  # the writing ends, closed in the front: no queue to drop
 
     def _started(self, outbox: Any) -> None:
@@ -243,7 +258,10 @@ class _Streams(_Pool):
                 raise WorkerDied(f"worker {k} (pid {p.pid}) exited with code {p.exitcode}")
             if not self._read():
                 stopping.check()
-        return pickle.loads(backlog.popleft())
+        item = pickle.loads(backlog.popleft())
+        if item.__class__ is _Failed:
+            raise WorkerDied(f"worker {k}: {item.reason}")
+        return item
 
     def _read(self) -> bool:
         """Whatever the pipes hold, into the backlogs (a full backlog's pipe is left to fill
@@ -321,14 +339,15 @@ def sharded_map(rounds: Iterable[tuple[list[B] | None, bool]], work: Callable[[B
     pool.close()
 
 
-def streamed_map(produces: Sequence[Callable[[Inbox], Iterable[R]]],
-                 control: Callable[[], Any] | None = None) -> Generator[list[R], None, None]:
+def streamed_map(produces: Sequence[Callable[[Inbox], Iterable[R]]], control: Callable[[], Any] | None = None,
+                 fatal: tuple[type[BaseException], ...] = ()) -> Generator[list[R], None, None]:
     """Workers that read their input themselves: worker k runs ``produces[k]``; yields, round
     by round, the list of the workers' k-th items (every worker must yield as many). What
     waits unread is bounded by the pipes' buffers (a worker blocks writing into a full one).
     ``control()``, asked after each round: something to hand every worker (its ``Inbox``
-    returns it), or None."""
-    pool = _Streams(produces)
+    returns it), or None. ``fatal``: exceptions that, raised in a worker, fail the run with
+    their message (WorkerDied, one line); any other one is a bug (its traceback, exit 1)."""
+    pool = _Streams(produces, fatal)
     workers = len(produces)
     try:
         while True:

@@ -16,6 +16,7 @@ import heapq
 import io
 import os
 import re
+import stat
 import struct
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -40,6 +41,12 @@ PCAP_MAGICS: Final = {
 PCAPNG_SHB: Final = b"\x0a\x0d\x0d\x0a"
 GZIP_MAGIC: Final = b"\x1f\x8b"
 CAPTURE_SUFFIXES: Final = (".pcap", ".pcapng", ".cap", ".gz", ".dmp", ".ntar")
+
+
+class CaptureChanged(Exception):
+    """A pinned capture (``CaptureReader.pin``) was cut shorter or replaced before a reader read
+    it. Not a SourceError: each ``-j N`` worker reads its own copy of the file, and one that
+    saw a change the others did not would account another capture; the run must fail."""
 
 
 class SourceError(Exception):
@@ -72,6 +79,15 @@ class CaptureReader:
         self.size = 0 if self.path == "-" else os.path.getsize(self.path)
         self.frames = 0
         self._raw: BinaryIO | None = None
+        self._pinned: os.stat_result | None = None
+
+    def pin(self) -> None:
+        """From now on read the file as it is now: its first ``size`` bytes (a capture still
+        being written grows past them), and fail with CaptureChanged if it is cut shorter or
+        replaced. For -j N on files, where every worker opens the file at its own moment."""
+        st = os.stat(self.path)
+        self.size = st.st_size
+        self._pinned = st
 
     @property
     def bytes_read(self) -> int:
@@ -86,6 +102,8 @@ class CaptureReader:
     def _open(self) -> BinaryIO:
         if self.path == "-":
             raw: BinaryIO = sys.stdin.buffer
+        elif self._pinned is not None:
+            raw = io.BufferedReader(_Pinned(self.path, self._pinned))  # type: ignore[assignment]
         else:
             raw = open(self.path, "rb")  # noqa: SIM115 - closed in __iter__
         self._raw = raw
@@ -321,6 +339,45 @@ def _truncated(path: str, buf: bytes, pos: int, end: int, base: int, no: int, or
     return SourceError(path, base + pos, f"truncated record after frame {no}: file ends {missing} bytes short of its end")
 
 
+class _Pinned(io.RawIOBase):
+    """The first ``st_size`` bytes of the file ``pinned`` describes (its device and inode):
+    CaptureChanged if the file at ``path`` is another one now, or ends before them."""
+
+    def __init__(self, path: str, pinned: os.stat_result) -> None:
+        super().__init__()
+        self.path = path
+        self.file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        st = os.fstat(self.file.fileno())
+        if (st.st_dev, st.st_ino) != (pinned.st_dev, pinned.st_ino):
+            self.file.close()
+            raise CaptureChanged(f"{escape(path)}: the capture changed (replaced by another file) since the run began")
+        self.left = pinned.st_size
+        self.at = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(b), self.left)
+        if n <= 0:
+            return 0
+        with memoryview(b) as view:
+            got = self.file.readinto(view[:n]) or 0
+        if not got:
+            raise CaptureChanged(f"{escape(self.path)}: the capture changed (cut to {self.at} bytes, "
+                                 f"{self.at + self.left} when the run began) while it was being read")
+        self.left -= got
+        self.at += got
+        return got
+
+    def tell(self) -> int:
+        return self.at
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
 class _GuardedStream:
     """A decompressing stream whose damage reads as end of data, remembered in ``error``.
 
@@ -470,8 +527,24 @@ class CaptureStream:
 
     @property
     def rereadable(self) -> bool:
-        """Files that each open afresh when iterated (not stdin, not a live source), not begun."""
-        return not self.started and all(r.__class__ is CaptureReader and r.path != "-" for r in self.readers)
+        """Regular files that each open afresh when iterated, not begun. Not stdin, a live
+        source, nor a FIFO or /dev/fd/N (`<(tcpdump -w -)`): each reader of those gets a share
+        of the bytes, not all of them."""
+        return not self.started and all(r.__class__ is CaptureReader and r.path != "-" and _regular(r.path)
+                                        for r in self.readers)
+
+    def pin(self) -> None:
+        """Every reader reads its file as it is now (CaptureReader.pin): -j N's workers open the
+        files each at its own moment, and must read the same bytes."""
+        for r in self.readers:
+            r.pin()  # type: ignore[attr-defined]
+
+
+def _regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def open_captures(readers: Sequence[FrameSource], errors: list[SourceError]) -> CaptureStream:
