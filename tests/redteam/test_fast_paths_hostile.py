@@ -231,3 +231,33 @@ def test_frames_and_datagrams_built_in_c_are_freed(tmp_path: Path) -> None:
     assert isinstance(d, Datagram) and isinstance(frame, Frame)
     refs = (sys.getrefcount(d), sys.getrefcount(d.payload), sys.getrefcount(d.src), sys.getrefcount(frame))
     assert refs == (2, 2, 2, 2) and not gc.is_tracked(d)
+
+
+# --- a worker that dies: one line, exit 70, for `messages` as for `process` -------------------
+
+_DYING = """
+import os, sys
+from sipsniff_acc import messagerun
+orig = messagerun._line_producer
+def patched(frames, k, *a):
+    p = orig(frames, k, *a)
+    def produce(inbox):
+        for i, item in enumerate(p(inbox)):
+            if k == 1 and i == 1:
+                os._exit(9)  # as the OOM killer would
+            yield item
+    return produce
+messagerun._line_producer = patched
+from sipsniff_acc.cli import main
+sys.argv = ["sipsniff-acc", "messages", sys.argv[1], "-j", "2", "-o", os.devnull, "-q"]
+main()
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="cli.py (the lead's): `messages` does not catch shard.WorkerDied as "
+                                       "`process` does (a traceback, exit 1)")
+def test_messages_with_a_worker_that_dies_says_one_line_and_exits_70(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-c", _DYING, str(CALLS)], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
+    assert res.returncode == 70, res.stderr
+    assert res.stderr.count("\n") == 1 and "error: worker 1" in res.stderr
