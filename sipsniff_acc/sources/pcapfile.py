@@ -102,6 +102,11 @@ class CaptureReader:
     def _open(self) -> BinaryIO:
         if self.path == "-":
             raw: BinaryIO = sys.stdin.buffer
+            try:  # O_NONBLOCK left by a process sharing the pipe: an empty read is not the end
+                # (read1 returned b"", taken for the end of the capture; readinto1 None, a crash)
+                os.set_blocking(raw.fileno(), True)
+            except (OSError, ValueError, AttributeError):  # not a file descriptor (tests, embedding)
+                pass
         elif self._pinned is not None:
             raw = io.BufferedReader(_Pinned(self.path, self._pinned))  # type: ignore[assignment]
         else:

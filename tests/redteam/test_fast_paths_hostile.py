@@ -261,3 +261,35 @@ def test_messages_with_a_worker_that_dies_says_one_line_and_exits_70(tmp_path: P
                          cwd=tmp_path)
     assert res.returncode == 70, res.stderr
     assert res.stderr.count("\n") == 1 and "error: worker 1" in res.stderr
+
+
+# --- stdin left non-blocking by whoever shared it -----------------------------------------------
+
+@pytest.mark.parametrize("speedups", ["c", "py"])
+def test_a_non_blocking_stdin_is_read_to_its_end(tmp_path: Path, speedups: str) -> None:
+    """A pipe whose O_NONBLOCK another process set: a read with nothing there yet is not the end
+    (the C walk crashed on readinto1's None; the Python one took read1's b"" for the end of the
+    capture and stopped there, exit 0, silently)."""
+    import time  # noqa: PLC0415
+    data = CALLS.read_bytes()
+    want = sipsniff("messages", str(CALLS), "-o", str(tmp_path / "want"), "-q", cwd=tmp_path)
+    assert want.returncode == 0, want.stderr
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    code = "import sys; from sipsniff_acc.cli import main; main()"
+    if speedups == "py":
+        code = "from sipsniff_acc.sources import pcapfile; pcapfile.speedups = None; " + code
+    proc = subprocess.Popen([sys.executable, "-c", code, "messages", "-", "-o", str(tmp_path / "got"), "-q"],
+                            stdin=r, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    os.close(r)
+    try:
+        for i in range(0, len(data), 300_000):
+            time.sleep(0.3)  # the reader finds the pipe empty meanwhile
+            os.write(w, data[i : i + 300_000])
+    except BrokenPipeError:
+        pass
+    finally:
+        os.close(w)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 0, err
+    assert (tmp_path / "got").read_bytes() == (tmp_path / "want").read_bytes()
