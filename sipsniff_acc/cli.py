@@ -355,6 +355,7 @@ def messages(
     out: IO[bytes] = open_private(output, "wb") if output else sys.stdout.buffer
     write = out.write
     frames: Iterable[Any] = open_captures(readers, errors)
+    died = ""  #: a -j N worker's death (WorkerDied)
     total = sum(r.size for r in readers)
     show = progress if progress is not None else (sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES)
     # the output failed (disk full...): the run stops there, one line, exit 3
@@ -368,11 +369,17 @@ def messages(
                 write(text)
                 out.flush()
         else:
-            for text in message_lines(frames, fmt.value, workers, counters, decrypted, limits):
-                write(text)
+            try:
+                for text in message_lines(frames, fmt.value, workers, counters, decrypted, limits):
+                    write(text)
+            except WorkerDied as e:  # the OOM killer, or a bug: what was written stays; one line, as process
+                died = str(e)
         out.flush()
     if writing.reader_left:  # `| head`: the reader left; not an error of ours
         raise typer.Exit(0)
+    if died:
+        print(f"error: {escape(died)}; the messages before it are written", file=sys.stderr)
+        raise typer.Exit(EXIT_WORKER_DIED)
     failed = writing.failed
     counters.tls_decrypted = len(decrypted)
     readable = len({(d.src, d.sport, d.dst, d.dport) for d in decrypted})
