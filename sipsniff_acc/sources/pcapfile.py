@@ -351,7 +351,10 @@ class _Pinned(io.RawIOBase):
     def __init__(self, path: str, pinned: os.stat_result) -> None:
         super().__init__()
         self.path = path
-        self.file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        try:
+            self.file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        except FileNotFoundError:
+            raise CaptureChanged(f"{escape(path)}: the capture changed (removed) since the run began") from None
         st = os.fstat(self.file.fileno())
         if (st.st_dev, st.st_ino) != (pinned.st_dev, pinned.st_ino):
             self.file.close()

@@ -146,7 +146,7 @@ def test_a_capture_that_grows_while_the_workers_read_it_is_read_as_it_was(tmp_pa
     assert delivered == want
 
 
-@pytest.mark.parametrize("change", ["cut", "replaced"])
+@pytest.mark.parametrize("change", ["cut", "replaced", "removed"])
 def test_a_capture_cut_or_replaced_under_the_workers_fails_the_run(tmp_path: Path, change: str) -> None:
     path = tmp_path / "cap.pcap"
     data = CALLS.read_bytes()
@@ -156,6 +156,8 @@ def test_a_capture_cut_or_replaced_under_the_workers_fails_the_run(tmp_path: Pat
     assert found is not None
     if change == "cut":
         path.write_bytes(data[: len(data) // 2])
+    elif change == "removed":
+        path.unlink()
     else:
         other = tmp_path / "other.pcap"
         other.write_bytes(data)
@@ -254,8 +256,6 @@ main()
 """
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py (the lead's): `messages` does not catch shard.WorkerDied as "
-                                       "`process` does (a traceback, exit 1)")
 def test_messages_with_a_worker_that_dies_says_one_line_and_exits_70(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-c", _DYING, str(CALLS)], capture_output=True, text=True, timeout=120,
                          cwd=tmp_path)
