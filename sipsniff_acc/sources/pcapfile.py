@@ -420,11 +420,11 @@ def _idb_options(buf: bytes, at: int, stop: int, order: str) -> tuple[float, flo
         code, length = struct.unpack_from(order + "HH", buf, at)
         if code == 0:
             break
-        value = buf[at + 4 : at + 4 + length]
-        if code == 9 and length >= 1:
+        value = buf[at + 4 : min(at + 4 + length, stop)]  # a length past the block is cut there
+        if code == 9 and value:
             v = value[0]
             tick = 2.0 ** -(v & 0x7F) if v & 0x80 else 10.0 ** -v
-        elif code == 14 and length >= 8:
+        elif code == 14 and len(value) >= 8:  # (struct.error out of the reader, the last block cut)
             offset = float(struct.unpack(order + "q", value[:8])[0])
         at += 4 + length + (-length % 4)
     return tick, offset

@@ -78,6 +78,15 @@ def test_pcapng_packet_block_shorter_than_its_fields_is_named_damage(tmp_path: P
     assert "corrupt pcapng block" in err and f"offset {len(SHB + IDB + EPB)}" in err
 
 
+@pytest.mark.parametrize("opt", [struct.pack("<HH", 14, 8), struct.pack("<HH", 14, 9), struct.pack("<HH", 9, 1)])
+def test_pcapng_interface_option_running_past_its_block_is_not_a_crash(tmp_path: Path, opt: bytes) -> None:
+    """An if_tsoffset (or if_tsresol) whose value would lie past the block, in the last block of
+    the file: its value is cut at the block (struct.error out of the reader before)."""
+    path = tmp_path / "idb.pcapng"
+    path.write_bytes(SHB + _block(1, struct.pack("<HHI", 1, 0, 0) + opt))
+    assert _read(path) == ([], "")
+
+
 # --- -j N on files: only what can be read again alike -----------------------------------------
 
 def _stream(*paths: Path | str) -> pcapfile.CaptureStream:
