@@ -302,3 +302,29 @@ def test_a_non_blocking_stdin_is_read_to_its_end(tmp_path: Path, speedups: str) 
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 0, err
     assert (tmp_path / "got").read_bytes() == (tmp_path / "want").read_bytes()
+
+
+_CUT_UNDER_WORKERS = """
+import sys
+from pathlib import Path
+from sipsniff_acc import filerun
+orig = filerun.run_files
+p = Path(sys.argv[1])
+def run_files(*a, **k):  # the capture is cut after the front pinned it, before the workers read
+    p.write_bytes(p.read_bytes()[:100000])
+    return orig(*a, **k)
+filerun.run_files = run_files
+from sipsniff_acc.cli import main
+sys.argv = ["sipsniff-acc", "process", sys.argv[1], "-j", "2", "--no-db", "--log", sys.argv[2], "-q"]
+main()
+"""
+
+
+def test_process_on_a_capture_cut_under_the_workers_fails_with_one_line(tmp_path: Path) -> None:
+    cap = tmp_path / "cap.pcap"
+    cap.write_bytes(CALLS.read_bytes())
+    res = subprocess.run([sys.executable, "-c", _CUT_UNDER_WORKERS, str(cap), str(tmp_path / "log")],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 70, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and "error: worker" in lines[0] and "cap.pcap: the capture changed (cut" in lines[0], lines
