@@ -12,12 +12,23 @@ escapes, get DEL, C1 and U+2028/9 as ``\\u`` escapes too (``json_safe``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 import orjson
 
 from sipsniff_acc.sip import SipMessage
 from sipsniff_acc.sysloglines import escape, json_safe
+
+#: ``jsonl`` of ``sip.parse(payload)`` in one C call (_speedups.jsonl), taking the payload where
+#: ``jsonl`` takes the message: no SipMessage, dict or field texts are built. It returns None
+#: (the caller parses and calls ``jsonl``) for all but the plain, well-formed message whose bytes
+#: it is sure to give alike (printable ASCII texts, no defect); None when the C is not built.
+fast_jsonl: Callable[[float, int, str, int, str, int, str, str, bytes], bytes | None] | None = None
+try:
+    from sipsniff_acc._speedups import jsonl as fast_jsonl
+except ImportError:  # not built: parse() and jsonl() for every message
+    pass
 
 FIELDS: Final = (
     "ts", "frame", "src", "sport", "dst", "dport", "transport", "method", "status", "reason",

@@ -129,7 +129,7 @@ def format_batch(fmt: str) -> Callable[[list[Candidate]], tuple[bytes, Delta]]:
 
     def work(batch: list[Candidate]) -> tuple[bytes, Delta]:
         anomalies: Counter[str] = Counter()
-        lines = []
+        lines: list[bytes] = []
         append = lines.append
         for ts, no, transport, src, sport, dst, dport, payload, encap, _source in batch:
             src_text = known.get(src) or addr(src)
