@@ -20,14 +20,17 @@ import orjson
 from sipsniff_acc.sip import SipMessage
 from sipsniff_acc.sysloglines import escape, json_safe
 
-#: ``jsonl`` of ``sip.parse(payload)`` in one C call (_speedups.jsonl), taking the payload where
-#: ``jsonl`` takes the message: no SipMessage, dict or field texts are built. It returns None
-#: (the caller parses and calls ``jsonl``) for all but the plain, well-formed message whose bytes
-#: it is sure to give alike (printable ASCII texts, no defect); None when the C is not built.
-fast_jsonl: Callable[[float, int, str, int, str, int, str, str, bytes], bytes | None] | None = None
+Fast = Callable[[float, int, str, int, str, int, str, str, bytes], bytes | None]
+#: ``jsonl`` and ``table`` of ``sip.parse(payload)`` in one C call each (_speedups.jsonl/table),
+#: taking the payload where they take the message: no SipMessage, dict or field texts are built.
+#: They return None (the caller parses and formats here) for all but the plain, well-formed
+#: message whose bytes they are sure to give alike (printable ASCII texts, no defect); both None
+#: when the C is not built.
+fast_jsonl: Fast | None = None
+fast_table: Fast | None = None
 try:
-    from sipsniff_acc._speedups import jsonl as fast_jsonl
-except ImportError:  # not built: parse() and jsonl() for every message
+    from sipsniff_acc._speedups import jsonl as fast_jsonl, table as fast_table
+except ImportError:  # not built: parse() and jsonl()/table() for every message
     pass
 
 FIELDS: Final = (

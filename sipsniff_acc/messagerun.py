@@ -19,7 +19,7 @@ from typing import Any
 
 from sipsniff_acc import sip
 from sipsniff_acc.events import CaptureGap, Counters, Datagram, Frame, Idle, Transport
-from sipsniff_acc.messagelog import fast_jsonl, jsonl, table
+from sipsniff_acc.messagelog import fast_jsonl, fast_table, jsonl, table
 from sipsniff_acc.limits import Limits
 from sipsniff_acc.pipeline import AddressText, CaptureStage
 from sipsniff_acc.shard import BATCH, Inbox, batched, ordered_map, streamed_map
@@ -121,7 +121,7 @@ def batched_until_idle(frames: Iterable[Frame | Idle | CaptureGap], capture: Cap
 def format_batch(fmt: str) -> Callable[[list[Candidate]], tuple[bytes, Delta]]:
     """A function that parses a batch of candidates and formats each message as one line."""
     line = jsonl if fmt == "jsonl" else table
-    fast = fast_jsonl if fmt == "jsonl" else None
+    fast = fast_jsonl if fmt == "jsonl" else fast_table
     addr = AddressText()
     known = addr.known
     encaps: dict[tuple[str, ...], str] = {}

@@ -1,13 +1,15 @@
-"""``messages``' C line (``_speedups.jsonl``) against the Python path it stands in for.
+"""``messages``' C lines (``_speedups.jsonl``, ``_speedups.table``) against the Python path.
 
-Whenever the C call gives a line, it must be the bytes of ``messagelog.jsonl`` on the pure-Python
-parse (orjson, then json_safe); when it declines (None), the caller takes that Python path.
+Whenever a C call gives a line, it must be the bytes of ``messagelog.jsonl`` (orjson, then
+json_safe) or ``messagelog.table`` (escape) on the pure-Python parse; when it declines (None),
+the caller takes that Python path.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 
 import pytest
 from hypothesis import example, given, settings
@@ -51,13 +53,17 @@ START = st.one_of(st.sampled_from([b"INVITE sip:a@b SIP/2.0", b"SIP/2.0 200 OK",
                   START_LINE, ODD_START, ODD_START)
 
 
-def python_line(args: tuple, payload: bytes) -> bytes | None:
-    """messagelog.jsonl on the pure-Python parse, as format_batch writes it (None: no line)."""
+#: each C line and the Python function it stands in for
+FORMATS = ((speedups.jsonl, messagelog.jsonl), (speedups.table, messagelog.table))
+
+
+def python_line(line: Callable[..., bytes], args: tuple, payload: bytes) -> bytes | None:
+    """messagelog's line on the pure-Python parse, as format_batch writes it (None: no line)."""
     try:
         m = sip._parse_py(payload)
     except sip.SipError:
         return None
-    return messagelog.jsonl(*args, m)
+    return line(*args, m)
 
 
 USUAL_ARGS = (1700000000.123456, 12, "10.0.0.1", 5060, "10.0.0.2", 5060, "udp", "eth/ipv4/udp")
@@ -77,11 +83,12 @@ def test_c_jsonl_line_equals_the_python_line(start: bytes, lines: list[bytes], w
         if at < 18:  # now and then one is missing
             lines.insert(at % (len(lines) + 1), line)
     payload = start + b"\r\n" + b"\r\n".join(lines) + sep + body
-    got = speedups.jsonl(*USUAL_ARGS, payload)
-    if got is None:
-        return  # the caller parses and formats in Python
-    assert got == python_line(USUAL_ARGS, payload), payload
-    assert not sip._parse_py(payload).defects  # a message with a defect is counted: Python's to do
+    for fast, line in FORMATS:
+        got = fast(*USUAL_ARGS, payload)
+        if got is None:
+            continue  # the caller parses and formats in Python
+        assert got == python_line(line, USUAL_ARGS, payload), payload
+        assert not sip._parse_py(payload).defects  # a message with a defect is counted: Python's to do
 
 
 @settings(max_examples=1000, deadline=None)
@@ -92,9 +99,10 @@ def test_c_jsonl_arguments_equal_the_python_line(ts: float, no: int, src: str, s
     """Any transport facts (floats, big ints, texts to escape or not ASCII) with a plain message."""
     payload = (PLAIN, PLAIN_RESPONSE)[which]
     args = (ts, no, src, sport, dst, dport, transport, encap)
-    got = speedups.jsonl(*args, payload)
-    if got is not None:
-        assert got == python_line(args, payload)
+    for fast, line in FORMATS:
+        got = fast(*args, payload)
+        if got is not None:
+            assert got == python_line(line, args, payload)
 
 
 @settings(max_examples=300, deadline=None)
@@ -103,13 +111,15 @@ def test_c_jsonl_on_any_bytes(noise: bytes, cut: int) -> None:
     """Random and truncated payloads: a line only where the Python path gives the same one."""
     args = (1.5, 1, "a", 1, "b", 2, "udp", "eth")
     for payload in (noise, PLAIN[:cut], PLAIN[:cut] + noise, PLAIN.replace(b"bob", noise[:20])):
-        got = speedups.jsonl(*args, payload)
-        if got is not None:
-            assert got == python_line(args, payload)
+        for fast, line in FORMATS:
+            got = fast(*args, payload)
+            if got is not None:
+                assert got == python_line(line, args, payload)
 
 
 def test_c_jsonl_takes_the_plain_message_and_writes_repr_times() -> None:
-    """The fast path is taken for the usual message, and its ts is repr's for pcap times."""
+    """The fast path is taken for the usual message, and its ts is repr's for pcap times (the
+    table's "%.6f" is Python's own: PyOS_double_to_string)."""
     rnd = random.Random(13)
     for _ in range(20000):
         ts = rnd.randrange(2**32) + rnd.randrange(10**6) * 1e-6
@@ -119,6 +129,11 @@ def test_c_jsonl_takes_the_plain_message_and_writes_repr_times() -> None:
         assert got is not None and got.startswith(b'{"ts":%s,' % repr(ts).encode())
     assert speedups.jsonl(math.nan, 7, "a", 1, "b", 2, "udp", "eth", PLAIN) is None  # orjson writes null
     assert speedups.jsonl(1.5, 7, "\u00e9", 1, "b", 2, "udp", "eth", PLAIN) is None  # not ASCII: Python's
+    for args in (USUAL_ARGS, ("2001:db8::1", 5060, "10.0.0.2", 65535, "tcp"), ("a", 1, "b", 2, "sctp-x")):
+        args = (1700000000.5, 1, *args, "eth") if len(args) == 5 else args
+        for payload in (PLAIN, PLAIN_RESPONSE, PLAIN.replace(b"314159 INVITE", b"123456789 INVITE-LONGER-x"),
+                        PLAIN_RESPONSE.replace(b"200 OK", b"480 Temporarily Unavailable For Now")):
+            assert speedups.table(*args, payload) == python_line(messagelog.table, args, payload), payload
 
 
 def test_messages_lines_are_the_same_without_the_c_line(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -132,7 +147,8 @@ def test_messages_lines_are_the_same_without_the_c_line(monkeypatch: pytest.Monk
         except Exception:  # a capture the reader refuses is not this test's matter
             continue
     assert sum(map(len, batches)) > 100
-    fast = [messagerun.format_batch("jsonl")(b) for b in batches]
+    fast = [messagerun.format_batch(fmt)(b) for fmt in ("jsonl", "table") for b in batches]
     monkeypatch.setattr(messagerun, "fast_jsonl", None)
-    slow = [messagerun.format_batch("jsonl")(b) for b in batches]
+    monkeypatch.setattr(messagerun, "fast_table", None)
+    slow = [messagerun.format_batch(fmt)(b) for fmt in ("jsonl", "table") for b in batches]
     assert fast == slow
