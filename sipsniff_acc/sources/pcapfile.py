@@ -108,7 +108,7 @@ class CaptureReader:
             except (OSError, ValueError, AttributeError):  # not a file descriptor (tests, embedding)
                 pass
         elif self._pinned is not None:
-            raw = io.BufferedReader(_Pinned(self.path, self._pinned))  # type: ignore[assignment]
+            raw = io.BufferedReader(_Pinned(self.path, self._pinned))
         else:
             raw = open(self.path, "rb")  # noqa: SIM115 - closed in __iter__
         self._raw = raw
