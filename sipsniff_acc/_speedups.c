@@ -1,7 +1,8 @@
 /*
- * The one piece of the per-message path written in C: finding the six header lines that
- * transaction tracking needs (Call-ID, CSeq, From, To, Via, Content-Length, long or compact
- * form, any case) in a SIP header block.
+ * The SIP parse's per-message work in C: finding the six header lines that transaction
+ * tracking needs (Call-ID, CSeq, From, To, Via, Content-Length, long or compact form, any
+ * case) in a SIP header block (scan), the whole eager parse of a well-formed message (fill),
+ * and, for `messages`, that parse written straight out as the output line (jsonl, table).
  *
  * Why C: in CPython this scan costs ~2.8 us per message however it is written (regex
  * findall with IGNORECASE, split+partition loops, find per header: docs/architecture.md),
