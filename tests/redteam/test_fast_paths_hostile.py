@@ -328,3 +328,49 @@ def test_process_on_a_capture_cut_under_the_workers_fails_with_one_line(tmp_path
     assert res.returncode == 70, res.stderr
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and "error: worker" in lines[0] and "cap.pcap: the capture changed (cut" in lines[0], lines
+
+
+def _out_of_order(tmp_path: Path, back: float) -> Path:
+    """volume_mixed with windows of 40 frames shuffled, one in ten of them ``back`` s earlier."""
+    import random  # noqa: PLC0415
+    from tests.builders import pcap_bytes  # noqa: PLC0415
+    frames = [(f.ts, f.data) for f in CaptureReader(CALLS)]
+    rnd = random.Random(7)
+    for i in range(0, len(frames) - 40, 40):
+        window = frames[i : i + 40]
+        rnd.shuffle(window)
+        shift = -back if rnd.random() < 0.1 else 0.0
+        frames[i : i + 40] = [(ts + shift, data) for ts, data in window]
+    cap = tmp_path / "shuffled.pcap"
+    cap.write_bytes(pcap_bytes(frames))
+    return cap
+
+
+def _both(tmp_path: Path, cap: Path) -> list[tuple[list[str], str]]:
+    outs = []
+    for j in ("0", "2"):
+        res = sipsniff("process", str(cap), "-j", j, "--no-db", "--log", str(tmp_path / f"l{j}"), "--open-as-408",
+                       "-q", cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        res2 = sipsniff("messages", str(cap), "-j", j, "-o", str(tmp_path / f"m{j}"), "-q", cwd=tmp_path)
+        assert res2.returncode == 0, res2.stderr
+        # (records made at one Tick or at the end come worker by worker with -j N: the set is compared)
+        outs.append((sorted((tmp_path / f"l{j}").read_text().splitlines()), (tmp_path / f"m{j}").read_text()))
+    assert len(outs[0][0]) > 10
+    return outs
+
+
+def test_frames_out_of_time_order_give_the_records_of_one_process(tmp_path: Path) -> None:
+    """Packet time that goes back a little (a merged or re-ordered capture): the workers' Ticks
+    and timers follow the same frames in the same order as -j 0."""
+    outs = _both(tmp_path, _out_of_order(tmp_path, 0.0))
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.xfail(strict=True, reason="since before this session (f811b64 too; with -j N's front-read round loop "
+                                       "as well): with packet time going back 300 s, -j 0 gives 2 records twice "
+                                       "that -j 2 gives once (likely the tracker's sweep, driven by the times of "
+                                       "the messages each process sees: not yet traced)")
+def test_packet_time_going_back_minutes_gives_the_records_of_one_process(tmp_path: Path) -> None:
+    outs = _both(tmp_path, _out_of_order(tmp_path, 300.0))
+    assert outs[0] == outs[1]
