@@ -275,10 +275,12 @@ static int parse_core(const char *d, Py_ssize_t len, Parsed *p) {
     long num = 0;
     while (j < ve[1] && d[j] != ' ') {
         if (d[j] < '0' || d[j] > '9') return 0;
+        if (j - vs[1] >= 9) return 0; /* a 10th digit: the Python path; checked before the multiply
+                                         (20 digits from the wire overflowed a long: UB) */
         num = num * 10 + (d[j] - '0');
         j++;
     }
-    if (j == vs[1] || j - vs[1] > 9) return 0;
+    if (j == vs[1]) return 0;
     Py_ssize_t ms = j < ve[1] ? j + 1 : ve[1], me = ve[1];
     while (ms < me && is_ws((unsigned char)d[ms])) ms++;
     while (me > ms && is_ws((unsigned char)d[me - 1])) me--;
