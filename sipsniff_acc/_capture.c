@@ -126,6 +126,24 @@ fail:
     return NULL;
 }
 
+/* A Frame(ts, linktype, data[0:caplen], no, source) appended to frames: 0, or -1 with an exception. */
+static int append_frame(PyObject *frames, double ts, PyObject *linktype, const unsigned char *data,
+                        uint32_t caplen, long long no, PyObject *source) {
+    PyObject *v[F_N];
+    v[F_TS] = PyFloat_FromDouble(ts);
+    v[F_LINKTYPE] = Py_NewRef(linktype);
+    v[F_DATA] = PyBytes_FromStringAndSize((const char *)data, caplen);
+    v[F_NO] = PyLong_FromLongLong(no);
+    v[F_SOURCE] = Py_NewRef(source);
+    PyObject *frame = build(frame_type, frame_off, v, F_N);
+    if (frame == NULL || PyList_Append(frames, frame) < 0) {
+        Py_XDECREF(frame);
+        return -1;
+    }
+    Py_DECREF(frame);
+    return 0;
+}
+
 static PyObject *pcap_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 7) {
@@ -161,19 +179,10 @@ static PyObject *pcap_frames(PyObject *self, PyObject *const *args, Py_ssize_t n
         double part = (double)frac * unit;
         double ts = (double)sec + part;
         no += 1;
-        PyObject *v[F_N];
-        v[F_TS] = PyFloat_FromDouble(ts);
-        v[F_LINKTYPE] = Py_NewRef(linktype);
-        v[F_DATA] = PyBytes_FromStringAndSize((const char *)h + 16, caplen);
-        v[F_NO] = PyLong_FromLongLong(no);
-        v[F_SOURCE] = Py_NewRef(source);
-        PyObject *frame = build(frame_type, frame_off, v, F_N);
-        if (frame == NULL || PyList_Append(frames, frame) < 0) {
-            Py_XDECREF(frame);
+        if (append_frame(frames, ts, linktype, h + 16, caplen, no, source) < 0) {
             Py_CLEAR(frames);
             goto done;
         }
-        Py_DECREF(frame);
         pos += 16 + (Py_ssize_t)caplen;
     }
 done:
@@ -228,19 +237,10 @@ static PyObject *pcapng_frames(PyObject *self, PyObject *const *args, Py_ssize_t
         double part = ticks * PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(desc, 1));
         last_ts = part + PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(desc, 2));
         no += 1;
-        PyObject *v[F_N];
-        v[F_TS] = PyFloat_FromDouble(last_ts);
-        v[F_LINKTYPE] = Py_NewRef(PyTuple_GET_ITEM(desc, 0));
-        v[F_DATA] = PyBytes_FromStringAndSize((const char *)b + 28, caplen);
-        v[F_NO] = PyLong_FromLongLong(no);
-        v[F_SOURCE] = Py_NewRef(source);
-        PyObject *frame = build(frame_type, frame_off, v, F_N);
-        if (frame == NULL || PyList_Append(frames, frame) < 0) {
-            Py_XDECREF(frame);
+        if (append_frame(frames, last_ts, PyTuple_GET_ITEM(desc, 0), b + 28, caplen, no, source) < 0) {
             Py_CLEAR(frames);
             goto done;
         }
-        Py_DECREF(frame);
         pos += blen;
     }
 done:
