@@ -59,7 +59,7 @@ def _producer(frames: Iterable[Frame], k: int, workers: int, rules: RulesFile, o
         capture = CaptureStage(capture_counters, limits=getattr(rules, "limits", None))
         counters = Counters()
         parser = SipParser(counters)
-        acc = AccPipeline(rules, open_as_408, workers)
+        acc = AccPipeline(rules, open_as_408, workers, ticked=True)  # advance() at timed_candidates' Ticks
         message, feed, advance, crc32, values = parser.message, acc.feed, acc.advance, zlib.crc32, _record_values
         out: list[tuple[int, tuple[Any, ...]]] = []
         seq = n = reported = 0

@@ -39,14 +39,15 @@ from sipsniff_acc.tracker import AckIn, Event, RequestIn, TrackerStats, Transact
 class AccPipeline:
     """SIP messages in capture order → acc records. Pure."""
 
-    def __init__(self, rules: RulesFile, open_as_408: bool = False, shards: int = 1) -> None:
-        """``shards``: the number of workers sharing the calls (-j N); each keeps 1/N of the limits."""
+    def __init__(self, rules: RulesFile, open_as_408: bool = False, shards: int = 1, ticked: bool = False) -> None:
+        """``shards``: the number of workers sharing the calls (-j N); each keeps 1/N of the limits.
+        ``ticked``: the owner calls ``advance`` at the Ticks of packet time (TransactionTracker's)."""
         self.rules = rules
         self.open_as_408 = open_as_408
         limits = (getattr(rules, "limits", None) or Limits()).shard(shards)  # rules.yaml's limits:, if any
         self.tracker = TransactionTracker(
             [parse_address(a) for a in rules.proxy.addresses], rules.tm.wait_timer, rules.tm.fr_timer,
-            rules.tm.fr_inv_timer, limits, open_as_408)
+            rules.tm.fr_inv_timer, limits, open_as_408, ticked)
         self.engine = AccEngine(rules, limits, self.tracker.stats)  # one set of counters for the summary
         cdr = CdrEngine(rules, self.engine)  # dialog CDRs (cdr.py): only when rules.yaml enables them
         self.cdr: CdrEngine | None = cdr if cdr.enabled else None
@@ -277,7 +278,7 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
     messages = MessagePipeline(counters, limits=getattr(rules, "limits", None))  # limits.max_sip_message
     if tap is not None:
         messages.parser = _Tapped(messages.parser, tap)  # type: ignore[assignment]
-    acc = AccPipeline(rules, open_as_408)
+    acc = AccPipeline(rules, open_as_408, ticked=True)  # the loop's timers() at every Tick, Idle
     if calls is not None:  # the per-call builder sees what the engine sees (wraps feed/advance/gap/finish)
         calls.attach(acc)
     result.tracker = acc.tracker.stats
@@ -478,7 +479,7 @@ def acc_worker(rules: RulesFile, open_as_408: bool, shards: int = 1, state: str 
     state file; this worker's shard of it is loaded before its first part."""
     counters = Counters()
     parser = SipParser(counters)
-    acc = AccPipeline(rules, open_as_408, shards)
+    acc = AccPipeline(rules, open_as_408, shards, ticked=True)  # the front's Ticks come in the parts
     loaded = [False]
 
     def work(part: Part) -> PartResult:

@@ -385,10 +385,15 @@ def _pop_due(runs: dict[float, deque[Entry]], heap: list[Entry], now: float) -> 
 class TransactionTracker:
     def __init__(self, proxies: list[tuple[str, int | None]] | None = None, wait_timer: float = 5.0,
                  fr_timer: float = 30.0, fr_inv_timer: float = 120.0, limits: Limits | None = None,
-                 open_as_408: bool = False) -> None:
+                 open_as_408: bool = False, ticked: bool = False) -> None:
         """``open_as_408``: a server transaction still without a final reply TIMER_GRACE after
-        its fr timer is accounted as the proxy's 408, during the run (``advance``/``feed``)."""
+        its fr timer is accounted as the proxy's 408, during the run (``advance``/``feed``).
+        ``ticked``: the owner calls ``advance`` at the Ticks of packet time (the runs), so the
+        sweep happens there only: a -j N worker feeds only its shard's messages, and a sweep at
+        their times made its records differ from -j 0's when packet time went back. Without
+        it (tests, tools that only feed), ``feed`` sweeps at the messages' times."""
         self.proxies = proxies or []
+        self.ticked = ticked
         self.open_as_408 = open_as_408
         self.wait_timer = wait_timer
         self.fr_timer = fr_timer
@@ -434,7 +439,7 @@ class TransactionTracker:
 
     def feed(self, msg: SipMessage) -> list[Event]:
         out: list[Event] = []
-        if msg.ts >= self._next_sweep:
+        if msg.ts >= self._next_sweep and not self.ticked:  # (ticked: the bounds still hold, _evict below)
             self._sweep(msg.ts, out)
             self._next_sweep = msg.ts + SWEEP_EVERY
         if msg.call_id is None or msg.cseq_num is None:

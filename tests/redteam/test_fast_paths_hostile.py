@@ -367,11 +367,9 @@ def test_frames_out_of_time_order_give_the_records_of_one_process(tmp_path: Path
     assert outs[0] == outs[1]
 
 
-@pytest.mark.xfail(strict=True, reason="since before this session (f811b64 too; with -j N's front-read round loop "
-                                       "as well): with packet time going back 300 s, -j 0 gives 2 records twice "
-                                       "that -j 2 gives once: TransactionTracker.feed sweeps at the times of the "
-                                       "messages each process sees (every shard its own); with sweeps only in "
-                                       "advance() (the Ticks, alike in every mode) both give the same 599 records")
 def test_packet_time_going_back_minutes_gives_the_records_of_one_process(tmp_path: Path) -> None:
+    """Packet time going back 300 s: the tracker sweeps at the Ticks only (``ticked``), alike in
+    every mode; a sweep in ``feed`` at the times of the messages each shard sees made -j 0 give
+    2 records twice that -j 2 gave once."""
     outs = _both(tmp_path, _out_of_order(tmp_path, 300.0))
     assert outs[0] == outs[1]
