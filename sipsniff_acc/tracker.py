@@ -160,6 +160,7 @@ class Dialog:
     caller_tag: str
     state: str = "init"  #: init -> early -> confirmed -> terminated; or failed (negative final)
     created: float = 0.0
+    ended: float = 0.0  #: packet time it became terminated or failed (0.0: not yet)
 
 
 @dataclass
@@ -780,6 +781,8 @@ class TransactionTracker:
             for tag in (req.from_tag, req.to_tag):
                 d = self.dialogs.get((txn.key[2], tag or ""))
                 if d is not None:
+                    if d.state != "terminated":
+                        d.ended = reply.ts
                     d.state = "terminated"
             return
         if txn.method != "INVITE" or req.to_tag:
@@ -794,6 +797,7 @@ class TransactionTracker:
             d.state = "confirmed"
         else:
             d.state = "failed"
+            d.ended = reply.ts
 
     # --- time ----------------------------------------------------------------------------
 
@@ -878,7 +882,12 @@ class TransactionTracker:
                 break
             del acks[first]
         if len(self.dialogs) > self._dialog_limit:  # ended dialogs leave the table; their final state is counted
-            for k in [k for k, d in self.dialogs.items() if d.state in ("terminated", "failed") or now - d.created > 43200]:
+            # Only those ended RETAIN ago: a call refused with a 407 comes again at once with the
+            # same From-tag (one dialog entry). Pruning by packet time alone, not by the moment the
+            # table passed a size (which a -j N shard reaches later), keeps --stats' dialog counts
+            # those of -j 0.
+            for k in [k for k, d in self.dialogs.items()
+                      if (d.state in ("terminated", "failed") and now - d.ended > RETAIN) or now - d.created > 43200]:
                 self.stats.dialogs[self.dialogs.pop(k).state] += 1
             self._dialog_limit = max(4096, 2 * len(self.dialogs))
 

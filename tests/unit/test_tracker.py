@@ -170,6 +170,19 @@ def test_dialog_states() -> None:
     assert t.stats.dialogs == {"terminated": 1, "failed": 1}
 
 
+def test_ended_dialogs_leave_the_table_by_packet_time_not_by_its_size() -> None:
+    """A dialog that failed stays RETAIN (32 s) of packet time, however full the table: a call
+    refused with a 407 comes again at once with the same From-tag and is one dialog, whether a
+    -j N shard's smaller table or -j 0's bigger one passed its size first (--stats alike)."""
+    t, _ = events(rejected_call(), True)
+    t._dialog_limit = 0  # every sweep prunes
+    t.feed(Call(call_id="o1").request("OPTIONS", 1010.0, UAC, PROXY, [("10.0.0.1", "z9hG4bK-o1")]))
+    assert t.dialogs[("call-1", "alice-tag")].state == "failed"  # ended at 1003.002: kept
+    t._dialog_limit = 0
+    t.feed(Call(call_id="o2").request("OPTIONS", 1040.0, UAC, PROXY, [("10.0.0.1", "z9hG4bK-o2")]))
+    assert ("call-1", "alice-tag") not in t.dialogs and t.stats.dialogs == {"failed": 1}
+
+
 def test_many_late_2xx_to_tags_each_reported_once() -> None:
     """To-tags are held in a short tuple, a frozenset past 8 (issue 10: a one-tag frozenset was
     216 bytes a call): 20 forks answering still give one late 2xx each, retransmissions none."""
