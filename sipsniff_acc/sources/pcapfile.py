@@ -209,8 +209,13 @@ class CaptureReader:
         have = 0  #: bytes of buf holding data (the tail of the last chunk, then the new one)
         base = 24  #: file offset of buf[0]
         no = 0
+        # What the header's reads left in the reader's own buffer goes first, alone: asked for more
+        # than its buffer holds, readinto1 copies those bytes and then waits on the pipe for the rest
+        # (CPython), so a live pipe's last frames stayed unread until the next packet came.
+        size = len(stream.peek(0)) or CHUNK
         while True:
-            n = stream.readinto1(view[have : have + CHUNK])  # one read at most: a pipe's data as it comes
+            n = stream.readinto1(view[have : have + size])  # one read at most: a pipe's data as it comes
+            size = CHUNK
             end = have + n
             frames, pos, no = walk(view[:end], 0, big, unit, linktype, no, path)
             yield frames
