@@ -18,7 +18,6 @@ tracker counters are summed, source errors come from worker 0.
 
 from __future__ import annotations
 
-import gc
 import operator
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -29,7 +28,8 @@ from sipsniff_acc import stopping
 from sipsniff_acc.events import Counters, Frame
 from sipsniff_acc.messagerun import Tail, Tick, add_counters, timed_candidates
 from sipsniff_acc.pipeline import CaptureStage, SipParser
-from sipsniff_acc.processrun import GC_YOUNG, AccPipeline, Control, PartResult, RunResult, _deliver_rounds
+from sipsniff_acc.collector import collect_rarely
+from sipsniff_acc.processrun import AccPipeline, Control, PartResult, RunResult, _deliver_rounds
 from sipsniff_acc.records import AccRecord
 from sipsniff_acc.rules import RulesFile
 from sipsniff_acc.shard import BATCH, Inbox, streamed_map
@@ -50,11 +50,7 @@ def _producer(frames: Iterable[Frame], k: int, workers: int, rules: RulesFile, o
     round_size = BATCH * workers  #: candidates (of every shard) per round: ~BATCH of this worker's
 
     def produce(inbox: Inbox) -> Iterator[tuple[Shipped, Tail]]:
-        # The collector as in the -j 0 loop (processrun.GC_YOUNG: the per-message path makes no
-        # cycles), and the objects forked from the front (modules, rules: ~60k) out of its way.
-        # 50k calls, a worker's gc time: 1.3-1.6 s at 700, 1.0-1.1 s frozen, ~0.05 s both.
-        gc.freeze()
-        gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
+        collect_rarely(forked=True)  # the per-message path makes no cycles (collector.GC_YOUNG)
         capture_counters = Counters()
         capture = CaptureStage(capture_counters, limits=getattr(rules, "limits", None))
         counters = Counters()

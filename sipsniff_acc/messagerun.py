@@ -10,7 +10,6 @@ filerun.py).
 
 from __future__ import annotations
 
-import gc
 import heapq
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -18,6 +17,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from sipsniff_acc import sip
+from sipsniff_acc.collector import collect_rarely
 from sipsniff_acc.events import CaptureGap, Counters, Datagram, Frame, Idle, Transport
 from sipsniff_acc.messagelog import fast_jsonl, fast_table, jsonl, table
 from sipsniff_acc.limits import Limits
@@ -226,7 +226,7 @@ def _line_producer(frames: Iterable[Frame], k: int, workers: int, fmt: str, limi
     capture counters and source errors."""
 
     def produce(_inbox: Inbox) -> Iterator[tuple[tuple[bytes, Delta], Tail]]:
-        gc.freeze()  # the forked front's objects out of the collector's way (see filerun)
+        collect_rarely(forked=True)  # as a process worker's collector (the forked front's objects frozen)
         capture_counters = Counters()
         capture = CaptureStage(capture_counters, limits=limits)
         work = format_batch(fmt)

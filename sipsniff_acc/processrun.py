@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from sipsniff_acc.acc import AccEngine
 from sipsniff_acc.cdr import CdrEngine
+from sipsniff_acc.collector import collect_rarely
 from sipsniff_acc.emitters import Emitter
 from sipsniff_acc.events import CaptureGap, Counters, Datagram, Frame, Idle
 from sipsniff_acc.limits import Limits
@@ -34,6 +35,15 @@ from sipsniff_acc.records import AccRecord
 from sipsniff_acc.rules import RulesFile, parse_address
 from sipsniff_acc.sip import SipMessage, call_id_line
 from sipsniff_acc.tracker import AckIn, Event, RequestIn, TrackerStats, TransactionTracker
+
+
+class Observer(Protocol):
+    """Sees what an AccPipeline is fed, before its engine (--calls' builder, emitters/calls.py)."""
+
+    def feed(self, msg: SipMessage) -> None: ...
+    def advance(self, now: float) -> None: ...
+    def gap(self, ts: float) -> None: ...
+    def finish(self) -> None: ...
 
 
 class AccPipeline:
@@ -53,8 +63,11 @@ class AccPipeline:
         self.cdr: CdrEngine | None = cdr if cdr.enabled else None
         #: times of the last capture gaps (packets dropped): records spanning one are marked
         self.gaps: deque[float] = deque(maxlen=GAPS_KEPT)
+        self.observer: Observer | None = None
 
     def feed(self, msg: SipMessage) -> list[AccRecord]:
+        if self.observer is not None:
+            self.observer.feed(msg)
         cdr = self.cdr
         out: list[AccRecord] = [] if cdr is None else cdr.seen(msg)  # CDR timers due, the proxy's 100s
         engine = self.engine
@@ -75,6 +88,8 @@ class AccPipeline:
     def advance(self, now: float) -> list[AccRecord]:
         """Packet time is ``now`` and no message came (a live source's Idle, frames without
         SIP): the records the timers make (--open-as-408's timer 408s)."""
+        if self.observer is not None:
+            self.observer.advance(now)
         cdr = self.cdr
         out: list[AccRecord] = [] if cdr is None else cdr.advance(now)  # expired dialogs
         for ev in self.tracker.advance(now):
@@ -89,6 +104,8 @@ class AccPipeline:
 
     def gap(self, ts: float) -> None:
         """Packets were dropped at ``ts`` (CaptureGap): records of calls open then are marked."""
+        if self.observer is not None:
+            self.observer.gap(ts)
         self.gaps.append(ts)
 
     def replace_rules(self, rules: RulesFile) -> None:
@@ -126,6 +143,8 @@ class AccPipeline:
                 r.capture_gaps = True
 
     def finish(self) -> list[AccRecord]:
+        if self.observer is not None:
+            self.observer.finish()
         out: list[AccRecord] = []
         cdr = self.cdr
         for ev in self.tracker.finish(self.open_as_408):
@@ -279,7 +298,7 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
     if tap is not None:
         messages.parser = _Tapped(messages.parser, tap)  # type: ignore[assignment]
     acc = AccPipeline(rules, open_as_408, ticked=True)  # the loop's timers() at every Tick, Idle
-    if calls is not None:  # the per-call builder sees what the engine sees (wraps feed/advance/gap/finish)
+    if calls is not None:  # the per-call builder sees what the engine sees (AccPipeline.observer)
         calls.attach(acc)
     result.tracker = acc.tracker.stats
     result.held = _held(acc.tracker)
@@ -313,8 +332,7 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
     if state:  # a stop is taken at a safe point only (a frame's end, or waiting on the source), so that
         stop.guarded += 1  # the calls are saved whole
         items = stopping.waiting_on(items)
-    gc_thresholds = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG, *gc_thresholds[1:])
+    gc_thresholds = collect_rarely()
     try:
         for frame in items:
             if stop.signum:  # a safe point: the handler's own raise may have been swallowed
@@ -388,14 +406,6 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
     return result
 
 
-#: The cyclic collector's young-generation threshold in the -j 0 loop (CPython's is 700). Its
-#: count is allocations minus deallocations, but a young collection walks every object born
-#: since the last one and still alive: transactions held for 32 s replace older ones (the count
-#: stays low) while the young list grows, and the 700-threshold collections walked it ~300 times
-#: on the 10k-call workload: 0.3-0.6 s of a 2.8 s run, finding nothing (the per-message path
-#: makes no reference cycles: gc.DEBUG_SAVEALL after a run holds only startup objects). With
-#: 50,000, one collection a run (~0.015 s); cyclic garbage, if any, still triggers it.
-GC_YOUNG = 50_000
 
 #: (ts, transport, src, sport, dst, dport, payload) of a SIP candidate, for a copy of every message
 Tap = Callable[[float, str, bytes, int, bytes, int, bytes], None]
@@ -486,8 +496,7 @@ def acc_worker(rules: RulesFile, open_as_408: bool, shards: int = 1, state: str 
         out: list[tuple[int, AccRecord]] = []
         if not loaded[0]:  # in the worker process (the pool forks before the first part)
             loaded[0] = True
-            gc.freeze()  # the collector as in the -j 0 loop, the forked objects out of its way (filerun)
-            gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
+            collect_rarely(forked=True)
             if state is not None:
                 _load_state(state, acc, time.time() if live else None, shard, shards)
         if part is None:

@@ -31,6 +31,25 @@ USER_FILES = ("sipsniff-acc.spool", "sipsniff-acc.spool-wal", "sipsniff-acc.spoo
 USER_ENV = ("SIPSNIFF_DB_URL", "SIPSNIFF_DB_PASSWORD", "SIPSNIFF_RADIUS_SECRET")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Stop before the first test when a built module is older than its source: Python imports
+    the .so (mypyc's compiled modules, the C extensions) and the edited .py or .c would not be
+    what is tested. (A mypyc module's code is in the group library ``_compiled__mypyc``.)"""
+    package = ROOT / "sipsniff_acc"
+    group = max((so.stat().st_mtime for so in package.glob("_compiled__mypyc*.so")), default=0.0)
+    stale = []
+    for so in package.rglob("*.so"):
+        stem = so.name.split(".", 1)[0]
+        built = so.stat().st_mtime if stem.startswith("_") else max(so.stat().st_mtime, group)
+        for src in (so.with_name(stem + ".py"), so.with_name(stem + ".c")):
+            if src.exists() and src.stat().st_mtime > built:
+                stale.append(str(src.relative_to(ROOT)))
+    if stale:
+        pytest.exit(f"built modules older than their sources ({', '.join(sorted(stale))}): rebuild them "
+                    "(.venv/bin/python setup.py build_ext --inplace --force) or delete sipsniff_acc's .so files",
+                    returncode=4)
+
+
 def _fingerprint(folder: Path) -> dict[str, tuple[int, int, int] | None]:
     """(size, mtime_ns, inode) of each user file in ``folder``; None when absent."""
     out: dict[str, tuple[int, int, int] | None] = {}

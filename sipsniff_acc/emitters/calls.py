@@ -1,7 +1,7 @@
 """Where the per-call records go (``process --calls FILE.jsonl``, ``--calls-table``).
 
-``CallsOutput`` ties ``calls.CallBuilder`` (pure) to the run: ``attach(acc)`` wraps the
-accounting pipeline's ``feed``/``advance``/``gap``/``finish`` so the builder sees every SIP
+``CallsOutput`` ties ``calls.CallBuilder`` (pure) to the run: ``attach(acc)`` makes it the
+accounting pipeline's observer (``feed``/``advance``/``gap``/``finish``), so the builder sees every SIP
 message, the clock and the capture gaps in the same order as the acc engine; ended calls wait
 in a list and are written when the run delivers records or ticks its outputs (``emit``/
 ``tick``: so a write failure goes through the same one-line handling as ``--jsonl``).
@@ -108,33 +108,26 @@ class CallsOutput:
 
     # -- the tap on the accounting pipeline ---------------------------------------------------
     def attach(self, acc: Any) -> None:
-        """Wrap ``acc``'s feed/advance/gap/finish (an AccPipeline): the builder sees the same
-        messages, clock and gaps, in the same order."""
-        b, pending = self.builder, self.pending
-        feed, advance, gap, finish = acc.feed, acc.advance, acc.gap, acc.finish
+        """The builder sees what ``acc`` (an AccPipeline) is fed, before its engine: the same
+        messages, clock and gaps, in the same order (AccPipeline.observer)."""
+        acc.observer = self
 
-        def feed_calls(msg: Any) -> Any:
-            ended = b.feed(msg)
-            if ended:
-                pending.extend(ended)
-            return feed(msg)
+    def feed(self, msg: Any) -> None:
+        ended = self.builder.feed(msg)
+        if ended:
+            self.pending.extend(ended)
 
-        def advance_calls(now: float) -> Any:
-            ended = b.advance(now)
-            if ended:
-                pending.extend(ended)
-            return advance(now)
+    def advance(self, now: float) -> None:
+        ended = self.builder.advance(now)
+        if ended:
+            self.pending.extend(ended)
 
-        def gap_calls(ts: float) -> None:
-            b.gap(ts)
-            gap(ts)
+    def gap(self, ts: float) -> None:
+        self.builder.gap(ts)
 
-        def finish_calls() -> Any:
-            self.finished = True
-            pending.extend(b.finish())
-            return finish()
-
-        acc.feed, acc.advance, acc.gap, acc.finish = feed_calls, advance_calls, gap_calls, finish_calls
+    def finish(self) -> None:
+        self.finished = True
+        self.pending.extend(self.builder.finish())
 
     # -- the emitter side ---------------------------------------------------------------------
     def emit(self, records: list[Any]) -> None:

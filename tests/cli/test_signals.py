@@ -401,10 +401,10 @@ def collecting(phase, _info):
             pass
 gc.callbacks.append(collecting)
 sys.argv = ["sipsniff-acc", *sys.argv[1:]]
-import sipsniff_acc.processrun
+import sipsniff_acc.collector
 # The run raises the young generation's threshold (GC_YOUNG) so far that this capture may never
 # start a collection; the default one makes the callback's moment come (a __del__ can at any time).
-sipsniff_acc.processrun.GC_YOUNG = 700
+sipsniff_acc.collector.GC_YOUNG = 700
 from sipsniff_acc.cli import main
 main()
 """
