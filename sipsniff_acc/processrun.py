@@ -296,7 +296,7 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
         return result
     messages = MessagePipeline(counters, limits=getattr(rules, "limits", None))  # limits.max_sip_message
     if tap is not None:
-        messages.parser = _Tapped(messages.parser, tap)  # type: ignore[assignment]
+        messages.parser = _Tapped(messages.parser, tap)
     acc = AccPipeline(rules, open_as_408, ticked=True)  # the loop's timers() at every Tick, Idle
     if calls is not None:  # the per-call builder sees what the engine sees (AccPipeline.observer)
         calls.attach(acc)
@@ -411,16 +411,17 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
 Tap = Callable[[float, str, bytes, int, bytes, int, bytes], None]
 
 
-class _Tapped:
-    """A SipParser whose every candidate is first handed to the tap (-j 0)."""
+class _Tapped(SipParser):
+    """A SipParser whose every candidate is first handed to the tap (-j 0). A subclass, not a
+    wrapper: mypyc's compiled MessagePipeline holds a SipParser and checks it."""
 
     def __init__(self, parser: SipParser, tap: Tap) -> None:
-        self.parser, self.tap = parser, tap
-        self.counters = parser.counters
+        super().__init__(parser.counters)
+        self.tap = tap
 
     def feed(self, d: Datagram) -> list[Any]:
         self.tap(d.ts, d.transport.value, d.src, d.sport, d.dst, d.dport, d.payload)
-        return self.parser.feed(d)
+        return super().feed(d)
 
 
 def _held(tracker: Any) -> Callable[[], dict[str, float]]:
