@@ -38,6 +38,19 @@ class TxnAcc:
     rearmed: bool = False  #: a failure_route rule ran t_on_failure: the next failure round runs failure_route
 
 
+def new_txn_acc(avps: dict[str, list[str]]) -> TxnAcc:
+    """``TxnAcc(0, avps)`` field by field: compiled, the dataclass __init__ runs as interpreted
+    Python (the state file's unpickler needs it kept; tests/unit/test_fast_constructors.py)."""
+    t = TxnAcc.__new__(TxnAcc)
+    t.flags = 0
+    t.avps = avps
+    t.registered = False
+    t.dropped = False
+    t.upstream = False
+    t.rearmed = False
+    return t
+
+
 #: the AVPs of a transaction that set none, shared (an empty dict each was 64 bytes); _run
 #: gives a transaction its own dict before the first AVP is set
 _NO_AVPS: dict[str, list[str]] = {}
@@ -206,7 +219,7 @@ class AccEngine:
         state.flags, state.dropped, state.rearmed = got
 
     def _request_in(self, txn: Transaction, msg: SipMessage, out: list[AccRecord]) -> None:
-        state = TxnAcc(0, _NO_AVPS)
+        state = new_txn_acc(_NO_AVPS)
         txn.acc = state
         self._route(msg, state, out)
         if state.dropped:

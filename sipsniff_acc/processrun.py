@@ -308,7 +308,7 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
     if bind is not None:  # a source that checkpoints what it fed (sources/nats.py: state, then acks)
         bind(acc)
 
-    feed = acc.feed
+    feed = acc.feed  # (the Idle and finish paths; the frame loop calls acc.feed: a native call)
     items: Iterable[Frame | Datagram | Idle | CaptureGap] = frames
     if extra:
         items = heapq.merge(frames, extra, key=_ts)
@@ -378,7 +378,7 @@ def run(frames: Iterable[Frame | Idle | CaptureGap], rules: RulesFile, emitters:
                 continue
             for item in found:
                 if item.__class__ is SipMessage:
-                    recs = feed(item)
+                    recs = acc.feed(item)
                     if recs:
                         deliver(recs)
         if stop.signum and state:

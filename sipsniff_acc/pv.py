@@ -25,9 +25,10 @@ class PvError(ValueError):
     """A pseudo-variable spec we cannot evaluate; the message says which and why."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class PvContext:
-    """What a pseudo-variable may read when a record is made."""
+    """What a pseudo-variable may read when a record is made. (``__init__`` written out:
+    compiled, it stores the fields directly; the dataclass's generated one runs interpreted.)"""
 
     msg: SipMessage  #: the accounted request (or the ACK / the current request for script functions)
     new_uri: str | None = None  #: the branch's Request-URI (winning/picked branch), if the proxy forwarded it
@@ -37,6 +38,18 @@ class PvContext:
     hdr_limit: int = 512  #: header lines a $hdr() lookup looks through (Limits.max_hdr_scan)
     hdr_cut: int = 0  #: lookups that stopped at hdr_limit (the engine adds them to its counters)
     dlg_vars: dict[str, str] | None = None  #: the dialog's variables ($dlg_var), when a dialog is in context
+
+    def __init__(self, msg: SipMessage, new_uri: str | None = None, avps: dict[str, list[str]] | None = None,
+                 now: float = 0.0, start: float = 0.0, hdr_limit: int = 512, hdr_cut: int = 0,
+                 dlg_vars: dict[str, str] | None = None) -> None:
+        self.msg = msg
+        self.new_uri = new_uri
+        self.avps = {} if avps is None else avps
+        self.now = now
+        self.start = start
+        self.hdr_limit = hdr_limit
+        self.hdr_cut = hdr_cut
+        self.dlg_vars = dlg_vars
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 ANSWERED, MISSED, ACKED, REQUEST = "answered", "missed", "acked", "request"
 
@@ -16,9 +16,12 @@ KIND_TEXT: Final[dict[str, str]] = {
 Pairs = list[tuple[str, str | None]]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class AccRecord:
-    """One acc event; each backend named in ``backends`` writes it (log line, DB row per leg, ...)."""
+    """One acc event; each backend named in ``backends`` writes it (log line, DB row per leg, ...).
+
+    The ``__init__`` is written out: compiled by mypyc it stores the fields directly (the
+    dataclass's generated one runs as interpreted Python)."""
 
     kind: str
     ts: float  #: packet time of the event the proxy logged at (acc-spec §1.10)
@@ -44,6 +47,40 @@ class AccRecord:
     #: the HEP capture agent id of the message that made the record (--hep-listen); "" otherwise.
     #: In JSON lines only when set; SQL keeps Kamailio's columns.
     capture_agent: str = ""
+
+    def __init__(self, kind: str, ts: float, method: str, from_tag: str | None, to_tag: str | None,
+                 call_id: str | None, code: str, reason: str, backends: tuple[str, ...], table: str = "",
+                 extras: dict[str, Pairs] | None = None, legs: list[Pairs] | None = None, cseq: int | None = None,
+                 local: bool = False, in_dialog: bool = False, realm: str = "", record_id: str = "",
+                 queued_at: float = 0.0, capture_gaps: bool = False, capture_agent: str = "") -> None:
+        self.kind = kind
+        self.ts = ts
+        self.method = method
+        self.from_tag = from_tag
+        self.to_tag = to_tag
+        self.call_id = call_id
+        self.code = code
+        self.reason = reason
+        self.backends = backends
+        self.table = table
+        self.extras = {} if extras is None else extras
+        self.legs = [] if legs is None else legs
+        self.cseq = cseq
+        self.local = local
+        self.in_dialog = in_dialog
+        self.realm = realm
+        self.record_id = record_id
+        self.queued_at = queued_at
+        self.capture_gaps = capture_gaps
+        self.capture_agent = capture_agent
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as a call with the fields (the -j N workers send records): a compiled class
+        with its own ``__init__`` has no pickle state of its own."""
+        return (AccRecord, (self.kind, self.ts, self.method, self.from_tag, self.to_tag, self.call_id, self.code,
+                            self.reason, self.backends, self.table, self.extras, self.legs, self.cseq, self.local,
+                            self.in_dialog, self.realm, self.record_id, self.queued_at, self.capture_gaps,
+                            self.capture_agent))
 
     @property
     def text(self) -> str:

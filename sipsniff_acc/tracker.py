@@ -35,7 +35,7 @@ import re
 from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from sipsniff_acc.limits import Limits
 from sipsniff_acc.sip import SipMessage
@@ -61,7 +61,6 @@ TIMER_GRACE = 0.5
 #: (~700); a final reply is its object and fields, its heap entry, To-tag tuples (~700)
 REQUEST_OVERHEAD = 1300
 REPLY_OVERHEAD = 700
-_SHAREABLE = ("method", "cseq_method", "reason", "src", "dst", "transport")
 
 
 Tags = tuple[str, ...] | frozenset[str]
@@ -112,20 +111,33 @@ class Transaction:
         return self.request.ts
 
 
-@dataclass(slots=True)
+#: The events below are dataclasses with their ``__init__`` written out (init=False): compiled by
+#: mypyc it stores the fields directly, where the dataclass's generated one runs as interpreted
+#: Python through the attribute descriptors. Not the state file's classes (Transaction, Dialog):
+#: a compiled class with its own ``__init__`` cannot be built by the unpickler's ``__new__``.
+@dataclass(slots=True, init=False)
 class RequestIn:
     txn: Transaction
     msg: SipMessage
 
+    def __init__(self, txn: Transaction, msg: SipMessage) -> None:
+        self.txn = txn
+        self.msg = msg
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class AckIn:
     msg: SipMessage
     invite: Transaction | None  #: the INVITE transaction it acknowledges (None: not seen)
     first: bool  #: the first ACK for this To-tag inside the INVITE's wait window (report_ack)
 
+    def __init__(self, msg: SipMessage, invite: Transaction | None, first: bool) -> None:
+        self.msg = msg
+        self.invite = invite
+        self.first = first
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class BranchesFailed:
     txn: Transaction
     reply: SipMessage | None  #: the picked branch's reply; None: FAKED (timer or local)
@@ -137,8 +149,17 @@ class BranchesFailed:
     #: t_on_failure and a script re-arming it is not seen on the wire
     failure_route: bool = True
 
+    def __init__(self, txn: Transaction, reply: SipMessage | None, code: int, ts: float, branch: Transaction | None,
+                 failure_route: bool = True) -> None:
+        self.txn = txn
+        self.reply = reply
+        self.code = code
+        self.ts = ts
+        self.branch = branch
+        self.failure_route = failure_route
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class ReplyOut:
     txn: Transaction
     reply: SipMessage | None  #: None only for a 408 synthesised at the end of the input
@@ -147,6 +168,16 @@ class ReplyOut:
     local: bool
     late: bool = False  #: a 2xx with a new To-tag after the transaction had completed
     branch: Transaction | None = None  #: the branch whose reply this relays
+
+    def __init__(self, txn: Transaction, reply: SipMessage | None, code: int, ts: float, local: bool,
+                 late: bool = False, branch: Transaction | None = None) -> None:
+        self.txn = txn
+        self.reply = reply
+        self.code = code
+        self.ts = ts
+        self.local = local
+        self.late = late
+        self.branch = branch
 
 
 Event = RequestIn | AckIn | BranchesFailed | ReplyOut
@@ -331,7 +362,17 @@ def _upper(method: str) -> str:
 #: One shared copy of a short, often repeated string (addresses, methods, reasons) for the
 #: messages transactions hold (_hold): each held message had its own ~55-byte copies. Bounded:
 #: past 4096 distinct strings new ones are kept as they are.
-_SHARED: dict[str, str] = {}
+_SHARED: Final[dict[str, str]] = {}
+
+
+def _shared(value: str) -> str:
+    """The shared copy of ``value`` (itself if new and kept, or past the bound)."""
+    got = _SHARED.get(value)
+    if got is None:
+        if len(_SHARED) < 4096 and len(value) <= 64:
+            _SHARED[value] = value
+        return value
+    return got
 
 
 def _via_id(via: str) -> str:
@@ -343,6 +384,47 @@ def _via_id(via: str) -> str:
 
 
 Key = tuple[str, str, str, int]
+
+
+# Transaction and Dialog are built field by field on the hot path: compiled by mypyc, their
+# dataclass __init__ runs as interpreted Python through the attribute descriptors (~1.5 us a
+# Transaction). They keep that __init__ (the state file's unpickler builds them by __new__, which
+# a compiled class with its own __init__ refuses). tests/unit/test_fast_constructors.py holds
+# these to the constructors.
+
+
+def new_transaction(key: Key, request: SipMessage, role: str, parent: Transaction | None, size: int) -> Transaction:
+    """``Transaction(key, request, role, parent, size=size)``."""
+    t = Transaction.__new__(Transaction)
+    t.key = key
+    t.request = request
+    t.role = role
+    t.parent = parent
+    t.branches = ()
+    t.final = None
+    t.final_ts = 0.0
+    t.final_local = False
+    t.to_tags_2xx = ()
+    t.acked = ()
+    t.cancelled = False
+    t.stateless = False
+    t.retransmissions = 0
+    t.acc = None
+    t.size = size
+    t.timer_408 = False
+    t.first_branch = 0
+    return t
+
+
+def new_dialog(call_id: str, caller_tag: str, created: float) -> Dialog:
+    """``Dialog(call_id, caller_tag, created=created)``."""
+    d = Dialog.__new__(Dialog)
+    d.call_id = call_id
+    d.caller_tag = caller_tag
+    d.state = "init"
+    d.created = created
+    d.ended = 0.0
+    return d
 Entry = tuple[float, Key]  #: a deadline: (time, transaction key)
 #: runs of deadlines a tracker keeps (one per timer length: fr_timer, fr_inv_timer, wait_timer;
 #: a rules reload may add some); past it, deadlines of a new length go to the heap
@@ -475,7 +557,7 @@ class TransactionTracker:
             self.stats.retransmissions += 1
             return
         role, parent = self._role(msg, method)
-        txn = Transaction(key, msg, role, parent, size=self._hold(msg))
+        txn = new_transaction(key, msg, role, parent, self._hold(msg))
         self.txns[key] = txn
         self._open[key] = txn
         ckey = (key[2], key[3], method)
@@ -519,7 +601,7 @@ class TransactionTracker:
             if not msg.to_tag and msg.from_tag:
                 dialogs = self.dialogs
                 if (key[2], msg.from_tag) not in dialogs:
-                    dialogs[(key[2], msg.from_tag)] = Dialog(key[2], msg.from_tag, created=msg.ts)
+                    dialogs[(key[2], msg.from_tag)] = new_dialog(key[2], msg.from_tag, msg.ts)
                     if len(dialogs) > self.limits.max_dialogs:  # the oldest goes; its state so far is counted
                         self.stats.dialogs[dialogs.popitem(last=False)[1].state] += 1
                         self.stats.evicted_dialogs += 1
@@ -650,16 +732,20 @@ class TransactionTracker:
         raw = msg.raw
         if len(raw) > msg.body_start > 0:
             msg.raw = raw = raw[: msg.body_start]
-        shared = _SHARED
-        for name in _SHAREABLE:  # (a function call per field was 2 % of the tracker and engine)
-            value = getattr(msg, name)
-            if value:
-                got = shared.get(value)
-                if got is None:
-                    if len(shared) < 4096 and len(value) <= 64:
-                        shared[value] = value
-                elif got is not value:  # set only what changes (defaults stay on the class)
-                    setattr(msg, name, got)
+        # the fields one by one (getattr/setattr by name are slow compiled); set only what
+        # changes (the defaults stay on the class when interpreted)
+        if msg.method and (v := _shared(msg.method)) is not msg.method:
+            msg.method = v
+        if msg.cseq_method and (v := _shared(msg.cseq_method)) is not msg.cseq_method:
+            msg.cseq_method = v
+        if msg.reason and (v := _shared(msg.reason)) is not msg.reason:
+            msg.reason = v
+        if msg.src and (v := _shared(msg.src)) is not msg.src:
+            msg.src = v
+        if msg.dst and (v := _shared(msg.dst)) is not msg.dst:
+            msg.dst = v
+        if msg.transport and (v := _shared(msg.transport)) is not msg.transport:
+            msg.transport = v
         if msg._vias is not None:
             msg._vias = None
         n = len(raw) + (len(msg.call_id or "") + REQUEST_OVERHEAD if msg.is_request else REPLY_OVERHEAD)
