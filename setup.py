@@ -33,6 +33,10 @@ COMPILED = [
     "sipsniff_acc/sysloglines.py",
     "sipsniff_acc/emitters/syslog.py",
     "sipsniff_acc/processrun.py",
+    # -j N on files: a worker's loop over every frame (the capture stage of every shard, the
+    # parse of its own), like processrun's -j 0 loop (issue 13). No classes; filerun.py, which
+    # tests patch, stays Python.
+    "sipsniff_acc/fileworker.py",
 ]
 
 

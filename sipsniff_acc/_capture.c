@@ -36,6 +36,8 @@
  * looks_like_sip(payload) -> bool: sip.looks_like_sip (a status line, or a request line
  *   whose first token is upper case and which ends in SIP/2.0).
  *
+ * shard(payload, shards) -> int: processrun.shard_of (the Call-ID shard of -j N) in one call.
+ *
  * Every offset is checked against the bytes that arrived before it is read. A property test
  * (tests/property/test_capture_speedups.py) compares each function with its Python twin on
  * generated, truncated and random frames.
@@ -430,6 +432,77 @@ static PyObject *looks_like_sip(PyObject *self, PyObject *arg) {
     return PyBool_FromLong(yes);
 }
 
+/*
+ * shard(payload, shards) -> int: processrun.shard_of in one call, for -j N's workers that read
+ * the files themselves (filerun.py) and test every SIP datagram of the capture, their own
+ * shard's or not: zlib.crc32 of the first Call-ID line's value (as sip.call_id_line finds it:
+ * \n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]*), any case), stripped as bytes.strip() does (b"" when
+ * there is none), modulo shards. No bytes object for the value, no Python call for the CRC.
+ */
+static uint32_t crc_table[256];
+
+static void crc_init(void) {
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = n;
+        for (int b = 0; b < 8; b++) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc_table[n] = c;
+    }
+}
+
+static uint32_t crc32_of(const unsigned char *p, Py_ssize_t n) {
+    uint32_t c = 0xFFFFFFFFu;
+    for (Py_ssize_t i = 0; i < n; i++) c = crc_table[(c ^ p[i]) & 0xFF] ^ (c >> 8);
+    return c ^ 0xFFFFFFFFu;
+}
+
+static int ascii_lower(unsigned char c) { return (c >= 'A' && c <= 'Z') ? c + 32 : c; }
+
+static int bytes_space(unsigned char c) {  /* bytes.strip()'s whitespace (Py_ISSPACE) */
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\x0b' || c == '\x0c';
+}
+
+static PyObject *shard(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "shard(payload, shards)");
+        return NULL;
+    }
+    long shards = PyLong_AsLong(args[1]);
+    if (shards == -1 && PyErr_Occurred()) return NULL;
+    if (shards <= 0) {
+        PyErr_SetString(PyExc_ValueError, "shards must be positive");
+        return NULL;
+    }
+    Py_buffer buf;
+    if (PyObject_GetBuffer(args[0], &buf, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *d = (const unsigned char *)buf.buf;
+    Py_ssize_t end = buf.len, i = 0, s = 0, e = 0;
+    while (i < end) {
+        const unsigned char *nl = memchr(d + i, '\n', (size_t)(end - i));
+        if (nl == NULL) break;
+        Py_ssize_t j = (nl - d) + 1;
+        i = j;
+        if (j < end && ascii_lower(d[j]) == 'i') j += 1;
+        else if (end - j >= 7 && ascii_lower(d[j]) == 'c' && ascii_lower(d[j + 1]) == 'a' && ascii_lower(d[j + 2]) == 'l'
+                 && ascii_lower(d[j + 3]) == 'l' && d[j + 4] == '-' && ascii_lower(d[j + 5]) == 'i'
+                 && ascii_lower(d[j + 6]) == 'd') j += 7;
+        else continue;
+        while (j < end && (d[j] == ' ' || d[j] == '\t')) j++;
+        if (j >= end || d[j] != ':') continue;
+        j++;
+        while (j < end && (d[j] == ' ' || d[j] == '\t')) j++;
+        e = j;
+        while (e < end && d[e] != '\r' && d[e] != '\n') e++;
+        s = j;
+        while (s < e && bytes_space(d[s])) s++;
+        while (e > s && bytes_space(d[e - 1])) e--;
+        break;
+    }
+    uint32_t crc = crc32_of(d + s, e - s);
+    PyBuffer_Release(&buf);
+    return PyLong_FromLong((long)(crc % (unsigned long)shards));
+}
+
 static PyMethodDef methods[] = {
     {"setup", setup, METH_VARARGS, "setup(Frame, Datagram, udp, tcp, sctp): the classes to build"},
     {"pcap_frames", (PyCFunction)(void (*)(void))pcap_frames, METH_FASTCALL,
@@ -439,6 +512,8 @@ static PyMethodDef methods[] = {
     {"udp", udp, METH_O, "udp(frame) -> Datagram | None: decode's common case"},
     {"sip_udp", sip_udp, METH_O, "sip_udp(frame) -> Datagram (looks like SIP) | 1 (keep-alive) | 2 (other) | None"},
     {"looks_like_sip", looks_like_sip, METH_O, "looks_like_sip(payload) -> bool"},
+    {"shard", (PyCFunction)(void (*)(void))shard, METH_FASTCALL,
+     "shard(payload, shards) -> int: crc32 of the stripped first Call-ID line's value, modulo shards"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -447,6 +522,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_capture", NULL, -1,
 static PyObject *pair(PyObject *a, PyObject *b) { return a ? PyTuple_Pack(2, a, b) : PyTuple_Pack(1, b); }
 
 PyMODINIT_FUNC PyInit__capture(void) {
+    crc_init();
     s_eth = PyUnicode_InternFromString("eth");
     s_sll = PyUnicode_InternFromString("sll");
     s_sll2 = PyUnicode_InternFromString("sll2");

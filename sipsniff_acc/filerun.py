@@ -18,85 +18,25 @@ tracker counters are summed, source errors come from worker 0.
 
 from __future__ import annotations
 
-import operator
-import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import fields
-from typing import Any
 
-from sipsniff_acc import stopping
+from sipsniff_acc import fileworker, stopping
 from sipsniff_acc.events import Counters, Frame
-from sipsniff_acc.messagerun import Tail, Tick, add_counters, timed_candidates
-from sipsniff_acc.pipeline import CaptureStage, SipParser
-from sipsniff_acc.collector import collect_rarely
-from sipsniff_acc.processrun import AccPipeline, Control, PartResult, RunResult, _deliver_rounds
+from sipsniff_acc.fileworker import Shipped
+from sipsniff_acc.messagerun import Tail, add_counters
+from sipsniff_acc.processrun import Control, PartResult, RunResult, _deliver_rounds
 from sipsniff_acc.records import AccRecord
 from sipsniff_acc.rules import RulesFile
-from sipsniff_acc.shard import BATCH, Inbox, streamed_map
-from sipsniff_acc.sip import call_id_line
+from sipsniff_acc.shard import Inbox, streamed_map
 from sipsniff_acc.sources.pcapfile import CaptureChanged, SourceError
-from sipsniff_acc.tracker import TrackerStats
 
-#: a worker's round: processrun's PartResult with each record as the tuple of its fields
-Shipped = tuple[list[tuple[int, tuple[Any, ...]]], int, dict[str, int], TrackerStats | None, dict[str, int]]
-
-#: a record crosses the pipe as the tuple of its fields: a slots dataclass pickles through
-#: dataclasses' Python __getstate__/__setstate__ (fields() per record): 3.4 % of a worker
-_record_values = operator.attrgetter(*(f.name for f in fields(AccRecord)))
 
 def _producer(frames: Iterable[Frame], k: int, workers: int, rules: RulesFile, open_as_408: bool,
               errors: list[SourceError]) -> Callable[[Inbox], Iterator[tuple[Shipped, Tail]]]:
-    """Worker k's run: the whole capture stage, the parse and accounting of shard k."""
-    round_size = BATCH * workers  #: candidates (of every shard) per round: ~BATCH of this worker's
+    """Worker k's run: the whole capture stage, the parse and accounting of shard k (fileworker)."""
 
     def produce(inbox: Inbox) -> Iterator[tuple[Shipped, Tail]]:
-        collect_rarely(forked=True)  # the per-message path makes no cycles (collector.GC_YOUNG)
-        capture_counters = Counters()
-        capture = CaptureStage(capture_counters, limits=getattr(rules, "limits", None))
-        counters = Counters()
-        parser = SipParser(counters)
-        acc = AccPipeline(rules, open_as_408, workers, ticked=True)  # advance() at timed_candidates' Ticks
-        message, feed, advance, crc32, values = parser.message, acc.feed, acc.advance, zlib.crc32, _record_values
-        out: list[tuple[int, tuple[Any, ...]]] = []
-        seq = n = reported = 0
-        first = True
-
-        def part() -> Shipped:
-            nonlocal out, n, reported
-            done = (out, counters.sip_messages - reported, dict(counters.anomalies), None,
-                    dict(counters.sip_by_kind))
-            reported = counters.sip_messages
-            counters.anomalies.clear()
-            counters.sip_by_kind.clear()
-            out, n = [], 0
-            return done
-
-        for item in timed_candidates(frames, capture):
-            if item.__class__ is tuple:
-                if first:  # $TS: the first packet of the whole run, as processrun's round loop sets it
-                    first = False
-                    if not acc.engine.start:
-                        acc.engine.start = item[0]
-                cid = call_id_line(item[7])  # processrun.shard_of, inlined
-                if crc32(cid.strip() if cid is not None else b"") % workers == k:
-                    msg = message(*item)
-                    if msg is not None:
-                        for r in feed(msg):
-                            out.append((seq, values(r)))
-                seq += 1
-                n += 1
-                if n >= round_size:
-                    yield part(), None
-                    rules_now = inbox()  # a SIGHUP reload the front passed on (looked for once a
-                    if rules_now is not None:  # round: a look per Tick cost 5 % of a worker)
-                        acc.replace_rules(rules_now)
-            elif item.__class__ is Tick:  # the timers, at the same packet time as with -j 0
-                for r in advance(item.ts):
-                    out.append((seq, values(r)))
-                seq += 1
-        yield part(), None
-        last: Shipped = ([(1 << 62, values(r)) for r in acc.finish()], 0, {}, acc.tracker.stats, {})
-        yield last, ((capture_counters, [(e.path, e.offset, e.reason) for e in errors]) if k == 0 else None)
+        return fileworker.produce(frames, k, workers, rules, open_as_408, errors, inbox)
 
     return produce
 
