@@ -132,6 +132,10 @@ def run_mutate(seconds: float, artifacts: Path, seed: int, keep_going: bool = Fa
 def run_atheris(seconds: float, artifacts: Path, seed: int) -> int:
     import atheris
 
+    # atheris instruments Python bytecode only: the mypyc-compiled modules (setup.py COMPILED)
+    # run but give no coverage feedback. For a coverage-guided session, put a pure copy first
+    # on the path (as tests/golden/test_pure_python.py makes one) or install with
+    # SIPSNIFF_PURE_PYTHON=1; the compiled build still meets every input of the corpus.
     with atheris.instrument_imports(include=["sipsniff_acc"]):
         from tests.fuzz.harness import run_one
 
