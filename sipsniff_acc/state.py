@@ -126,7 +126,9 @@ _SLOTTED: dict[type, tuple[tuple[str, ...], Callable[[Any], Any]]] = {}
 
 def allow(*classes: type) -> None:
     """Let the unpickler build these classes (a section's own state objects). Plain data
-    classes only: the unpickler makes an empty one and sets their fields."""
+    classes only: the unpickler calls ``cls.__new__`` and sets their fields (compiled by mypyc,
+    ``__new__`` runs ``__init__``: every state class must be constructible without arguments,
+    as SipMessage's ``raw`` default and the dataclasses' interpreted ``__init__`` make them)."""
     for cls in classes:
         ALLOWED[(cls.__module__, cls.__qualname__)] = cls
         names = _field_names(cls)
@@ -146,33 +148,6 @@ def _field_names(cls: type) -> tuple[str, ...] | None:
     if cls.__module__.startswith("sipsniff_acc.") and not dataclasses.is_dataclass(cls):
         return tuple(cls.__dict__.get("__annotations__", ()))
     return None
-
-
-#: how the unpickler makes an empty object before its fields are set. A mypyc-compiled class
-#: runs its __init__ from __new__ (copyreg.__newobj__ would fail on the arguments it lacks);
-#: a class not listed is built with no arguments
-_BLANKS: dict[type, Callable[[], Any]] = {
-    Transaction: lambda: Transaction(("", "", "", 0), SipMessage(b""), "other"),
-    Dialog: lambda: Dialog("", ""),
-    SipMessage: lambda: SipMessage(b""),
-}
-_MAKERS: dict[type, type] = {}
-
-
-def _maker(cls: type) -> type:
-    """What the unpickler gets for a compiled class: a type whose __new__ returns an empty
-    instance (pickle's NEWOBJ calls ``cls.__new__(cls)``; files written by the pure-Python
-    build, or an older version, name the class the same way)."""
-    maker = _MAKERS.get(cls)
-    if maker is None:
-        blank = _BLANKS.get(cls, cls)
-
-        class Maker:
-            def __new__(c, *args: Any) -> Any:  # noqa: N804 - pickle's NEWOBJ protocol
-                return blank()
-
-        maker = _MAKERS[cls] = Maker
-    return maker
 
 
 def _values_getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
@@ -478,8 +453,6 @@ class _Unpickler(pickle.Unpickler):
         cls = ALLOWED.get((module, name))
         if cls is None:
             raise StateFileError(f"damaged (refers to {module}.{name}, not a state class)")
-        if isinstance(cls, type) and "__mypyc_attrs__" in cls.__dict__:
-            return _maker(cls)
         return cls
 
 
