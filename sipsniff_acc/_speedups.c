@@ -20,6 +20,7 @@
  * Semantics are those of the regex in sip.py:
  *     \n(call-id|i|cseq|from|f|to|t|via|v|content-length|l)[ \t]*:[ \t]*([^\r\n]*)
  */
+#define _GNU_SOURCE /* memrchr */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
@@ -79,6 +80,10 @@ static int scan_core(const char *d, Py_ssize_t start, Py_ssize_t end, Py_ssize_t
         i = ls;
         j = ls;
         nlines++;
+        {   /* no name of the six starts otherwise (slot_of): most lines end here, unread */
+            int c = lower((unsigned char)d[ls]);
+            if (c != 'c' && c != 'f' && c != 't' && c != 'v' && c != 'i' && c != 'l') continue;
+        }
         while (j < end && d[j] != ':' && d[j] != ' ' && d[j] != '\t' && d[j] != '\r' && d[j] != '\n') j++;
         k = slot_of(d + ls, j - ls);
         if (k < 0 || (vs[k] >= 0 && k != 4)) continue;
@@ -86,16 +91,20 @@ static int scan_core(const char *d, Py_ssize_t start, Py_ssize_t end, Py_ssize_t
         if (j >= end || d[j] != ':') continue;
         j++;
         while (j < end && (d[j] == ' ' || d[j] == '\t')) j++;
-        Py_ssize_t e = j;
+        /* the value ends at the first CR or LF (memchr: a byte loop cost ~4 instructions a byte) */
+        const char *lf = j < end ? memchr(d + j, '\n', (size_t)(end - j)) : NULL;
+        Py_ssize_t e = lf != NULL ? lf - d : end;
+        const char *cr = e > j ? memchr(d + j, '\r', (size_t)(e - j)) : NULL;
+        if (cr != NULL) e = cr - d;
+        i = e;  /* (the next line's LF is at or after e) */
         if (k == 4) {  /* every Via line counts: 1 + its commas */
+            const char *c = d + j;
             nvias++;
-            while (e < end && d[e] != '\r' && d[e] != '\n') { nvias += d[e] == ','; e++; }
+            while ((c = memchr(c, ',', (size_t)(d + e - c))) != NULL) { nvias++; c++; }
             if (vs[k] >= 0) {
                 if (*v2s < 0) { *v2s = j; *v2e = e; }
                 continue;
             }
-        } else {
-            while (e < end && d[e] != '\r' && d[e] != '\n') e++;
         }
         vs[k] = j;
         ve[k] = e;
@@ -239,10 +248,9 @@ typedef struct {
 
 /* The tag span of a From/To value (after the last '>'); *ts = -1 if none. */
 static void tag_span(const char *d, Py_ssize_t vs, Py_ssize_t ve, Py_ssize_t *ts, Py_ssize_t *te) {
-    Py_ssize_t start = vs, i;
-    for (i = ve - 1; i >= vs; i--) {
-        if (d[i] == '>') { start = i + 1; break; }
-    }
+    Py_ssize_t start = vs;
+    const char *gt = ve > vs ? memrchr(d + vs, '>', (size_t)(ve - vs)) : NULL;  /* the last '>' */
+    if (gt != NULL) start = (gt - d) + 1;
     if (!param_core(d, "tag", 3, start, ve, 1, ts, te)) *ts = -1;
 }
 
@@ -368,11 +376,49 @@ static int parse_core(const char *d, Py_ssize_t len, Parsed *p) {
     return 1;
 }
 
-static PyObject *text(const char *s, Py_ssize_t n) { return PyUnicode_DecodeUTF8(s, n, "replace"); }
+/* s[:n] decoded as UTF-8 ("replace"). The usual field is ASCII: a compact ASCII str copied
+ * directly (PyUnicode_DecodeUTF8's checks and its error handling cost ~250 instructions a
+ * field, ~6 fields a message); anything else, and 0 or 1 bytes (its shared singletons), goes
+ * through PyUnicode_DecodeUTF8, whose str for ASCII bytes is equal to this one. */
+static PyObject *text(const char *s, Py_ssize_t n) {
+    Py_ssize_t i;
+    unsigned char any = 0;
+    if (n < 2) return PyUnicode_DecodeUTF8(s, n, "replace");
+    for (i = 0; i < n; i++) any |= (unsigned char)s[i];  /* (no early exit: vectorised) */
+    if (any & 0x80) return PyUnicode_DecodeUTF8(s, n, "replace");
+    PyObject *u = PyUnicode_New(n, 127);
+    if (u != NULL) memcpy(PyUnicode_1BYTE_DATA(u), s, (size_t)n);
+    return u;
+}
 
 /* d[s:e] as text, or dflt (a new reference) when s < 0 (the field is absent) */
 static PyObject *span_or(const char *d, Py_ssize_t s, Py_ssize_t e, PyObject *dflt) {
     return s < 0 ? Py_NewRef(dflt) : text(d + s, e - s);
+}
+
+/* The usual methods and reasons as one shared str each (made at import): no allocation, and
+ * the tracker's and engine's dict lookups of them find their hash cached and compare by identity. */
+static const char *const common_texts[] = {
+    "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "UPDATE", "INFO", "NOTIFY", "SUBSCRIBE",
+    "MESSAGE", "REFER", "PUBLISH", "OK", "Trying", "Ringing", "Session Progress", "Busy Here", "Not Found",
+    "Request Terminated", "Proxy Authentication Required", "Unauthorized", "Temporarily Unavailable",
+    "Request Timeout", "Service Unavailable", "Decline", "Forbidden",
+};
+#define NCOMMON (sizeof common_texts / sizeof common_texts[0])
+static PyObject *common_objs[NCOMMON];
+static Py_ssize_t common_lens[NCOMMON];
+
+/* s[:n] as text, the shared str when it is one of common_texts */
+static PyObject *common_text(const char *s, Py_ssize_t n) {
+    size_t k;
+    for (k = 0; k < NCOMMON; k++) {
+        if (common_lens[k] == n && memcmp(common_texts[k], s, (size_t)n) == 0) return Py_NewRef(common_objs[k]);
+    }
+    return text(s, n);
+}
+
+static PyObject *common_or(const char *d, Py_ssize_t s, Py_ssize_t e, PyObject *dflt) {
+    return s < 0 ? Py_NewRef(dflt) : common_text(d + s, e - s);
 }
 
 #define NFIELDS 16
@@ -383,13 +429,13 @@ static PyObject *values(const char *d, const Parsed *p) {
     if (empty == NULL) return NULL;
     PyObject *v[NFIELDS] = {
         Py_NewRef(p->is_request ? Py_True : Py_False),
-        p->is_request ? text(d, p->method_e) : Py_NewRef(empty),
+        p->is_request ? common_text(d, p->method_e) : Py_NewRef(empty),
         span_or(d, p->ruri_s, p->ruri_e, empty),
         PyLong_FromLong(p->code),
-        span_or(d, p->reason_s, p->reason_e, empty),
+        common_or(d, p->reason_s, p->reason_e, empty),
         text(d + p->cid_s, p->cid_e - p->cid_s),
         PyLong_FromLong(p->cseq),
-        span_or(d, p->cm_s, p->cm_e, empty),
+        common_or(d, p->cm_s, p->cm_e, empty),
         span_or(d, p->ftag_s, p->ftag_e, Py_None),
         span_or(d, p->ttag_s, p->ttag_e, Py_None),
         span_or(d, p->br_s, p->br_e, Py_None),
@@ -767,7 +813,69 @@ static PyObject *call_id(PyObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/*
+ * clean_ascii(text) -> bool: text is ASCII without a control character (C0, DEL), so that
+ * sysloglines.escape() has nothing to escape in it. False says nothing (the caller looks with
+ * str.isprintable() and its regex). str.isprintable() looks each character up in the Unicode
+ * tables (~15 instructions a character: ~4.5k for an ACC line, 1 % of `process`).
+ */
+static PyObject *clean_ascii(PyObject *self, PyObject *arg) {
+    (void)self;
+    if (!PyUnicode_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "clean_ascii() takes a str");
+        return NULL;
+    }
+    if (!PyUnicode_IS_ASCII(arg)) Py_RETURN_FALSE;
+    const unsigned char *s = PyUnicode_1BYTE_DATA(arg);
+    Py_ssize_t i, n = PyUnicode_GET_LENGTH(arg);
+    for (i = 0; i < n; i++) {
+        if (s[i] < 0x20 || s[i] == 0x7f) Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
+/* \s of a str regex, in ASCII */
+static int re_space(unsigned char c) { return c == ' ' || (c >= 0x09 && c <= 0x0d) || (c >= 0x1c && c <= 0x1f); }
+
+/*
+ * magic_branch(via) -> str or None: the branch of a Via entry text (tracker._via_id) in the
+ * usual case only: ASCII, with ";branch=z9hG4bK" after a ';' no other spelling of "branch"
+ * follows. Then the regex
+ *     ;\s*branch\s*=\s*([^;,\s]+)    (str, IGNORECASE)
+ * cannot match at an earlier ';' (none is followed by blanks and "branch") and matches there:
+ * the value runs to a ';', ',' or a character of \s (in ASCII: 0x09-0x0d, 0x1c-0x20).
+ * None: the caller runs the regex. A property test holds it to the regex.
+ */
+static PyObject *magic_branch(PyObject *self, PyObject *arg) {
+    (void)self;
+    if (!PyUnicode_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "magic_branch() takes a str");
+        return NULL;
+    }
+    if (!PyUnicode_IS_ASCII(arg)) Py_RETURN_NONE;
+    const char *d = (const char *)PyUnicode_1BYTE_DATA(arg);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(arg);
+    const char *p = d, *end = d + n;
+    while ((p = memchr(p, ';', (size_t)(end - p))) != NULL) {
+        if (end - p >= 15 && memcmp(p, ";branch=z9hG4bK", 15) == 0) break;
+        const char *q = p + 1;
+        while (q < end && re_space((unsigned char)*q)) q++;
+        if (end - q >= 6 && same(q, 6, "branch")) Py_RETURN_NONE;  /* another spelling: the regex decides */
+        p++;
+    }
+    if (p == NULL) Py_RETURN_NONE;
+    Py_ssize_t s = (p - d) + 8, e = s + 7;
+    while (e < n) {
+        unsigned char c = (unsigned char)d[e];
+        if (c == ';' || c == ',' || re_space(c)) break;
+        e++;
+    }
+    return PyUnicode_Substring(arg, s, e);
+}
+
 static PyMethodDef methods[] = {
+    {"magic_branch", magic_branch, METH_O, "The RFC 3261 branch of a plain Via entry text; None: use the regex."},
+    {"clean_ascii", clean_ascii, METH_O, "True if the str is ASCII without control characters (nothing to escape)."},
     {"scan", scan, METH_VARARGS, "Find the eager SIP header values in data[start:end]; None if folded."},
     {"param", param, METH_VARARGS, "The first ;name=value parameter in data[start:stop], or None."},
     {"call_id", call_id, METH_O, "The value of the first Call-ID line in data (any case, compact too), or None."},
@@ -791,6 +899,11 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     for (i = 0; i < NFIELDS; i++) {
         field_names[i] = PyUnicode_InternFromString(names[i]);
         if (field_names[i] == NULL) return NULL;
+    }
+    for (i = 0; i < (int)NCOMMON; i++) {
+        common_objs[i] = PyUnicode_InternFromString(common_texts[i]);
+        if (common_objs[i] == NULL) return NULL;
+        common_lens[i] = (Py_ssize_t)strlen(common_texts[i]);
     }
     return PyModule_Create(&module);
 }

@@ -165,9 +165,9 @@ class AccEngine:
         elif type(event) is AckIn:
             self._ack_in(event, out)  # the ACK itself is not held
         if out:
-            assign = self.ids.assign
+            ids = self.ids  # (a method call on it: native when compiled; a bound method is a Python call)
             for r in out:
-                assign(r)
+                ids.assign(r)
         return out
 
     def _ctx(self, msg: SipMessage, new_uri: str | None, avps: dict[str, list[str]], ts: float) -> pv.PvContext:

@@ -33,7 +33,7 @@ import hashlib
 import heapq
 import re
 from collections import Counter, OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -64,6 +64,13 @@ REPLY_OVERHEAD = 700
 
 
 Tags = tuple[str, ...] | frozenset[str]
+#: A transaction's key: (branch, or the RFC 2543 Via id; the CSeq method upper-cased; Call-ID;
+#: CSeq number), a plain tuple (the state file holds it as one). Typed as a tuple of any length
+#: for mypyc: a fixed-length tuple type is kept unboxed (in a Transaction, a deadline entry, a
+#: variable) and boxed again at each use as a dict key: a new tuple to allocate, hash and
+#: compare item by item, ~8 times a transaction. Boxed, the one tuple object is looked up by
+#: identity everywhere.
+Key = tuple[Any, ...]
 
 
 def _add_tag(tags: Tags, tag: str) -> Tags:
@@ -76,7 +83,7 @@ def _add_tag(tags: Tags, tag: str) -> Tags:
 
 @dataclass(eq=False, slots=True)
 class Transaction:
-    key: tuple[str, str, str, int]
+    key: Key  #: (branch, METHOD, Call-ID, CSeq number)
     request: SipMessage
     role: str  #: "server" (the proxy's, accounted), "branch" (the proxy's forward), "other"
     parent: Transaction | None = None  #: a branch's server transaction
@@ -104,7 +111,8 @@ class Transaction:
 
     @property
     def method(self) -> str:
-        return self.key[1]
+        method: str = self.key[1]
+        return method
 
     @property
     def created(self) -> float:
@@ -375,15 +383,29 @@ def _shared(value: str) -> str:
     return got
 
 
+def _magic_branch_py(via: str) -> str | None:
+    """The fallback of ``_speedups.magic_branch``: nothing decided (the regex looks)."""
+    return None
+
+
+_magic_branch: Callable[[str], str | None] = _magic_branch_py
+try:  # the usual Via's branch without the regex (a search, group and startswith: ~1.7k instructions)
+    from sipsniff_acc import _speedups
+
+    _magic_branch = _speedups.magic_branch
+except ImportError:
+    pass
+
+
 def _via_id(via: str) -> str:
     """The transaction id a Via gives: its branch if RFC 3261, else the whole Via (RFC 2543)."""
+    branch = _magic_branch(via)
+    if branch is not None:
+        return branch
     m = _BRANCH.search(via)
     if m and m.group(1).startswith(MAGIC):
         return m.group(1)
     return via.split(";branch", 1)[0].strip().lower() + "|" + (m.group(1) if m else "")
-
-
-Key = tuple[str, str, str, int]
 
 
 # Transaction and Dialog are built field by field on the hot path: compiled by mypyc, their
@@ -425,7 +447,9 @@ def new_dialog(call_id: str, caller_tag: str, created: float) -> Dialog:
     d.created = created
     d.ended = 0.0
     return d
-Entry = tuple[float, Key]  #: a deadline: (time, transaction key)
+#: a deadline: (time, transaction key); boxed for mypyc like Key (a fixed type re-boxed each
+#: entry, its float too, as it went from a run to the due list)
+Entry = tuple[Any, ...]
 #: runs of deadlines a tracker keeps (one per timer length: fr_timer, fr_inv_timer, wait_timer;
 #: a rules reload may add some); past it, deadlines of a new length go to the heap
 MAX_RUNS = 8
@@ -535,11 +559,11 @@ class TransactionTracker:
             self._evict()
         return out
 
-    def _key(self, msg: SipMessage, via: str, method: str) -> tuple[str, str, str, int]:
+    def _key(self, msg: SipMessage, via: str, method: str) -> Key:
         """The transaction key a given Via of this message names."""
         return (_via_id(via), method, msg.call_id or "", msg.cseq_num or 0)
 
-    def _top_key(self, msg: SipMessage, method: str) -> tuple[str, str, str, int]:
+    def _top_key(self, msg: SipMessage, method: str) -> Key:
         if msg.branch and msg.branch.startswith(MAGIC):
             return (msg.branch, method, msg.call_id or "", msg.cseq_num or 0)
         vias = msg.vias()
@@ -1046,8 +1070,13 @@ class TransactionTracker:
 
     def _forget(self, key: Key, t: Transaction) -> None:
         del self.txns[key]
-        if self._open.pop(key, None) is None:
-            self._done.pop(key, None)
+        # a transaction is in _done once it has its final reply (_final), in _open before: one
+        # OrderedDict.pop (~1.1k instructions) where it is, the other only if it was not there
+        if t.final is None:
+            if self._open.pop(key, None) is None:
+                self._done.pop(key, None)
+        elif self._done.pop(key, None) is None:
+            self._open.pop(key, None)
         self.held_bytes -= t.size
         ckey = (key[2], key[3], key[1])
         same = self.by_cseq.get(ckey)
