@@ -38,6 +38,9 @@
  *
  * shard(payload, shards) -> int: processrun.shard_of (the Call-ID shard of -j N) in one call.
  *
+ * pcap_shard(...): pcap_frames for -j N's worker k, other shards' plain UDP SIP, keep-alives
+ *   and RTP counted, not built (below, at its definition).
+ *
  * Every offset is checked against the bytes that arrived before it is read. A property test
  * (tests/property/test_capture_speedups.py) compares each function with its Python twin on
  * generated, truncated and random frames.
@@ -292,6 +295,137 @@ static int keepalive(const unsigned char *p, Py_ssize_t n) {
     return 1;
 }
 
+/* What plain() found in a frame: where its addresses, ports and payload are. */
+enum { K_DECLINE, K_UDP, K_KEEPALIVE, K_NOT_SIP, K_TCP, K_SCTP };
+typedef struct {
+    int link, v6, tags, vlans[MAX_TAGS];
+    const unsigned char *ip;
+    Py_ssize_t alen, pay, end;
+    long sport, dport, ipid;
+} plain_t;
+
+/* The common-case decode of frame bytes d[0:len] of linktype lt: K_DECLINE (decode_py decides),
+ * K_UDP (with classify: a UDP payload that looks like SIP), K_KEEPALIVE / K_NOT_SIP (classify
+ * only), K_TCP or K_SCTP; o says where the parts are. */
+static int plain(const unsigned char *d, Py_ssize_t len, long lt, int classify, plain_t *o) {
+    Py_ssize_t off;
+    int link, et = -1;
+    switch (lt) {
+    case 1: /* Ethernet */
+        if (len < 14) return K_DECLINE;
+        et = be16(d + 12), off = 14, link = 1;
+        break;
+    case 113: /* Linux SLL */
+        if (len < 16) return K_DECLINE;
+        et = be16(d + 14), off = 16, link = 2;
+        break;
+    case 276: /* Linux SLL2 */
+        if (len < 20) return K_DECLINE;
+        et = be16(d), off = 20, link = 3;
+        break;
+    case 101: case 12: case 228: case 229: /* raw IP */
+        off = 0, link = 0;
+        break;
+    default:
+        return K_DECLINE;
+    }
+    int tags = 0;
+    if (link) { /* decode._ethertype: VLAN tags, then IP (the version nibble decides which) */
+        while (et == 0x8100 || et == 0x88A8 || et == 0x9100 || et == 0x9200) {
+            if (len < off + 4 || tags == MAX_TAGS) return K_DECLINE;
+            o->vlans[tags++] = be16(d + off) & 0x0FFF;
+            et = be16(d + off + 2);
+            off += 4;
+        }
+        if (et != 0x0800 && et != 0x86DD) return K_DECLINE;
+    }
+    if (off >= len) return K_DECLINE;
+    int v6, version = d[off] >> 4;
+    Py_ssize_t end, at, alen;
+    long ipid;
+    int proto;
+    const unsigned char *ip = d + off;
+    if (version == 4) {
+        if (len < off + 20) return K_DECLINE;
+        Py_ssize_t hl = (ip[0] & 0x0F) * 4, total = be16(ip + 2);
+        if (hl < 20 || total < hl || off + total > len) return K_DECLINE;
+        if (be16(ip + 6) & 0x3FFF) return K_DECLINE; /* a fragment */
+        proto = ip[9];
+        v6 = 0, end = off + total, at = off + hl, alen = 4, ipid = be16(ip + 4);
+    } else if (version == 6) {
+        if (len < off + 40) return K_DECLINE;
+        Py_ssize_t plen = be16(ip + 4);
+        /* a jumbogram (0) or an extension header: decode_py */
+        if (plen == 0 || off + 40 + plen > len) return K_DECLINE;
+        proto = ip[6];
+        v6 = 1, end = off + 40 + plen, at = off + 40, alen = 16, ipid = -1;
+    } else {
+        return K_DECLINE;
+    }
+    int kind;
+    if (proto == 17) {
+        if (end - at < 8) return K_DECLINE;
+        o->sport = be16(d + at), o->dport = be16(d + at + 2);
+        Py_ssize_t ulen = be16(d + at + 4);
+        if (ulen >= 8 && at + ulen <= end) end = at + ulen; /* trims Ethernet padding */
+        if (o->dport == VXLAN_PORT || o->dport == TZSP_PORT) return K_DECLINE;
+        o->pay = at + 8, kind = K_UDP;
+        if (classify && !sip_like(d + o->pay, end - o->pay)) /* no Datagram for RTP and other noise */
+            return keepalive(d + o->pay, end - o->pay) ? K_KEEPALIVE : K_NOT_SIP;
+    } else if (proto == 6 || proto == 132) { /* the whole segment or packet, for reassembly */
+        if (end - at < 4) return K_DECLINE;
+        o->sport = be16(d + at), o->dport = be16(d + at + 2);
+        o->pay = at, kind = proto == 6 ? K_TCP : K_SCTP;
+    } else {
+        return K_DECLINE; /* ICMP, tunnels, IPv6 extension headers: decode_py */
+    }
+    o->link = link, o->v6 = v6, o->tags = tags, o->ip = ip, o->alen = alen, o->end = end, o->ipid = ipid;
+    return kind;
+}
+
+/* The Datagram of what plain() found (kind K_UDP, K_TCP or K_SCTP); ts and no are stolen (NULL:
+ * an error, or a Frame slot never set). NULL with no exception set: the caller returns None. */
+static PyObject *datagram_of(const unsigned char *d, const plain_t *o, int kind, PyObject *ts, PyObject *no,
+                             PyObject *source) {
+    PyObject *encap;
+    if (o->tags == 0) {
+        encap = Py_NewRef(encaps[o->link][o->v6]);
+    } else {
+        encap = PyTuple_New(o->tags + 2);
+        if (encap == NULL) {
+            Py_XDECREF(ts);
+            Py_XDECREF(no);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(encap, 0, Py_NewRef(o->link == 1 ? s_eth : o->link == 2 ? s_sll : s_sll2));
+        for (int i = 0; i < o->tags; i++) {
+            PyObject *s = PyUnicode_FromFormat("vlan:%d", o->vlans[i]);
+            if (s == NULL) {
+                Py_DECREF(encap);
+                Py_XDECREF(ts);
+                Py_XDECREF(no);
+                return NULL;
+            }
+            PyTuple_SET_ITEM(encap, i + 1, s);
+        }
+        PyTuple_SET_ITEM(encap, o->tags + 1, Py_NewRef(o->v6 ? s_ip6 : s_ip4));
+    }
+    Py_ssize_t src_at = o->v6 ? 8 : 12, dst_at = o->v6 ? 24 : 16;
+    PyObject *v[D_N];
+    v[D_TS] = ts;
+    v[D_NO] = no;
+    v[D_TRANSPORT] = Py_NewRef(kind == K_TCP ? tcp_transport : kind == K_SCTP ? sctp_transport : udp_transport);
+    v[D_SRC] = PyBytes_FromStringAndSize((const char *)o->ip + src_at, o->alen);
+    v[D_SPORT] = PyLong_FromLong(o->sport);
+    v[D_DST] = PyBytes_FromStringAndSize((const char *)o->ip + dst_at, o->alen);
+    v[D_DPORT] = PyLong_FromLong(o->dport);
+    v[D_PAYLOAD] = PyBytes_FromStringAndSize((const char *)d + o->pay, o->end - o->pay);
+    v[D_ENCAP] = encap;
+    v[D_SOURCE] = Py_XNewRef(source);
+    v[D_IPID] = PyLong_FromLong(o->ipid);
+    return build(datagram_type, datagram_off, v, D_N);
+}
+
 /* The Datagram of a frame in the common case, or None (decode_py decides). */
 static PyObject *udp_impl(PyObject *frame, int classify) {
     if (datagram_type == NULL || Py_TYPE(frame) != frame_type) Py_RETURN_NONE;
@@ -305,110 +439,12 @@ static PyObject *udp_impl(PyObject *frame, int classify) {
         PyErr_Clear();
         Py_RETURN_NONE;
     }
-    Py_ssize_t off;
-    int link, et = -1;
-    switch (lt) {
-    case 1: /* Ethernet */
-        if (len < 14) Py_RETURN_NONE;
-        et = be16(d + 12), off = 14, link = 1;
-        break;
-    case 113: /* Linux SLL */
-        if (len < 16) Py_RETURN_NONE;
-        et = be16(d + 14), off = 16, link = 2;
-        break;
-    case 276: /* Linux SLL2 */
-        if (len < 20) Py_RETURN_NONE;
-        et = be16(d), off = 20, link = 3;
-        break;
-    case 101: case 12: case 228: case 229: /* raw IP */
-        off = 0, link = 0;
-        break;
-    default:
-        Py_RETURN_NONE;
-    }
-    int tags = 0, vlans[MAX_TAGS];
-    if (link) { /* decode._ethertype: VLAN tags, then IP (the version nibble decides which) */
-        while (et == 0x8100 || et == 0x88A8 || et == 0x9100 || et == 0x9200) {
-            if (len < off + 4 || tags == MAX_TAGS) Py_RETURN_NONE;
-            vlans[tags++] = be16(d + off) & 0x0FFF;
-            et = be16(d + off + 2);
-            off += 4;
-        }
-        if (et != 0x0800 && et != 0x86DD) Py_RETURN_NONE;
-    }
-    if (off >= len) Py_RETURN_NONE;
-    int v6, version = d[off] >> 4;
-    Py_ssize_t end, at, alen;
-    long ipid;
-    int proto;
-    const unsigned char *ip = d + off;
-    if (version == 4) {
-        if (len < off + 20) Py_RETURN_NONE;
-        Py_ssize_t hl = (ip[0] & 0x0F) * 4, total = be16(ip + 2);
-        if (hl < 20 || total < hl || off + total > len) Py_RETURN_NONE;
-        if (be16(ip + 6) & 0x3FFF) Py_RETURN_NONE; /* a fragment */
-        proto = ip[9];
-        v6 = 0, end = off + total, at = off + hl, alen = 4, ipid = be16(ip + 4);
-    } else if (version == 6) {
-        if (len < off + 40) Py_RETURN_NONE;
-        Py_ssize_t plen = be16(ip + 4);
-        /* a jumbogram (0) or an extension header: decode_py */
-        if (plen == 0 || off + 40 + plen > len) Py_RETURN_NONE;
-        proto = ip[6];
-        v6 = 1, end = off + 40 + plen, at = off + 40, alen = 16, ipid = -1;
-    } else {
-        Py_RETURN_NONE;
-    }
-    long sport, dport;
-    Py_ssize_t pay; /* where the Datagram's payload starts */
-    PyObject *transport;
-    if (proto == 17) {
-        if (end - at < 8) Py_RETURN_NONE;
-        sport = be16(d + at), dport = be16(d + at + 2);
-        Py_ssize_t ulen = be16(d + at + 4);
-        if (ulen >= 8 && at + ulen <= end) end = at + ulen; /* trims Ethernet padding */
-        if (dport == VXLAN_PORT || dport == TZSP_PORT) Py_RETURN_NONE;
-        pay = at + 8, transport = udp_transport;
-        if (classify && !sip_like(d + pay, end - pay)) /* no Datagram for RTP and other noise */
-            return PyLong_FromLong(keepalive(d + pay, end - pay) ? 1 : 2);
-    } else if (proto == 6 || proto == 132) { /* the whole segment or packet, for reassembly */
-        if (end - at < 4) Py_RETURN_NONE;
-        sport = be16(d + at), dport = be16(d + at + 2);
-        pay = at, transport = proto == 6 ? tcp_transport : sctp_transport;
-    } else {
-        Py_RETURN_NONE; /* ICMP, tunnels, IPv6 extension headers: decode_py */
-    }
-    PyObject *encap;
-    if (tags == 0) {
-        encap = Py_NewRef(encaps[link][v6]);
-    } else {
-        encap = PyTuple_New(tags + 2);
-        if (encap == NULL) return NULL;
-        PyTuple_SET_ITEM(encap, 0, Py_NewRef(link == 1 ? s_eth : link == 2 ? s_sll : s_sll2));
-        for (int i = 0; i < tags; i++) {
-            PyObject *s = PyUnicode_FromFormat("vlan:%d", vlans[i]);
-            if (s == NULL) {
-                Py_DECREF(encap);
-                return NULL;
-            }
-            PyTuple_SET_ITEM(encap, i + 1, s);
-        }
-        PyTuple_SET_ITEM(encap, tags + 1, Py_NewRef(v6 ? s_ip6 : s_ip4));
-    }
-    Py_ssize_t src_at = v6 ? 8 : 12, dst_at = v6 ? 24 : 16;
-    PyObject *v[D_N];
-    v[D_TS] = Py_XNewRef(SLOT(frame, frame_off[F_TS]));
-    v[D_NO] = Py_XNewRef(SLOT(frame, frame_off[F_NO]));
-    v[D_TRANSPORT] = Py_NewRef(transport);
-    v[D_SRC] = PyBytes_FromStringAndSize((const char *)ip + src_at, alen);
-    v[D_SPORT] = PyLong_FromLong(sport);
-    v[D_DST] = PyBytes_FromStringAndSize((const char *)ip + dst_at, alen);
-    v[D_DPORT] = PyLong_FromLong(dport);
-    v[D_PAYLOAD] = PyBytes_FromStringAndSize((const char *)d + pay, end - pay);
-    v[D_ENCAP] = encap;
-    v[D_SOURCE] = Py_XNewRef(SLOT(frame, frame_off[F_SOURCE]));
-    v[D_IPID] = PyLong_FromLong(ipid);
-    PyObject *out = build(datagram_type, datagram_off, v, D_N);
+    plain_t o;
+    int kind = plain(d, len, lt, classify, &o);
+    if (kind == K_DECLINE) Py_RETURN_NONE;
+    if (kind == K_KEEPALIVE || kind == K_NOT_SIP) return PyLong_FromLong(kind == K_KEEPALIVE ? 1 : 2);
+    PyObject *out = datagram_of(d, &o, kind, Py_XNewRef(SLOT(frame, frame_off[F_TS])),
+                                Py_XNewRef(SLOT(frame, frame_off[F_NO])), SLOT(frame, frame_off[F_SOURCE]));
     if (out == NULL && !PyErr_Occurred()) Py_RETURN_NONE; /* a Frame slot was never set */
     return out;
 }
@@ -439,19 +475,33 @@ static PyObject *looks_like_sip(PyObject *self, PyObject *arg) {
  * \n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]*), any case), stripped as bytes.strip() does (b"" when
  * there is none), modulo shards. No bytes object for the value, no Python call for the CRC.
  */
-static uint32_t crc_table[256];
+/* zlib's CRC-32, eight bytes a step (slicing-by-8: every SIP datagram of the capture is hashed by
+ * every -j N worker; a byte a step was ~a third of the shard's cost) */
+static uint32_t crc_table[8][256];
 
 static void crc_init(void) {
     for (uint32_t n = 0; n < 256; n++) {
         uint32_t c = n;
         for (int b = 0; b < 8; b++) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-        crc_table[n] = c;
+        crc_table[0][n] = c;
     }
+    for (uint32_t n = 0; n < 256; n++)
+        for (int t = 1; t < 8; t++) crc_table[t][n] = (crc_table[t - 1][n] >> 8) ^ crc_table[0][crc_table[t - 1][n] & 0xFF];
+}
+
+static inline uint32_t le32(const unsigned char *p) {
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
 }
 
 static uint32_t crc32_of(const unsigned char *p, Py_ssize_t n) {
     uint32_t c = 0xFFFFFFFFu;
-    for (Py_ssize_t i = 0; i < n; i++) c = crc_table[(c ^ p[i]) & 0xFF] ^ (c >> 8);
+    for (; n >= 8; p += 8, n -= 8) {
+        uint32_t one = le32(p) ^ c, two = le32(p + 4);
+        c = crc_table[7][one & 0xFF] ^ crc_table[6][(one >> 8) & 0xFF] ^ crc_table[5][(one >> 16) & 0xFF]
+            ^ crc_table[4][one >> 24] ^ crc_table[3][two & 0xFF] ^ crc_table[2][(two >> 8) & 0xFF]
+            ^ crc_table[1][(two >> 16) & 0xFF] ^ crc_table[0][two >> 24];
+    }
+    for (; n > 0; p++, n--) c = crc_table[0][(c ^ *p) & 0xFF] ^ (c >> 8);
     return c ^ 0xFFFFFFFFu;
 }
 
@@ -461,22 +511,9 @@ static int bytes_space(unsigned char c) {  /* bytes.strip()'s whitespace (Py_ISS
     return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\x0b' || c == '\x0c';
 }
 
-static PyObject *shard(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "shard(payload, shards)");
-        return NULL;
-    }
-    long shards = PyLong_AsLong(args[1]);
-    if (shards == -1 && PyErr_Occurred()) return NULL;
-    if (shards <= 0) {
-        PyErr_SetString(PyExc_ValueError, "shards must be positive");
-        return NULL;
-    }
-    Py_buffer buf;
-    if (PyObject_GetBuffer(args[0], &buf, PyBUF_SIMPLE) < 0) return NULL;
-    const unsigned char *d = (const unsigned char *)buf.buf;
-    Py_ssize_t end = buf.len, i = 0, s = 0, e = 0;
+/* The Call-ID shard of the SIP payload d[0:end] */
+static long shard_of(const unsigned char *d, Py_ssize_t end, long shards) {
+    Py_ssize_t i = 0, s = 0, e = 0;
     while (i < end) {
         const unsigned char *nl = memchr(d + i, '\n', (size_t)(end - i));
         if (nl == NULL) break;
@@ -498,9 +535,132 @@ static PyObject *shard(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         while (e > s && bytes_space(d[e - 1])) e--;
         break;
     }
-    uint32_t crc = crc32_of(d + s, e - s);
+    return (long)(crc32_of(d + s, e - s) % (unsigned long)shards);
+}
+
+static PyObject *shard(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "shard(payload, shards)");
+        return NULL;
+    }
+    long shards = PyLong_AsLong(args[1]);
+    if (shards == -1 && PyErr_Occurred()) return NULL;
+    if (shards <= 0) {
+        PyErr_SetString(PyExc_ValueError, "shards must be positive");
+        return NULL;
+    }
+    Py_buffer buf;
+    if (PyObject_GetBuffer(args[0], &buf, PyBUF_SIMPLE) < 0) return NULL;
+    long n = shard_of((const unsigned char *)buf.buf, buf.len, shards);
     PyBuffer_Release(&buf);
-    return PyLong_FromLong((long)(crc % (unsigned long)shards));
+    return PyLong_FromLong(n);
+}
+
+/*
+ * pcap_shard(buf, pos, big_endian, unit, linktype, no, source, k, shards, started,
+ *            next_tick, tick, next_advance, advance_every)
+ *     -> (items, pos, no, next_tick, next_advance, frames, bytes, keepalives, udp_not_sip)
+ *
+ * pcap_frames for worker k of -j N on a capture file (fileworker.py), with the capture stage's
+ * common case folded in, so that the frames of other shards make no Python object. Per record:
+ *   - a plain UDP frame that looks like SIP (CaptureStage.feed's sip_udp case): its Datagram if
+ *     its Call-ID shard is k; else nothing, or its Frame while not started (no SIP datagram
+ *     seen yet: $TS is the first one of any shard);
+ *   - a plain UDP keep-alive or other UDP payload (RTP): nothing;
+ *   - anything else (TCP, SCTP, what decode_py decides): its Frame, for CaptureStage.feed.
+ * A record for which nothing came out, but whose time reaches next_tick (the worker's Tick,
+ * every `tick` of packet time) or next_advance (CaptureStage's once-a-second timers), comes out
+ * as (no, ts): the worker fires them at the same frame and packet time as when it saw every
+ * frame. Both times go on as the worker's do (ts + tick, ts + advance_every). The records that
+ * came out as Datagram or (no, ts) are counted here (frames, bytes, keepalives, udp_not_sip),
+ * the Frames by CaptureStage.feed. Stops where pcap_frames stops.
+ */
+static PyObject *pcap_shard(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 14) {
+        PyErr_SetString(PyExc_TypeError, "pcap_shard() takes 14 arguments");
+        return NULL;
+    }
+    if (frame_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "setup() was not called");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    int big = PyObject_IsTrue(args[2]);
+    double unit = PyFloat_AsDouble(args[3]);
+    PyObject *linktype = args[4];
+    long lt = PyLong_AsLong(linktype);
+    long long no = PyLong_AsLongLong(args[5]);
+    PyObject *source = args[6];
+    long k = PyLong_AsLong(args[7]), shards = PyLong_AsLong(args[8]);
+    int started = PyObject_IsTrue(args[9]);
+    double next_tick = PyFloat_AsDouble(args[10]), tick = PyFloat_AsDouble(args[11]);
+    double next_advance = PyFloat_AsDouble(args[12]), every = PyFloat_AsDouble(args[13]);
+    long long frames_n = 0, bytes_n = 0, keepalives_n = 0, not_sip_n = 0;
+    PyObject *items = NULL;
+    if (PyErr_Occurred() || big < 0 || started < 0 || pos < 0 || shards <= 0 || !PyLong_CheckExact(linktype)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad arguments");
+        goto done;
+    }
+    items = PyList_New(0);
+    if (items == NULL) goto done;
+    const unsigned char *buf = view.buf;
+    Py_ssize_t end = view.len;
+    while (pos <= end - 16) {
+        const unsigned char *h = buf + pos;
+        uint32_t sec = rd32(h, big), frac = rd32(h + 4, big), caplen = rd32(h + 8, big);
+        if (caplen > MAX_RECORD || (Py_ssize_t)caplen > end - pos - 16) break;
+        double part = (double)frac * unit; /* as pcap_frames */
+        double ts = (double)sec + part;
+        no += 1;
+        const unsigned char *data = h + 16;
+        int due = 0;
+        if (ts >= next_tick) next_tick = ts + tick, due = 1;
+        if (ts >= next_advance) next_advance = ts + every, due = 1;
+        plain_t o;
+        int kind = plain(data, caplen, lt, 1, &o);
+        PyObject *item = NULL;
+        int mine = kind == K_UDP && shard_of(data + o.pay, o.end - o.pay, shards) == k;
+        if (kind == K_KEEPALIVE || kind == K_NOT_SIP || mine || (kind == K_UDP && started)) {
+            frames_n += 1, bytes_n += caplen;
+            if (kind == K_KEEPALIVE) keepalives_n += 1;
+            else if (kind == K_NOT_SIP) not_sip_n += 1;
+            if (mine) {
+                item = datagram_of(data, &o, kind, PyFloat_FromDouble(ts), PyLong_FromLongLong(no), source);
+                if (item == NULL) {
+                    if (!PyErr_Occurred()) PyErr_NoMemory();
+                    Py_CLEAR(items);
+                    goto done;
+                }
+            } else if (due) {
+                item = Py_BuildValue("(Ld)", no, ts);
+                if (item == NULL) {
+                    Py_CLEAR(items);
+                    goto done;
+                }
+            }
+            if (item != NULL) {
+                int bad = PyList_Append(items, item);
+                Py_DECREF(item);
+                if (bad < 0) {
+                    Py_CLEAR(items);
+                    goto done;
+                }
+            }
+        } else if (append_frame(items, ts, linktype, data, caplen, no, source) < 0) {
+            Py_CLEAR(items);
+            goto done;
+        }
+        pos += 16 + (Py_ssize_t)caplen;
+    }
+done:
+    PyBuffer_Release(&view);
+    if (items == NULL) return NULL;
+    return Py_BuildValue("(NnLddLLLL)", items, pos, no, next_tick, next_advance, frames_n, bytes_n, keepalives_n,
+                         not_sip_n);
 }
 
 static PyMethodDef methods[] = {
@@ -512,6 +672,10 @@ static PyMethodDef methods[] = {
     {"udp", udp, METH_O, "udp(frame) -> Datagram | None: decode's common case"},
     {"sip_udp", sip_udp, METH_O, "sip_udp(frame) -> Datagram (looks like SIP) | 1 (keep-alive) | 2 (other) | None"},
     {"looks_like_sip", looks_like_sip, METH_O, "looks_like_sip(payload) -> bool"},
+    {"pcap_shard", (PyCFunction)(void (*)(void))pcap_shard, METH_FASTCALL,
+     "pcap_shard(buf, pos, big_endian, unit, linktype, no, source, k, shards, started, next_tick, tick, "
+     "next_advance, advance_every) -> (items, pos, no, next_tick, next_advance, frames, bytes, keepalives, "
+     "udp_not_sip)"},
     {"shard", (PyCFunction)(void (*)(void))shard, METH_FASTCALL,
      "shard(payload, shards) -> int: crc32 of the stripped first Call-ID line's value, modulo shards"},
     {NULL, NULL, 0, NULL},

@@ -12,8 +12,12 @@ round loop of processrun does) and delivers them. Each worker pays the capture s
 
 Only for what can be read twice: capture files (not stdin, not a live interface), with no
 TLS key log, --hep-out tap or --state (those need the one front; processrun's round loop
-serves them). Capture counters come from worker 0 (every worker counts the same), parse and
+serves them). Capture counters come from worker 0 (every worker counts the same), but for the
+duplicate filter's (each worker filters its own shard's datagrams: fileworker); parse and
 tracker counters are summed, source errors come from worker 0.
+
+On a single classic pcap file the workers skip other shards' frames in C (fileworker._Walk);
+the records and counters are the same.
 """
 
 from __future__ import annotations
@@ -31,12 +35,16 @@ from sipsniff_acc.shard import Inbox, streamed_map
 from sipsniff_acc.sources.pcapfile import CaptureChanged, SourceError
 
 
+#: frames per round (fileworker.ROUND_FRAMES; tests make rounds small to cross their boundaries)
+ROUND_FRAMES = fileworker.ROUND_FRAMES
+
+
 def _producer(frames: Iterable[Frame], k: int, workers: int, rules: RulesFile, open_as_408: bool,
               errors: list[SourceError]) -> Callable[[Inbox], Iterator[tuple[Shipped, Tail]]]:
     """Worker k's run: the whole capture stage, the parse and accounting of shard k (fileworker)."""
 
     def produce(inbox: Inbox) -> Iterator[tuple[Shipped, Tail]]:
-        return fileworker.produce(frames, k, workers, rules, open_as_408, errors, inbox)
+        return fileworker.produce(frames, k, workers, rules, open_as_408, errors, inbox, ROUND_FRAMES)
 
     return produce
 

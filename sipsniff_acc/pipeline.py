@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import socket
 import struct
+import zlib
+from collections.abc import Callable
 from typing import Final
 
 from sipsniff_acc import decode as dec
@@ -46,6 +48,18 @@ MAX_DEDUP_IDS = 8  #: IP IDs remembered per payload in the window (a burst of im
 
 #: Fire timers at most this often (packet time): a walk of the timer table per frame is wasted work.
 ADVANCE_EVERY = 1.0
+
+
+def _shard_py(payload: bytes, shards: int) -> int:
+    cid = sip.call_id_line(payload)  # processrun.shard_of
+    return zlib.crc32(cid.strip() if cid is not None else b"") % shards
+
+
+#: the Call-ID shard of a SIP datagram (-j N): the C one (no bytes for the value, no Python call
+#: for the CRC) when _capture is built
+shard_of: Callable[[bytes, int], int] = _shard_py
+if dec.speedups is not None:
+    shard_of = dec.speedups.shard
 
 
 _ntop = socket.inet_ntop
@@ -142,10 +156,14 @@ class CaptureStage:
     """Frames in; SIP candidates (``Datagram``s whose payload looks like SIP) and anomalies out.
 
     ``limits``: rules.yaml's ``limits:`` (only ``max_sip_message`` concerns this stage).
+    ``shard``: (k, shards) for worker k of ``-j N`` on files (fileworker.py), which sees only
+    its own shard's plain UDP SIP datagrams: the duplicate filter then takes only shard k's (a
+    mirror copy has the same payload, so the same Call-ID and shard) and hands the others on
+    unfiltered (the worker drops them), so that each worker counts its shard's duplicates.
     """
 
     def __init__(self, counters: Counters | None = None, dup_window: float = DUP_WINDOW,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, shard: tuple[int, int] = (0, 1)) -> None:
         self.counters = counters or Counters()
         max_message = (limits or Limits()).max_sip_message
         self.frags = FragmentReassembler()
@@ -153,6 +171,7 @@ class CaptureStage:
         self.sctp = SctpReassembler(self.counters, max_message)
         self.dedup = Deduplicator(dup_window)
         self._next_advance = 0.0
+        self._k, self._shards = shard
 
     def feed(self, frame: Frame) -> list[Datagram | Anomaly]:
         c = self.counters
@@ -190,6 +209,29 @@ class CaptureStage:
         else:
             self._note(out, (item,))  # type: ignore[arg-type]
         return out
+
+    def sip_datagram(self, d: Datagram) -> list[Datagram | Anomaly]:
+        """``feed`` for a frame that ``_capture.pcap_shard`` decoded, found to be plain UDP that
+        looks like SIP of this shard and counted (frames, bytes): the timers if due, then the
+        duplicate filter."""
+        out: list[Datagram | Anomaly] = []
+        if d.ts >= self._next_advance:
+            self._advance(d.ts, out)
+        self._dedup(d, out)
+        return out
+
+    def passed(self, ts: float) -> list[Datagram | Anomaly]:
+        """``feed`` for a frame that ``_capture.pcap_shard`` counted and dropped (another shard's
+        SIP, a keep-alive, RTP) but whose time may fire the timers."""
+        out: list[Datagram | Anomaly] = []
+        if ts >= self._next_advance:
+            self._advance(ts, out)
+        return out
+
+    @property
+    def next_advance(self) -> float:
+        """The packet time at which a frame fires the timers (``_capture.pcap_shard`` follows it)."""
+        return self._next_advance
 
     def _reassembled(self, res: Reassembled, out: list[Datagram | Anomaly]) -> None:
         frame = Frame(res.ts, 0, res.payload, res.no, res.source)
@@ -230,6 +272,13 @@ class CaptureStage:
 
     def _sip(self, d: Datagram, out: list[Datagram | Anomaly]) -> None:
         """A datagram that looks like SIP: a candidate, unless a mirrored copy of one."""
+        if self._shards > 1 and shard_of(d.payload, self._shards) != self._k:
+            out.append(d)  # another worker's: its duplicates are its to count
+            return
+        self._dedup(d, out)
+
+    def _dedup(self, d: Datagram, out: list[Datagram | Anomaly]) -> None:
+        """A SIP datagram of this shard: a candidate, unless a mirrored copy of one."""
         dedup = self.dedup
         overflows = dedup.overflows
         if dedup.duplicate(d):

@@ -19,10 +19,10 @@ import re
 import stat
 import struct
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
-from typing import BinaryIO, Final, Protocol
+from typing import Any, BinaryIO, Final, Protocol
 
 from sipsniff_acc.decode import speedups
 from sipsniff_acc.events import Frame
@@ -41,6 +41,11 @@ PCAP_MAGICS: Final = {
 PCAPNG_SHB: Final = b"\x0a\x0d\x0d\x0a"
 GZIP_MAGIC: Final = b"\x1f\x8b"
 CAPTURE_SUFFIXES: Final = (".pcap", ".pcapng", ".cap", ".gz", ".dmp", ".ntar")
+
+
+#: what walks the whole records of a chunk of classic pcap: (buf, pos, big_endian, unit, linktype,
+#: no, source) -> (items, pos, no), as _capture.pcap_frames (whose items are Frames)
+Walker = Callable[[Any, int, bool, float, int, int, str], tuple[list[Any], int, int]]
 
 
 class CaptureChanged(Exception):
@@ -80,6 +85,9 @@ class CaptureReader:
         self.frames = 0
         self._raw: BinaryIO | None = None
         self._pinned: os.stat_result | None = None
+        #: a walk of classic pcap chunks other than pcap_frames (fileworker's, whose items are
+        #: also Datagrams and (no, ts) pairs); taken only where pcap_frames would be
+        self.walker: Walker | None = None
 
     def pin(self) -> None:
         """From now on read the file as it is now: its first ``size`` bytes (a capture still
@@ -200,7 +208,7 @@ class CaptureReader:
         Frame.__init__ call, no copy of each chunk onto the last one's tail, no fresh 4 MiB of
         pages a chunk. The same frames and the same errors at the same offsets as ``_pcap``."""
         assert speedups is not None
-        walk = speedups.pcap_frames
+        walk = self.walker or speedups.pcap_frames
         path = self.path
         big = order == ">"
         # room for a chunk after the tail of a record cut by the previous one (< 16 + MAX_RECORD)
@@ -531,6 +539,18 @@ class CaptureStream:
         self.readers = list(readers)
         self.errors = errors
         self.started = False
+
+    def walk_with(self, walker: Walker) -> bool:
+        """Have one capture file, unbegun, walked by ``walker`` where its classic pcap records
+        would be cut by ``_capture.pcap_frames`` (CaptureReader.walker): True if so. Every item
+        then still comes in record order, and each record's ``no`` is its index in the stream."""
+        if self.started or len(self.readers) != 1 or speedups is None:
+            return False
+        reader = self.readers[0]
+        if not isinstance(reader, CaptureReader):
+            return False
+        reader.walker = walker
+        return True
 
     def __iter__(self) -> Iterator[Frame]:
         self.started = True

@@ -36,15 +36,16 @@ def _ip6(payload: bytes, nh: int, plen_delta: int) -> bytes:
 
 
 @st.composite
-def frames(draw: st.DrawFn) -> Frame:
-    """Plain UDP over every link C handles, with every field that makes it not plain drawn too."""
+def frames(draw: st.DrawFn, linktype: int | None = None, bodies: tuple[bytes, ...] = ()) -> Frame:
+    """Plain UDP over every link C handles, with every field that makes it not plain drawn too.
+    ``linktype``: this one only (a pcap file's); ``bodies``: UDP payloads drawn besides the usual."""
     plain = draw(st.booleans())  # half the frames plain UDP: the case C must take, and equal
 
     def odd(values: list[object], usual: object) -> object:
         return usual if plain else draw(st.sampled_from(values))
 
     body = draw(st.sampled_from([b"INVITE sip:a@b SIP/2.0\r\nVia: x\r\n\r\n", b"SIP/2.0 200 OK\r\n\r\n",
-                                 b"\x80\x00rtp", b"", b"\r\n\r\n", b" \x00\r\n", b"\r\nx"]))
+                                 b"\x80\x00rtp", b"", b"\r\n\r\n", b" \x00\r\n", b"\r\nx", *bodies]))
     sport, dport = draw(st.sampled_from([5060, 4789, 37008, 1])), draw(st.sampled_from([5060, 4789, 37008, 2]))
     ulen = len(body) + 8 + odd([0, 0, 0, -1, 1, -8, -100], 0)  # type: ignore[operator]
     udp = struct.pack("!HHHH", sport, dport, max(0, ulen) & 0xFFFF, 0) + body
@@ -59,7 +60,8 @@ def frames(draw: st.DrawFn) -> Frame:
         et = 0x86DD
     et = odd([et, 0x0800, 0x86DD, 0x8847, 0x8864, 0x0806], et)  # type: ignore[assignment]
     tags = [(draw(st.sampled_from(TPIDS)), draw(st.integers(0, 0xFFFF))) for _ in range(draw(st.integers(0, 3 if plain else 10)))]
-    lt = draw(st.sampled_from([1, 1, 113, 276, 101, 12, 228, 229] + ([] if plain else [0, 147])))
+    lt = linktype if linktype is not None else \
+        draw(st.sampled_from([1, 1, 113, 276, 101, 12, 228, 229] + ([] if plain else [0, 147])))
     # the EtherType field names the first tag's TPID; each tag holds its TCI and the next type
     link_type = struct.pack("!H", tags[0][0] if tags else et)
     l2_rest = b"".join(struct.pack("!HH", tci, tags[i + 1][0] if i + 1 < len(tags) else et)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from sipsniff_acc import fileworker, sip
+from sipsniff_acc import fileworker, pipeline, sip
 
 speedups = pytest.importorskip("sipsniff_acc._capture")
 
@@ -50,6 +50,7 @@ def test_shard_of_random_bytes(payload: bytes, shards: int) -> None:
 
 def test_fileworker_uses_it_and_refuses_no_shards() -> None:
     assert fileworker.shard_of is speedups.shard
-    assert fileworker._shard_py(b"x\r\nCall-ID: q\r\n", 5) == reference(b"x\r\nCall-ID: q\r\n", 5)
+    assert pipeline.shard_of is speedups.shard
+    assert pipeline._shard_py(b"x\r\nCall-ID: q\r\n", 5) == reference(b"x\r\nCall-ID: q\r\n", 5)
     with pytest.raises(ValueError):
         speedups.shard(b"", 0)
