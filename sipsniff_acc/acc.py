@@ -97,6 +97,11 @@ def _unparse(msg: SipMessage | None) -> None:
         msg._headers = None
 
 
+def _code3(code: int) -> str:
+    """``f"{code:03d}"``: str() for the usual 3-digit code (no format() call)."""
+    return str(code) if code >= 100 else f"{code:03d}"
+
+
 class AccEngine:
     def __init__(self, rules: RulesFile, limits: Limits | None = None, stats: TrackerStats | None = None) -> None:
         self.limits = limits = limits or Limits()
@@ -311,7 +316,8 @@ class AccEngine:
         from_tag = req.from_tag
         if st.upstream:
             from_tag, to_tag = (reply.to_tag if reply is not None and not ev.local else req.to_tag), req.from_tag
-        code_s = str(code) if reply is None or ev.local else f"{reply.code:03d}"
+        # (str() of a 3-digit code is its :03d; a format spec costs a format() method call compiled)
+        code_s = str(code) if reply is None or ev.local else _code3(reply.code)
         new_uri = ev.branch.request.ruri if ev.branch is not None else (
             txn.branches[0].request.ruri if txn.branches else None)
         ctx = self._record_ctx(req, new_uri, st.avps, ev.ts)
