@@ -45,6 +45,10 @@ ADDR_CACHE = 1 << 16  #: distinct addresses remembered as text before the cache 
 #: a flood can make it keep (each entry keeps its payload alive).
 MAX_DEDUP = 1 << 16
 MAX_DEDUP_IDS = 8  #: IP IDs remembered per payload in the window (a burst of immediate resends)
+MAX_DEDUP_PAYLOADS = 8  #: payloads remembered per flow and length in the window
+
+DedupKey = tuple[bytes, int, bytes, int, int]  #: (src, sport, dst, dport, payload length)
+DedupEntry = tuple[float, bytes, int, tuple[int, ...], tuple[tuple[float, bytes, int, tuple[int, ...]], ...]]
 
 #: Fire timers at most this often (packet time): a walk of the timer table per frame is wasted work.
 ADVANCE_EVERY = 1.0
@@ -91,7 +95,10 @@ class Deduplicator:
     is the same IP packet: it keeps the IPv4 Identification. A sender's own retransmission is a
     new packet: SIP's timers space them at least T1/2 = 250 ms apart (RFC 3261 §17.1.1.2), but
     some phones and SBCs resend a datagram at once (0.3 ms later, in a public capture),
-    and that new packet gets a new Identification from the sender's stack: it is kept. Where
+    and that new packet gets a new Identification from the sender's stack: it is kept. Each
+    payload has its own entry (up to MAX_DEDUP_PAYLOADS of one flow and length in the window):
+    another datagram of the same length on the flow between an original and its copy does not
+    hide the copy, and -j N's workers, each filtering only its own Call-IDs, decide alike. Where
     no Identification tells them apart the exact-payload rule alone decides (a copy): IPv6
     without a fragment header has none (``Datagram.ipid`` -1 on both), and Linux sends
     unconnected UDP with DF set and ID 0 (RFC 6864 atomic datagrams), so both carry 0.
@@ -108,7 +115,9 @@ class Deduplicator:
         # every ~500-byte payload cost more than the rest of the check). The value holds the
         # IP IDs of the packets that carried this payload in the window (a copy of any of them
         # may still come: originals and copies can interleave).
-        self._seen: dict[tuple[bytes, int, bytes, int, int], tuple[float, bytes, int, tuple[int, ...]]] = {}
+        #: key -> the newest entry (time, payload, IP ID, earlier IP IDs) and the key's other
+        #: payloads' entries in the window (a rare flow that sends two of one length at once)
+        self._seen: dict[DedupKey, DedupEntry] = {}
         self._newest = float("-inf")  #: the latest time of an entry (all older than the window: clear)
 
     def duplicate(self, d: Datagram) -> bool:
@@ -118,22 +127,48 @@ class Deduplicator:
         ts = d.ts  # (each read of a Datagram field is a generic attribute lookup, compiled too)
         key = (d.src, d.sport, d.dst, d.dport, len(payload))
         seen = self._seen.get(key)
-        if seen is not None and ts - seen[0] <= self.window and seen[1] == payload:
-            ipid = d.ipid
-            if ipid == seen[2] or ipid in seen[3]:
-                return True
-            # a new packet with the same payload: the sender resent it; its own copy may follow
-            self.retransmissions += 1
-            self._seen[key] = (ts, payload, ipid, (seen[2], *seen[3][:MAX_DEDUP_IDS - 2]))
-            if ts > self._newest:
-                self._newest = ts
-            return False
+        if seen is not None:
+            if ts - seen[0] <= self.window and seen[1] == payload:  # the usual: the newest entry
+                ipid = d.ipid
+                if ipid == seen[2] or ipid in seen[3]:
+                    return True
+                # a new packet with the same payload: the sender resent it; its own copy may follow
+                self.retransmissions += 1
+                self._seen[key] = (ts, payload, ipid, (seen[2], *seen[3][:MAX_DEDUP_IDS - 2]), seen[4])
+                if ts > self._newest:
+                    self._newest = ts
+                return False
+            return self._chained(key, seen, d, ts, payload)
         if len(self._seen) >= self.max_entries:
             self.advance(ts)
             if len(self._seen) >= self.max_entries:  # all within the window: a flood; start over
                 self._seen.clear()
                 self.overflows += 1
-        self._seen[key] = (ts, payload, d.ipid, ())
+        self._seen[key] = (ts, payload, d.ipid, (), ())
+        if ts > self._newest:
+            self._newest = ts
+        return False
+
+    def _chained(self, key: DedupKey, seen: DedupEntry, d: Datagram, ts: float, payload: bytes) -> bool:
+        """Another payload of the same flow and length as the newest entry: the other entries
+        of the key (each payload keeps its own, in the window): a datagram's fate depends on
+        its payload's entry alone, never on another payload's (another Call-ID's: with -j N
+        each worker filters only its shard's datagrams, and must decide as -j 0 does)."""
+        window = self.window
+        entries = [seen[:4], *seen[4]]
+        for i, e in enumerate(entries):
+            if ts - e[0] <= window and e[1] == payload:
+                ipid = d.ipid
+                if ipid == e[2] or ipid in e[3]:
+                    return True
+                self.retransmissions += 1
+                del entries[i]
+                head: tuple[float, bytes, int, tuple[int, ...]] = (ts, payload, ipid, (e[2], *e[3][:MAX_DEDUP_IDS - 2]))
+                break
+        else:
+            head = (ts, payload, d.ipid, ())
+        rest = tuple(e for e in entries if ts - e[0] <= window)[:MAX_DEDUP_PAYLOADS - 1]
+        self._seen[key] = (*head, rest)
         if ts > self._newest:
             self._newest = ts
         return False
