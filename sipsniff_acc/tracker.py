@@ -202,6 +202,10 @@ class Dialog:
     ended: float = 0.0  #: packet time it became terminated or failed (0.0: not yet)
 
 
+def _sorted(counts: Counter[str]) -> dict[str, int]:
+    return dict(sorted(counts.items()))
+
+
 @dataclass
 class TrackerStats:
     transactions: Counter[str] = field(default_factory=Counter)  #: created, by role
@@ -228,14 +232,15 @@ class TrackerStats:
     branches_cut: int = 0
 
     def as_dict(self) -> dict[str, object]:
+        # counts by name sorted: a -j N run merges each worker's in another order than -j 0's counting
         return {
-            "transactions": dict(self.transactions), "retransmissions": self.retransmissions,
+            "transactions": _sorted(self.transactions), "retransmissions": self.retransmissions,
             "replies_without_request": self.replies_without_request, "acks_without_invite": self.acks_without_invite,
-            "open_at_end": dict(self.open_at_end), "timed_out": dict(self.timed_out),
-            "timer_408": dict(self.timer_408), "replies_after_timer_408": self.replies_after_timer_408,
-            "stateless_replies": self.stateless_replies, "dialogs": dict(self.dialogs),
+            "open_at_end": _sorted(self.open_at_end), "timed_out": _sorted(self.timed_out),
+            "timer_408": _sorted(self.timer_408), "replies_after_timer_408": self.replies_after_timer_408,
+            "stateless_replies": self.stateless_replies, "dialogs": _sorted(self.dialogs),
             "inferred_proxies": sorted(self.inferred_proxies),
-            "evicted_transactions": self.evicted_transactions, "evicted_open": dict(self.evicted_open),
+            "evicted_transactions": self.evicted_transactions, "evicted_open": _sorted(self.evicted_open),
             "evicted_dialogs": self.evicted_dialogs, "evicted_acks": self.evicted_acks,
             "hdr_scans_cut": self.hdr_scans_cut, "record_ids_cut": self.record_ids_cut,
             "branches_cut": self.branches_cut,
