@@ -149,63 +149,88 @@ static int append_frame(PyObject *frames, double ts, PyObject *linktype, const u
     return 0;
 }
 
-static PyObject *pcap_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "pcap_frames() takes 7 arguments");
-        return NULL;
+/* A walk's common checks: its argument count, and setup() done (the slot classes known). */
+static int walk_ready(Py_ssize_t nargs, Py_ssize_t want, const char *name) {
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments", name, want);
+        return 0;
     }
     if (frame_type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "setup() was not called");
-        return NULL;
+        return 0;
     }
+    return 1;
+}
+
+/* The classic pcap record at pos, if it is whole in buf[:end] and not corrupt: its time
+ * (sec + frac * unit, in Python's order of operations: a double product, then the sum) and
+ * captured length. 0 where the walk stops (the caller reads the rest, or reports the damage). */
+static inline int pcap_record(const unsigned char *buf, Py_ssize_t end, Py_ssize_t pos, int big, double unit,
+                              double *ts, uint32_t *caplen) {
+    if (pos > end - 16) return 0;
+    const unsigned char *h = buf + pos;
+    uint32_t sec = rd32(h, big), frac = rd32(h + 4, big), len = rd32(h + 8, big);
+    if (len > MAX_RECORD || (Py_ssize_t)len > end - pos - 16) return 0;
+    double part = (double)frac * unit;
+    *ts = (double)sec + part;
+    *caplen = len;
+    return 1;
+}
+
+/* The arguments pcap_frames and pcap_shard share: (buf, pos, big_endian, unit, linktype, no, source).
+ * On success the buffer is held (the caller releases it); on failure nothing is, and an error is set. */
+typedef struct {
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
-    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
-    int big = PyObject_IsTrue(args[2]);
-    double unit = PyFloat_AsDouble(args[3]);
-    PyObject *linktype = args[4];
-    long long no = PyLong_AsLongLong(args[5]);
-    PyObject *source = args[6];
-    PyObject *frames = NULL;
-    if (PyErr_Occurred() || big < 0 || pos < 0) {
+    Py_ssize_t pos;
+    int big;
+    double unit;
+    PyObject *linktype, *source;
+    long long no;
+} pcap_args_t;
+
+static int pcap_args(PyObject *const *args, pcap_args_t *a) {
+    if (PyObject_GetBuffer(args[0], &a->view, PyBUF_SIMPLE) < 0) return 0;
+    a->pos = PyLong_AsSsize_t(args[1]);
+    a->big = PyObject_IsTrue(args[2]);
+    a->unit = PyFloat_AsDouble(args[3]);
+    a->linktype = args[4];
+    a->no = PyLong_AsLongLong(args[5]);
+    a->source = args[6];
+    if (PyErr_Occurred() || a->big < 0 || a->pos < 0) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad position");
-        goto done;
+        PyBuffer_Release(&a->view);
+        return 0;
     }
-    frames = PyList_New(0);
+    return 1;
+}
+
+static PyObject *pcap_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    pcap_args_t a;
+    if (!walk_ready(nargs, 7, "pcap_frames") || !pcap_args(args, &a)) return NULL;
+    PyObject *frames = PyList_New(0);
     if (frames == NULL) goto done;
-    const unsigned char *buf = view.buf;
-    Py_ssize_t end = view.len;
-    while (pos <= end - 16) {
-        const unsigned char *h = buf + pos;
-        uint32_t sec = rd32(h, big), frac = rd32(h + 4, big), caplen = rd32(h + 8, big);
-        if (caplen > MAX_RECORD || (Py_ssize_t)caplen > end - pos - 16) break;
-        /* sec + frac * unit, in Python's order of operations (a double product, then the sum) */
-        double part = (double)frac * unit;
-        double ts = (double)sec + part;
-        no += 1;
-        if (append_frame(frames, ts, linktype, h + 16, caplen, no, source) < 0) {
+    const unsigned char *buf = a.view.buf;
+    Py_ssize_t end = a.view.len;
+    double ts;
+    uint32_t caplen;
+    while (pcap_record(buf, end, a.pos, a.big, a.unit, &ts, &caplen)) {
+        a.no += 1;
+        if (append_frame(frames, ts, a.linktype, buf + a.pos + 16, caplen, a.no, a.source) < 0) {
             Py_CLEAR(frames);
             goto done;
         }
-        pos += 16 + (Py_ssize_t)caplen;
+        a.pos += 16 + (Py_ssize_t)caplen;
     }
 done:
-    PyBuffer_Release(&view);
+    PyBuffer_Release(&a.view);
     if (frames == NULL) return NULL;
-    return Py_BuildValue("(NnL)", frames, pos, no);
+    return Py_BuildValue("(NnL)", frames, a.pos, a.no);
 }
 
 static PyObject *pcapng_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "pcapng_frames() takes 7 arguments");
-        return NULL;
-    }
-    if (frame_type == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "setup() was not called");
-        return NULL;
-    }
+    if (!walk_ready(nargs, 7, "pcapng_frames")) return NULL;
     PyObject *ifaces = args[3], *source = args[6];
     if (!PyList_CheckExact(ifaces)) {
         PyErr_SetString(PyExc_TypeError, "ifaces must be a list");
@@ -578,45 +603,33 @@ static PyObject *shard(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
  */
 static PyObject *pcap_shard(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 14) {
-        PyErr_SetString(PyExc_TypeError, "pcap_shard() takes 14 arguments");
-        return NULL;
-    }
-    if (frame_type == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "setup() was not called");
-        return NULL;
-    }
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
-    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
-    int big = PyObject_IsTrue(args[2]);
-    double unit = PyFloat_AsDouble(args[3]);
-    PyObject *linktype = args[4];
+    pcap_args_t a;
+    if (!walk_ready(nargs, 14, "pcap_shard") || !pcap_args(args, &a)) return NULL;
+    Py_ssize_t pos = a.pos;
+    int big = a.big;
+    double unit = a.unit;
+    PyObject *linktype = a.linktype, *source = a.source;
     long lt = PyLong_AsLong(linktype);
-    long long no = PyLong_AsLongLong(args[5]);
-    PyObject *source = args[6];
+    long long no = a.no;
     long k = PyLong_AsLong(args[7]), shards = PyLong_AsLong(args[8]);
     int started = PyObject_IsTrue(args[9]);
     double next_tick = PyFloat_AsDouble(args[10]), tick = PyFloat_AsDouble(args[11]);
     double next_advance = PyFloat_AsDouble(args[12]), every = PyFloat_AsDouble(args[13]);
     long long frames_n = 0, bytes_n = 0, keepalives_n = 0, not_sip_n = 0;
     PyObject *items = NULL;
-    if (PyErr_Occurred() || big < 0 || started < 0 || pos < 0 || shards <= 0 || !PyLong_CheckExact(linktype)) {
+    if (PyErr_Occurred() || started < 0 || shards <= 0 || !PyLong_CheckExact(linktype)) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad arguments");
         goto done;
     }
     items = PyList_New(0);
     if (items == NULL) goto done;
-    const unsigned char *buf = view.buf;
-    Py_ssize_t end = view.len;
-    while (pos <= end - 16) {
-        const unsigned char *h = buf + pos;
-        uint32_t sec = rd32(h, big), frac = rd32(h + 4, big), caplen = rd32(h + 8, big);
-        if (caplen > MAX_RECORD || (Py_ssize_t)caplen > end - pos - 16) break;
-        double part = (double)frac * unit; /* as pcap_frames */
-        double ts = (double)sec + part;
+    const unsigned char *buf = a.view.buf;
+    Py_ssize_t end = a.view.len;
+    double ts;
+    uint32_t caplen;
+    while (pcap_record(buf, end, pos, big, unit, &ts, &caplen)) {
         no += 1;
-        const unsigned char *data = h + 16;
+        const unsigned char *data = buf + pos + 16;
         int due = 0;
         if (ts >= next_tick) next_tick = ts + tick, due = 1;
         if (ts >= next_advance) next_advance = ts + every, due = 1;
@@ -657,7 +670,7 @@ static PyObject *pcap_shard(PyObject *self, PyObject *const *args, Py_ssize_t na
         pos += 16 + (Py_ssize_t)caplen;
     }
 done:
-    PyBuffer_Release(&view);
+    PyBuffer_Release(&a.view);
     if (items == NULL) return NULL;
     return Py_BuildValue("(NnLddLLLL)", items, pos, no, next_tick, next_advance, frames_n, bytes_n, keepalives_n,
                          not_sip_n);
