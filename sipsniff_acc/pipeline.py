@@ -55,12 +55,13 @@ ADVANCE_EVERY = 1.0
 
 
 def _shard_py(payload: bytes, shards: int) -> int:
-    cid = sip.call_id_line(payload)  # processrun.shard_of
+    cid = sip.call_id_line(payload)
     return zlib.crc32(cid.strip() if cid is not None else b"") % shards
 
 
-#: the Call-ID shard of a SIP datagram (-j N): the C one (no bytes for the value, no Python call
-#: for the CRC) when _capture is built
+#: the Call-ID shard of a SIP datagram, the one hash that -j N's workers, their front and NATS
+#: partitions (commands/capture.py) split calls by: the C one (no bytes for the value, no Python
+#: call for the CRC; tests/property/test_shard_c.py holds it to this) when _capture is built
 shard_of: Callable[[bytes, int], int] = _shard_py
 if dec.speedups is not None:
     shard_of = dec.speedups.shard

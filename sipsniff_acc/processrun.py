@@ -15,7 +15,6 @@ from __future__ import annotations
 import gc
 import heapq
 import time
-import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,12 +27,12 @@ from sipsniff_acc.emitters import Emitter
 from sipsniff_acc.events import CaptureGap, Counters, Datagram, Frame, Idle
 from sipsniff_acc.limits import Limits
 from sipsniff_acc.messagerun import TICK, Candidate, Tick, as_candidate, file_frames, item_time, timed_candidates
-from sipsniff_acc.pipeline import CaptureStage, MessagePipeline, SipParser
+from sipsniff_acc.pipeline import CaptureStage, MessagePipeline, SipParser, shard_of
 from sipsniff_acc import stopping
 from sipsniff_acc.shard import BATCH, sharded_map
 from sipsniff_acc.records import AccRecord
 from sipsniff_acc.rules import RulesFile, parse_address
-from sipsniff_acc.sip import SipMessage, call_id_line
+from sipsniff_acc.sip import SipMessage
 from sipsniff_acc.tracker import AckIn, Event, RequestIn, TrackerStats, TransactionTracker
 
 
@@ -476,11 +475,6 @@ def _ts(item: Frame | Datagram | Idle | CaptureGap) -> float:
 ROUND_SPAN = 1.0  #: seconds of packet time a round of a file may span
 LIVE_ROUND_SPAN = 0.1  #: the same for a live capture: with TICK, records ≤ ~200 ms later than with -j 0
 LIVE_POLL = 0.02  #: live: seconds of packet time between looks for results already back
-
-
-def shard_of(payload: bytes, shards: int) -> int:
-    cid = call_id_line(payload)  # C: 0.15 µs where the regex search was 0.76 µs, in the front process
-    return zlib.crc32(cid.strip() if cid is not None else b"") % shards
 
 
 def acc_worker(rules: RulesFile, open_as_408: bool, shards: int = 1, state: str | None = None,

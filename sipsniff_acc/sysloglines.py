@@ -47,17 +47,12 @@ def escape(text: str) -> str:
     non-printable such as U+00A0, is present). Before that, the C ``clean_ascii`` (when built):
     ASCII without a control character, the usual line, in ~1 instruction a character where
     ``isprintable`` looks each one up in the Unicode tables."""
-    if _clean_ascii(text) or text.isprintable():
+    if (_clean_ascii is not None and _clean_ascii(text)) or text.isprintable():
         return text
     return UNSAFE.sub(_escape_char, text)
 
 
-def _clean_ascii_py(text: str) -> bool:
-    """The fallback of ``_speedups.clean_ascii``: nothing decided (``isprintable`` looks)."""
-    return False
-
-
-_clean_ascii: Callable[[str], bool] = _clean_ascii_py
+_clean_ascii: Callable[[str], bool] | None = None
 try:
     from sipsniff_acc import _speedups
 

@@ -33,8 +33,7 @@ from sipsniff_acc import stopping
 from sipsniff_acc.events import Counters, Datagram, Frame, Idle
 from sipsniff_acc.messagerun import _TEXT
 from sipsniff_acc.outfiles import write_private_or_say
-from sipsniff_acc.pipeline import CaptureStage
-from sipsniff_acc.processrun import shard_of
+from sipsniff_acc.pipeline import CaptureStage, shard_of
 from sipsniff_acc.sources.nats import (
     DEFAULT_STREAM, MAX_BATCH_RECORDS, LoopThread, NatsUsageError, check_name, connect, encode_batch,
     ensure_stream, parse_servers,

@@ -2,7 +2,7 @@
 
 Sensors (``sipsniff-acc capture … --publish nats://…``, commands/capture.py) publish the SIP
 messages they reassemble to the subjects ``<stream>.<partition>``, partition = CRC-32 of the
-Call-ID mod N (``processrun.shard_of``, the hash -j N shards by), so every message of a call
+Call-ID mod N (``pipeline.shard_of``, the hash -j N shards by), so every message of a call
 lands on one subject whichever sensor saw it. A worker (``NatsSource``) holds one durable
 pull consumer per partition it owns and yields the messages as ``Datagram``s into the same
 -j 0 run loop as every other source.
